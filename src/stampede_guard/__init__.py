@@ -1,0 +1,43 @@
+"""stampede_guard: N concurrent misses of one cache key, one computation.
+
+Put `cached_stampede_safe` on an expensive function; see its docstring for the options.
+"""
+
+from __future__ import annotations
+
+from importlib.metadata import PackageNotFoundError, version
+
+from stampede_guard._decorator import CachedFunction, cached_stampede_safe
+from stampede_guard._errors import (
+    BackendError,
+    LockTimeoutError,
+    SerializationError,
+    StampedeGuardError,
+)
+from stampede_guard.backends import Backend, Entry, MemoryBackend, RedisBackend
+from stampede_guard.metrics import MetricsHook, StampedeStats, StatsSnapshot
+from stampede_guard.serializers import JsonSerializer, Serializer
+
+try:
+    __version__ = version("stampede-guard")
+except PackageNotFoundError:  # pragma: no cover - running from a source tree
+    __version__ = "0+unknown"
+
+__all__ = [
+    "Backend",
+    "BackendError",
+    "CachedFunction",
+    "Entry",
+    "JsonSerializer",
+    "LockTimeoutError",
+    "MemoryBackend",
+    "MetricsHook",
+    "RedisBackend",
+    "SerializationError",
+    "Serializer",
+    "StampedeGuardError",
+    "StampedeStats",
+    "StatsSnapshot",
+    "__version__",
+    "cached_stampede_safe",
+]

@@ -1,0 +1,213 @@
+"""The stampede algorithm, once, as a plan that does no I/O.
+
+`plan` is a generator: it yields operations (`stampede_guard._ops`) and is sent their
+results; a driver (`stampede_guard._drivers`) carries them out against a backend.
+Steps, after the reference card:
+
+1. Look the key up. A hit returns at once (one backend read).
+2. On a miss, atomically read again or take the lock (the card's double-check).
+3. Lock taken: compute, then store the value and release the lock in one step. If the
+   function raises, release the lock and let the exception through; nothing is cached.
+4. Lock held by someone else: wait with jittered exponential backoff (tenacity decides
+   each delay) and repeat step 2 until the value appears, the lock frees up (the holder
+   failed or died and its lease ran out: take over), or ``wait_timeout`` runs out.
+5. Out of time: compute without the lock, or raise `LockTimeoutError`.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from collections.abc import Callable, Generator
+from dataclasses import dataclass, field
+from typing import Any, Literal, cast
+
+import tenacity
+
+from stampede_guard._errors import LockTimeoutError
+from stampede_guard._ops import (
+    Compute,
+    Get,
+    GetOrLock,
+    Op,
+    Set,
+    SetAndUnlock,
+    Sleep,
+    Unlock,
+)
+from stampede_guard.backends._protocol import Entry
+from stampede_guard.metrics import (
+    Computed,
+    ComputeError,
+    Hit,
+    LockAcquired,
+    LockWait,
+    Miss,
+    Timeout,
+    _Emit,
+)
+
+__all__ = ["Context", "Plan", "Policy", "plan"]
+
+logger = logging.getLogger("stampede_guard")
+
+Plan = Generator[Op, Any, object]
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    """The decorator's validated timing parameters (seconds)."""
+
+    ttl: float
+    lock_timeout: float
+    wait_timeout: float
+    base_delay: float
+    max_delay: float
+    max_retries: int | None
+    on_timeout: Literal["compute", "raise"]
+
+
+def _new_token() -> str:
+    # 128 random bits per acquisition; unlike uuid1 it leaks no MAC address or time.
+    return secrets.token_hex(16)
+
+
+@dataclass(frozen=True, slots=True)
+class Context:
+    """What a plan needs besides its key: the policy, where events go, and clocks.
+
+    The clocks and the token source are parameters so a test can step a plan exactly.
+    """
+
+    policy: Policy
+    emit: _Emit
+    clock: Callable[[], float] = time.monotonic
+    wall_clock: Callable[[], float] = time.time
+    new_token: Callable[[], str] = field(default=_new_token)
+
+
+class _StillLockedError(Exception):
+    """Another caller holds the lock; tenacity retries on it and re-raises it at the end."""
+
+
+def plan(key: str, ctx: Context) -> Plan:
+    """Return the cached value for *key*, computing it at most once among concurrent callers."""
+    found = yield Get(key)
+    if found is not None:
+        ctx.emit(Hit(key))
+        return found.value
+
+    policy = ctx.policy
+    token = ctx.new_token()
+    claim = yield GetOrLock(key, token, policy.lock_timeout)
+    if isinstance(claim, Entry):  # stored between our two looks
+        ctx.emit(Hit(key))
+        return claim.value
+    ctx.emit(Miss(key))
+
+    if claim is False:
+        started = ctx.clock()
+        try:
+            claim = yield from _wait(key, token, ctx)
+        except _StillLockedError:
+            waited = ctx.clock() - started
+            ctx.emit(LockWait(key, waited, "timeout"))
+            ctx.emit(Timeout(key, waited, policy.on_timeout))
+            if policy.on_timeout == "raise":
+                raise LockTimeoutError(key, waited) from None
+            # Like nginx's proxy_cache_lock_timeout: serve this caller now. The value is
+            # stored too; it is as valid as the one the slow holder will store.
+            entry = yield from _compute(key, ctx)
+            yield Set(key, entry, policy.ttl)
+            return entry.value
+        waited = ctx.clock() - started
+        if isinstance(claim, Entry):
+            ctx.emit(LockWait(key, waited, "value"))
+            return claim.value
+        ctx.emit(LockWait(key, waited, "lock"))
+
+    ctx.emit(LockAcquired(key))
+    return (yield from _lead(key, token, ctx))
+
+
+def _wait(key: str, token: str, ctx: Context) -> Generator[Op, Any, Entry | bool]:
+    """Poll until the value appears or the lock is ours; raise _StillLockedError at the end.
+
+    The lock is not held here, so sleeping is safe. tenacity decides each delay and
+    when to stop; its sleep only records the delay, which becomes a Sleep operation.
+    """
+    policy = ctx.policy
+    deadline = ctx.clock() + policy.wait_timeout
+    delays: list[float] = []
+    stop: tenacity.stop.stop_base = _DeadlineStop(ctx.clock, deadline)
+    if policy.max_retries is not None:
+        stop = stop | tenacity.stop_after_attempt(policy.max_retries + 1)
+    retrying = tenacity.Retrying(
+        sleep=delays.append,
+        wait=tenacity.wait_exponential_jitter(
+            multiplier=policy.base_delay, max=policy.max_delay, jitter=policy.base_delay
+        ),
+        stop=stop,
+        retry=tenacity.retry_if_exception_type(_StillLockedError),
+        reraise=True,
+    )
+    # The first attempt is the GetOrLock the caller already made; every later attempt
+    # sleeps first. The last sleep is cut short so the final look happens at the deadline.
+    for attempt in retrying:
+        if delays:
+            yield Sleep(max(0.0, min(delays.pop(), deadline - ctx.clock())))
+            claim = yield GetOrLock(key, token, policy.lock_timeout)
+            if claim is not False:
+                return cast("Entry | bool", claim)
+        with attempt:
+            raise _StillLockedError
+    # The loop ends by returning or by tenacity re-raising: this line is never reached.
+    raise _StillLockedError  # pragma: no cover
+
+
+class _DeadlineStop(tenacity.stop.stop_base):
+    """Stop once *clock* passes *deadline* (tenacity's own stop reads time.monotonic)."""
+
+    def __init__(self, clock: Callable[[], float], deadline: float) -> None:
+        self._clock = clock
+        self._deadline = deadline
+
+    def __call__(self, retry_state: tenacity.RetryCallState) -> bool:
+        del retry_state
+        return self._clock() >= self._deadline
+
+
+def _lead(key: str, token: str, ctx: Context) -> Generator[Op, Any, object]:
+    """Compute and store the value while holding the lock; release it whatever happens."""
+    try:
+        entry = yield from _compute(key, ctx)
+        yield SetAndUnlock(key, entry, ctx.policy.ttl, token)
+    except BaseException:
+        # Nothing is cached. The next caller to look takes the lock; the others keep
+        # waiting, so a failure does not let every waiter in at once.
+        yield from _release(key, token)
+        raise
+    return entry.value
+
+
+def _release(key: str, token: str) -> Generator[Op, Any, None]:
+    try:
+        yield Unlock(key, token)
+    except Exception:
+        # Never hide the error that brought us here; the lease expires on its own.
+        logger.warning(
+            "could not release the lock on %r; it expires by itself", key, exc_info=True
+        )
+
+
+def _compute(key: str, ctx: Context) -> Generator[Op, Any, Entry]:
+    started = ctx.clock()
+    try:
+        value = yield Compute()
+    except Exception as exc:
+        ctx.emit(ComputeError(key, ctx.clock() - started, exc))
+        raise
+    seconds = ctx.clock() - started
+    ctx.emit(Computed(key, seconds))
+    return Entry(value, ctx.wall_clock(), seconds)

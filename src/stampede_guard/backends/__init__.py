@@ -1,0 +1,9 @@
+"""Backends: where values and locks live. Any object satisfying `Backend` will do."""
+
+from __future__ import annotations
+
+from stampede_guard.backends._protocol import Backend, Entry
+from stampede_guard.backends.memory import MemoryBackend
+from stampede_guard.backends.redis import RedisBackend
+
+__all__ = ["Backend", "Entry", "MemoryBackend", "RedisBackend"]

@@ -1,0 +1,61 @@
+"""What a backend stores and the Protocol it implements."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+__all__ = ["Backend", "Entry"]
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """A cached value with what is known about how it was made.
+
+    Attributes:
+        value: What the decorated function returned.
+        created_at: Wall-clock time (Unix seconds) when the value was stored.
+        compute_seconds: How long computing it took; later used to refresh early.
+    """
+
+    value: object
+    created_at: float
+    compute_seconds: float
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """A store for entries and per-key locks, shared by every caller that must coordinate.
+
+    Keys are the decorator's full cache keys; a backend maps them to its own storage.
+    Locks are leases: *lock_ttl* bounds how long a dead holder blocks others, and a lock
+    is only ever released by the caller holding its random *token*.
+    Run `stampede_guard.testing.BackendContract` against an implementation to prove it.
+    """
+
+    def get(self, key: str) -> Entry | None:
+        """Return the live entry for *key*, or None (expired, absent or unreadable)."""
+
+    def get_or_lock(self, key: str, token: str, lock_ttl: float) -> Entry | bool:
+        """Return the entry for *key* if there is one; otherwise try to take its lock.
+
+        This must be atomic: it is the algorithm's "check again after locking" step, so
+        a caller never takes the lock while a value is stored. Returns True if the lock
+        was taken with *token* for *lock_ttl* seconds, False if someone else holds it.
+        """
+
+    def set(self, key: str, entry: Entry, ttl: float) -> None:
+        """Store *entry* for *ttl* seconds, replacing any previous one."""
+
+    def set_and_unlock(self, key: str, entry: Entry, ttl: float, token: str) -> bool:
+        """Store *entry*, then release the lock if *token* still holds it.
+
+        Returns whether the lock was still held by *token*. The value is stored either
+        way: a late leader's value is as good as the new leader's.
+        """
+
+    def unlock(self, key: str, token: str) -> bool:
+        """Release the lock on *key* if *token* holds it; return whether it did."""
+
+    def delete(self, key: str) -> None:
+        """Drop the entry for *key* (its lock, if any, is left alone)."""

@@ -1,0 +1,232 @@
+"""Metrics: the events a cached call emits, the hook Protocol, and StampedeStats.
+
+Every call emits exactly one of `Hit` or `Miss` first, so ``requests = hits + misses``
+at the first lookup. A miss then either takes the lock (`LockAcquired`, `Computed` or
+`ComputeError`) or waits for another caller (`LockWait`, then possibly `Timeout`).
+Hooks receive one frozen event object; new fields can be added without breaking them.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from typing import Literal, Protocol, TypeAlias
+
+__all__ = [
+    "ComputeError",
+    "Computed",
+    "Event",
+    "Hit",
+    "LockAcquired",
+    "LockWait",
+    "MetricsHook",
+    "Miss",
+    "StampedeStats",
+    "StatsSnapshot",
+    "Timeout",
+]
+
+logger = logging.getLogger("stampede_guard")
+
+
+@dataclass(frozen=True, slots=True)
+class Hit:
+    """The first lookup found a cached value."""
+
+    key: str
+
+
+@dataclass(frozen=True, slots=True)
+class Miss:
+    """The first lookup found no value; the call will compute or wait."""
+
+    key: str
+
+
+@dataclass(frozen=True, slots=True)
+class LockAcquired:
+    """This call took the lock and will compute the value."""
+
+    key: str
+
+
+@dataclass(frozen=True, slots=True)
+class LockWait:
+    """This call waited *seconds* for another caller's lock.
+
+    *outcome* says how the wait ended: the value appeared (``"value"``), the lock was
+    free and this call took it (``"lock"``), or the wait timed out (``"timeout"``).
+    """
+
+    key: str
+    seconds: float
+    outcome: Literal["value", "lock", "timeout"]
+
+
+@dataclass(frozen=True, slots=True)
+class Timeout:
+    """A waiter gave up after *seconds*; *action* is the ``on_timeout`` it then took."""
+
+    key: str
+    seconds: float
+    action: Literal["compute", "raise"]
+
+
+@dataclass(frozen=True, slots=True)
+class Computed:
+    """The decorated function ran for *seconds* and returned a value."""
+
+    key: str
+    seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class ComputeError:
+    """The decorated function ran for *seconds* and raised *error* (not cached)."""
+
+    key: str
+    seconds: float
+    error: BaseException
+
+
+Event: TypeAlias = (
+    Hit | Miss | LockAcquired | LockWait | Timeout | Computed | ComputeError
+)
+
+
+class MetricsHook(Protocol):
+    """Receives every event; must be fast and thread-safe.
+
+    A hook that raises is logged on the ``stampede_guard`` logger and never changes
+    the result of the cached call.
+    """
+
+    def __call__(self, event: Event, /) -> None:
+        """Record *event*."""
+
+
+@dataclass(frozen=True, slots=True)
+class StatsSnapshot:
+    """Counters at one moment, with the reference card's derived figures.
+
+    *hits* counts calls served from the cache, whether at once or after waiting for
+    another caller's computation (the card's "cache hits"); *computations* counts calls
+    of the decorated function, failed ones included (the card's "API calls").
+    """
+
+    requests: int
+    hits: int
+    misses: int
+    computations: int
+    lock_waits: int
+    total_wait_seconds: float
+    timeouts: int
+    errors: int
+
+    @property
+    def average_wait_seconds(self) -> float:
+        """Mean time a waiting call waited (0 when nobody waited)."""
+        return self.total_wait_seconds / self.lock_waits if self.lock_waits else 0.0
+
+    @property
+    def api_call_reduction_pct(self) -> float:
+        """``(requests - computations) / requests * 100``."""
+        return _pct(self.requests - self.computations, self.requests)
+
+    @property
+    def hit_rate_pct(self) -> float:
+        """``hits / requests * 100``."""
+        return _pct(self.hits, self.requests)
+
+    @property
+    def timeout_rate_pct(self) -> float:
+        """``timeouts / requests * 100``."""
+        return _pct(self.timeouts, self.requests)
+
+
+def _pct(part: int, whole: int) -> float:
+    return part / whole * 100.0 if whole else 0.0
+
+
+class StampedeStats:
+    """A thread-safe `MetricsHook` that counts events; read it with `snapshot`."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._zero()
+
+    def _zero(self) -> None:
+        self._fast_hits = 0
+        self._served_after_wait = 0
+        self._misses = 0
+        self._computations = 0
+        self._lock_waits = 0
+        self._total_wait = 0.0
+        self._timeouts = 0
+        self._errors = 0
+
+    def __call__(self, event: Event, /) -> None:
+        """Count *event*."""
+        with self._lock:
+            match event:
+                case Hit():
+                    self._fast_hits += 1
+                case Miss():
+                    self._misses += 1
+                case LockWait(seconds=seconds, outcome=outcome):
+                    self._lock_waits += 1
+                    self._total_wait += seconds
+                    self._served_after_wait += outcome == "value"
+                case Timeout():
+                    self._timeouts += 1
+                case Computed():
+                    self._computations += 1
+                case ComputeError():
+                    self._computations += 1
+                    self._errors += 1
+                case LockAcquired():
+                    pass
+
+    def snapshot(self) -> StatsSnapshot:
+        """Return the counters as they are now."""
+        with self._lock:
+            return StatsSnapshot(
+                requests=self._fast_hits + self._misses,
+                hits=self._fast_hits + self._served_after_wait,
+                misses=self._misses,
+                computations=self._computations,
+                lock_waits=self._lock_waits,
+                total_wait_seconds=self._total_wait,
+                timeouts=self._timeouts,
+                errors=self._errors,
+            )
+
+    def reset(self) -> None:
+        """Set every counter back to zero."""
+        with self._lock:
+            self._zero()
+
+
+def safe_emitter(hook: MetricsHook | None) -> _Emit:
+    """Wrap *hook* so that its failures are logged, never raised."""
+    if hook is None:
+        return _discard
+
+    def emit(event: Event) -> None:
+        try:
+            hook(event)
+        except Exception:
+            logger.exception(
+                "metrics hook %r failed on %s; ignored", hook, type(event).__name__
+            )
+
+    return emit
+
+
+class _Emit(Protocol):
+    def __call__(self, event: Event, /) -> None: ...
+
+
+def _discard(event: Event, /) -> None:
+    del event
