@@ -275,7 +275,7 @@ def _policy(
         warnings.warn(
             f"ttl={policy.ttl} is shorter than lock_timeout={policy.lock_timeout}: a value "
             "may expire before a crashed holder's lock does; usually ttl is much longer",
-            stacklevel=4,
+            stacklevel=3,
         )
     return policy
 

@@ -183,6 +183,10 @@ def _lead(key: str, token: str, ctx: Context) -> Generator[Op, Any, object]:
     try:
         entry = yield from _compute(key, ctx)
         yield SetAndUnlock(key, entry, ctx.policy.ttl, token)
+    except GeneratorExit:
+        # Closed by its owner being collected: no driver is left to release through,
+        # so the lease runs out. Drivers themselves never close a plan early.
+        raise
     except BaseException:
         # Nothing is cached. The next caller to look takes the lock; the others keep
         # waiting, so a failure does not let every waiter in at once.

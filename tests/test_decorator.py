@@ -1,0 +1,325 @@
+"""The decorator: configuration errors, helpers, methods, errors and timeouts (memory backend)."""
+
+from __future__ import annotations
+
+import functools
+import threading
+from typing import Any
+
+import pytest
+
+from stampede_guard import (
+    LockTimeoutError,
+    MemoryBackend,
+    StampedeStats,
+    cached_stampede_safe,
+)
+
+
+def counting(backend: MemoryBackend, **options: Any) -> tuple[Any, list[str]]:
+    calls: list[str] = []
+
+    @cached_stampede_safe(key="k:{x}", backend=backend, **options)
+    def f(x: str) -> str:
+        calls.append(x)
+        return x.upper()
+
+    return f, calls
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [
+        ("ttl", 0, "ttl=0 is out of range"),
+        ("ttl", -5, "ttl=-5 is out of range"),
+        ("ttl", float("inf"), "ttl=inf is out of range"),
+        ("lock_timeout", float("nan"), "lock_timeout=nan is out of range"),
+        ("wait_timeout", 0.0, "wait_timeout=0.0 is out of range"),
+        ("base_delay", -0.1, "base_delay=-0.1 is out of range"),
+        ("max_delay", 0.05, "max_delay=0.05 is shorter than base_delay=0.1"),
+        ("max_retries", -1, "max_retries=-1 is negative"),
+        ("on_timeout", "wait", "on_timeout='wait' is not one of 'compute'"),
+        ("namespace", "a{b}", "namespace='a{b}' must be non-empty, without braces"),
+    ],
+)
+def test_bad_numbers_and_names_fail_at_decoration_time(
+    option: str, value: object, message: str
+) -> None:
+    """Out-of-range or unknown settings raise ValueError naming the parameter, before any call."""
+    with pytest.raises(
+        ValueError, match=message.replace("(", r"\(").replace("[", r"\[")
+    ):
+        cached_stampede_safe(**dict[str, Any]({option: value}))
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [
+        ("ttl", "900"),
+        ("ttl", True),
+        ("max_retries", 2.5),
+        ("backend", object()),
+        ("metrics", 42),
+        ("key", 42),
+        ("namespace", 7),
+    ],
+)
+def test_wrong_types_fail_at_decoration_time(option: str, value: object) -> None:
+    """Arguments of the wrong type raise TypeError naming the parameter."""
+    with pytest.raises(TypeError, match=option):
+        cached_stampede_safe(**dict[str, Any]({option: value}))
+
+
+def test_ttl_shorter_than_lock_timeout_warns() -> None:
+    """A ttl shorter than lock_timeout is legal but suspicious: a warning, pointing at the caller."""
+    with pytest.warns(
+        UserWarning, match="ttl=5.0 is shorter than lock_timeout=10.0"
+    ) as record:
+        cached_stampede_safe(ttl=5, lock_timeout=10)
+    assert record[0].filename == __file__
+
+
+def test_template_naming_a_missing_parameter_fails_at_decoration_time() -> None:
+    """key='weather:{town}' on f(city) is refused when decorating, listing the real parameters."""
+    with pytest.raises(
+        ValueError, match=r"has no parameter 'town' \(its parameters: city\)"
+    ):
+
+        @cached_stampede_safe(key="weather:{town}")
+        def f(city: str) -> str:
+            return city
+
+
+def test_key_callable_with_the_wrong_parameters_fails_at_decoration_time() -> None:
+    """A key callable that cannot take the function's arguments is refused when decorating."""
+    with pytest.raises(TypeError, match="cannot take the arguments"):
+
+        @cached_stampede_safe(key=lambda a, b: f"{a}{b}")
+        def f(city: str) -> str:
+            return city
+
+
+def test_async_and_generator_functions_are_refused() -> None:
+    """Decorating a coroutine or generator function is a TypeError, not a silent cache of a coroutine."""
+
+    async def coro(x: int) -> int:
+        return x
+
+    def gen(x: int) -> Any:
+        yield x
+
+    with pytest.raises(TypeError, match="async"):
+        cached_stampede_safe()(coro)
+    with pytest.raises(TypeError, match="generator"):
+        cached_stampede_safe()(gen)
+
+
+def test_value_is_cached_until_invalidated() -> None:
+    """The second call is served from the cache; invalidate() makes the next call compute."""
+    f, calls = counting(MemoryBackend())
+    assert f("a") == "A"
+    assert f("a") == "A"
+    assert calls == ["a"]
+    f.invalidate("a")
+    assert f("a") == "A"
+    assert calls == ["a", "a"]
+
+
+def test_value_expires_after_ttl() -> None:
+    """After ttl the entry is gone and the function runs again (controllable clock)."""
+    now = [0.0]
+    f, calls = counting(MemoryBackend(clock=lambda: now[0]), ttl=60, lock_timeout=10)
+    f("a")
+    now[0] = 59.9
+    f("a")
+    now[0] = 60.0
+    f("a")
+    assert calls == ["a", "a"]
+
+
+def test_wrapper_keeps_name_doc_and_wrapped() -> None:
+    """functools metadata and __wrapped__ point at the original function."""
+
+    def original(x: int) -> int:
+        """Doc."""
+        return x
+
+    wrapped = cached_stampede_safe(backend=MemoryBackend())(original)
+    assert wrapped.__wrapped__ is original
+    assert functools.WRAPPER_ASSIGNMENTS
+    assert wrapped.__name__ == "original"  # type: ignore[attr-defined]
+    assert wrapped.__doc__ == "Doc."
+
+
+def test_cache_key_uses_the_template_and_namespace() -> None:
+    """cache_key() returns '<namespace>:<rendered template>' with defaults applied."""
+
+    @cached_stampede_safe(
+        key="weather:{city}:{units}", namespace="v2", backend=MemoryBackend()
+    )
+    def weather(city: str, units: str = "metric") -> str:
+        return city
+
+    assert weather.cache_key("Paris") == "v2:weather:Paris:metric"
+    assert weather.cache_key(city="Paris", units="metric") == "v2:weather:Paris:metric"
+
+
+class Service:
+    def __init__(self, ident: int) -> None:
+        self.ident = ident
+        self.calls = 0
+
+    @cached_stampede_safe(key="svc:{self.ident}:{x}", backend=MemoryBackend())
+    def lookup(self, x: int) -> int:
+        self.calls += 1
+        return self.ident * 100 + x
+
+
+def test_methods_bind_self_for_calls_and_helpers() -> None:
+    """A decorated method binds like a method: calls, cache_key and invalidate all get self."""
+    a, b = Service(1), Service(2)
+    assert a.lookup(5) == 105
+    assert b.lookup(5) == 205
+    assert a.lookup(5) == 105
+    assert a.calls == 1
+    assert a.lookup.cache_key(5) == "svc:1:5"
+    a.lookup.invalidate(5)
+    assert a.lookup(5) == 105
+    assert a.calls == 2
+    assert Service.lookup.cache_key(b, 5) == "svc:2:5"
+
+
+def test_function_error_reaches_caller_unchanged_and_is_not_cached() -> None:
+    """The same exception object propagates; the next call runs the function again."""
+    attempts = []
+    boom = RuntimeError("upstream 503")
+
+    @cached_stampede_safe(backend=MemoryBackend())
+    def flaky(x: int) -> int:
+        attempts.append(x)
+        if len(attempts) == 1:
+            raise boom
+        return x
+
+    with pytest.raises(RuntimeError) as raised:
+        flaky(1)
+    assert raised.value is boom
+    assert flaky(1) == 1
+    assert attempts == [1, 1]
+
+
+def test_none_is_cached_like_any_value() -> None:
+    """A function returning None is not called again: None is a value, not a miss."""
+    calls = []
+
+    @cached_stampede_safe(backend=MemoryBackend())
+    def nothing(x: int) -> None:
+        calls.append(x)
+
+    nothing(1)
+    nothing(1)
+    assert calls == [1]
+
+
+def hold_lock(backend: MemoryBackend, key: str) -> None:
+    assert backend.get_or_lock(key, "someone-else", 60) is True
+
+
+@pytest.mark.timeout(10)
+def test_waiter_timeout_computes_itself_by_default() -> None:
+    """With on_timeout='compute' a waiter that runs out of time computes, returns and counts a timeout."""
+    backend, stats = MemoryBackend(), StampedeStats()
+    f, calls = counting(
+        backend, wait_timeout=0.3, base_delay=0.01, max_delay=0.05, metrics=stats
+    )
+    hold_lock(backend, "k:a")
+    assert f("a") == "A"
+    assert calls == ["a"]
+    snap = stats.snapshot()
+    assert (snap.timeouts, snap.computations, snap.lock_waits) == (1, 1, 1)
+    assert snap.total_wait_seconds >= 0.3
+
+
+@pytest.mark.timeout(10)
+def test_waiter_timeout_raises_lock_timeout_error_when_asked() -> None:
+    """With on_timeout='raise' the waiter raises LockTimeoutError (a TimeoutError) and never computes."""
+    backend = MemoryBackend()
+    f, calls = counting(
+        backend, wait_timeout=0.2, base_delay=0.01, max_delay=0.05, on_timeout="raise"
+    )
+    hold_lock(backend, "k:a")
+    with pytest.raises(LockTimeoutError, match="'k:a'") as raised:
+        f("a")
+    assert isinstance(raised.value, TimeoutError)
+    assert calls == []
+
+
+@pytest.mark.timeout(10)
+def test_max_retries_gives_up_before_wait_timeout() -> None:
+    """max_retries=0 gives up right after the first look, long before wait_timeout."""
+    backend = MemoryBackend()
+    f, _ = counting(backend, wait_timeout=30, max_retries=0, on_timeout="raise")
+    hold_lock(backend, "k:a")
+    with pytest.raises(LockTimeoutError):
+        f("a")
+
+
+@pytest.mark.timeout(10)
+def test_waiter_takes_over_after_the_holder_lease_expires() -> None:
+    """A lock whose holder died is taken over once its lease runs out; the waiter computes."""
+    backend = MemoryBackend()
+    f, calls = counting(
+        backend, lock_timeout=0.2, ttl=60, base_delay=0.01, max_delay=0.05
+    )
+    assert backend.get_or_lock("k:a", "dead-holder", 0.2) is True
+    assert f("a") == "A"
+    assert calls == ["a"]
+
+
+@pytest.mark.timeout(20)
+def test_leader_failure_lets_one_waiter_compute_next_not_all() -> None:
+    """When the leader raises, the waiters do not all rush in: computations stay serialized."""
+    running = 0
+    peak = 0
+    calls = 0
+    guard = threading.Lock()
+    first_started = threading.Event()
+
+    @cached_stampede_safe(
+        key="x", backend=MemoryBackend(), base_delay=0.01, max_delay=0.02
+    )
+    def f() -> int:
+        nonlocal running, peak, calls
+        with guard:
+            calls += 1
+            running += 1
+            peak = max(peak, running)
+            mine = calls
+        first_started.set()
+        threading.Event().wait(0.1)
+        with guard:
+            running -= 1
+        if mine == 1:
+            raise RuntimeError("first attempt fails")
+        return mine
+
+    results: list[object] = []
+
+    def call() -> None:
+        try:
+            results.append(f())
+        except RuntimeError as exc:
+            results.append(exc)
+
+    leader = threading.Thread(target=call)
+    leader.start()
+    first_started.wait(5)
+    waiters = [threading.Thread(target=call) for _ in range(20)]
+    for t in waiters:
+        t.start()
+    for t in [leader, *waiters]:
+        t.join(15)
+    assert peak == 1
+    assert calls == 2
+    assert sum(isinstance(r, RuntimeError) for r in results) == 1
+    assert results.count(2) == 20

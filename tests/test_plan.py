@@ -1,0 +1,360 @@
+"""The algorithm on its own: the plan stepped by hand and driven by hypothesis."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from stampede_guard import Entry, LockTimeoutError
+from stampede_guard._ops import (
+    Compute,
+    Get,
+    GetOrLock,
+    Op,
+    Set,
+    SetAndUnlock,
+    Sleep,
+    Unlock,
+)
+from stampede_guard._plan import Context, Plan, Policy, plan
+from stampede_guard.metrics import (
+    Computed,
+    ComputeError,
+    Event,
+    Hit,
+    LockAcquired,
+    LockWait,
+    Miss,
+    Timeout,
+)
+
+ENTRY = Entry("cached", 1.0, 0.5)
+
+
+@dataclass
+class FakeClock:
+    now: float = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@dataclass
+class Harness:
+    """Steps one plan by hand with a fake clock and records its events."""
+
+    on_timeout: Literal["compute", "raise"] = "compute"
+    wait_timeout: float = 10.0
+    max_retries: int | None = None
+    clock: FakeClock = field(default_factory=FakeClock)
+    events: list[Event] = field(default_factory=list)
+
+    def start(self, key: str = "k") -> Plan:
+        policy = Policy(
+            ttl=900,
+            lock_timeout=10,
+            wait_timeout=self.wait_timeout,
+            base_delay=0.1,
+            max_delay=1.6,
+            max_retries=self.max_retries,
+            on_timeout=self.on_timeout,
+        )
+        context = Context(
+            policy,
+            self.events.append,
+            clock=self.clock,
+            wall_clock=lambda: 5.0,
+            new_token=lambda: "tok",
+        )
+        return plan(key, context)
+
+
+def finish(gen: Plan, answer: object) -> object:
+    """Send *answer* and expect the plan to return; give back what it returned."""
+    with pytest.raises(StopIteration) as stop:
+        gen.send(answer)
+    return stop.value.value
+
+
+def test_hit_is_one_read_and_returns_the_value() -> None:
+    """A cached value is returned after a single Get, with a Hit event."""
+    h = Harness()
+    gen = h.start()
+    assert next(gen) == Get("k")
+    assert finish(gen, ENTRY) == "cached"
+    assert h.events == [Hit("k")]
+
+
+def test_miss_takes_lock_computes_and_publishes_in_one_step() -> None:
+    """On a miss the plan locks, computes, then stores and unlocks in one operation."""
+    h = Harness()
+    gen = h.start()
+    assert next(gen) == Get("k")
+    assert gen.send(None) == GetOrLock("k", "tok", 10.0)
+    assert gen.send(True) == Compute()
+    h.clock.now += 2.0
+    op = gen.send("fresh")
+    assert op == SetAndUnlock("k", Entry("fresh", 5.0, 2.0), 900.0, "tok")
+    assert finish(gen, True) == "fresh"
+    assert h.events == [Miss("k"), LockAcquired("k"), Computed("k", 2.0)]
+
+
+def test_value_stored_between_the_two_looks_is_a_hit() -> None:
+    """If get_or_lock finds a value (the double-check), nothing is computed."""
+    h = Harness()
+    gen = h.start()
+    next(gen)
+    assert gen.send(None) == GetOrLock("k", "tok", 10.0)
+    assert finish(gen, ENTRY) == "cached"
+    assert h.events == [Hit("k")]
+
+
+def test_function_error_releases_the_lock_and_propagates_unchanged() -> None:
+    """The function's exception reaches the caller as is, after an Unlock; nothing is stored."""
+    h = Harness()
+    gen = h.start()
+    next(gen)
+    gen.send(None)
+    assert gen.send(True) == Compute()
+    boom = ValueError("upstream down")
+    assert gen.throw(boom) == Unlock("k", "tok")
+    with pytest.raises(ValueError, match="upstream down") as raised:
+        gen.send(True)
+    assert raised.value is boom
+    assert isinstance(h.events[-1], ComputeError)
+    assert h.events[-1].error is boom
+
+
+def test_store_failure_releases_the_lock_and_propagates() -> None:
+    """When storing fails (e.g. serialization), the lock is released and the error raised."""
+    h = Harness()
+    gen = h.start()
+    next(gen)
+    gen.send(None)
+    gen.send(True)
+    assert isinstance(gen.send("v"), SetAndUnlock)
+    assert gen.throw(TypeError("not JSON")) == Unlock("k", "tok")
+    with pytest.raises(TypeError, match="not JSON"):
+        gen.send(True)
+
+
+def test_unlock_failure_does_not_hide_the_original_error() -> None:
+    """If releasing the lock fails too, the caller still sees the function's exception."""
+    h = Harness()
+    gen = h.start()
+    next(gen)
+    gen.send(None)
+    gen.send(True)
+    gen.throw(KeyError("original"))
+    with pytest.raises(KeyError, match="original"):
+        gen.throw(ConnectionError("redis gone"))
+
+
+def test_waiter_sleeps_with_growing_delays_then_gets_the_value() -> None:
+    """A waiter backs off (doubling, jittered, capped) and returns the value once stored."""
+    h = Harness()
+    gen = h.start()
+    next(gen)
+    gen.send(None)
+    op = gen.send(False)
+    delays = []
+    for _ in range(6):
+        assert isinstance(op, Sleep)
+        delays.append(op.seconds)
+        h.clock.now += op.seconds
+        assert gen.send(None) == GetOrLock("k", "tok", 10.0)
+        op = gen.send(False)
+    assert 0.1 <= delays[0] <= 0.2
+    assert all(b >= a - 0.1 for a, b in itertools.pairwise(delays))
+    assert max(delays) <= 1.6
+    assert isinstance(op, Sleep)
+    h.clock.now += op.seconds
+    gen.send(None)
+    assert finish(gen, ENTRY) == "cached"
+    wait = h.events[-1]
+    assert isinstance(wait, LockWait)
+    assert wait.outcome == "value"
+    assert wait.seconds == pytest.approx(sum(delays) + op.seconds)
+
+
+def test_waiter_takes_over_when_the_lock_frees_up() -> None:
+    """If the holder's lock is gone (it failed or died), the waiter becomes the leader."""
+    h = Harness()
+    gen = h.start()
+    next(gen)
+    gen.send(None)
+    op = gen.send(False)
+    assert isinstance(op, Sleep)
+    gen.send(None)
+    assert gen.send(True) == Compute()
+    assert isinstance(gen.send("mine"), SetAndUnlock)
+    assert finish(gen, True) == "mine"
+    assert [type(e) for e in h.events] == [Miss, LockWait, LockAcquired, Computed]
+
+
+def drive_to_timeout(h: Harness, gen: Plan) -> Op:
+    """Answer 'locked' to every look until the plan stops waiting; return its next op."""
+    next(gen)
+    gen.send(None)
+    op = gen.send(False)
+    while isinstance(op, Sleep):
+        h.clock.now += op.seconds
+        assert isinstance(gen.send(None), GetOrLock)
+        op = gen.send(False)
+    return op
+
+
+def test_wait_is_bounded_by_wait_timeout_not_by_a_retry_count() -> None:
+    """With the defaults a waiter keeps looking until wait_timeout, then computes itself."""
+    h = Harness(wait_timeout=10.0)
+    gen = h.start()
+    op = drive_to_timeout(h, gen)
+    assert h.clock.now == pytest.approx(110.0)
+    assert op == Compute()
+    assert isinstance(gen.send("own"), Set)
+    assert finish(gen, None) == "own"
+    kinds = [type(e) for e in h.events]
+    assert kinds == [Miss, LockWait, Timeout, Computed]
+
+
+def test_on_timeout_raise_raises_lock_timeout_error() -> None:
+    """With on_timeout='raise' the waiter raises LockTimeoutError naming the key."""
+    h = Harness(on_timeout="raise", wait_timeout=3.0)
+    gen = h.start("weather:Paris")
+    with pytest.raises(LockTimeoutError, match="weather:Paris") as raised:
+        drive_to_timeout(h, gen)
+    assert isinstance(raised.value, TimeoutError)
+    assert raised.value.waited == pytest.approx(3.0)
+
+
+def test_max_retries_caps_the_number_of_looks() -> None:
+    """max_retries=5 gives up after five sleeps even though wait_timeout is far off."""
+    h = Harness(max_retries=5, wait_timeout=1000.0)
+    gen = h.start()
+    next(gen)
+    gen.send(None)
+    op = gen.send(False)
+    sleeps = 0
+    while isinstance(op, Sleep):
+        sleeps += 1
+        gen.send(None)
+        op = gen.send(False)
+    assert sleeps == 5
+    assert op == Compute()
+
+
+# --- Property: any sequence of backend answers keeps the lock discipline ---------
+
+
+@dataclass
+class Model:
+    """Plays the backend with arbitrary answers and checks the lock discipline."""
+
+    data: st.DataObject
+    clock: FakeClock
+    held: bool = False
+    acquisitions: int = 0
+    releases: int = 0
+    timed_out: bool = False
+    computed_without_lock: int = 0
+    ops: list[Op] = field(default_factory=list)
+
+    def answer(self, op: Op) -> Any:
+        self.ops.append(op)
+        failure = self.data.draw(
+            st.sampled_from([None, None, None, None, OSError("backend")])
+        )
+        match op:
+            case Get():
+                self.raise_if(failure)
+                return self.data.draw(st.sampled_from([None, ENTRY]))
+            case GetOrLock():
+                self.raise_if(failure)
+                answer = self.data.draw(st.sampled_from([True, False, False, ENTRY]))
+                if answer is True:
+                    assert not self.held, "took a lock while already holding it"
+                    self.held, self.acquisitions = True, self.acquisitions + 1
+                return answer
+            case Compute():
+                if not self.held:
+                    assert self.timed_out, "computed without the lock before timing out"
+                    self.computed_without_lock += 1
+                if self.data.draw(st.booleans()):
+                    raise RuntimeError("function failed")
+                return "computed"
+            case SetAndUnlock() | Unlock():
+                assert self.held, "released a lock it did not hold"
+                # A failed release leaves the lock to its lease; the plan may try again.
+                self.raise_if(failure)
+                self.held, self.releases = False, self.releases + 1
+                return True
+            case Set():
+                assert not self.held
+                self.raise_if(failure)
+                return None
+            case Sleep(seconds):
+                assert not self.held, "slept while holding the lock"
+                assert seconds >= 0
+                self.clock.now += seconds
+                return None
+
+    @staticmethod
+    def raise_if(failure: BaseException | None) -> None:
+        if failure is not None:
+            raise failure
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    data=st.data(),
+    on_timeout=st.sampled_from(["compute", "raise"]),
+    max_retries=st.none() | st.integers(0, 4),
+)
+def test_plan_keeps_lock_discipline_under_any_backend_answers(
+    data: st.DataObject,
+    on_timeout: Literal["compute", "raise"],
+    max_retries: int | None,
+) -> None:
+    """Compute only under the lock (or after a timeout), release every lock once, never sleep holding it."""
+    h = Harness(on_timeout=on_timeout, wait_timeout=2.0, max_retries=max_retries)
+    model = Model(data, h.clock)
+    gen = h.start()
+    result: object = None
+    error: BaseException | None = None
+    outcome: object
+    for _ in range(10_000):
+        try:
+            op = gen.send(result) if error is None else gen.throw(error)
+        except StopIteration as stop:
+            outcome = stop.value
+            break
+        except (OSError, RuntimeError, LockTimeoutError) as exc:
+            outcome = exc
+            break
+        result, error = None, None
+        model.timed_out = any(isinstance(e, Timeout) for e in h.events)
+        try:
+            result = model.answer(op)
+        except (OSError, RuntimeError) as exc:
+            error = exc
+    else:
+        pytest.fail("the plan did not finish")
+    last_release_failed = (
+        isinstance(model.ops[-1], SetAndUnlock | Unlock) and model.held
+    )
+    assert not model.held or last_release_failed, "a lock was left held"
+    assert model.releases + last_release_failed == model.acquisitions
+    assert model.computed_without_lock <= 1
+    if isinstance(outcome, LockTimeoutError):
+        assert on_timeout == "raise"
+    elif not isinstance(outcome, BaseException):
+        assert outcome in ("cached", "computed")
+    requests = sum(isinstance(e, (Hit, Miss)) for e in h.events)
+    # A call that ends normally emitted exactly one Hit or Miss; one cut short by a
+    # backend failure before it knew which emitted none.
+    assert requests == 1 or (requests == 0 and isinstance(outcome, OSError))
