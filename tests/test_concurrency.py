@@ -1,19 +1,20 @@
-"""Real threads on the memory backend: exactly one computation per key and TTL window."""
+"""Real threads on the memory backend and on real Redis: one computation per key and TTL window."""
 
 from __future__ import annotations
 
 import threading
+import uuid
 from collections import Counter
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from stampede_guard import MemoryBackend, cached_stampede_safe
+from stampede_guard import Backend, MemoryBackend, RedisBackend, cached_stampede_safe
 
 
 def stampede(
-    threads: int, keys: int, compute_s: float
+    threads: int, keys: int, compute_s: float, backend: Backend | None = None
 ) -> tuple[Counter[int], list[object]]:
     """Release *threads* threads at once on *keys* cold keys; count computations per key."""
     computed: Counter[int] = Counter()
@@ -22,7 +23,11 @@ def stampede(
     results: list[object] = [None] * threads
 
     @cached_stampede_safe(
-        key="k:{k}", backend=MemoryBackend(), base_delay=0.005, max_delay=0.05, ttl=600
+        key="k:{k}",
+        backend=backend or MemoryBackend(),
+        base_delay=0.005,
+        max_delay=0.05,
+        ttl=60,
     )
     def f(k: int) -> tuple[int, str]:
         with guard:
@@ -115,3 +120,42 @@ def test_a_new_ttl_window_computes_once_more() -> None:
     now[0] = 61.0
     assert burst() == {2}
     assert calls["n"] == 2
+
+
+@pytest.mark.timeout(180)
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    threads=st.integers(1, 200),
+    keys=st.integers(1, 5),
+    compute_s=st.sampled_from([0.0, 0.01, 0.05, 0.2]),
+)
+def test_each_key_is_computed_once_on_real_redis(
+    redis_url: str, threads: int, keys: int, compute_s: float
+) -> None:
+    """The same property through a real redis-server: one computation per key, same values."""
+    backend = RedisBackend.from_url(redis_url, prefix=f"t{uuid.uuid4().hex[:8]}")
+    try:
+        computed, results = stampede(threads, keys, compute_s, backend)
+    finally:
+        backend.client.connection_pool.disconnect()
+    used = {i % keys for i in range(threads)}
+    assert computed == Counter(dict.fromkeys(used, 1))
+    for i, result in enumerate(results):
+        assert result == [
+            i % keys,
+            f"value-{i % keys}",
+        ]  # JSON brings tuples back as lists
+
+
+@pytest.mark.timeout(120)
+def test_thousand_threads_one_cold_key_compute_once_on_real_redis(
+    redis_url: str,
+) -> None:
+    """1,000 threads sharing one RedisBackend on one cold key: one computation, no pool errors."""
+    backend = RedisBackend.from_url(redis_url, prefix=f"t{uuid.uuid4().hex[:8]}")
+    try:
+        computed, results = stampede(1000, 1, 0.5, backend)
+    finally:
+        backend.client.connection_pool.disconnect()
+    assert computed == Counter({0: 1})
+    assert all(r == [0, "value-0"] for r in results), {repr(r) for r in results}

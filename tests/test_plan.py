@@ -100,7 +100,8 @@ def test_miss_takes_lock_computes_and_publishes_in_one_step() -> None:
     h.clock.now += 2.0
     op = gen.send("fresh")
     assert op == SetAndUnlock("k", Entry("fresh", 5.0, 2.0), 900.0, "tok")
-    assert finish(gen, True) == "fresh"
+    # The caller gets the value as the backend stored it (e.g. JSON-decoded).
+    assert finish(gen, Entry(["as", "stored"], 5.0, 2.0)) == ["as", "stored"]
     assert h.events == [Miss("k"), LockAcquired("k"), Computed("k", 2.0)]
 
 
@@ -193,7 +194,7 @@ def test_waiter_takes_over_when_the_lock_frees_up() -> None:
     gen.send(None)
     assert gen.send(True) == Compute()
     assert isinstance(gen.send("mine"), SetAndUnlock)
-    assert finish(gen, True) == "mine"
+    assert finish(gen, Entry("mine", 5.0, 0.0)) == "mine"
     assert [type(e) for e in h.events] == [Miss, LockWait, LockAcquired, Computed]
 
 
@@ -217,7 +218,7 @@ def test_wait_is_bounded_by_wait_timeout_not_by_a_retry_count() -> None:
     assert h.clock.now == pytest.approx(110.0)
     assert op == Compute()
     assert isinstance(gen.send("own"), Set)
-    assert finish(gen, None) == "own"
+    assert finish(gen, Entry("own", 5.0, 0.0)) == "own"
     kinds = [type(e) for e in h.events]
     assert kinds == [Miss, LockWait, Timeout, Computed]
 
@@ -292,11 +293,11 @@ class Model:
                 # A failed release leaves the lock to its lease; the plan may try again.
                 self.raise_if(failure)
                 self.held, self.releases = False, self.releases + 1
-                return True
-            case Set():
+                return op.entry if isinstance(op, SetAndUnlock) else True
+            case Set(entry=entry):
                 assert not self.held
                 self.raise_if(failure)
-                return None
+                return entry
             case Sleep(seconds):
                 assert not self.held, "slept while holding the lock"
                 assert seconds >= 0

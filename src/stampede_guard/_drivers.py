@@ -51,8 +51,7 @@ def _perform(op: Op, backend: Backend, compute: Callable[[], object]) -> object:
         case Compute():
             return compute()
         case Set(key, entry, ttl):
-            backend.set(key, entry, ttl)
-            return None
+            return backend.set(key, entry, ttl)
         case SetAndUnlock(key, entry, ttl, token):
             return backend.set_and_unlock(key, entry, ttl, token)
         case Unlock(key, token):

@@ -42,7 +42,7 @@ class Compute:
 
 @dataclass(frozen=True, slots=True)
 class Set:
-    """Store *entry* without holding the lock (a waiter that timed out); sends None."""
+    """Store *entry* without holding the lock (a waiter that timed out); sends the stored Entry."""
 
     key: str
     entry: Entry
@@ -51,7 +51,7 @@ class Set:
 
 @dataclass(frozen=True, slots=True)
 class SetAndUnlock:
-    """Store *entry* and release the lock held by *token*; sends back a bool."""
+    """Store *entry* and release the lock held by *token*; sends back the stored Entry."""
 
     key: str
     entry: Entry

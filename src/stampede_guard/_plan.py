@@ -119,8 +119,8 @@ def plan(key: str, ctx: Context) -> Plan:
             # Like nginx's proxy_cache_lock_timeout: serve this caller now. The value is
             # stored too; it is as valid as the one the slow holder will store.
             entry = yield from _compute(key, ctx)
-            yield Set(key, entry, policy.ttl)
-            return entry.value
+            stored = yield Set(key, entry, policy.ttl)
+            return stored.value
         waited = ctx.clock() - started
         if isinstance(claim, Entry):
             ctx.emit(LockWait(key, waited, "value"))
@@ -182,7 +182,7 @@ def _lead(key: str, token: str, ctx: Context) -> Generator[Op, Any, object]:
     """Compute and store the value while holding the lock; release it whatever happens."""
     try:
         entry = yield from _compute(key, ctx)
-        yield SetAndUnlock(key, entry, ctx.policy.ttl, token)
+        stored = yield SetAndUnlock(key, entry, ctx.policy.ttl, token)
     except GeneratorExit:
         # Closed by its owner being collected: no driver is left to release through,
         # so the lease runs out. Drivers themselves never close a plan early.
@@ -192,7 +192,8 @@ def _lead(key: str, token: str, ctx: Context) -> Generator[Op, Any, object]:
         # waiting, so a failure does not let every waiter in at once.
         yield from _release(key, token)
         raise
-    return entry.value
+    # What the backend stored, as every reader will see it (see Backend.set).
+    return stored.value
 
 
 def _release(key: str, token: str) -> Generator[Op, Any, None]:

@@ -44,14 +44,19 @@ class Backend(Protocol):
         was taken with *token* for *lock_ttl* seconds, False if someone else holds it.
         """
 
-    def set(self, key: str, entry: Entry, ttl: float) -> None:
-        """Store *entry* for *ttl* seconds, replacing any previous one."""
+    def set(self, key: str, entry: Entry, ttl: float) -> Entry:
+        """Store *entry* for *ttl* seconds, replacing any previous one.
 
-    def set_and_unlock(self, key: str, entry: Entry, ttl: float, token: str) -> bool:
-        """Store *entry*, then release the lock if *token* still holds it.
+        Returns the entry as later reads will return it: a serializing backend returns
+        the decoded copy, so the caller that computed gets what every other caller gets
+        (with JSON, a tuple comes back as a list for everyone, not for all but one).
+        """
 
-        Returns whether the lock was still held by *token*. The value is stored either
-        way: a late leader's value is as good as the new leader's.
+    def set_and_unlock(self, key: str, entry: Entry, ttl: float, token: str) -> Entry:
+        """Store *entry* as `set` does, then release the lock if *token* still holds it.
+
+        The value is stored even if the lock has passed to someone else: a late
+        leader's value is as good as the new leader's. Only the lock is fenced.
         """
 
     def unlock(self, key: str, token: str) -> bool:

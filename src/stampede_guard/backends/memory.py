@@ -54,16 +54,18 @@ class MemoryBackend:
             self._locks[key] = (token, now + lock_ttl)
             return True
 
-    def set(self, key: str, entry: Entry, ttl: float) -> None:
-        """Store *entry* for *ttl* seconds."""
+    def set(self, key: str, entry: Entry, ttl: float) -> Entry:
+        """Store *entry* for *ttl* seconds; return it (the very object)."""
         with self._mutex:
             self._store(key, entry, ttl)
+        return entry
 
-    def set_and_unlock(self, key: str, entry: Entry, ttl: float, token: str) -> bool:
+    def set_and_unlock(self, key: str, entry: Entry, ttl: float, token: str) -> Entry:
         """Store *entry* and release the lock if *token* still holds it."""
         with self._mutex:
             self._store(key, entry, ttl)
-            return self._release(key, token)
+            self._release(key, token)
+        return entry
 
     def unlock(self, key: str, token: str) -> bool:
         """Release the lock on *key* if *token* holds it."""

@@ -142,24 +142,24 @@ class RedisBackend:
         except redis.RedisError as exc:
             raise BackendError(key, "get_or_lock") from exc
 
-    def set(self, key: str, entry: Entry, ttl: float) -> None:
-        """Store *entry*: one ``SET PX``."""
-        data = self._encode(key, entry)
+    def set(self, key: str, entry: Entry, ttl: float) -> Entry:
+        """Store *entry*: one ``SET PX``. Return it as readers will decode it."""
+        data, stored = self._encode(key, entry)
         try:
             self._client.set(value_key(self._prefix, key), data, px=milliseconds(ttl))
         except redis.RedisError as exc:
             raise BackendError(key, "set") from exc
+        return stored
 
-    def set_and_unlock(self, key: str, entry: Entry, ttl: float, token: str) -> bool:
+    def set_and_unlock(self, key: str, entry: Entry, ttl: float, token: str) -> Entry:
         """Store *entry* and release the lock held by *token*: one script call."""
-        data = self._encode(key, entry)
+        data, stored = self._encode(key, entry)
         keys = (value_key(self._prefix, key), lock_key(self._prefix, key))
         try:
-            return bool(
-                self._set_and_unlock(keys=keys, args=(data, milliseconds(ttl), token))
-            )
+            self._set_and_unlock(keys=keys, args=(data, milliseconds(ttl), token))
         except redis.RedisError as exc:
             raise BackendError(key, "set_and_unlock") from exc
+        return stored
 
     def unlock(self, key: str, token: str) -> bool:
         """Release the lock on *key* if *token* holds it: one script call."""
@@ -177,9 +177,15 @@ class RedisBackend:
         except redis.RedisError as exc:
             raise BackendError(key, "delete") from exc
 
-    def _encode(self, key: str, entry: Entry) -> bytes:
+    def _encode(self, key: str, entry: Entry) -> tuple[bytes, Entry]:
+        """Return the bytes to store and the entry readers will decode from them.
+
+        Decoding here too means a value the serializer cannot read back is refused
+        before it is stored, and the computing caller gets what everyone else gets.
+        """
         try:
-            return encode_entry(entry, self._serializer)
+            data = encode_entry(entry, self._serializer)
+            return data, decode_entry(data, self._serializer)
         except (TypeError, ValueError, OverflowError, RecursionError) as exc:
             raise SerializationError(
                 key, type(entry.value), self._serializer.name, str(exc)
