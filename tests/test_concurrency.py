@@ -40,7 +40,7 @@ def stampede(
         try:
             results[i] = f(i % keys)
         except Exception as exc:
-            results[i] = exc
+            results[i] = (exc, exc.__cause__)  # keep a backend error's cause
 
     pool = [threading.Thread(target=call, args=(i,)) for i in range(threads)]
     for t in pool:

@@ -17,7 +17,7 @@ from typing import Protocol, runtime_checkable
 
 from stampede_guard.backends._protocol import Entry
 
-__all__ = ["JsonSerializer", "Serializer", "decode_entry", "encode_entry"]
+__all__ = ["MAGIC", "JsonSerializer", "Serializer", "decode_entry", "encode_entry"]
 
 
 @runtime_checkable
@@ -56,9 +56,9 @@ class JsonSerializer:
         return "JsonSerializer()"
 
 
-_MAGIC = b"SG\x01"
+MAGIC = b"SG\x01"  # the Redis get_or_lock script checks it server-side too
 _HEADER = struct.Struct("!dd")
-_NAME_AT = len(_MAGIC) + _HEADER.size
+_NAME_AT = len(MAGIC) + _HEADER.size
 
 
 def encode_entry(entry: Entry, serializer: Serializer) -> bytes:
@@ -66,7 +66,7 @@ def encode_entry(entry: Entry, serializer: Serializer) -> bytes:
     name = serializer.name.encode("ascii")
     return b"".join(
         (
-            _MAGIC,
+            MAGIC,
             _HEADER.pack(entry.created_at, entry.compute_seconds),
             bytes((len(name),)),
             name,
@@ -82,11 +82,11 @@ def decode_entry(data: bytes, serializer: Serializer) -> Entry:
         ValueError: The bytes are not such an envelope (corrupt, foreign, another
             serializer's or a future version's); the caller treats them as a miss.
     """
-    if data[:3] != _MAGIC:
+    if data[:3] != MAGIC:
         msg = "not a stampede_guard v1 entry"
         raise ValueError(msg)
     try:
-        created_at, compute_seconds = _HEADER.unpack_from(data, len(_MAGIC))
+        created_at, compute_seconds = _HEADER.unpack_from(data, len(MAGIC))
         name_end = _NAME_AT + 1 + data[_NAME_AT]
     except (struct.error, IndexError) as exc:
         msg = "truncated stampede_guard entry"

@@ -53,13 +53,15 @@ def milliseconds(seconds: float) -> int:
     return max(1, round(seconds * 1000))
 
 
-# KEYS[1] value key, KEYS[2] lock key; ARGV[1] token, ARGV[2] lock ttl (ms).
+# KEYS[1] value key, KEYS[2] lock key; ARGV[1] token, ARGV[2] lock ttl (ms),
+# ARGV[3] the envelope's magic prefix.
 # Returns the stored bytes if there is a value, else 1 if the lock was taken, else 0.
 # Checking the value and taking the lock in one step is the double-check of the
-# classic algorithm with no window between the two.
+# classic algorithm with no window between the two. Bytes that are not an envelope
+# at all (foreign or corrupt) count as no value, so they get recomputed and replaced.
 GET_OR_LOCK = """
 local value = redis.call('GET', KEYS[1])
-if value then
+if value and string.sub(value, 1, string.len(ARGV[3])) == ARGV[3] then
     return value
 end
 if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then

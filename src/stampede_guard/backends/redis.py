@@ -21,6 +21,7 @@ from stampede_guard.backends._redis_keys import (
     value_key,
 )
 from stampede_guard.serializers import (
+    MAGIC,
     JsonSerializer,
     Serializer,
     decode_entry,
@@ -72,8 +73,8 @@ class RedisBackend:
         prefix: str = "sg",
         socket_timeout: float = 1.0,
         connect_timeout: float = 1.0,
-        max_connections: int = 64,
-        pool_timeout: float = 5.0,
+        max_connections: int = 100,
+        pool_timeout: float = 10.0,
         **client_kwargs: Any,
     ) -> RedisBackend:
         """Connect to the Redis at *url* (``redis://``, ``rediss://`` or ``unix://``).
@@ -91,6 +92,8 @@ class RedisBackend:
             max_connections: Connections in the pool. Threads beyond it wait for a free
                 connection instead of failing with "Too many connections".
             pool_timeout: Seconds a thread waits for a free connection, then fails.
+                Generous on purpose: among a thousand threads of one process, a thread
+                holding a connection may wait long for the GIL before giving it back.
             **client_kwargs: Passed on to the connection pool (``ssl_ca_certs``...).
         """
         pool = redis.BlockingConnectionPool.from_url(
@@ -131,13 +134,14 @@ class RedisBackend:
         vkey, lkey = value_key(self._prefix, key), lock_key(self._prefix, key)
         ttl_ms = milliseconds(lock_ttl)
         try:
-            found = self._get_or_lock(keys=(vkey, lkey), args=(token, ttl_ms))
+            found = self._get_or_lock(keys=(vkey, lkey), args=(token, ttl_ms, MAGIC))
             if not isinstance(found, bytes):
                 return bool(found)
             entry = self._decode(key, found)
             if entry is not None:
                 return entry
-            # Unreadable bytes count as no value; they are overwritten by our result.
+            # An envelope that does not decode (another serializer's, a later version's,
+            # a damaged payload) counts as no value too; our result will replace it.
             return bool(self._client.set(lkey, token, nx=True, px=ttl_ms))
         except redis.RedisError as exc:
             raise BackendError(key, "get_or_lock") from exc

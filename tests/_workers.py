@@ -1,0 +1,96 @@
+"""Code run in the worker processes of test_processes.py.
+
+A spawned child imports this module by name: the test puts this directory on
+``sys.path`` before spawning, and multiprocessing hands the parent's ``sys.path`` on.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from dataclasses import dataclass
+from multiprocessing.queues import Queue
+from multiprocessing.synchronize import Event
+
+import redis
+
+from stampede_guard import RedisBackend, cached_stampede_safe
+
+COMPUTE_SECONDS = 0.5
+RELEASE_TIMEOUT = 30.0
+
+# ("ok", value) or ("error", "ExceptionType: message"), one per call.
+Outcome = tuple[str, object]
+# A worker's pid and the outcome of each of its threads' calls.
+Report = tuple[int, list[Outcome]]
+
+
+class FirstCallFailsError(RuntimeError):
+    """Raised by the first computation of a test run, whichever process makes it."""
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    """What one worker process does: *threads* calls against the Redis at *url*."""
+
+    url: str
+    prefix: str
+    threads: int
+    fail_first: bool
+
+
+def calls_key(prefix: str) -> str:
+    """Return the Redis key counting computations across all processes."""
+    return f"{prefix}:calls"
+
+
+def stampede(job: Job, ready: Queue[int], go: Event, reports: Queue[Report]) -> None:
+    """Start the job's threads, each calling one decorated function once *go* is set.
+
+    Puts this pid on *ready* once every thread is waiting, then one `Report` on
+    *reports*. The function counts its runs with INCR on `calls_key`, so the parent
+    sees every computation in every process; with ``fail_first`` the first one raises.
+    """
+    prefix = job.prefix
+    backend = RedisBackend.from_url(job.url, prefix=prefix)
+    counter = redis.Redis.from_url(job.url, socket_timeout=5)
+
+    @cached_stampede_safe(
+        key="cold", backend=backend, ttl=60, lock_timeout=10, max_delay=0.2
+    )
+    def compute() -> dict[str, int]:
+        n = int(counter.incr(calls_key(prefix)))
+        time.sleep(COMPUTE_SECONDS)  # the work: every other caller arrives meanwhile
+        if job.fail_first and n == 1:
+            msg = f"computation {n} fails"
+            raise FirstCallFailsError(msg)
+        return {"computation": n}
+
+    outcomes: list[Outcome] = []
+    guard = threading.Lock()
+    waiting = threading.Barrier(job.threads + 1, timeout=RELEASE_TIMEOUT)
+
+    def call() -> None:
+        outcome: Outcome
+        try:
+            waiting.wait()
+            if not go.wait(RELEASE_TIMEOUT):
+                outcome = ("error", "never released")
+            else:
+                outcome = ("ok", compute())
+        except Exception as exc:
+            outcome = ("error", f"{type(exc).__name__}: {exc}")
+        with guard:
+            outcomes.append(outcome)
+
+    workers = [threading.Thread(target=call) for _ in range(job.threads)]
+    for worker in workers:
+        worker.start()
+    waiting.wait()
+    ready.put(os.getpid())
+    for worker in workers:
+        worker.join(RELEASE_TIMEOUT)
+    reports.put((os.getpid(), outcomes))
+    backend.client.connection_pool.disconnect()
+    counter.close()
