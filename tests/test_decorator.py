@@ -222,7 +222,7 @@ def test_none_is_cached_like_any_value() -> None:
 
 
 def hold_lock(backend: MemoryBackend, key: str) -> None:
-    assert backend.get_or_lock(key, "someone-else", 60) is True
+    assert backend.get_or_lock(key, "someone-else", 60) == "someone-else"
 
 
 @pytest.mark.timeout(10)
@@ -271,7 +271,7 @@ def test_waiter_takes_over_after_the_holder_lease_expires() -> None:
     f, calls = counting(
         backend, lock_timeout=0.2, ttl=60, base_delay=0.01, max_delay=0.05
     )
-    assert backend.get_or_lock("k:a", "dead-holder", 0.2) is True
+    assert backend.get_or_lock("k:a", "dead-holder", 0.2) == "dead-holder"
     assert f("a") == "A"
     assert calls == ["a"]
 
@@ -323,3 +323,83 @@ def test_leader_failure_lets_one_waiter_compute_next_not_all() -> None:
     assert calls == 2
     assert sum(isinstance(r, RuntimeError) for r in results) == 1
     assert results.count(2) == 20
+
+
+@pytest.mark.timeout(20)
+def test_waiters_of_a_dead_holder_wait_for_the_next_leader_instead_of_all_computing() -> (
+    None
+):
+    """When a dead holder's lease runs out, one waiter takes over; the rest wait for it."""
+    backend = MemoryBackend()
+    computations = 0
+    guard = threading.Lock()
+
+    @cached_stampede_safe(
+        key="k",
+        backend=backend,
+        ttl=60,
+        lock_timeout=0.3,
+        base_delay=0.01,
+        max_delay=0.05,
+    )
+    def f() -> str:
+        nonlocal computations
+        with guard:
+            computations += 1
+        threading.Event().wait(0.2)
+        return "v"
+
+    assert backend.get_or_lock("k", "dead-holder", 0.3) == "dead-holder"
+    barrier = threading.Barrier(10)
+    results: list[str] = []
+
+    def call() -> None:
+        barrier.wait()
+        results.append(f())
+
+    threads = [threading.Thread(target=call) for _ in range(10)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(15)
+    assert results == ["v"] * 10
+    assert computations == 1
+
+
+@pytest.mark.timeout(20)
+def test_lease_shorter_than_the_computation_costs_two_computations_not_one_per_waiter() -> (
+    None
+):
+    """A leader outliving its lease lets one more caller in; the other waiters still wait."""
+    computations = 0
+    guard = threading.Lock()
+
+    @cached_stampede_safe(
+        key="k",
+        backend=MemoryBackend(),
+        ttl=60,
+        lock_timeout=0.3,
+        base_delay=0.01,
+        max_delay=0.05,
+    )
+    def f() -> str:
+        nonlocal computations
+        with guard:
+            computations += 1
+        threading.Event().wait(0.5)
+        return "v"
+
+    barrier = threading.Barrier(20)
+    results: list[str] = []
+
+    def call() -> None:
+        barrier.wait()
+        results.append(f())
+
+    threads = [threading.Thread(target=call) for _ in range(20)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(15)
+    assert results == ["v"] * 20
+    assert computations == 2

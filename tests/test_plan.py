@@ -96,7 +96,7 @@ def test_miss_takes_lock_computes_and_publishes_in_one_step() -> None:
     gen = h.start()
     assert next(gen) == Get("k")
     assert gen.send(None) == GetOrLock("k", "tok", 10.0)
-    assert gen.send(True) == Compute()
+    assert gen.send("tok") == Compute()
     h.clock.now += 2.0
     op = gen.send("fresh")
     assert op == SetAndUnlock("k", Entry("fresh", 5.0, 2.0), 900.0, "tok")
@@ -121,7 +121,7 @@ def test_function_error_releases_the_lock_and_propagates_unchanged() -> None:
     gen = h.start()
     next(gen)
     gen.send(None)
-    assert gen.send(True) == Compute()
+    assert gen.send("tok") == Compute()
     boom = ValueError("upstream down")
     assert gen.throw(boom) == Unlock("k", "tok")
     with pytest.raises(ValueError, match="upstream down") as raised:
@@ -137,7 +137,7 @@ def test_store_failure_releases_the_lock_and_propagates() -> None:
     gen = h.start()
     next(gen)
     gen.send(None)
-    gen.send(True)
+    gen.send("tok")
     assert isinstance(gen.send("v"), SetAndUnlock)
     assert gen.throw(TypeError("not JSON")) == Unlock("k", "tok")
     with pytest.raises(TypeError, match="not JSON"):
@@ -150,7 +150,7 @@ def test_unlock_failure_does_not_hide_the_original_error() -> None:
     gen = h.start()
     next(gen)
     gen.send(None)
-    gen.send(True)
+    gen.send("tok")
     gen.throw(KeyError("original"))
     with pytest.raises(KeyError, match="original"):
         gen.throw(ConnectionError("redis gone"))
@@ -162,14 +162,14 @@ def test_waiter_sleeps_with_growing_delays_then_gets_the_value() -> None:
     gen = h.start()
     next(gen)
     gen.send(None)
-    op = gen.send(False)
+    op = gen.send("other")
     delays = []
     for _ in range(6):
         assert isinstance(op, Sleep)
         delays.append(op.seconds)
         h.clock.now += op.seconds
         assert gen.send(None) == GetOrLock("k", "tok", 10.0)
-        op = gen.send(False)
+        op = gen.send("other")
     assert 0.1 <= delays[0] <= 0.2
     assert all(b >= a - 0.1 for a, b in itertools.pairwise(delays))
     assert max(delays) <= 1.6
@@ -183,16 +183,37 @@ def test_waiter_sleeps_with_growing_delays_then_gets_the_value() -> None:
     assert wait.seconds == pytest.approx(sum(delays) + op.seconds)
 
 
+def test_patience_restarts_when_the_lock_passes_to_a_new_holder() -> None:
+    """A waiter gives each holder the full wait_timeout: a new holder restarts the wait."""
+    h = Harness(wait_timeout=3.0)
+    gen = h.start()
+    next(gen)
+    gen.send(None)
+    op = gen.send("first")
+    holders = iter(["first"] * 3 + ["second"] + ["second"] * 100)
+    changed_at = None
+    while isinstance(op, Sleep):
+        h.clock.now += op.seconds
+        gen.send(None)
+        holder = next(holders)
+        if holder == "second" and changed_at is None:
+            changed_at = h.clock.now
+        op = gen.send(holder)
+    assert changed_at is not None
+    assert h.clock.now == pytest.approx(changed_at + 3.0)
+    assert op == Compute()
+
+
 def test_waiter_takes_over_when_the_lock_frees_up() -> None:
     """If the holder's lock is gone (it failed or died), the waiter becomes the leader."""
     h = Harness()
     gen = h.start()
     next(gen)
     gen.send(None)
-    op = gen.send(False)
+    op = gen.send("other")
     assert isinstance(op, Sleep)
     gen.send(None)
-    assert gen.send(True) == Compute()
+    assert gen.send("tok") == Compute()
     assert isinstance(gen.send("mine"), SetAndUnlock)
     assert finish(gen, Entry("mine", 5.0, 0.0)) == "mine"
     assert [type(e) for e in h.events] == [Miss, LockWait, LockAcquired, Computed]
@@ -202,11 +223,11 @@ def drive_to_timeout(h: Harness, gen: Plan) -> Op:
     """Answer 'locked' to every look until the plan stops waiting; return its next op."""
     next(gen)
     gen.send(None)
-    op = gen.send(False)
+    op = gen.send("other")
     while isinstance(op, Sleep):
         h.clock.now += op.seconds
         assert isinstance(gen.send(None), GetOrLock)
-        op = gen.send(False)
+        op = gen.send("other")
     return op
 
 
@@ -239,12 +260,12 @@ def test_max_retries_caps_the_number_of_looks() -> None:
     gen = h.start()
     next(gen)
     gen.send(None)
-    op = gen.send(False)
+    op = gen.send("other")
     sleeps = 0
     while isinstance(op, Sleep):
         sleeps += 1
         gen.send(None)
-        op = gen.send(False)
+        op = gen.send("other")
     assert sleeps == 5
     assert op == Compute()
 
@@ -276,8 +297,10 @@ class Model:
                 return self.data.draw(st.sampled_from([None, ENTRY]))
             case GetOrLock():
                 self.raise_if(failure)
-                answer = self.data.draw(st.sampled_from([True, False, False, ENTRY]))
-                if answer is True:
+                answer = self.data.draw(
+                    st.sampled_from(["tok", "other", "another", ENTRY])
+                )
+                if answer == "tok":
                     assert not self.held, "took a lock while already holding it"
                     self.held, self.acquisitions = True, self.acquisitions + 1
                 return answer

@@ -115,11 +115,11 @@ def test_lock_is_set_nx_px_with_its_token_and_pttl_in_range(
     redis_backend: RedisBackend, redis_client: redis.Redis, redis_prefix: str
 ) -> None:
     """get_or_lock takes the lock with SET NX PX: our token, a PTTL within lock_ttl."""
-    assert redis_backend.get_or_lock("k", "token-1", 2.5) is True
+    assert redis_backend.get_or_lock("k", "token-1", 2.5) == "token-1"
     lock = only_key(redis_client, redis_prefix, "l")
     assert redis_client.get(lock) == b"token-1"
     assert 0 < redis_client.pttl(lock) <= 2500
-    assert redis_backend.get_or_lock("k", "token-2", 2.5) is False
+    assert redis_backend.get_or_lock("k", "token-2", 2.5) == "token-1"
     assert redis_client.get(lock) == b"token-1"
     assert keys_under(redis_client, redis_prefix, "v") == []
 
@@ -142,16 +142,16 @@ def test_get_or_lock_never_takes_the_lock_once_the_holder_stored_the_value(
     taken: list[str] = []
     for round_ in range(rounds):
         key = f"race:{round_}"
-        assert redis_backend.get_or_lock(key, "holder", 10) is True
+        assert redis_backend.get_or_lock(key, "holder", 10) == "holder"
         start = threading.Barrier(waiters + 1, timeout=10)
 
         def wait(token: str, key: str = key, start: threading.Barrier = start) -> None:
             start.wait()
             deadline = time.monotonic() + 10
-            claim: Entry | bool = False
-            while claim is False and time.monotonic() < deadline:
+            claim: Entry | str = "holder"
+            while claim == "holder" and time.monotonic() < deadline:
                 claim = redis_backend.get_or_lock(key, token, 10)
-            if claim is not False and not isinstance(claim, Entry):
+            if claim == token:
                 taken.append(token)
 
         threads = [
@@ -170,10 +170,10 @@ def test_set_and_unlock_never_deletes_the_next_leaders_lock(
     redis_backend: RedisBackend, redis_client: redis.Redis, redis_prefix: str
 ) -> None:
     """A leader whose lease ran out stores its value but leaves the new leader's lock."""
-    assert redis_backend.get_or_lock("k", "leader-1", 10) is True
+    assert redis_backend.get_or_lock("k", "leader-1", 10) == "leader-1"
     lock = only_key(redis_client, redis_prefix, "l")
     redis_client.delete(lock)  # leader-1's lease runs out while it computes
-    assert redis_backend.get_or_lock("k", "leader-2", 10) is True
+    assert redis_backend.get_or_lock("k", "leader-2", 10) == "leader-2"
     assert redis_backend.set_and_unlock("k", LATE, 60, "leader-1") == LATE
     assert redis_client.get(lock) == b"leader-2"
     assert redis_backend.get("k") == LATE
@@ -186,10 +186,10 @@ def test_unlock_never_deletes_the_next_leaders_lock(
     redis_backend: RedisBackend, redis_client: redis.Redis, redis_prefix: str
 ) -> None:
     """A failed leader whose lease ran out does not release the lock of its successor."""
-    assert redis_backend.get_or_lock("k", "leader-1", 10) is True
+    assert redis_backend.get_or_lock("k", "leader-1", 10) == "leader-1"
     lock = only_key(redis_client, redis_prefix, "l")
     redis_client.delete(lock)  # leader-1's lease runs out while it computes
-    assert redis_backend.get_or_lock("k", "leader-2", 10) is True
+    assert redis_backend.get_or_lock("k", "leader-2", 10) == "leader-2"
     assert redis_backend.unlock("k", "leader-1") is False
     assert redis_client.get(lock) == b"leader-2"
 
@@ -204,7 +204,7 @@ def test_value_and_lock_keys_share_one_cluster_hash_slot(
     cache_key: str,
 ) -> None:
     """Both Redis keys of one cache key carry the same non-empty {tag}: one slot."""
-    assert redis_backend.get_or_lock(cache_key, "token", 10) is True
+    assert redis_backend.get_or_lock(cache_key, "token", 10) == "token"
     redis_backend.set(cache_key, ENTRY, 60)
     keys = keys_under(redis_client, redis_prefix)
     assert len(keys) == 2  # the value and the lock
@@ -429,7 +429,7 @@ def test_waiter_raises_lock_timeout_error_while_another_token_holds_the_lock(
         max_delay=0.05,
         on_timeout="raise",
     )
-    assert redis_backend.get_or_lock("item:1", "someone-else", 30) is True
+    assert redis_backend.get_or_lock("item:1", "someone-else", 30) == "someone-else"
     with pytest.raises(LockTimeoutError) as caught:
         fn(1)
     assert caught.value.key == "item:1"

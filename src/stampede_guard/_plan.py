@@ -11,6 +11,8 @@ Steps, after the reference card:
 4. Lock held by someone else: wait with jittered exponential backoff (tenacity decides
    each delay) and repeat step 2 until the value appears, the lock frees up (the holder
    failed or died and its lease ran out: take over), or ``wait_timeout`` runs out.
+   Patience is per holder: when the lock passes to a new holder, the wait starts over,
+   so the waiters of a dead holder wait for its successor instead of all computing.
 5. Out of time: compute without the lock, or raise `LockTimeoutError`.
 """
 
@@ -24,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, cast
 
 import tenacity
+from typing_extensions import override
 
 from stampede_guard._errors import LockTimeoutError
 from stampede_guard._ops import (
@@ -106,10 +109,10 @@ def plan(key: str, ctx: Context) -> Plan:
         return claim.value
     ctx.emit(Miss(key))
 
-    if claim is False:
+    if claim != token:
         started = ctx.clock()
         try:
-            claim = yield from _wait(key, token, ctx)
+            claim = yield from _wait(key, token, claim, ctx)
         except _StillLockedError:
             waited = ctx.clock() - started
             ctx.emit(LockWait(key, waited, "timeout"))
@@ -131,16 +134,19 @@ def plan(key: str, ctx: Context) -> Plan:
     return (yield from _lead(key, token, ctx))
 
 
-def _wait(key: str, token: str, ctx: Context) -> Generator[Op, Any, Entry | bool]:
+def _wait(
+    key: str, token: str, holder: str, ctx: Context
+) -> Generator[Op, Any, Entry | str]:
     """Poll until the value appears or the lock is ours; raise _StillLockedError at the end.
 
-    The lock is not held here, so sleeping is safe. tenacity decides each delay and
-    when to stop; its sleep only records the delay, which becomes a Sleep operation.
+    Returns the entry, or *token* once this call holds the lock. The lock is not held
+    while waiting, so sleeping is safe. tenacity decides each delay and when to stop;
+    its sleep only records the delay, which becomes a Sleep operation.
     """
     policy = ctx.policy
-    deadline = ctx.clock() + policy.wait_timeout
+    deadline = _DeadlineStop(ctx.clock, ctx.clock() + policy.wait_timeout)
     delays: list[float] = []
-    stop: tenacity.stop.stop_base = _DeadlineStop(ctx.clock, deadline)
+    stop: tenacity.stop.stop_base = deadline
     if policy.max_retries is not None:
         stop = stop | tenacity.stop_after_attempt(policy.max_retries + 1)
     retrying = tenacity.Retrying(
@@ -156,10 +162,15 @@ def _wait(key: str, token: str, ctx: Context) -> Generator[Op, Any, Entry | bool
     # sleeps first. The last sleep is cut short so the final look happens at the deadline.
     for attempt in retrying:
         if delays:
-            yield Sleep(max(0.0, min(delays.pop(), deadline - ctx.clock())))
+            yield Sleep(max(0.0, min(delays.pop(), deadline.remaining())))
             claim = yield GetOrLock(key, token, policy.lock_timeout)
-            if claim is not False:
-                return cast("Entry | bool", claim)
+            if isinstance(claim, Entry) or claim == token:
+                return cast("Entry | str", claim)
+            if claim != holder:
+                # A new holder (the last one failed or its lease ran out): it deserves
+                # the same patience, or every waiter would give up on it at once.
+                holder = claim
+                deadline.restart(policy.wait_timeout)
         with attempt:
             raise _StillLockedError
     # The loop ends by returning or by tenacity re-raising: this line is never reached.
@@ -167,12 +178,19 @@ def _wait(key: str, token: str, ctx: Context) -> Generator[Op, Any, Entry | bool
 
 
 class _DeadlineStop(tenacity.stop.stop_base):
-    """Stop once *clock* passes *deadline* (tenacity's own stop reads time.monotonic)."""
+    """Stop once *clock* passes a deadline that can move (tenacity's reads time.monotonic)."""
 
     def __init__(self, clock: Callable[[], float], deadline: float) -> None:
         self._clock = clock
         self._deadline = deadline
 
+    def remaining(self) -> float:
+        return max(0.0, self._deadline - self._clock())
+
+    def restart(self, seconds: float) -> None:
+        self._deadline = self._clock() + seconds
+
+    @override
     def __call__(self, retry_state: tenacity.RetryCallState) -> bool:
         del retry_state
         return self._clock() >= self._deadline

@@ -103,19 +103,19 @@ class BackendContract:
         key = _key()
         backend.set(key, _entry("v"), _SHORT)
         assert _eventually(lambda: backend.get(key) is None)
-        assert backend.get_or_lock(key, "token-a", _LONG) is True
+        assert backend.get_or_lock(key, "token-a", _LONG) == "token-a"
 
     def test_get_or_lock_takes_a_free_lock(self, backend: Backend) -> None:
-        """get_or_lock on a key with no value and no lock returns True."""
-        assert backend.get_or_lock(_key(), "token-a", _LONG) is True
+        """get_or_lock on a key with no value and no lock takes it: returns our token."""
+        assert backend.get_or_lock(_key(), "token-a", _LONG) == "token-a"
 
-    def test_get_or_lock_returns_false_while_lock_is_held(
+    def test_get_or_lock_returns_the_holders_token_while_lock_is_held(
         self, backend: Backend
     ) -> None:
-        """get_or_lock with another token returns False while the lock is held."""
+        """get_or_lock with another token returns the holder's token and takes nothing."""
         key = _key()
-        assert backend.get_or_lock(key, "token-a", _LONG) is True
-        assert backend.get_or_lock(key, "token-b", _LONG) is False
+        assert backend.get_or_lock(key, "token-a", _LONG) == "token-a"
+        assert backend.get_or_lock(key, "token-b", _LONG) == "token-a"
 
     def test_get_or_lock_returns_entry_when_lock_is_free(
         self, backend: Backend
@@ -131,32 +131,34 @@ class BackendContract:
     ) -> None:
         """A waiter's get_or_lock returns the entry even if the lock is still held."""
         key = _key()
-        assert backend.get_or_lock(key, "token-a", _LONG) is True
+        assert backend.get_or_lock(key, "token-a", _LONG) == "token-a"
         backend.set(key, _entry("v"), _LONG)
         assert backend.get_or_lock(key, "token-b", _LONG) == _entry("v")
 
     def test_expired_lock_can_be_taken_by_another_token(self, backend: Backend) -> None:
         """A lock whose lock_ttl ran out is free for another token, and then held by it."""
         key = _key()
-        assert backend.get_or_lock(key, "token-a", _SHORT) is True
-        assert _eventually(lambda: backend.get_or_lock(key, "token-b", _LONG) is True)
-        assert backend.get_or_lock(key, "token-a", _LONG) is False
+        assert backend.get_or_lock(key, "token-a", _SHORT) == "token-a"
+        assert _eventually(
+            lambda: backend.get_or_lock(key, "token-b", _LONG) == "token-b"
+        )
+        assert backend.get_or_lock(key, "token-a", _LONG) == "token-b"
         assert backend.unlock(key, "token-a") is False
         assert backend.unlock(key, "token-b") is True
 
     def test_unlock_with_right_token_frees_the_lock(self, backend: Backend) -> None:
         """`unlock` by the holder returns True and lets another token take the lock."""
         key = _key()
-        assert backend.get_or_lock(key, "token-a", _LONG) is True
+        assert backend.get_or_lock(key, "token-a", _LONG) == "token-a"
         assert backend.unlock(key, "token-a") is True
-        assert backend.get_or_lock(key, "token-b", _LONG) is True
+        assert backend.get_or_lock(key, "token-b", _LONG) == "token-b"
 
     def test_unlock_with_wrong_token_keeps_the_lock(self, backend: Backend) -> None:
         """`unlock` with another token returns False and the lock stays held."""
         key = _key()
-        assert backend.get_or_lock(key, "token-a", _LONG) is True
+        assert backend.get_or_lock(key, "token-a", _LONG) == "token-a"
         assert backend.unlock(key, "token-b") is False
-        assert backend.get_or_lock(key, "token-c", _LONG) is False
+        assert backend.get_or_lock(key, "token-c", _LONG) == "token-a"
         assert backend.unlock(key, "token-a") is True
 
     def test_unlock_of_a_free_lock_returns_false(self, backend: Backend) -> None:
@@ -168,17 +170,17 @@ class BackendContract:
     ) -> None:
         """set_and_unlock by the holder stores the entry, returns it and frees the lock."""
         key = _key()
-        assert backend.get_or_lock(key, "token-a", _LONG) is True
+        assert backend.get_or_lock(key, "token-a", _LONG) == "token-a"
         assert backend.set_and_unlock(key, _entry("v"), _LONG, "token-a") == _entry("v")
         assert backend.get(key) == _entry("v")
         assert backend.unlock(key, "token-a") is False
         backend.delete(key)
-        assert backend.get_or_lock(key, "token-b", _LONG) is True
+        assert backend.get_or_lock(key, "token-b", _LONG) == "token-b"
 
     def test_set_and_unlock_keeps_another_tokens_lock(self, backend: Backend) -> None:
         """set_and_unlock by a non-holder stores the entry but leaves the lock held."""
         key = _key()
-        assert backend.get_or_lock(key, "token-a", _LONG) is True
+        assert backend.get_or_lock(key, "token-a", _LONG) == "token-a"
         assert backend.set_and_unlock(key, _entry("v"), _LONG, "token-b") == _entry("v")
         assert backend.get(key) == _entry("v")
         assert backend.unlock(key, "token-a") is True
@@ -188,8 +190,10 @@ class BackendContract:
     ) -> None:
         """A holder whose lock expired stores its value but never frees its successor's lock."""
         key = _key()
-        assert backend.get_or_lock(key, "token-a", _SHORT) is True
-        assert _eventually(lambda: backend.get_or_lock(key, "token-b", _LONG) is True)
+        assert backend.get_or_lock(key, "token-a", _SHORT) == "token-a"
+        assert _eventually(
+            lambda: backend.get_or_lock(key, "token-b", _LONG) == "token-b"
+        )
         assert backend.set_and_unlock(key, _entry("late"), _LONG, "token-a") == _entry(
             "late"
         )
@@ -199,11 +203,11 @@ class BackendContract:
     def test_delete_drops_the_value_but_not_the_lock(self, backend: Backend) -> None:
         """`delete` removes the entry; a held lock stays held."""
         key = _key()
-        assert backend.get_or_lock(key, "token-a", _LONG) is True
+        assert backend.get_or_lock(key, "token-a", _LONG) == "token-a"
         backend.set(key, _entry("v"), _LONG)
         backend.delete(key)
         assert backend.get(key) is None
-        assert backend.get_or_lock(key, "token-b", _LONG) is False
+        assert backend.get_or_lock(key, "token-b", _LONG) == "token-a"
         assert backend.unlock(key, "token-a") is True
 
     def test_delete_of_a_missing_key_does_nothing(self, backend: Backend) -> None:
@@ -225,24 +229,24 @@ class BackendContract:
             _entry(i) for i in range(1, len(keys))
         ]
         a, b = _key("a"), _key("b")
-        assert backend.get_or_lock(a, "token-a", _LONG) is True
-        assert backend.get_or_lock(b, "token-b", _LONG) is True
+        assert backend.get_or_lock(a, "token-a", _LONG) == "token-a"
+        assert backend.get_or_lock(b, "token-b", _LONG) == "token-b"
         backend.set(a, _entry("a"), _LONG)
         assert backend.get(b) is None
         assert backend.unlock(b, "token-a") is False
         assert backend.unlock(b, "token-b") is True
 
     def test_only_one_of_many_threads_takes_a_free_lock(self, backend: Backend) -> None:
-        """Threads racing get_or_lock on one free key: exactly one gets True."""
+        """Threads racing get_or_lock on one free key: all agree on one winner."""
         key = _key()
         barrier = threading.Barrier(_THREADS)
-        results: list[Entry | bool | BaseException] = []
+        results: list[Entry | str | BaseException] = []
         guard = threading.Lock()
 
         def race(token: str) -> None:
             try:
                 barrier.wait(timeout=_PATIENCE)
-                claim: Entry | bool | BaseException = backend.get_or_lock(
+                claim: Entry | str | BaseException = backend.get_or_lock(
                     key, token, _LONG
                 )
             except BaseException as exc:  # noqa: BLE001 - reported by the assertion
@@ -257,4 +261,7 @@ class BackendContract:
             thread.start()
         for thread in threads:
             thread.join(timeout=_PATIENCE * 2)
-        assert sorted(map(repr, results)) == ["False"] * (_THREADS - 1) + ["True"]
+        assert len(results) == _THREADS
+        winners = set(results)
+        assert len(winners) == 1, winners
+        assert winners <= {f"token-{i}" for i in range(_THREADS)}

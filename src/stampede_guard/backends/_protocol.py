@@ -36,12 +36,14 @@ class Backend(Protocol):
     def get(self, key: str) -> Entry | None:
         """Return the live entry for *key*, or None (expired, absent or unreadable)."""
 
-    def get_or_lock(self, key: str, token: str, lock_ttl: float) -> Entry | bool:
-        """Return the entry for *key* if there is one; otherwise try to take its lock.
+    def get_or_lock(self, key: str, token: str, lock_ttl: float) -> Entry | str:
+        """Return the entry for *key* if there is one; otherwise take its lock if free.
 
+        Without an entry, returns the token that holds the lock afterwards: *token* if
+        this call took it (for *lock_ttl* seconds), the holder's own token otherwise,
+        so that waiters can tell when the lock has passed to a new holder.
         This must be atomic: it is the algorithm's "check again after locking" step, so
-        a caller never takes the lock while a value is stored. Returns True if the lock
-        was taken with *token* for *lock_ttl* seconds, False if someone else holds it.
+        a caller never takes the lock while a value is stored.
         """
 
     def set(self, key: str, entry: Entry, ttl: float) -> Entry:

@@ -54,20 +54,23 @@ def milliseconds(seconds: float) -> int:
 
 
 # KEYS[1] value key, KEYS[2] lock key; ARGV[1] token, ARGV[2] lock ttl (ms),
-# ARGV[3] the envelope's magic prefix.
-# Returns the stored bytes if there is a value, else 1 if the lock was taken, else 0.
+# ARGV[3] the envelope's magic prefix, ARGV[4] "1" to ignore the value.
+# Returns {1, value} if there is a value, else {0, token of the lock's holder}, having
+# taken the lock if it was free (then the holder is ARGV[1]).
 # Checking the value and taking the lock in one step is the double-check of the
 # classic algorithm with no window between the two. Bytes that are not an envelope
 # at all (foreign or corrupt) count as no value, so they get recomputed and replaced.
 GET_OR_LOCK = """
-local value = redis.call('GET', KEYS[1])
-if value and string.sub(value, 1, string.len(ARGV[3])) == ARGV[3] then
-    return value
+if ARGV[4] ~= '1' then
+    local value = redis.call('GET', KEYS[1])
+    if value and string.sub(value, 1, string.len(ARGV[3])) == ARGV[3] then
+        return {1, value}
+    end
 end
 if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then
-    return 1
+    return {0, ARGV[1]}
 end
-return 0
+return {0, redis.call('GET', KEYS[2])}
 """
 
 # KEYS[1] value key, KEYS[2] lock key; ARGV[1] payload, ARGV[2] ttl (ms), ARGV[3] token.

@@ -41,8 +41,8 @@ class MemoryBackend:
         with self._mutex:
             return self._live_entry(key, self._clock())
 
-    def get_or_lock(self, key: str, token: str, lock_ttl: float) -> Entry | bool:
-        """Return the entry for *key*, or try to take its lock (atomically)."""
+    def get_or_lock(self, key: str, token: str, lock_ttl: float) -> Entry | str:
+        """Return the entry for *key*, or the lock holder's token (taking a free lock)."""
         with self._mutex:
             now = self._clock()
             entry = self._live_entry(key, now)
@@ -50,9 +50,9 @@ class MemoryBackend:
                 return entry
             held = self._locks.get(key)
             if held is not None and held[1] > now:
-                return False
+                return held[0]
             self._locks[key] = (token, now + lock_ttl)
-            return True
+            return token
 
     def set(self, key: str, entry: Entry, ttl: float) -> Entry:
         """Store *entry* for *ttl* seconds; return it (the very object)."""

@@ -129,22 +129,26 @@ class RedisBackend:
             raise BackendError(key, "get") from exc
         return None if data is None else self._decode(key, data)
 
-    def get_or_lock(self, key: str, token: str, lock_ttl: float) -> Entry | bool:
-        """Return the entry for *key* or try its lock: one script call."""
-        vkey, lkey = value_key(self._prefix, key), lock_key(self._prefix, key)
-        ttl_ms = milliseconds(lock_ttl)
+    def get_or_lock(self, key: str, token: str, lock_ttl: float) -> Entry | str:
+        """Return the entry for *key* or the lock holder's token: one script call."""
+        keys = (value_key(self._prefix, key), lock_key(self._prefix, key))
+        args: list[bytes | str | int] = [token, milliseconds(lock_ttl), MAGIC, 0]
         try:
-            found = self._get_or_lock(keys=(vkey, lkey), args=(token, ttl_ms, MAGIC))
-            if not isinstance(found, bytes):
-                return bool(found)
-            entry = self._decode(key, found)
-            if entry is not None:
-                return entry
-            # An envelope that does not decode (another serializer's, a later version's,
-            # a damaged payload) counts as no value too; our result will replace it.
-            return bool(self._client.set(lkey, token, nx=True, px=ttl_ms))
+            has_value, found = self._get_or_lock(keys=keys, args=args)
+            if has_value:
+                entry = self._decode(key, found)
+                if entry is not None:
+                    return entry
+                # An envelope that does not decode (another serializer's, a later
+                # version's, a damaged payload) is no value either: ask for the lock
+                # alone, and our result will replace it.
+                args[3] = 1
+                _, found = self._get_or_lock(keys=keys, args=args)
         except redis.RedisError as exc:
             raise BackendError(key, "get_or_lock") from exc
+        # Time stands still inside a script, so a lock that SET NX found held still
+        # has its holder for the GET; the empty fallback only keeps the types honest.
+        return found.decode() if isinstance(found, bytes) else ""
 
     def set(self, key: str, entry: Entry, ttl: float) -> Entry:
         """Store *entry*: one ``SET PX``. Return it as readers will decode it."""
