@@ -6,6 +6,7 @@ A spawned child imports this module by name: the test puts this directory on
 
 from __future__ import annotations
 
+import asyncio
 import os
 import threading
 import time
@@ -14,8 +15,9 @@ from multiprocessing.queues import Queue
 from multiprocessing.synchronize import Event
 
 import redis
+import redis.asyncio
 
-from stampede_guard import RedisBackend, cached_stampede_safe
+from stampede_guard import AsyncRedisBackend, RedisBackend, cached_stampede_safe
 
 COMPUTE_SECONDS = 0.5
 RELEASE_TIMEOUT = 30.0
@@ -32,12 +34,16 @@ class FirstCallFailsError(RuntimeError):
 
 @dataclass(frozen=True, slots=True)
 class Job:
-    """What one worker process does: *threads* calls against the Redis at *url*."""
+    """What one worker process does: *threads* calls against the Redis at *url*.
+
+    With *tasks*, the calls are asyncio tasks of one event loop instead of threads.
+    """
 
     url: str
     prefix: str
     threads: int
     fail_first: bool
+    tasks: bool = False
 
 
 def calls_key(prefix: str) -> str:
@@ -52,6 +58,9 @@ def stampede(job: Job, ready: Queue[int], go: Event, reports: Queue[Report]) -> 
     *reports*. The function counts its runs with INCR on `calls_key`, so the parent
     sees every computation in every process; with ``fail_first`` the first one raises.
     """
+    if job.tasks:
+        asyncio.run(_stampede_tasks(job, ready, go, reports))
+        return
     prefix = job.prefix
     backend = RedisBackend.from_url(job.url, prefix=prefix)
     counter = redis.Redis.from_url(job.url, socket_timeout=5)
@@ -94,3 +103,50 @@ def stampede(job: Job, ready: Queue[int], go: Event, reports: Queue[Report]) -> 
     reports.put((os.getpid(), outcomes))
     backend.client.connection_pool.disconnect()
     counter.close()
+
+
+async def _stampede_tasks(
+    job: Job, ready: Queue[int], go: Event, reports: Queue[Report]
+) -> None:
+    """`stampede` with asyncio tasks on `AsyncRedisBackend`: the same function, async."""
+    prefix = job.prefix
+    backend = AsyncRedisBackend.from_url(job.url, prefix=prefix)
+    counter = redis.asyncio.Redis.from_url(job.url, socket_timeout=5)
+
+    @cached_stampede_safe(
+        key="cold", backend=backend, ttl=60, lock_timeout=10, max_delay=0.2
+    )
+    async def compute() -> dict[str, int]:
+        n = int(await counter.incr(calls_key(prefix)))
+        await asyncio.sleep(COMPUTE_SECONDS)
+        if job.fail_first and n == 1:
+            msg = f"computation {n} fails"
+            raise FirstCallFailsError(msg)
+        return {"computation": n}
+
+    release = asyncio.Event()
+
+    async def call() -> Outcome:
+        await release.wait()
+        try:
+            return ("ok", await compute())
+        except Exception as exc:
+            return ("error", f"{type(exc).__name__}: {exc}")
+
+    calls = [asyncio.create_task(call()) for _ in range(job.threads)]
+    await asyncio.sleep(0)  # every task is now waiting on the release
+    ready.put(os.getpid())
+    if await asyncio.to_thread(go.wait, RELEASE_TIMEOUT):
+        release.set()
+    else:
+        for task in calls:
+            task.cancel()
+    outcomes = await asyncio.gather(*calls, return_exceptions=True)
+    reports.put(
+        (
+            os.getpid(),
+            [o if isinstance(o, tuple) else ("error", repr(o)) for o in outcomes],
+        )
+    )
+    await backend.aclose()
+    await counter.aclose()

@@ -17,11 +17,10 @@ from stampede_guard import MemoryBackend, cached_stampede_safe
 
 
 def keyed(**options: Any) -> Any:
-    @cached_stampede_safe(backend=MemoryBackend(), **options)
     def f(x: object, y: object = 2, *args: object, **kwargs: object) -> None:
         del x, y, args, kwargs
 
-    return f
+    return cached_stampede_safe(backend=MemoryBackend(), **options)(f)
 
 
 def test_default_key_names_the_function() -> None:

@@ -54,7 +54,7 @@ def _drain(
 
 
 def run_stampede(
-    workers: ModuleType, url: str, prefix: str, *, fail_first: bool
+    workers: ModuleType, url: str, prefix: str, *, fail_first: bool, tasks: bool = False
 ) -> list[Report]:
     """Start the worker processes, release all their threads at once, return reports."""
     ctx = multiprocessing.get_context("spawn")
@@ -64,7 +64,12 @@ def run_stampede(
     processes = [
         ctx.Process(
             target=workers.stampede,
-            args=(workers.Job(url, prefix, THREADS, fail_first), ready, go, reports),
+            args=(
+                workers.Job(url, prefix, THREADS, fail_first, tasks),
+                ready,
+                go,
+                reports,
+            ),
         )
         for _ in range(PROCESSES)
     ]
@@ -122,4 +127,32 @@ def test_failing_leader_process_leaves_the_key_to_a_later_leader(
     assert errors[0][1] == "FirstCallFailsError: computation 1 fails"
     assert values == [{"computation": 2}] * (PROCESSES * THREADS - 1)
     assert redis_client.get(workers.calls_key(redis_prefix)) == b"2"
+    assert list(redis_client.scan_iter(match=f"{redis_prefix}:*:l:*")) == []
+
+
+def test_four_processes_of_fifty_tasks_compute_a_cold_key_once(
+    workers: ModuleType, redis_url: str, redis_client: redis.Redis, redis_prefix: str
+) -> None:
+    """The same stampede with asyncio tasks on AsyncRedisBackend: 1 computation, 200 values."""
+    reports = run_stampede(
+        workers, redis_url, redis_prefix, fail_first=False, tasks=True
+    )
+    values, errors = _split(reports)
+    assert errors == []
+    assert values == [{"computation": 1}] * (PROCESSES * THREADS)
+    assert redis_client.get(workers.calls_key(redis_prefix)) == b"1"
+    assert list(redis_client.scan_iter(match=f"{redis_prefix}:*:l:*")) == []
+
+
+def test_failing_async_leader_leaves_the_key_to_a_later_leader(
+    workers: ModuleType, redis_url: str, redis_client: redis.Redis, redis_prefix: str
+) -> None:
+    """Async: the leader's error reaches only its caller; the rest get the next value."""
+    reports = run_stampede(
+        workers, redis_url, redis_prefix, fail_first=True, tasks=True
+    )
+    values, errors = _split(reports)
+    assert len(errors) == 1
+    assert errors[0][1] == "FirstCallFailsError: computation 1 fails"
+    assert values == [{"computation": 2}] * (PROCESSES * THREADS - 1)
     assert list(redis_client.scan_iter(match=f"{redis_prefix}:*:l:*")) == []

@@ -7,14 +7,22 @@ from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError, version
 
-from stampede_guard._decorator import CachedFunction, cached_stampede_safe
+from stampede_guard._decorator import cached_stampede_safe
 from stampede_guard._errors import (
     BackendError,
     LockTimeoutError,
     SerializationError,
     StampedeGuardError,
 )
-from stampede_guard.backends import Backend, Entry, MemoryBackend, RedisBackend
+from stampede_guard._wrappers import AsyncCachedFunction, CachedFunction
+from stampede_guard.backends import (
+    AsyncBackend,
+    AsyncRedisBackend,
+    Backend,
+    Entry,
+    MemoryBackend,
+    RedisBackend,
+)
 from stampede_guard.metrics import MetricsHook, StampedeStats, StatsSnapshot
 from stampede_guard.serializers import JsonSerializer, Serializer
 
@@ -24,6 +32,9 @@ except PackageNotFoundError:  # pragma: no cover - running from a source tree
     __version__ = "0+unknown"
 
 __all__ = [
+    "AsyncBackend",
+    "AsyncCachedFunction",
+    "AsyncRedisBackend",
     "Backend",
     "BackendError",
     "CachedFunction",

@@ -6,8 +6,9 @@ plan, and a suspended plan is never closed early, so its lock release always run
 
 from __future__ import annotations
 
+import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import assert_never
 
 from stampede_guard._ops import (
@@ -21,9 +22,9 @@ from stampede_guard._ops import (
     Unlock,
 )
 from stampede_guard._plan import Plan
-from stampede_guard.backends._protocol import Backend
+from stampede_guard.backends._protocol import AsyncBackend, Backend
 
-__all__ = ["run_sync"]
+__all__ = ["run_async", "run_sync"]
 
 
 def run_sync(plan: Plan, backend: Backend, compute: Callable[[], object]) -> object:
@@ -58,6 +59,53 @@ def _perform(op: Op, backend: Backend, compute: Callable[[], object]) -> object:
             return backend.unlock(key, token)
         case Sleep(seconds):
             time.sleep(seconds)
+            return None
+        case _:
+            assert_never(op)
+
+
+async def run_async(
+    plan: Plan, backend: AsyncBackend, compute: Callable[[], Awaitable[object]]
+) -> object:
+    """Run *plan* to completion in this task and return its result.
+
+    Cancellation is thrown into the plan like any error, so a cancelled leader still
+    releases its lock (see the shield below) and its waiters move on at once.
+    """
+    result: object = None
+    error: BaseException | None = None
+    while True:
+        try:
+            op = plan.send(result) if error is None else plan.throw(error)
+        except StopIteration as stop:
+            return stop.value
+        result = error = None
+        try:
+            result = await _perform_async(op, backend, compute)
+        except BaseException as exc:  # noqa: BLE001 - the plan decides what to do with it
+            error = exc
+
+
+async def _perform_async(
+    op: Op, backend: AsyncBackend, compute: Callable[[], Awaitable[object]]
+) -> object:
+    match op:
+        case Get(key):
+            return await backend.aget(key)
+        case GetOrLock(key, token, lock_ttl):
+            return await backend.aget_or_lock(key, token, lock_ttl)
+        case Compute():
+            return await compute()
+        case Set(key, entry, ttl):
+            return await backend.aset(key, entry, ttl)
+        case SetAndUnlock(key, entry, ttl, token):
+            return await backend.aset_and_unlock(key, entry, ttl, token)
+        case Unlock(key, token):
+            # Shielded: the release usually runs because this task is being cancelled,
+            # and a second cancellation must not leave the lock to its lease.
+            return await asyncio.shield(backend.aunlock(key, token))
+        case Sleep(seconds):
+            await asyncio.sleep(seconds)
             return None
         case _:
             assert_never(op)

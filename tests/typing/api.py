@@ -6,8 +6,11 @@ from collections.abc import Callable
 from typing import assert_type
 
 from stampede_guard import (
+    AsyncCachedFunction,
+    AsyncRedisBackend,
     CachedFunction,
     MemoryBackend,
+    RedisBackend,
     StampedeStats,
     cached_stampede_safe,
 )
@@ -54,6 +57,56 @@ def load_user(user_id: int) -> list[str]:
 
 assert_type(load_user(1), list[str])
 
-cached_stampede_safe(on_timeout="wait")  # type: ignore[arg-type]
-cached_stampede_safe(ttl="900")  # type: ignore[arg-type]
-cached_stampede_safe(backend=object())  # type: ignore[arg-type]
+cached_stampede_safe(on_timeout="wait")  # type: ignore[call-overload]
+cached_stampede_safe(ttl="900")  # type: ignore[call-overload]
+cached_stampede_safe(backend=object())  # type: ignore[call-overload]
+
+
+# --- asyncio ---------------------------------------------------------------------
+
+
+@cached_stampede_safe(key="forecast:{city}")
+async def get_forecast(city: str, days: int = 3) -> list[float]:
+    return [float(days)] * len(city)
+
+
+async def uses_async() -> None:
+    assert_type(await get_forecast("Paris"), list[float])
+    assert_type(get_forecast.cache_key("Paris"), str)
+    assert_type(await get_forecast.invalidate("Paris"), None)
+    await get_forecast(3)  # type: ignore[arg-type]
+    await get_forecast("Paris", days="3")  # type: ignore[arg-type]
+
+
+as_async_protocol: AsyncCachedFunction[[str, int], list[float]] = get_forecast
+
+
+class AsyncRepo:
+    @cached_stampede_safe(backend=MemoryBackend())
+    async def find(self, ident: int) -> str:
+        return str(ident)
+
+
+async def uses_async_method() -> None:
+    repo = AsyncRepo()
+    assert_type(await repo.find(1), str)
+    assert_type(await repo.find.invalidate(1), None)
+    await repo.find("1")  # type: ignore[arg-type]
+
+
+def pairing(sync_backend: RedisBackend, async_backend: AsyncRedisBackend) -> None:
+    async def coro() -> int:
+        return 1
+
+    def plain() -> int:
+        return 1
+
+    cached_stampede_safe(backend=async_backend)(plain)  # type: ignore[arg-type]
+    assert_type(
+        cached_stampede_safe(backend=async_backend)(coro), AsyncCachedFunction[[], int]
+    )
+    assert_type(
+        cached_stampede_safe(backend=sync_backend)(plain), CachedFunction[[], int]
+    )
+    # Last: mypy also types this call NoReturn, so code after it is unreachable.
+    cached_stampede_safe(backend=sync_backend)(coro)  # type: ignore[deprecated]

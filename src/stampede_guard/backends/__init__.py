@@ -2,8 +2,16 @@
 
 from __future__ import annotations
 
-from stampede_guard.backends._protocol import Backend, Entry
+from stampede_guard.backends._protocol import AsyncBackend, Backend, Entry
 from stampede_guard.backends.memory import MemoryBackend
 from stampede_guard.backends.redis import RedisBackend
+from stampede_guard.backends.redis_asyncio import AsyncRedisBackend
 
-__all__ = ["Backend", "Entry", "MemoryBackend", "RedisBackend"]
+__all__ = [
+    "AsyncBackend",
+    "AsyncRedisBackend",
+    "Backend",
+    "Entry",
+    "MemoryBackend",
+    "RedisBackend",
+]

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
-__all__ = ["Backend", "Entry"]
+__all__ = ["AsyncBackend", "Backend", "Entry"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,3 +66,33 @@ class Backend(Protocol):
 
     def delete(self, key: str) -> None:
         """Drop the entry for *key* (its lock, if any, is left alone)."""
+
+
+@runtime_checkable
+class AsyncBackend(Protocol):
+    """The `Backend` contract for asyncio code: the same six methods, as coroutines.
+
+    Their names carry an ``a`` prefix so that one object can serve both kinds of code
+    (`MemoryBackend` does; `AsyncRedisBackend` serves asyncio only). The semantics of
+    each method are those of its `Backend` namesake.
+    """
+
+    async def aget(self, key: str) -> Entry | None:
+        """See `Backend.get`."""
+
+    async def aget_or_lock(self, key: str, token: str, lock_ttl: float) -> Entry | str:
+        """See `Backend.get_or_lock`."""
+
+    async def aset(self, key: str, entry: Entry, ttl: float) -> Entry:
+        """See `Backend.set`."""
+
+    async def aset_and_unlock(
+        self, key: str, entry: Entry, ttl: float, token: str
+    ) -> Entry:
+        """See `Backend.set_and_unlock`."""
+
+    async def aunlock(self, key: str, token: str) -> bool:
+        """See `Backend.unlock`."""
+
+    async def adelete(self, key: str) -> None:
+        """See `Backend.delete`."""

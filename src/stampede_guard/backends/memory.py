@@ -16,7 +16,9 @@ class MemoryBackend:
 
     Values are stored as the very objects the function returned (no serialization, so
     no copy: treat them as read-only). Expiry runs on the monotonic clock. Coordinates
-    threads of one process only; use `RedisBackend` to coordinate processes or hosts.
+    the threads and asyncio tasks of one process (one object serves both: its async
+    methods never block, they hold a mutex for microseconds); use `RedisBackend` or
+    `AsyncRedisBackend` to coordinate processes or hosts.
 
     Args:
         clock: Monotonic time source, in seconds; tests pass a fake one.
@@ -76,6 +78,34 @@ class MemoryBackend:
         """Drop the entry for *key*."""
         with self._mutex:
             self._entries.pop(key, None)
+
+    # The asyncio face: the same operations, which never wait on I/O.
+
+    async def aget(self, key: str) -> Entry | None:
+        """See `get`."""
+        return self.get(key)
+
+    async def aget_or_lock(self, key: str, token: str, lock_ttl: float) -> Entry | str:
+        """See `get_or_lock`."""
+        return self.get_or_lock(key, token, lock_ttl)
+
+    async def aset(self, key: str, entry: Entry, ttl: float) -> Entry:
+        """See `set`."""
+        return self.set(key, entry, ttl)
+
+    async def aset_and_unlock(
+        self, key: str, entry: Entry, ttl: float, token: str
+    ) -> Entry:
+        """See `set_and_unlock`."""
+        return self.set_and_unlock(key, entry, ttl, token)
+
+    async def aunlock(self, key: str, token: str) -> bool:
+        """See `unlock`."""
+        return self.unlock(key, token)
+
+    async def adelete(self, key: str) -> None:
+        """See `delete`."""
+        self.delete(key)
 
     def clear(self) -> None:
         """Drop every entry and lock."""

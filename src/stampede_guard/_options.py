@@ -1,0 +1,151 @@
+"""Validation of the decorator's options, at decoration time, with messages that say the fix."""
+
+from __future__ import annotations
+
+import inspect
+import math
+import warnings
+from collections.abc import Callable
+from typing import Literal, cast
+
+from stampede_guard._plan import Policy
+from stampede_guard.backends._protocol import AsyncBackend, Backend
+from stampede_guard.backends.memory import default_backend
+from stampede_guard.metrics import MetricsHook
+
+__all__ = [
+    "OnTimeout",
+    "check_backend",
+    "check_function",
+    "check_key",
+    "check_metrics",
+    "policy",
+]
+
+OnTimeout = Literal["compute", "raise"]
+
+# The checks below take `object`: they exist for callers whose types mypy never saw.
+
+
+def check_backend(backend: object) -> Backend | AsyncBackend:
+    if backend is None:
+        return default_backend()
+    if not isinstance(backend, Backend | AsyncBackend):
+        msg = (
+            f"backend={backend!r} is not a stampede_guard backend (it needs get, "
+            "get_or_lock, set, set_and_unlock, unlock and delete, or their async "
+            "a-prefixed twins); use MemoryBackend(), RedisBackend.from_url(url) or "
+            "AsyncRedisBackend.from_url(url)"
+        )
+        raise TypeError(msg)
+    return backend
+
+
+def check_function(fn: object) -> None:
+    if not callable(fn):
+        msg = f"@cached_stampede_safe(...) decorates a function, not {type(fn).__qualname__}"
+        raise TypeError(msg)
+
+
+def check_metrics(metrics: object) -> MetricsHook | None:
+    if metrics is None or callable(metrics):
+        return cast("MetricsHook | None", metrics)
+    msg = f"metrics must be a MetricsHook (a callable taking an event), not {type(metrics).__qualname__}"
+    raise TypeError(msg)
+
+
+def check_key(key: object) -> str | Callable[..., str] | None:
+    if key is None or isinstance(key, str) or callable(key):
+        return cast("str | Callable[..., str] | None", key)
+    msg = (
+        f"key must be a str template, a callable or None, not {type(key).__qualname__}"
+    )
+    raise TypeError(msg)
+
+
+def policy(
+    *,
+    ttl: object,
+    lock_timeout: object,
+    wait_timeout: object,
+    base_delay: object,
+    max_delay: object,
+    max_retries: object,
+    on_timeout: object,
+) -> Policy:
+    lock = _seconds("lock_timeout", lock_timeout)
+    policy = Policy(
+        ttl=_seconds("ttl", ttl),
+        lock_timeout=lock,
+        wait_timeout=lock
+        if wait_timeout is None
+        else _seconds("wait_timeout", wait_timeout),
+        base_delay=_seconds("base_delay", base_delay),
+        max_delay=_seconds("max_delay", max_delay),
+        max_retries=_retries(max_retries),
+        on_timeout=_on_timeout(on_timeout),
+    )
+    if policy.max_delay < policy.base_delay:
+        msg = (
+            f"max_delay={policy.max_delay} is shorter than base_delay={policy.base_delay}; "
+            "max_delay caps the backoff, so make it at least base_delay"
+        )
+        raise ValueError(msg)
+    if policy.ttl < policy.lock_timeout:
+        warnings.warn(
+            f"ttl={policy.ttl} is shorter than lock_timeout={policy.lock_timeout}: a value "
+            "may expire before a crashed holder's lock does; usually ttl is much longer",
+            stacklevel=3,
+        )
+    return policy
+
+
+def _retries(value: object) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        msg = f"max_retries must be an int or None, not {type(value).__qualname__}"
+        raise TypeError(msg)
+    if value < 0:
+        msg = f"max_retries={value} is negative; use 0 to give up after the first look, or None to wait until wait_timeout"
+        raise ValueError(msg)
+    return value
+
+
+def _on_timeout(value: object) -> OnTimeout:
+    if value == "compute" or value == "raise":  # noqa: PLR1714 - narrows to the Literal
+        return value
+    msg = f"on_timeout={value!r} is not one of 'compute' (the waiter computes the value itself) or 'raise' (LockTimeoutError)"
+    raise ValueError(msg)
+
+
+def _seconds(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        msg = f"{name} must be a number of seconds, not {type(value).__qualname__}"
+        raise TypeError(msg)
+    if not math.isfinite(value) or value < 0.001:  # noqa: PLR2004
+        msg = f"{name}={value!r} is out of range: give a finite number of seconds, at least 0.001"
+        raise ValueError(msg)
+    return float(value)
+
+
+def check_pairing(fn: Callable[..., object], backend: Backend | AsyncBackend) -> bool:
+    """Return whether *fn* is async, after checking that *backend* can serve it.
+
+    Raises:
+        TypeError: *fn* is a generator function, or *backend* lacks the methods for
+            *fn*'s kind (an async function on `RedisBackend`, a sync one on
+            `AsyncRedisBackend`).
+    """
+    name = getattr(fn, "__qualname__", repr(fn))
+    if inspect.isgeneratorfunction(fn) or inspect.isasyncgenfunction(fn):
+        msg = f"{name} is a generator function: its generator cannot be cached; return a list instead"
+        raise TypeError(msg)
+    is_async = inspect.iscoroutinefunction(fn)
+    if is_async and not isinstance(backend, AsyncBackend):
+        msg = f"{name} is async, but backend={backend!r} has no async methods; use AsyncRedisBackend (or MemoryBackend, which serves both)"
+        raise TypeError(msg)
+    if not is_async and not isinstance(backend, Backend):
+        msg = f"{name} is not async, but backend={backend!r} only serves async functions; use RedisBackend (or MemoryBackend, which serves both)"
+        raise TypeError(msg)
+    return is_async

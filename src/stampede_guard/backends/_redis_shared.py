@@ -1,0 +1,224 @@
+"""What the sync and asyncio Redis backends share: keys, Lua, codec, client checks.
+
+Everything here is free of I/O, so each backend method stays one command or script.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+from typing import Any
+
+from stampede_guard._errors import SerializationError
+from stampede_guard.backends._protocol import Entry
+from stampede_guard.serializers import (
+    MAGIC,
+    JsonSerializer,
+    Serializer,
+    decode_entry,
+    encode_entry,
+)
+
+__all__ = [
+    "GET_OR_LOCK",
+    "SET_AND_UNLOCK",
+    "UNLOCK",
+    "RedisCodec",
+    "check_client",
+    "check_serializer",
+    "pool_options",
+]
+
+logger = logging.getLogger("stampede_guard")
+
+# Both keys of one cache key carry the same hash tag, a digest of the cache key, so a
+# script touching both stays inside one Redis Cluster slot whatever the key contains
+# (a raw "{" or "}" in user text could otherwise make the tag empty or differ).
+
+
+def _tag(key: str) -> str:
+    return hashlib.blake2b(key.encode(), digest_size=8).hexdigest()
+
+
+def value_key(prefix: str, key: str) -> str:
+    """Return the Redis key holding the value of cache key *key*."""
+    return f"{prefix}:{{{_tag(key)}}}:v:{key}"
+
+
+def lock_key(prefix: str, key: str) -> str:
+    """Return the Redis key holding the lock of cache key *key*."""
+    return f"{prefix}:{{{_tag(key)}}}:l:{key}"
+
+
+_PREFIX = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
+
+
+def validate_prefix(prefix: object) -> str:
+    """Return *prefix* if it is safe to put before every key, else raise ValueError."""
+    if not isinstance(prefix, str) or not _PREFIX.fullmatch(prefix):
+        msg = (
+            f"prefix={prefix!r} is not a valid key prefix: use 1 to 64 characters "
+            "from A-Z a-z 0-9 _ . : - (no braces: they would change Redis Cluster slots)"
+        )
+        raise ValueError(msg)
+    return prefix
+
+
+def milliseconds(seconds: float) -> int:
+    """Convert a positive duration to whole milliseconds, never 0 (PX 0 is an error)."""
+    return max(1, round(seconds * 1000))
+
+
+# KEYS[1] value key, KEYS[2] lock key; ARGV[1] token, ARGV[2] lock ttl (ms),
+# ARGV[3] the envelope's magic prefix, ARGV[4] "1" to ignore the value.
+# Returns {1, value} if there is a value, else {0, token of the lock's holder}, having
+# taken the lock if it was free (then the holder is ARGV[1]).
+# Checking the value and taking the lock in one step is the double-check of the
+# classic algorithm with no window between the two. Bytes that are not an envelope
+# at all (foreign or corrupt) count as no value, so they get recomputed and replaced.
+GET_OR_LOCK = """
+if ARGV[4] ~= '1' then
+    local value = redis.call('GET', KEYS[1])
+    if value and string.sub(value, 1, string.len(ARGV[3])) == ARGV[3] then
+        return {1, value}
+    end
+end
+if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then
+    return {0, ARGV[1]}
+end
+return {0, redis.call('GET', KEYS[2])}
+"""
+
+# KEYS[1] value key, KEYS[2] lock key; ARGV[1] payload, ARGV[2] ttl (ms), ARGV[3] token.
+# Stores the value, then deletes the lock only if it still carries our token: a leader
+# whose lease ran out must never delete the lock of the leader that replaced it.
+SET_AND_UNLOCK = """
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+if redis.call('GET', KEYS[2]) == ARGV[3] then
+    redis.call('DEL', KEYS[2])
+    return 1
+end
+return 0
+"""
+
+# KEYS[1] lock key; ARGV[1] token. Compare-and-delete.
+UNLOCK = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+    redis.call('DEL', KEYS[1])
+    return 1
+end
+return 0
+"""
+
+
+def pool_options(
+    *,
+    socket_timeout: float,
+    connect_timeout: float,
+    max_connections: int,
+    pool_timeout: float,
+    retry: object,
+) -> dict[str, Any]:
+    """Return connection-pool options that fail fast instead of redis-py's defaults.
+
+    redis-py's defaults (a 5 s socket timeout, retried 10 times) keep one call waiting
+    close to a minute against a hung server; its default pool fails with "Too many
+    connections" past 100 threads. The blocking pool makes callers queue instead.
+    *retry* is the client flavour's ``Retry``; it should retry once, at once, and only
+    on a dropped connection (a timeout means a hung server: retrying doubles the wait).
+    """
+    return {
+        "max_connections": max_connections,
+        "timeout": pool_timeout,
+        "socket_timeout": socket_timeout,
+        "socket_connect_timeout": connect_timeout,
+        "socket_keepalive": True,
+        "health_check_interval": 30,
+        "retry": retry,
+    }
+
+
+def check_client(client: object, expected: type[Any], builder: str) -> None:
+    """Raise unless *client* is an *expected* client that returns bytes."""
+    if not isinstance(client, expected):
+        msg = f"client must be a {expected.__module__}.{expected.__qualname__}, not {type(client).__qualname__}; use {builder}.from_url(url) to build one"
+        raise TypeError(msg)
+    if client.get_connection_kwargs().get("decode_responses"):
+        msg = f"the Redis client has decode_responses=True; {builder} stores bytes, so pass a client created with decode_responses=False"
+        raise ValueError(msg)
+
+
+def check_serializer(serializer: object) -> Serializer:
+    """Return *serializer*, JSON if None; raise TypeError if it is not a Serializer."""
+    if serializer is None:
+        return JsonSerializer()
+    if not isinstance(serializer, Serializer):
+        msg = f"serializer={serializer!r} needs a name and dumps() and loads() methods (see stampede_guard.Serializer)"
+        raise TypeError(msg)
+    return serializer
+
+
+class RedisCodec:
+    """Key names, script arguments and value encoding for one prefix and serializer."""
+
+    def __init__(self, prefix: object, serializer: object) -> None:
+        self.prefix = validate_prefix(prefix)
+        self.serializer = check_serializer(serializer)
+
+    def value_key(self, key: str) -> str:
+        return value_key(self.prefix, key)
+
+    def lock_key(self, key: str) -> str:
+        return lock_key(self.prefix, key)
+
+    def both_keys(self, key: str) -> tuple[str, str]:
+        tag = _tag(key)
+        return f"{self.prefix}:{{{tag}}}:v:{key}", f"{self.prefix}:{{{tag}}}:l:{key}"
+
+    @staticmethod
+    def get_or_lock_args(
+        token: str, lock_ttl: float, *, ignore_value: bool = False
+    ) -> list[bytes | str | int]:
+        return [token, milliseconds(lock_ttl), MAGIC, int(ignore_value)]
+
+    def claim(self, key: str, reply: Any) -> Entry | str | None:
+        """Read a GET_OR_LOCK reply: the entry, the holder's token, or None to ask again.
+
+        None means the script returned an envelope that does not decode (another
+        serializer's, a later version's, a damaged payload): the caller repeats the
+        script with ``ignore_value=True``, and its result will replace the entry.
+        """
+        has_value, found = reply
+        if has_value:
+            return self.decode(key, found)
+        # Time stands still inside a script, so a lock that SET NX found held still
+        # has its holder for the GET; the empty fallback only keeps the types honest.
+        return found.decode() if isinstance(found, bytes) else ""
+
+    def encode(self, key: str, entry: Entry) -> tuple[bytes, Entry]:
+        """Return the bytes to store and the entry readers will decode from them.
+
+        Decoding here too means a value the serializer cannot read back is refused
+        before it is stored, and the computing caller gets what everyone else gets.
+        """
+        try:
+            data = encode_entry(entry, self.serializer)
+            return data, decode_entry(data, self.serializer)
+        except (TypeError, ValueError, OverflowError, RecursionError) as exc:
+            raise SerializationError(
+                key, type(entry.value), self.serializer.name, str(exc)
+            ) from exc
+
+    def decode(self, key: str, data: bytes | None) -> Entry | None:
+        """Return the entry in *data*, or None if there is none or it is unreadable."""
+        if data is None:
+            return None
+        try:
+            return decode_entry(data, self.serializer)
+        except ValueError as exc:
+            # Never log the bytes: they may hold someone's data.
+            logger.warning(
+                "unreadable cache entry for key %r treated as a miss: %s", key, exc
+            )
+            return None

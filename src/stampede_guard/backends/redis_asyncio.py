@@ -1,0 +1,162 @@
+"""The asyncio Redis backend: `RedisBackend`'s twin over a ``redis.asyncio`` client."""
+
+from __future__ import annotations
+
+from typing import Any, cast
+
+import redis
+import redis.asyncio
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+
+from stampede_guard._errors import BackendError
+from stampede_guard.backends._protocol import Entry
+from stampede_guard.backends._redis_shared import (
+    GET_OR_LOCK,
+    SET_AND_UNLOCK,
+    UNLOCK,
+    RedisCodec,
+    check_client,
+    milliseconds,
+    pool_options,
+)
+from stampede_guard.serializers import Serializer
+
+__all__ = ["AsyncRedisBackend"]
+
+
+class AsyncRedisBackend:
+    """Store entries and locks in Redis, from asyncio code.
+
+    Same keys, scripts and stored format as `RedisBackend`, so sync and async code
+    sharing one Redis coordinate with each other. A ``redis.asyncio`` client belongs
+    to the event loop it first runs in: make one backend per loop.
+
+    Args:
+        client: A ``redis.asyncio.Redis`` with ``decode_responses=False``, used as is.
+        serializer: See `RedisBackend`.
+        prefix: See `RedisBackend`.
+    """
+
+    def __init__(
+        self,
+        client: redis.asyncio.Redis,
+        *,
+        serializer: Serializer | None = None,
+        prefix: str = "sg",
+    ) -> None:
+        check_client(client, redis.asyncio.Redis, "AsyncRedisBackend")
+        self._client = client
+        self._codec = RedisCodec(prefix, serializer)
+        self._get_or_lock = client.register_script(GET_OR_LOCK)
+        self._set_and_unlock = client.register_script(SET_AND_UNLOCK)
+        self._unlock = client.register_script(UNLOCK)
+
+    @classmethod
+    def from_url(
+        cls,
+        url: str,
+        *,
+        serializer: Serializer | None = None,
+        prefix: str = "sg",
+        socket_timeout: float = 1.0,
+        connect_timeout: float = 1.0,
+        max_connections: int = 100,
+        pool_timeout: float = 10.0,
+        **client_kwargs: Any,
+    ) -> AsyncRedisBackend:
+        """Connect to the Redis at *url*; the options are those of `RedisBackend.from_url`.
+
+        Tasks beyond *max_connections* wait (up to *pool_timeout*) for a connection.
+        """
+        options = pool_options(
+            socket_timeout=socket_timeout,
+            connect_timeout=connect_timeout,
+            max_connections=max_connections,
+            pool_timeout=pool_timeout,
+            retry=Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,)),
+        )
+        pool = redis.asyncio.BlockingConnectionPool.from_url(
+            url, **options, **client_kwargs
+        )
+        # from_pool: the client owns the pool, so aclose() disconnects it too.
+        return cls(
+            redis.asyncio.Redis.from_pool(pool),
+            serializer=serializer,
+            prefix=prefix,
+        )
+
+    @property
+    def client(self) -> redis.asyncio.Redis:
+        """The redis-py asyncio client this backend talks through."""
+        return self._client
+
+    async def aclose(self) -> None:
+        """Close the client (and its pool, if `from_url` made it)."""
+        await self._client.aclose()
+
+    def __repr__(self) -> str:
+        return f"AsyncRedisBackend({self._client!r}, serializer={self._codec.serializer!r}, prefix={self._codec.prefix!r})"
+
+    async def aget(self, key: str) -> Entry | None:
+        """Return the entry for *key*: one ``GET``."""
+        try:
+            data = await self._client.get(self._codec.value_key(key))
+        except redis.RedisError as exc:
+            raise BackendError(key, "get") from exc
+        return self._codec.decode(key, cast("bytes | None", data))
+
+    async def aget_or_lock(self, key: str, token: str, lock_ttl: float) -> Entry | str:
+        """Return the entry for *key* or the lock holder's token: one script call."""
+        keys, codec = self._codec.both_keys(key), self._codec
+        try:
+            reply = await self._get_or_lock(
+                keys, codec.get_or_lock_args(token, lock_ttl)
+            )
+            claim = codec.claim(key, reply)
+            if (
+                claim is None
+            ):  # an unreadable entry: take the lock as if there were none
+                args = codec.get_or_lock_args(token, lock_ttl, ignore_value=True)
+                claim = codec.claim(key, await self._get_or_lock(keys, args))
+        except redis.RedisError as exc:
+            raise BackendError(key, "get_or_lock") from exc
+        return cast("Entry | str", claim)
+
+    async def aset(self, key: str, entry: Entry, ttl: float) -> Entry:
+        """Store *entry*: one ``SET PX``. Return it as readers will decode it."""
+        data, stored = self._codec.encode(key, entry)
+        try:
+            await self._client.set(
+                self._codec.value_key(key), data, px=milliseconds(ttl)
+            )
+        except redis.RedisError as exc:
+            raise BackendError(key, "set") from exc
+        return stored
+
+    async def aset_and_unlock(
+        self, key: str, entry: Entry, ttl: float, token: str
+    ) -> Entry:
+        """Store *entry* and release the lock held by *token*: one script call."""
+        data, stored = self._codec.encode(key, entry)
+        try:
+            await self._set_and_unlock(
+                self._codec.both_keys(key), (data, milliseconds(ttl), token)
+            )
+        except redis.RedisError as exc:
+            raise BackendError(key, "set_and_unlock") from exc
+        return stored
+
+    async def aunlock(self, key: str, token: str) -> bool:
+        """Release the lock on *key* if *token* holds it: one script call."""
+        try:
+            return bool(await self._unlock((self._codec.lock_key(key),), (token,)))
+        except redis.RedisError as exc:
+            raise BackendError(key, "unlock") from exc
+
+    async def adelete(self, key: str) -> None:
+        """Drop the entry for *key*: one ``DEL``."""
+        try:
+            await self._client.delete(self._codec.value_key(key))
+        except redis.RedisError as exc:
+            raise BackendError(key, "delete") from exc
