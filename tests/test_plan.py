@@ -12,16 +12,19 @@ from hypothesis import strategies as st
 
 from stampede_guard import Entry, LockTimeoutError
 from stampede_guard._ops import (
+    Await,
     Compute,
     Get,
     GetOrLock,
     Op,
     Set,
     SetAndUnlock,
-    Sleep,
+    Subscribe,
     Unlock,
+    Unsubscribe,
 )
 from stampede_guard._plan import Context, Plan, Policy, plan
+from stampede_guard.backends._protocol import RELEASED
 from stampede_guard.metrics import (
     Computed,
     ComputeError,
@@ -75,10 +78,32 @@ class Harness:
 
 
 def finish(gen: Plan, answer: object) -> object:
-    """Send *answer* and expect the plan to return; give back what it returned."""
+    """Send *answer* and expect the plan to return; give back (value, was a hit)."""
     with pytest.raises(StopIteration) as stop:
         gen.send(answer)
     return stop.value.value
+
+
+SUB = object()  # a subscription handle, opaque to the plan
+
+
+def enter_wait(h: Harness, gen: Plan, holder: str = "other") -> Op:
+    """Miss, find the lock held, subscribe, look again: return the first Await."""
+    assert next(gen) == Get("k")
+    assert gen.send(None) == GetOrLock("k", "tok", 10.0)
+    assert gen.send(holder) == Subscribe("k")
+    assert gen.send(SUB) == GetOrLock("k", "tok", 10.0), (
+        "a look right after subscribing"
+    )
+    return gen.send(holder)
+
+
+def time_out_await(h: Harness, gen: Plan, op: Op) -> None:
+    """Let an Await run out with no notice; expect the look that follows it."""
+    assert isinstance(op, Await)
+    assert op.subscription is SUB
+    h.clock.now += op.seconds
+    assert gen.send(None) == GetOrLock("k", "tok", 10.0)
 
 
 def test_hit_is_one_read_and_returns_the_value() -> None:
@@ -86,7 +111,7 @@ def test_hit_is_one_read_and_returns_the_value() -> None:
     h = Harness()
     gen = h.start()
     assert next(gen) == Get("k")
-    assert finish(gen, ENTRY) == "cached"
+    assert finish(gen, ENTRY) == ("cached", True)
     assert h.events == [Hit("k")]
 
 
@@ -101,7 +126,7 @@ def test_miss_takes_lock_computes_and_publishes_in_one_step() -> None:
     op = gen.send("fresh")
     assert op == SetAndUnlock("k", Entry("fresh", 5.0, 2.0), 900.0, "tok")
     # The caller gets the value as the backend stored it (e.g. JSON-decoded).
-    assert finish(gen, Entry(["as", "stored"], 5.0, 2.0)) == ["as", "stored"]
+    assert finish(gen, Entry(["as", "stored"], 5.0, 2.0)) == (["as", "stored"], False)
     assert h.events == [Miss("k"), LockAcquired("k"), Computed("k", 2.0)]
 
 
@@ -111,7 +136,7 @@ def test_value_stored_between_the_two_looks_is_a_hit() -> None:
     gen = h.start()
     next(gen)
     assert gen.send(None) == GetOrLock("k", "tok", 10.0)
-    assert finish(gen, ENTRY) == "cached"
+    assert finish(gen, ENTRY) == ("cached", True)
     assert h.events == [Hit("k")]
 
 
@@ -156,79 +181,98 @@ def test_unlock_failure_does_not_hide_the_original_error() -> None:
         gen.throw(ConnectionError("redis gone"))
 
 
-def test_waiter_sleeps_with_growing_delays_then_gets_the_value() -> None:
-    """A waiter backs off (doubling, jittered, capped) and returns the value once stored."""
+def test_waiter_polls_with_growing_delays_then_gets_the_value() -> None:
+    """Without notices, a waiter looks after each delay (doubling, jittered, capped)."""
     h = Harness()
     gen = h.start()
-    next(gen)
-    gen.send(None)
-    op = gen.send("other")
+    op = enter_wait(h, gen)
     delays = []
     for _ in range(6):
-        assert isinstance(op, Sleep)
+        assert isinstance(op, Await)
         delays.append(op.seconds)
-        h.clock.now += op.seconds
-        assert gen.send(None) == GetOrLock("k", "tok", 10.0)
+        time_out_await(h, gen, op)
         op = gen.send("other")
     assert 0.1 <= delays[0] <= 0.2
     assert all(b >= a - 0.1 for a, b in itertools.pairwise(delays))
     assert max(delays) <= 1.6
-    assert isinstance(op, Sleep)
-    h.clock.now += op.seconds
-    gen.send(None)
-    assert finish(gen, ENTRY) == "cached"
+    assert isinstance(op, Await)
+    time_out_await(h, gen, op)
+    assert gen.send(ENTRY) == Unsubscribe(SUB)
+    assert finish(gen, None) == ("cached", False)
     wait = h.events[-1]
     assert isinstance(wait, LockWait)
     assert wait.outcome == "value"
     assert wait.seconds == pytest.approx(sum(delays) + op.seconds)
 
 
-def test_patience_restarts_when_the_lock_passes_to_a_new_holder() -> None:
-    """A waiter gives each holder the full wait_timeout: a new holder restarts the wait."""
-    h = Harness(wait_timeout=3.0)
+def test_a_notice_with_the_value_ends_the_wait_without_a_look() -> None:
+    """When the stored entry is announced, the waiter returns it at once."""
+    h = Harness()
     gen = h.start()
-    next(gen)
-    gen.send(None)
-    op = gen.send("first")
-    holders = iter(["first"] * 3 + ["second"] + ["second"] * 100)
-    changed_at = None
-    while isinstance(op, Sleep):
-        h.clock.now += op.seconds
-        gen.send(None)
-        holder = next(holders)
-        if holder == "second" and changed_at is None:
-            changed_at = h.clock.now
-        op = gen.send(holder)
-    assert changed_at is not None
-    assert h.clock.now == pytest.approx(changed_at + 3.0)
-    assert op == Compute()
+    op = enter_wait(h, gen)
+    assert isinstance(op, Await)
+    h.clock.now += 0.01
+    assert gen.send(ENTRY) == Unsubscribe(SUB)
+    assert finish(gen, None) == ("cached", False)
+    wait = h.events[-1]
+    assert isinstance(wait, LockWait)
+    assert wait.outcome == "value"
+    assert wait.seconds == pytest.approx(0.01)
 
 
-def test_waiter_takes_over_when_the_lock_frees_up() -> None:
-    """If the holder's lock is gone (it failed or died), the waiter becomes the leader."""
+def test_a_value_stored_before_the_subscription_is_found_by_the_next_look() -> None:
+    """The look right after subscribing catches a value stored before anyone could hear it."""
     h = Harness()
     gen = h.start()
     next(gen)
     gen.send(None)
-    op = gen.send("other")
-    assert isinstance(op, Sleep)
-    gen.send(None)
-    assert gen.send("tok") == Compute()
+    assert gen.send("other") == Subscribe("k")
+    assert gen.send(SUB) == GetOrLock("k", "tok", 10.0)
+    assert gen.send(ENTRY) == Unsubscribe(SUB)
+    assert finish(gen, None) == ("cached", False)
+
+
+def test_a_release_notice_makes_the_waiter_look_and_take_over() -> None:
+    """'released' (the holder failed) makes the waiter look at once; it takes the lock."""
+    h = Harness()
+    gen = h.start()
+    op = enter_wait(h, gen)
+    assert isinstance(op, Await)
+    assert gen.send(RELEASED) == GetOrLock("k", "tok", 10.0)
+    assert gen.send("tok") == Unsubscribe(SUB)
+    assert gen.send(None) == Compute()
     assert isinstance(gen.send("mine"), SetAndUnlock)
-    assert finish(gen, Entry("mine", 5.0, 0.0)) == "mine"
+    assert finish(gen, Entry("mine", 5.0, 0.0)) == ("mine", False)
     assert [type(e) for e in h.events] == [Miss, LockWait, LockAcquired, Computed]
+
+
+def test_patience_restarts_when_the_lock_passes_to_a_new_holder() -> None:
+    """A waiter gives each holder the full wait_timeout: a new holder restarts the wait."""
+    h = Harness(wait_timeout=3.0)
+    gen = h.start()
+    op = enter_wait(h, gen, "first")
+    holders = iter(["first"] * 3 + ["second"] + ["second"] * 100)
+    changed_at = None
+    while isinstance(op, Await):
+        time_out_await(h, gen, op)
+        holder = next(holders)
+        if holder == "second" and changed_at is None:
+            changed_at = h.clock.now
+        op = gen.send(holder)
+    assert op == Unsubscribe(SUB)
+    assert changed_at is not None
+    assert h.clock.now == pytest.approx(changed_at + 3.0)
+    assert gen.send(None) == Compute()
 
 
 def drive_to_timeout(h: Harness, gen: Plan) -> Op:
     """Answer 'locked' to every look until the plan stops waiting; return its next op."""
-    next(gen)
-    gen.send(None)
-    op = gen.send("other")
-    while isinstance(op, Sleep):
-        h.clock.now += op.seconds
-        assert isinstance(gen.send(None), GetOrLock)
+    op = enter_wait(h, gen)
+    while isinstance(op, Await):
+        time_out_await(h, gen, op)
         op = gen.send("other")
-    return op
+    assert op == Unsubscribe(SUB), "every subscription is closed"
+    return gen.send(None)
 
 
 def test_wait_is_bounded_by_wait_timeout_not_by_a_retry_count() -> None:
@@ -239,7 +283,7 @@ def test_wait_is_bounded_by_wait_timeout_not_by_a_retry_count() -> None:
     assert h.clock.now == pytest.approx(110.0)
     assert op == Compute()
     assert isinstance(gen.send("own"), Set)
-    assert finish(gen, Entry("own", 5.0, 0.0)) == "own"
+    assert finish(gen, Entry("own", 5.0, 0.0)) == ("own", False)
     kinds = [type(e) for e in h.events]
     assert kinds == [Miss, LockWait, Timeout, Computed]
 
@@ -248,26 +292,35 @@ def test_on_timeout_raise_raises_lock_timeout_error() -> None:
     """With on_timeout='raise' the waiter raises LockTimeoutError naming the key."""
     h = Harness(on_timeout="raise", wait_timeout=3.0)
     gen = h.start("weather:Paris")
+    next(gen)
+    gen.send(None)
+    gen.send("other")
+    op = gen.send(SUB)
+    op = gen.send("other")
+    while isinstance(op, Await):
+        h.clock.now += op.seconds
+        gen.send(None)
+        op = gen.send("other")
+    assert op == Unsubscribe(SUB)
     with pytest.raises(LockTimeoutError, match="weather:Paris") as raised:
-        drive_to_timeout(h, gen)
+        gen.send(None)
     assert isinstance(raised.value, TimeoutError)
     assert raised.value.waited == pytest.approx(3.0)
 
 
 def test_max_retries_caps_the_number_of_looks() -> None:
-    """max_retries=5 gives up after five sleeps even though wait_timeout is far off."""
+    """max_retries=5 gives up after five waits even though wait_timeout is far off."""
     h = Harness(max_retries=5, wait_timeout=1000.0)
     gen = h.start()
-    next(gen)
-    gen.send(None)
-    op = gen.send("other")
-    sleeps = 0
-    while isinstance(op, Sleep):
-        sleeps += 1
-        gen.send(None)
+    op = enter_wait(h, gen)
+    waits = 0
+    while isinstance(op, Await):
+        waits += 1
+        time_out_await(h, gen, op)
         op = gen.send("other")
-    assert sleeps == 5
-    assert op == Compute()
+    assert waits == 5
+    assert op == Unsubscribe(SUB)
+    assert gen.send(None) == Compute()
 
 
 # --- Property: any sequence of backend answers keeps the lock discipline ---------
@@ -283,10 +336,11 @@ class Model:
     acquisitions: int = 0
     releases: int = 0
     timed_out: bool = False
+    subscriptions: int = 0
     computed_without_lock: int = 0
     ops: list[Op] = field(default_factory=list)
 
-    def answer(self, op: Op) -> Any:
+    def answer(self, op: Op) -> Any:  # noqa: C901 - one case per operation
         self.ops.append(op)
         failure = self.data.draw(
             st.sampled_from([None, None, None, None, OSError("backend")])
@@ -321,10 +375,17 @@ class Model:
                 assert not self.held
                 self.raise_if(failure)
                 return entry
-            case Sleep(seconds):
-                assert not self.held, "slept while holding the lock"
+            case Subscribe():
+                assert not self.held, "subscribed while holding the lock"
+                self.subscriptions += 1
+                return SUB if self.data.draw(st.booleans()) else None
+            case Await(seconds=seconds):
+                assert not self.held, "waited while holding the lock"
                 assert seconds >= 0
                 self.clock.now += seconds
+                return self.data.draw(st.sampled_from([None, None, RELEASED, ENTRY]))
+            case Unsubscribe():
+                self.subscriptions -= 1
                 return None
 
     @staticmethod
@@ -374,10 +435,11 @@ def test_plan_keeps_lock_discipline_under_any_backend_answers(
     assert not model.held or last_release_failed, "a lock was left held"
     assert model.releases + last_release_failed == model.acquisitions
     assert model.computed_without_lock <= 1
+    assert model.subscriptions == 0, "a subscription was left open"
     if isinstance(outcome, LockTimeoutError):
         assert on_timeout == "raise"
     elif not isinstance(outcome, BaseException):
-        assert outcome in ("cached", "computed")
+        assert outcome in (("cached", True), ("cached", False), ("computed", False))
     requests = sum(isinstance(e, (Hit, Miss)) for e in h.events)
     # A call that ends normally emitted exactly one Hit or Miss; one cut short by a
     # backend failure before it knew which emitted none.

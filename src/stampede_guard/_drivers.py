@@ -9,25 +9,34 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
-from typing import assert_never
+from typing import assert_never, cast
 
 from stampede_guard._ops import (
+    Await,
     Compute,
     Get,
     GetOrLock,
     Op,
     Set,
     SetAndUnlock,
-    Sleep,
+    Subscribe,
     Unlock,
+    Unsubscribe,
 )
-from stampede_guard._plan import Plan
-from stampede_guard.backends._protocol import AsyncBackend, Backend
+from stampede_guard._plan import Plan, Served
+from stampede_guard.backends._protocol import (
+    AsyncBackend,
+    AsyncNotifier,
+    AsyncSubscription,
+    Backend,
+    Notifier,
+    Subscription,
+)
 
 __all__ = ["run_async", "run_sync"]
 
 
-def run_sync(plan: Plan, backend: Backend, compute: Callable[[], object]) -> object:
+def run_sync(plan: Plan, backend: Backend, compute: Callable[[], object]) -> Served:
     """Run *plan* to completion in this thread and return its result."""
     result: object = None
     error: BaseException | None = None
@@ -35,7 +44,8 @@ def run_sync(plan: Plan, backend: Backend, compute: Callable[[], object]) -> obj
         try:
             op = plan.send(result) if error is None else plan.throw(error)
         except StopIteration as stop:
-            return stop.value
+            served: Served = stop.value
+            return served
         result = error = None
         try:
             result = _perform(op, backend, compute)
@@ -43,7 +53,7 @@ def run_sync(plan: Plan, backend: Backend, compute: Callable[[], object]) -> obj
             error = exc
 
 
-def _perform(op: Op, backend: Backend, compute: Callable[[], object]) -> object:
+def _perform(op: Op, backend: Backend, compute: Callable[[], object]) -> object:  # noqa: C901
     match op:
         case Get(key):
             return backend.get(key)
@@ -57,8 +67,16 @@ def _perform(op: Op, backend: Backend, compute: Callable[[], object]) -> object:
             return backend.set_and_unlock(key, entry, ttl, token)
         case Unlock(key, token):
             return backend.unlock(key, token)
-        case Sleep(seconds):
-            time.sleep(seconds)
+        case Subscribe(key):
+            return backend.subscribe(key) if isinstance(backend, Notifier) else None
+        case Await(subscription, seconds):
+            if subscription is None:  # nothing to hear: a plain backoff sleep
+                time.sleep(seconds)
+                return None
+            return cast("Subscription", subscription).wait(seconds)
+        case Unsubscribe(subscription):
+            if subscription is not None:
+                cast("Subscription", subscription).close()
             return None
         case _:
             assert_never(op)
@@ -66,7 +84,7 @@ def _perform(op: Op, backend: Backend, compute: Callable[[], object]) -> object:
 
 async def run_async(
     plan: Plan, backend: AsyncBackend, compute: Callable[[], Awaitable[object]]
-) -> object:
+) -> Served:
     """Run *plan* to completion in this task and return its result.
 
     Cancellation is thrown into the plan like any error, so a cancelled leader still
@@ -78,7 +96,8 @@ async def run_async(
         try:
             op = plan.send(result) if error is None else plan.throw(error)
         except StopIteration as stop:
-            return stop.value
+            served: Served = stop.value
+            return served
         result = error = None
         try:
             result = await _perform_async(op, backend, compute)
@@ -86,7 +105,7 @@ async def run_async(
             error = exc
 
 
-async def _perform_async(
+async def _perform_async(  # noqa: C901
     op: Op, backend: AsyncBackend, compute: Callable[[], Awaitable[object]]
 ) -> object:
     match op:
@@ -104,8 +123,18 @@ async def _perform_async(
             # Shielded: the release usually runs because this task is being cancelled,
             # and a second cancellation must not leave the lock to its lease.
             return await asyncio.shield(backend.aunlock(key, token))
-        case Sleep(seconds):
-            await asyncio.sleep(seconds)
+        case Subscribe(key):
+            if isinstance(backend, AsyncNotifier):
+                return await backend.asubscribe(key)
+            return None
+        case Await(subscription, seconds):
+            if subscription is None:
+                await asyncio.sleep(seconds)
+                return None
+            return await cast("AsyncSubscription", subscription).wait(seconds)
+        case Unsubscribe(subscription):
+            if subscription is not None:  # shielded, as Unlock
+                await asyncio.shield(cast("AsyncSubscription", subscription).close())
             return None
         case _:
             assert_never(op)

@@ -8,14 +8,16 @@ from typing import TypeAlias
 from stampede_guard.backends._protocol import Entry
 
 __all__ = [
+    "Await",
     "Compute",
     "Get",
     "GetOrLock",
     "Op",
     "Set",
     "SetAndUnlock",
-    "Sleep",
+    "Subscribe",
     "Unlock",
+    "Unsubscribe",
 ]
 
 
@@ -68,10 +70,43 @@ class Unlock:
 
 
 @dataclass(frozen=True, slots=True)
-class Sleep:
-    """Wait *seconds* before looking again; sends back None."""
+class Subscribe:
+    """Ask to hear when *key* is stored or unlocked; sends back a subscription handle.
 
+    The handle is opaque to the plan. It is None where the backend cannot notify;
+    `Await` then simply sleeps.
+    """
+
+    key: str
+
+
+@dataclass(frozen=True, slots=True)
+class Await:
+    """Wait up to *seconds* for news on *subscription*.
+
+    Sends back the stored `Entry` if one was announced, `RELEASED` if the lock was let
+    go without a value, or None when the time ran out (or nothing can be heard).
+    """
+
+    subscription: object
     seconds: float
 
 
-Op: TypeAlias = Get | GetOrLock | Compute | Set | SetAndUnlock | Unlock | Sleep
+@dataclass(frozen=True, slots=True)
+class Unsubscribe:
+    """Stop listening on *subscription* (from `Subscribe`); sends back None, never raises."""
+
+    subscription: object
+
+
+Op: TypeAlias = (
+    Get
+    | GetOrLock
+    | Compute
+    | Set
+    | SetAndUnlock
+    | Unlock
+    | Subscribe
+    | Await
+    | Unsubscribe
+)

@@ -4,13 +4,16 @@
 results; a driver (`stampede_guard._drivers`) carries them out against a backend.
 Steps, after the reference card:
 
-1. Look the key up. A hit returns at once (one backend read).
+1. Look the key up. A hit returns at once (one backend read). `first_look` is this
+   step's decision, shared with the wrappers' fast path for in-memory backends.
 2. On a miss, atomically read again or take the lock (the card's double-check).
 3. Lock taken: compute, then store the value and release the lock in one step. If the
    function raises, release the lock and let the exception through; nothing is cached.
-4. Lock held by someone else: wait with jittered exponential backoff (tenacity decides
-   each delay) and repeat step 2 until the value appears, the lock frees up (the holder
-   failed or died and its lease ran out: take over), or ``wait_timeout`` runs out.
+4. Lock held by someone else: subscribe to news of the key, look once more, then wait
+   for a notice (the value itself, or "released") for up to a backoff delay (tenacity
+   decides each one) and look again, until the value arrives, the lock frees up (the
+   holder failed or died and its lease ran out: take over), or ``wait_timeout`` runs
+   out. Notices make waiters wake at once; the backoff polls only catch lost ones.
    Patience is per holder: when the lock passes to a new holder, the wait starts over,
    so the waiters of a dead holder wait for its successor instead of all computing.
 5. Out of time: compute without the lock, or raise `LockTimeoutError`.
@@ -18,26 +21,29 @@ Steps, after the reference card:
 
 from __future__ import annotations
 
+import enum
 import logging
 import secrets
 import time
 from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
-from typing import Any, Literal, cast
+from typing import Any, Final, Literal, cast
 
 import tenacity
 from typing_extensions import override
 
 from stampede_guard._errors import LockTimeoutError
 from stampede_guard._ops import (
+    Await,
     Compute,
     Get,
     GetOrLock,
     Op,
     Set,
     SetAndUnlock,
-    Sleep,
+    Subscribe,
     Unlock,
+    Unsubscribe,
 )
 from stampede_guard.backends._protocol import Entry
 from stampede_guard.metrics import (
@@ -51,11 +57,21 @@ from stampede_guard.metrics import (
     _Emit,
 )
 
-__all__ = ["Context", "Plan", "Policy", "plan"]
+__all__ = ["MISS", "Context", "Plan", "Policy", "Served", "first_look", "plan"]
 
 logger = logging.getLogger("stampede_guard")
 
-Plan = Generator[Op, Any, object]
+# What a plan returns: the value, and whether it came straight from the cache (a hit),
+# which tells callers that shared this call in-process how to count themselves.
+Served = tuple[object, bool]
+Plan = Generator[Op, Any, Served]
+
+
+class _Miss(enum.Enum):
+    MISS = "miss"
+
+
+MISS: Final = _Miss.MISS
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,19 +110,26 @@ class _StillLockedError(Exception):
     """Another caller holds the lock; tenacity retries on it and re-raises it at the end."""
 
 
+def first_look(key: str, found: Entry | None, ctx: Context) -> object:
+    """Decide step 1: return the cached value (a hit), or MISS."""
+    if found is None:
+        return MISS
+    ctx.emit(Hit(key))
+    return found.value
+
+
 def plan(key: str, ctx: Context) -> Plan:
-    """Return the cached value for *key*, computing it at most once among concurrent callers."""
-    found = yield Get(key)
-    if found is not None:
-        ctx.emit(Hit(key))
-        return found.value
+    """Serve *key*, computing it at most once among concurrent callers."""
+    value = first_look(key, (yield Get(key)), ctx)
+    if value is not MISS:
+        return value, True
 
     policy = ctx.policy
     token = ctx.new_token()
     claim = yield GetOrLock(key, token, policy.lock_timeout)
     if isinstance(claim, Entry):  # stored between our two looks
         ctx.emit(Hit(key))
-        return claim.value
+        return claim.value, True
     ctx.emit(Miss(key))
 
     if claim != token:
@@ -123,25 +146,45 @@ def plan(key: str, ctx: Context) -> Plan:
             # stored too; it is as valid as the one the slow holder will store.
             entry = yield from _compute(key, ctx)
             stored = yield Set(key, entry, policy.ttl)
-            return stored.value
+            return stored.value, False
         waited = ctx.clock() - started
         if isinstance(claim, Entry):
             ctx.emit(LockWait(key, waited, "value"))
-            return claim.value
+            return claim.value, False
         ctx.emit(LockWait(key, waited, "lock"))
 
     ctx.emit(LockAcquired(key))
-    return (yield from _lead(key, token, ctx))
+    return (yield from _lead(key, token, ctx)), False
 
 
 def _wait(
     key: str, token: str, holder: str, ctx: Context
 ) -> Generator[Op, Any, Entry | str]:
-    """Poll until the value appears or the lock is ours; raise _StillLockedError at the end.
+    """Wait until the value appears or the lock is ours; raise _StillLockedError at the end.
 
     Returns the entry, or *token* once this call holds the lock. The lock is not held
-    while waiting, so sleeping is safe. tenacity decides each delay and when to stop;
-    its sleep only records the delay, which becomes a Sleep operation.
+    while waiting, so waiting is safe.
+    """
+    subscription = yield Subscribe(key)
+    try:
+        claim = yield from _listen(key, token, holder, subscription, ctx)
+    except GeneratorExit:
+        raise  # closed with nobody to carry out an Unsubscribe; see _lead
+    except BaseException:
+        yield Unsubscribe(subscription)
+        raise
+    yield Unsubscribe(subscription)
+    return claim
+
+
+def _listen(
+    key: str, token: str, holder: str, subscription: object, ctx: Context
+) -> Generator[Op, Any, Entry | str]:
+    """The waiting loop: each round waits for a notice up to a delay, then looks.
+
+    tenacity decides each delay and when to stop; its sleep only records the delay,
+    which becomes the longest an Await may take. The last one is cut short so that the
+    final look happens at the deadline.
     """
     policy = ctx.policy
     deadline = _DeadlineStop(ctx.clock, ctx.clock() + policy.wait_timeout)
@@ -158,19 +201,23 @@ def _wait(
         retry=tenacity.retry_if_exception_type(_StillLockedError),
         reraise=True,
     )
-    # The first attempt is the GetOrLock the caller already made; every later attempt
-    # sleeps first. The last sleep is cut short so the final look happens at the deadline.
+    # Listening now: look once more, or a value stored just before would go unheard.
+    claim = yield GetOrLock(key, token, policy.lock_timeout)
     for attempt in retrying:
         if delays:
-            yield Sleep(max(0.0, min(delays.pop(), deadline.remaining())))
-            claim = yield GetOrLock(key, token, policy.lock_timeout)
-            if isinstance(claim, Entry) or claim == token:
-                return cast("Entry | str", claim)
-            if claim != holder:
-                # A new holder (the last one failed or its lease ran out): it deserves
-                # the same patience, or every waiter would give up on it at once.
-                holder = claim
-                deadline.restart(policy.wait_timeout)
+            notice = yield Await(subscription, min(delays.pop(), deadline.remaining()))
+            # A notice with the value saves the look; "released" or silence asks for one.
+            if isinstance(notice, Entry):
+                claim = notice
+            else:
+                claim = yield GetOrLock(key, token, policy.lock_timeout)
+        if isinstance(claim, Entry) or claim == token:
+            return cast("Entry | str", claim)
+        if claim != holder:
+            # A new holder (the last one failed or its lease ran out): it deserves
+            # the same patience, or every waiter would give up on it at once.
+            holder = claim
+            deadline.restart(policy.wait_timeout)
         with attempt:
             raise _StillLockedError
     # The loop ends by returning or by tenacity re-raising: this line is never reached.
@@ -206,8 +253,9 @@ def _lead(key: str, token: str, ctx: Context) -> Generator[Op, Any, object]:
         # so the lease runs out. Drivers themselves never close a plan early.
         raise
     except BaseException:
-        # Nothing is cached. The next caller to look takes the lock; the others keep
-        # waiting, so a failure does not let every waiter in at once.
+        # Nothing is cached. The release is announced: the waiters look at once, one of
+        # them takes the lock and the others wait for it, so a failure does not let
+        # every waiter compute at once.
         yield from _release(key, token)
         raise
     # What the backend stored, as every reader will see it (see Backend.set).

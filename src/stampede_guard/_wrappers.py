@@ -18,9 +18,10 @@ from typing import (
     overload,
 )
 
+from stampede_guard._coalesce import AsyncFlights, SyncFlights
 from stampede_guard._drivers import run_async, run_sync
 from stampede_guard._keys import KeyMaker
-from stampede_guard._plan import Context, plan
+from stampede_guard._plan import MISS, Context, Served, first_look, plan
 from stampede_guard.backends._protocol import AsyncBackend, Backend
 
 __all__ = ["AsyncCachedFunction", "CachedFunction", "make_async", "make_sync"]
@@ -95,16 +96,22 @@ class _Cached(Generic[P, R]):
         self._keys = keys
         self._backend = backend
         self._context = context
+        self._flights = SyncFlights()
+        # An in-memory backend answers a hit faster than a flight can be joined.
+        self._local = bool(getattr(backend, "local", False))
 
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
-        fn = self._fn
-        compute = functools.partial(fn, *args, **kwargs)
-        return cast(
-            "R",
-            run_sync(
-                plan(self._keys(args, kwargs), self._context), self._backend, compute
-            ),
-        )
+        key = self._keys(args, kwargs)
+        if self._local:
+            value = first_look(key, self._backend.get(key), self._context)
+            if value is not MISS:
+                return cast("R", value)
+
+        def serve() -> Served:
+            compute = functools.partial(self._fn, *args, **kwargs)
+            return run_sync(plan(key, self._context), self._backend, compute)
+
+        return cast("R", self._flights.run(key, serve, self._context))
 
     def invalidate(self, *args: P.args, **kwargs: P.kwargs) -> None:
         self._backend.delete(self._keys(args, kwargs))
@@ -135,13 +142,21 @@ class _AsyncCached(Generic[P, R]):
         self._keys = keys
         self._backend = backend
         self._context = context
+        self._flights = AsyncFlights()
+        self._local = bool(getattr(backend, "local", False))
 
     async def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
-        compute = functools.partial(self._fn, *args, **kwargs)
         key = self._keys(args, kwargs)
-        return cast(
-            "R", await run_async(plan(key, self._context), self._backend, compute)
-        )
+        if self._local:
+            value = first_look(key, await self._backend.aget(key), self._context)
+            if value is not MISS:
+                return cast("R", value)
+
+        async def serve() -> Served:
+            compute = functools.partial(self._fn, *args, **kwargs)
+            return await run_async(plan(key, self._context), self._backend, compute)
+
+        return cast("R", await self._flights.run(key, serve, self._context))
 
     async def invalidate(self, *args: P.args, **kwargs: P.kwargs) -> None:
         await self._backend.adelete(self._keys(args, kwargs))

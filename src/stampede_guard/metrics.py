@@ -53,15 +53,16 @@ class LockAcquired:
 
 @dataclass(frozen=True, slots=True)
 class LockWait:
-    """This call waited *seconds* for another caller's lock.
+    """This call waited *seconds* for another caller's computation.
 
     *outcome* says how the wait ended: the value appeared (``"value"``), the lock was
-    free and this call took it (``"lock"``), or the wait timed out (``"timeout"``).
+    free and this call took it (``"lock"``), the wait timed out (``"timeout"``), or the
+    call it waited on in this process failed and its error was shared (``"error"``).
     """
 
     key: str
     seconds: float
-    outcome: Literal["value", "lock", "timeout"]
+    outcome: Literal["value", "lock", "timeout", "error"]
 
 
 @dataclass(frozen=True, slots=True)

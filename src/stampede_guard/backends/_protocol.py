@@ -2,10 +2,22 @@
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Final, Protocol, TypeAlias, runtime_checkable
 
-__all__ = ["AsyncBackend", "Backend", "Entry"]
+__all__ = [
+    "RELEASED",
+    "AsyncBackend",
+    "AsyncNotifier",
+    "AsyncSubscription",
+    "Backend",
+    "Entry",
+    "Notice",
+    "Notifier",
+    "Released",
+    "Subscription",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,3 +108,60 @@ class AsyncBackend(Protocol):
 
     async def adelete(self, key: str) -> None:
         """See `Backend.delete`."""
+
+
+# Notifications: an optional capability. A backend that has it wakes waiters the moment
+# a value is stored (or a lock let go) instead of at their next poll; without it,
+# waiters poll with backoff, which stays the safety net for lost notifications anyway.
+
+
+class Released(enum.Enum):
+    """The notice that a lock was let go without a value (its holder failed)."""
+
+    RELEASED = "released"
+
+
+RELEASED: Final = Released.RELEASED
+
+Notice: TypeAlias = Entry | Released
+
+
+class Subscription(Protocol):
+    """News about one key, from `Notifier.subscribe`."""
+
+    def wait(self, seconds: float) -> Notice | None:
+        """Return the next notice, or None if none came within *seconds*."""
+
+    def close(self) -> None:
+        """Stop listening; never raises."""
+
+
+@runtime_checkable
+class Notifier(Protocol):
+    """A `Backend` that can announce stores and releases to waiters, as they happen.
+
+    A notice announces an entry stored by `set` or `set_and_unlock` (carrying it, so
+    waiters need not read it back) or a lock released by `unlock`. Notices may be lost;
+    waiters keep polling as a fallback.
+    """
+
+    def subscribe(self, key: str) -> Subscription:
+        """Start listening for notices about *key*; must not miss any sent after it returns."""
+
+
+class AsyncSubscription(Protocol):
+    """`Subscription` for asyncio code."""
+
+    async def wait(self, seconds: float) -> Notice | None:
+        """See `Subscription.wait`."""
+
+    async def close(self) -> None:
+        """See `Subscription.close`."""
+
+
+@runtime_checkable
+class AsyncNotifier(Protocol):
+    """`Notifier` for an `AsyncBackend`."""
+
+    async def asubscribe(self, key: str) -> AsyncSubscription:
+        """See `Notifier.subscribe`."""

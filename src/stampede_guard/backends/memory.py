@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import queue
 import threading
 import time
 from collections.abc import Callable
 
-from stampede_guard.backends._protocol import Entry
+from stampede_guard.backends._protocol import RELEASED, Entry, Notice
 
 __all__ = ["MemoryBackend"]
 
@@ -28,12 +31,16 @@ class MemoryBackend:
     # doubled in size since the last sweep, so memory stays bounded by live keys.
     _MIN_SWEEP_SIZE = 1024
 
+    #: Reads cost no I/O, so a hit is answered before any in-process coalescing.
+    local = True
+
     def __init__(self, *, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
         self._mutex = threading.Lock()
         self._entries: dict[str, tuple[Entry, float]] = {}
         self._locks: dict[str, tuple[str, float]] = {}
         self._sweep_at = self._MIN_SWEEP_SIZE
+        self._listeners: dict[str, set[_Listener]] = {}
 
     def __repr__(self) -> str:
         return f"MemoryBackend(entries={len(self._entries)}, locks={len(self._locks)})"
@@ -60,6 +67,8 @@ class MemoryBackend:
         """Store *entry* for *ttl* seconds; return it (the very object)."""
         with self._mutex:
             self._store(key, entry, ttl)
+            listeners = self._listeners.get(key)
+        _announce(listeners, entry)
         return entry
 
     def set_and_unlock(self, key: str, entry: Entry, ttl: float, token: str) -> Entry:
@@ -67,12 +76,41 @@ class MemoryBackend:
         with self._mutex:
             self._store(key, entry, ttl)
             self._release(key, token)
+            listeners = self._listeners.get(key)
+        _announce(listeners, entry)
         return entry
 
     def unlock(self, key: str, token: str) -> bool:
         """Release the lock on *key* if *token* holds it."""
         with self._mutex:
-            return self._release(key, token)
+            released = self._release(key, token)
+            listeners = self._listeners.get(key) if released else None
+        _announce(listeners, RELEASED)
+        return released
+
+    def subscribe(self, key: str) -> _Subscription:
+        """Hear of stores and releases of *key* from now on (threads)."""
+        listener = _Listener(queue.SimpleQueue(), None)
+        self._listen(key, listener)
+        return _Subscription(self, key, listener)
+
+    async def asubscribe(self, key: str) -> _AsyncSubscription:
+        """Hear of stores and releases of *key* from now on (this event loop)."""
+        listener = _Listener(asyncio.Queue(), asyncio.get_running_loop())
+        self._listen(key, listener)
+        return _AsyncSubscription(self, key, listener)
+
+    def _listen(self, key: str, listener: _Listener) -> None:
+        with self._mutex:
+            self._listeners.setdefault(key, set()).add(listener)
+
+    def _unlisten(self, key: str, listener: _Listener) -> None:
+        with self._mutex:
+            listeners = self._listeners.get(key)
+            if listeners is not None:
+                listeners.discard(listener)
+                if not listeners:
+                    del self._listeners[key]
 
     def delete(self, key: str) -> None:
         """Drop the entry for *key*."""
@@ -143,6 +181,65 @@ class MemoryBackend:
         self._sweep_at = max(
             self._MIN_SWEEP_SIZE, 2 * (len(self._entries) + len(self._locks))
         )
+
+
+class _Listener:
+    """Where one subscription's notices go: a thread queue, or an event loop's queue."""
+
+    __slots__ = ("loop", "notices")
+
+    def __init__(
+        self,
+        notices: queue.SimpleQueue[Notice] | asyncio.Queue[Notice],
+        loop: asyncio.AbstractEventLoop | None,
+    ) -> None:
+        self.notices = notices
+        self.loop = loop
+
+    def deliver(self, notice: Notice) -> None:
+        if self.loop is None:
+            self.notices.put_nowait(notice)
+            return
+        # From any thread; a loop that has closed has nobody left to tell.
+        with contextlib.suppress(RuntimeError):
+            self.loop.call_soon_threadsafe(self.notices.put_nowait, notice)
+
+
+def _announce(listeners: set[_Listener] | None, notice: Notice) -> None:
+    for listener in list(listeners or ()):
+        listener.deliver(notice)
+
+
+class _Subscription:
+    def __init__(self, backend: MemoryBackend, key: str, listener: _Listener) -> None:
+        self._backend, self._key, self._listener = backend, key, listener
+
+    def wait(self, seconds: float) -> Notice | None:
+        notices = self._listener.notices
+        assert isinstance(notices, queue.SimpleQueue)  # noqa: S101 - built that way
+        try:
+            return notices.get(timeout=seconds)
+        except queue.Empty:
+            return None
+
+    def close(self) -> None:
+        self._backend._unlisten(self._key, self._listener)  # noqa: SLF001
+
+
+class _AsyncSubscription:
+    def __init__(self, backend: MemoryBackend, key: str, listener: _Listener) -> None:
+        self._backend, self._key, self._listener = backend, key, listener
+
+    async def wait(self, seconds: float) -> Notice | None:
+        notices = self._listener.notices
+        assert isinstance(notices, asyncio.Queue)  # noqa: S101 - built that way
+        try:
+            return await asyncio.wait_for(notices.get(), seconds)
+        except TimeoutError:
+            return None
+
+    async def close(self) -> None:
+        self._backend._unlisten(self._key, self._listener)  # noqa: SLF001
 
 
 _default: MemoryBackend | None = None

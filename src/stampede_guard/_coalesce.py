@@ -1,0 +1,178 @@
+"""In-process coalescing ("single flight"): concurrent calls of one key share one call.
+
+Only the first caller of a key in this process (per event loop, for asyncio) runs the
+plan and so talks to the backend; callers arriving meanwhile wait in memory and get its
+value or its exception. If the first caller is cancelled or interrupted, they start
+over and one of them leads instead. This holds for every backend, and when the backend
+is down: a process adds at most one call per key to a struggling backend.
+"""
+
+from __future__ import annotations
+
+import _thread
+import asyncio
+import os
+import weakref
+from collections.abc import Awaitable, Callable
+from typing import Any, Final
+
+from stampede_guard._plan import Context, Served
+from stampede_guard.metrics import Hit, LockWait, Miss
+
+__all__ = ["AsyncFlights", "SyncFlights"]
+
+_RETRY: Final = object()
+
+
+class _Flight:
+    """One call in progress, for threads: its lock is held until it has an outcome."""
+
+    __slots__ = ("error", "hit", "lock", "retry", "value")
+
+    def __init__(self) -> None:
+        self.lock = _thread.allocate_lock()
+        self.lock.acquire()
+        self.value: object = None
+        self.hit = False
+        self.error: BaseException | None = None
+        self.retry = False
+
+
+class _AsyncFlight:
+    """One call in progress, for one event loop's tasks."""
+
+    __slots__ = ("done", "error", "hit", "loop", "retry", "value")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.done: asyncio.Future[None] | None = None  # made by the first joiner
+        self.value: object = None
+        self.hit = False
+        self.error: BaseException | None = None
+        self.retry = False
+
+
+class SyncFlights:
+    """The calls in progress of one decorated function, by key."""
+
+    def __init__(self) -> None:
+        self._flights: dict[str, _Flight] = {}
+        _registries.add(self)
+
+    def run(self, key: str, serve: Callable[[], Served], ctx: Context) -> object:
+        """Return *serve*'s value, calling it only if no call of *key* is in progress."""
+        flights = self._flights
+        while True:
+            flight = flights.get(key)
+            if flight is None:
+                mine = _Flight()
+                flight = flights.setdefault(key, mine)  # atomic: one leader per key
+                if flight is mine:
+                    return self._lead(key, mine, serve)
+            started = ctx.clock()
+            flight.lock.acquire()  # released once the leader has an outcome
+            flight.lock.release()
+            outcome = _joined(key, flight, ctx.clock() - started, ctx)
+            if outcome is not _RETRY:
+                return outcome
+
+    def _lead(self, key: str, flight: _Flight, serve: Callable[[], Served]) -> object:
+        try:
+            flight.value, flight.hit = serve()
+        except Exception as exc:
+            flight.error = exc
+            raise
+        except BaseException:
+            flight.retry = True  # interrupted, not failed: a joiner should lead instead
+            raise
+        finally:
+            # Forget the flight before releasing its joiners: later callers start a
+            # new one (and find the value cached) instead of joining a finished one.
+            del self._flights[key]
+            flight.lock.release()
+        return flight.value
+
+    def clear(self) -> None:
+        """Forget every flight (in a forked child, their leaders do not exist)."""
+        self._flights = {}
+
+
+class AsyncFlights:
+    """The calls in progress of one decorated ``async def``, by key, per event loop."""
+
+    def __init__(self) -> None:
+        self._flights: dict[str, _AsyncFlight] = {}
+        _registries.add(self)
+
+    async def run(
+        self, key: str, serve: Callable[[], Awaitable[Served]], ctx: Context
+    ) -> object:
+        """Return *serve*'s value, awaiting it only if no call of *key* is in progress."""
+        loop = asyncio.get_running_loop()
+        flights = self._flights
+        while True:
+            flight = flights.get(key)
+            if flight is None:
+                mine = _AsyncFlight(loop)
+                flight = flights.setdefault(key, mine)
+                if flight is mine:
+                    return await self._lead(key, mine, serve)
+            if flight.loop is not loop:
+                # Another thread's event loop leads; its futures are not ours to await.
+                value, _ = await serve()
+                return value
+            if flight.done is None:
+                flight.done = loop.create_future()
+            started = ctx.clock()
+            await asyncio.shield(flight.done)  # our cancellation must not cancel theirs
+            outcome = _joined(key, flight, ctx.clock() - started, ctx)
+            if outcome is not _RETRY:
+                return outcome
+
+    async def _lead(
+        self, key: str, flight: _AsyncFlight, serve: Callable[[], Awaitable[Served]]
+    ) -> object:
+        try:
+            flight.value, flight.hit = await serve()
+        except Exception as exc:
+            flight.error = exc
+            raise
+        except BaseException:
+            flight.retry = True  # cancelled: a joiner leads instead, nobody is stranded
+            raise
+        finally:
+            del self._flights[key]
+            if flight.done is not None:
+                flight.done.set_result(None)
+        return flight.value
+
+    def clear(self) -> None:
+        """Forget every flight (in a forked child, their leaders do not exist)."""
+        self._flights = {}
+
+
+def _joined(
+    key: str, flight: _Flight | _AsyncFlight, waited: float, ctx: Context
+) -> Any:
+    """Return (or raise) a finished flight's outcome to a caller that joined it."""
+    if flight.retry:
+        return _RETRY
+    if flight.hit:
+        ctx.emit(Hit(key))  # it would have found the value itself
+        return flight.value
+    ctx.emit(Miss(key))
+    ctx.emit(LockWait(key, waited, "value" if flight.error is None else "error"))
+    if flight.error is not None:
+        raise flight.error
+    return flight.value
+
+
+_registries: weakref.WeakSet[SyncFlights | AsyncFlights] = weakref.WeakSet()
+
+
+def _forget_flights_in_child() -> None:
+    for registry in list(_registries):
+        registry.clear()
+
+
+os.register_at_fork(after_in_child=_forget_flights_in_child)
