@@ -11,7 +11,7 @@ import re
 from typing import Any
 
 from stampede_guard._errors import SerializationError
-from stampede_guard.backends._protocol import Entry
+from stampede_guard.backends._protocol import RELEASED, Entry, Notice
 from stampede_guard.serializers import (
     MAGIC,
     JsonSerializer,
@@ -22,6 +22,7 @@ from stampede_guard.serializers import (
 
 __all__ = [
     "GET_OR_LOCK",
+    "SET_AND_NOTIFY",
     "SET_AND_UNLOCK",
     "UNLOCK",
     "RedisCodec",
@@ -77,6 +78,7 @@ def milliseconds(seconds: float) -> int:
 # Checking the value and taking the lock in one step is the double-check of the
 # classic algorithm with no window between the two. Bytes that are not an envelope
 # at all (foreign or corrupt) count as no value, so they get recomputed and replaced.
+# SET ... NX GET (Redis 7) takes a free lock or reads its holder in one command.
 GET_OR_LOCK = """
 if ARGV[4] ~= '1' then
     local value = redis.call('GET', KEYS[1])
@@ -84,28 +86,38 @@ if ARGV[4] ~= '1' then
         return {1, value}
     end
 end
-if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then
-    return {0, ARGV[1]}
-end
-return {0, redis.call('GET', KEYS[2])}
+local holder = redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2], 'GET')
+return {0, holder or ARGV[1]}
 """
 
-# KEYS[1] value key, KEYS[2] lock key; ARGV[1] payload, ARGV[2] ttl (ms), ARGV[3] token.
+# KEYS[1] value key, KEYS[2] lock key; ARGV[1] payload, ARGV[2] ttl (ms), ARGV[3] token,
+# ARGV[4] notice channel.
 # Stores the value, then deletes the lock only if it still carries our token: a leader
 # whose lease ran out must never delete the lock of the leader that replaced it.
+# Then announces the value itself, so waiters in other processes need not read it.
 SET_AND_UNLOCK = """
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 if redis.call('GET', KEYS[2]) == ARGV[3] then
     redis.call('DEL', KEYS[2])
-    return 1
 end
-return 0
+redis.call('PUBLISH', ARGV[4], ARGV[1])
+return 1
 """
 
-# KEYS[1] lock key; ARGV[1] token. Compare-and-delete.
+# KEYS[1] value key; ARGV[1] payload, ARGV[2] ttl (ms), ARGV[3] notice channel.
+# A store without the lock (a waiter that timed out), announced like any other.
+SET_AND_NOTIFY = """
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+redis.call('PUBLISH', ARGV[3], ARGV[1])
+return 1
+"""
+
+# KEYS[1] lock key; ARGV[1] token, ARGV[2] notice channel. Compare-and-delete; a real
+# release is announced with an empty message ("released": look now, take over).
 UNLOCK = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
     redis.call('DEL', KEYS[1])
+    redis.call('PUBLISH', ARGV[2], '')
     return 1
 end
 return 0
@@ -175,6 +187,20 @@ class RedisCodec:
     def both_keys(self, key: str) -> tuple[str, str]:
         tag = _tag(key)
         return f"{self.prefix}:{{{tag}}}:v:{key}", f"{self.prefix}:{{{tag}}}:l:{key}"
+
+    def channel(self, key: str) -> str:
+        """Return the pub/sub channel announcing stores and releases of *key*."""
+        return f"{self.prefix}:{{{_tag(key)}}}:n:{key}"
+
+    def notice(self, key: str, payload: bytes) -> Notice:
+        """Read a message from `channel`: the announced entry, or RELEASED.
+
+        An unreadable payload counts as RELEASED: the waiter looks for itself.
+        """
+        if not payload:
+            return RELEASED
+        entry = self.decode(key, payload)
+        return RELEASED if entry is None else entry
 
     @staticmethod
     def get_or_lock_args(

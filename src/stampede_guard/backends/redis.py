@@ -9,9 +9,11 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from stampede_guard._errors import BackendError
-from stampede_guard.backends._protocol import Entry
+from stampede_guard.backends._listener import Listener
+from stampede_guard.backends._protocol import Entry, Subscription
 from stampede_guard.backends._redis_shared import (
     GET_OR_LOCK,
+    SET_AND_NOTIFY,
     SET_AND_UNLOCK,
     UNLOCK,
     RedisCodec,
@@ -54,7 +56,9 @@ class RedisBackend:
         self._codec = RedisCodec(prefix, serializer)
         self._get_or_lock = client.register_script(GET_OR_LOCK)
         self._set_and_unlock = client.register_script(SET_AND_UNLOCK)
+        self._set_and_notify = client.register_script(SET_AND_NOTIFY)
         self._unlock = client.register_script(UNLOCK)
+        self._listener = Listener(client, self._codec)
 
     @classmethod
     def from_url(
@@ -106,7 +110,8 @@ class RedisBackend:
         return self._client
 
     def close(self) -> None:
-        """Close the client (and its pool, if `from_url` made it)."""
+        """Stop the notice listener; close the client (and a pool `from_url` made)."""
+        self._listener.stop()
         self._client.close()
 
     def __repr__(self) -> str:
@@ -123,14 +128,12 @@ class RedisBackend:
 
     def get_or_lock(self, key: str, token: str, lock_ttl: float) -> Entry | str:
         """Return the entry for *key* or the lock holder's token: one script call."""
-        keys, codec = self._codec.both_keys(key), self._codec
+        codec = self._codec
+        keys = codec.both_keys(key)
         try:
-            claim = codec.claim(
-                key, self._get_or_lock(keys, codec.get_or_lock_args(token, lock_ttl))
-            )
-            if (
-                claim is None
-            ):  # an unreadable entry: take the lock as if there were none
+            reply = self._get_or_lock(keys, codec.get_or_lock_args(token, lock_ttl))
+            claim = codec.claim(key, reply)
+            if claim is None:  # an unreadable entry: lock as if there were none
                 args = codec.get_or_lock_args(token, lock_ttl, ignore_value=True)
                 claim = codec.claim(key, self._get_or_lock(keys, args))
         except redis.RedisError as exc:
@@ -138,31 +141,36 @@ class RedisBackend:
         return cast("Entry | str", claim)
 
     def set(self, key: str, entry: Entry, ttl: float) -> Entry:
-        """Store *entry*: one ``SET PX``. Return it as readers will decode it."""
+        """Store and announce *entry*: one script call. Return it as readers decode it."""
         data, stored = self._codec.encode(key, entry)
+        args = (data, milliseconds(ttl), self._codec.channel(key))
         try:
-            self._client.set(self._codec.value_key(key), data, px=milliseconds(ttl))
+            self._set_and_notify((self._codec.value_key(key),), args)
         except redis.RedisError as exc:
             raise BackendError(key, "set") from exc
         return stored
 
     def set_and_unlock(self, key: str, entry: Entry, ttl: float, token: str) -> Entry:
-        """Store *entry* and release the lock held by *token*: one script call."""
+        """Store *entry*, release *token*'s lock, announce the entry: one script call."""
         data, stored = self._codec.encode(key, entry)
+        args = (data, milliseconds(ttl), token, self._codec.channel(key))
         try:
-            self._set_and_unlock(
-                self._codec.both_keys(key), (data, milliseconds(ttl), token)
-            )
+            self._set_and_unlock(self._codec.both_keys(key), args)
         except redis.RedisError as exc:
             raise BackendError(key, "set_and_unlock") from exc
         return stored
 
     def unlock(self, key: str, token: str) -> bool:
-        """Release the lock on *key* if *token* holds it: one script call."""
+        """Release (and announce) the lock on *key* if *token* holds it: one script."""
+        args = (token, self._codec.channel(key))
         try:
-            return bool(self._unlock((self._codec.lock_key(key),), (token,)))
+            return bool(self._unlock((self._codec.lock_key(key),), args))
         except redis.RedisError as exc:
             raise BackendError(key, "unlock") from exc
+
+    def subscribe(self, key: str) -> Subscription:
+        """Hear of stores and releases of *key*, through this process's one listener."""
+        return self._listener.subscribe(key)
 
     def delete(self, key: str) -> None:
         """Drop the entry for *key*: one ``DEL``."""

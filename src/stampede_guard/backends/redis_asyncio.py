@@ -10,9 +10,11 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from stampede_guard._errors import BackendError
-from stampede_guard.backends._protocol import Entry
+from stampede_guard.backends._listener import AsyncListener
+from stampede_guard.backends._protocol import AsyncSubscription, Entry
 from stampede_guard.backends._redis_shared import (
     GET_OR_LOCK,
+    SET_AND_NOTIFY,
     SET_AND_UNLOCK,
     UNLOCK,
     RedisCodec,
@@ -50,7 +52,9 @@ class AsyncRedisBackend:
         self._codec = RedisCodec(prefix, serializer)
         self._get_or_lock = client.register_script(GET_OR_LOCK)
         self._set_and_unlock = client.register_script(SET_AND_UNLOCK)
+        self._set_and_notify = client.register_script(SET_AND_NOTIFY)
         self._unlock = client.register_script(UNLOCK)
+        self._listener = AsyncListener(client, self._codec)
 
     @classmethod
     def from_url(
@@ -92,7 +96,8 @@ class AsyncRedisBackend:
         return self._client
 
     async def aclose(self) -> None:
-        """Close the client (and its pool, if `from_url` made it)."""
+        """Stop the notice listener; close the client (and a pool `from_url` made)."""
+        await self._listener.stop()
         await self._client.aclose()
 
     def __repr__(self) -> str:
@@ -108,15 +113,14 @@ class AsyncRedisBackend:
 
     async def aget_or_lock(self, key: str, token: str, lock_ttl: float) -> Entry | str:
         """Return the entry for *key* or the lock holder's token: one script call."""
-        keys, codec = self._codec.both_keys(key), self._codec
+        codec = self._codec
+        keys = codec.both_keys(key)
         try:
             reply = await self._get_or_lock(
                 keys, codec.get_or_lock_args(token, lock_ttl)
             )
             claim = codec.claim(key, reply)
-            if (
-                claim is None
-            ):  # an unreadable entry: take the lock as if there were none
+            if claim is None:  # an unreadable entry: lock as if there were none
                 args = codec.get_or_lock_args(token, lock_ttl, ignore_value=True)
                 claim = codec.claim(key, await self._get_or_lock(keys, args))
         except redis.RedisError as exc:
@@ -124,12 +128,11 @@ class AsyncRedisBackend:
         return cast("Entry | str", claim)
 
     async def aset(self, key: str, entry: Entry, ttl: float) -> Entry:
-        """Store *entry*: one ``SET PX``. Return it as readers will decode it."""
+        """Store and announce *entry*: one script call. Return it as readers decode it."""
         data, stored = self._codec.encode(key, entry)
+        args = (data, milliseconds(ttl), self._codec.channel(key))
         try:
-            await self._client.set(
-                self._codec.value_key(key), data, px=milliseconds(ttl)
-            )
+            await self._set_and_notify((self._codec.value_key(key),), args)
         except redis.RedisError as exc:
             raise BackendError(key, "set") from exc
         return stored
@@ -137,22 +140,26 @@ class AsyncRedisBackend:
     async def aset_and_unlock(
         self, key: str, entry: Entry, ttl: float, token: str
     ) -> Entry:
-        """Store *entry* and release the lock held by *token*: one script call."""
+        """Store *entry*, release *token*'s lock, announce the entry: one script call."""
         data, stored = self._codec.encode(key, entry)
+        args = (data, milliseconds(ttl), token, self._codec.channel(key))
         try:
-            await self._set_and_unlock(
-                self._codec.both_keys(key), (data, milliseconds(ttl), token)
-            )
+            await self._set_and_unlock(self._codec.both_keys(key), args)
         except redis.RedisError as exc:
             raise BackendError(key, "set_and_unlock") from exc
         return stored
 
     async def aunlock(self, key: str, token: str) -> bool:
-        """Release the lock on *key* if *token* holds it: one script call."""
+        """Release (and announce) the lock on *key* if *token* holds it: one script."""
+        args = (token, self._codec.channel(key))
         try:
-            return bool(await self._unlock((self._codec.lock_key(key),), (token,)))
+            return bool(await self._unlock((self._codec.lock_key(key),), args))
         except redis.RedisError as exc:
             raise BackendError(key, "unlock") from exc
+
+    async def asubscribe(self, key: str) -> AsyncSubscription:
+        """Hear of stores and releases of *key*, through this backend's one listener."""
+        return await self._listener.subscribe(key)
 
     async def adelete(self, key: str) -> None:
         """Drop the entry for *key*: one ``DEL``."""

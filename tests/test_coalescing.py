@@ -1,0 +1,255 @@
+"""In-process coalescing: concurrent callers of one key share one call to the backend."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import threading
+import time
+from collections import Counter
+from typing import Any
+
+import pytest
+
+from stampede_guard import (
+    BackendError,
+    Entry,
+    MemoryBackend,
+    StampedeStats,
+    cached_stampede_safe,
+)
+
+
+class CountingBackend:
+    """A remote-looking backend (no fast local reads) that counts every call made to it."""
+
+    def __init__(self, fail: bool = False) -> None:
+        self.store = MemoryBackend()
+        self.calls: Counter[str] = Counter()
+        self.fail = fail
+        self.guard = threading.Lock()
+
+    def _count(self, name: str, key: str) -> None:
+        with self.guard:
+            self.calls[name] += 1
+        if self.fail:
+            threading.Event().wait(0.05)  # a slow failure, so that callers pile up
+            raise BackendError(key, name)
+
+    def get(self, key: str) -> Entry | None:
+        self._count("get", key)
+        return self.store.get(key)
+
+    def get_or_lock(self, key: str, token: str, lock_ttl: float) -> Entry | str:
+        self._count("get_or_lock", key)
+        return self.store.get_or_lock(key, token, lock_ttl)
+
+    def set(self, key: str, entry: Entry, ttl: float) -> Entry:
+        self._count("set", key)
+        return self.store.set(key, entry, ttl)
+
+    def set_and_unlock(self, key: str, entry: Entry, ttl: float, token: str) -> Entry:
+        self._count("set_and_unlock", key)
+        return self.store.set_and_unlock(key, entry, ttl, token)
+
+    def unlock(self, key: str, token: str) -> bool:
+        self._count("unlock", key)
+        return self.store.unlock(key, token)
+
+    def delete(self, key: str) -> None:
+        self._count("delete", key)
+        self.store.delete(key)
+
+
+def wait_until_all_joined(threads: list[threading.Thread]) -> bool:
+    """Wait (bounded) until every thread is blocked joining an in-process flight."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        frames = sys._current_frames()
+        joined = 0
+        for thread in threads:
+            frame = frames.get(thread.ident or -1)
+            while frame is not None and frame.f_code.co_name != "run":
+                frame = frame.f_back
+            joined += frame is not None and frame.f_code.co_filename.endswith(
+                "_coalesce.py"
+            )
+        if joined == len(threads):
+            return True
+        threading.Event().wait(0.01)
+    return False
+
+
+def thread_stampede(fn: Any, callers: int) -> list[object]:
+    barrier = threading.Barrier(callers)
+    results: list[object] = [None] * callers
+
+    def call(i: int) -> None:
+        barrier.wait()
+        try:
+            results[i] = fn()
+        except Exception as exc:
+            results[i] = exc
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(callers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(20)
+    return results
+
+
+@pytest.mark.timeout(30)
+def test_thousand_threads_make_one_conversation_with_the_backend() -> None:
+    """1,000 threads on one cold key: one GET, one get_or_lock, one store, one computation."""
+    backend = CountingBackend()
+    computations = 0
+
+    @cached_stampede_safe(key="k", backend=backend)
+    def f() -> str:
+        nonlocal computations
+        computations += 1
+        threading.Event().wait(0.2)
+        return "v"
+
+    assert thread_stampede(f, 1000) == ["v"] * 1000
+    assert computations == 1
+    assert backend.calls == Counter({"get": 1, "get_or_lock": 1, "set_and_unlock": 1})
+
+
+@pytest.mark.timeout(30)
+def test_concurrent_hits_share_one_read() -> None:
+    """Callers arriving while a read is in flight share it instead of each reading."""
+    backend = CountingBackend()
+    backend.store.set("k", Entry("v", 0.0, 0.0), 60)
+    entered = threading.Event()
+    release = threading.Event()
+    original = backend.get
+
+    def slow_get(key: str) -> Entry | None:
+        entered.set()
+        release.wait(5)
+        return original(key)
+
+    backend.get = slow_get  # type: ignore[method-assign]
+
+    @cached_stampede_safe(key="k", backend=backend)
+    def f() -> str:
+        raise AssertionError
+
+    results: list[str] = []
+    first = threading.Thread(target=lambda: results.append(f()))
+    first.start()
+    entered.wait(5)
+    others = [threading.Thread(target=lambda: results.append(f())) for _ in range(50)]
+    for t in others:
+        t.start()
+    assert wait_until_all_joined(others), "the callers never reached the flight"
+    release.set()
+    for t in [first, *others]:
+        t.join(10)
+    assert results == ["v"] * 51
+    assert backend.calls["get"] == 1
+
+
+@pytest.mark.timeout(30)
+def test_backend_down_costs_one_call_per_key_and_everyone_gets_the_error() -> None:
+    """With the backend failing, 200 concurrent callers make one call, all see BackendError."""
+    backend = CountingBackend(fail=True)
+
+    @cached_stampede_safe(key="k", backend=backend)
+    def f() -> str:
+        raise AssertionError
+
+    results = thread_stampede(f, 200)
+    assert all(isinstance(r, BackendError) for r in results)
+    assert backend.calls == Counter({"get": 1})
+
+
+@pytest.mark.timeout(30)
+def test_joined_callers_are_counted_as_hits_or_waits() -> None:
+    """Callers that joined a computing call count as misses that waited; all are requests."""
+    stats = StampedeStats()
+
+    @cached_stampede_safe(key="k", backend=CountingBackend(), metrics=stats)
+    def f() -> str:
+        threading.Event().wait(0.2)
+        return "v"
+
+    thread_stampede(f, 100)
+    snap = stats.snapshot()
+    assert (snap.requests, snap.computations, snap.hits, snap.lock_waits) == (
+        100,
+        1,
+        99,
+        99,
+    )
+
+
+@pytest.mark.timeout(30)
+def test_thousand_tasks_make_one_conversation_with_the_backend() -> None:
+    """1,000 tasks on one cold key share one plan: one GET, one lock, one store."""
+    backend = CountingBackend()
+
+    class AsyncFace:
+        async def aget(self, key: str) -> Entry | None:
+            return backend.get(key)
+
+        async def aget_or_lock(
+            self, key: str, token: str, lock_ttl: float
+        ) -> Entry | str:
+            return backend.get_or_lock(key, token, lock_ttl)
+
+        async def aset(self, key: str, entry: Entry, ttl: float) -> Entry:
+            return backend.set(key, entry, ttl)
+
+        async def aset_and_unlock(
+            self, key: str, entry: Entry, ttl: float, token: str
+        ) -> Entry:
+            return backend.set_and_unlock(key, entry, ttl, token)
+
+        async def aunlock(self, key: str, token: str) -> bool:
+            return backend.unlock(key, token)
+
+        async def adelete(self, key: str) -> None:
+            backend.delete(key)
+
+    computations = 0
+
+    @cached_stampede_safe(key="k", backend=AsyncFace())
+    async def f() -> str:
+        nonlocal computations
+        computations += 1
+        await asyncio.sleep(0.2)
+        return "v"
+
+    async def scenario() -> list[str]:
+        return list(await asyncio.gather(*(f() for _ in range(1000))))
+
+    assert asyncio.run(scenario()) == ["v"] * 1000
+    assert computations == 1
+    assert backend.calls == Counter({"get": 1, "get_or_lock": 1, "set_and_unlock": 1})
+
+
+@pytest.mark.timeout(30)
+def test_a_cancelled_joiner_does_not_cancel_the_call_it_joined() -> None:
+    """Cancelling a task that joined another's call leaves that call and its value intact."""
+    started = asyncio.Event()
+
+    @cached_stampede_safe(key="k", backend=MemoryBackend())
+    async def f() -> str:
+        started.set()
+        await asyncio.sleep(0.1)
+        return "v"
+
+    async def scenario() -> str:
+        leader = asyncio.create_task(f())
+        await started.wait()
+        joiner = asyncio.create_task(f())
+        await asyncio.sleep(0.01)
+        joiner.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await joiner
+        return await leader
+
+    assert asyncio.run(scenario()) == "v"
