@@ -101,7 +101,7 @@ def stampede(job: Job, ready: Queue[int], go: Event, reports: Queue[Report]) -> 
     for worker in workers:
         worker.join(RELEASE_TIMEOUT)
     reports.put((os.getpid(), outcomes))
-    backend.client.connection_pool.disconnect()
+    backend.close()
     counter.close()
 
 

@@ -215,7 +215,7 @@ def redis_backend(redis_url: str, redis_prefix: str) -> Iterator[RedisBackend]:
     """Return a `RedisBackend` on the session's Redis under this test's prefix."""
     backend = RedisBackend.from_url(redis_url, prefix=redis_prefix)
     yield backend
-    backend.client.connection_pool.disconnect()
+    backend.close()
 
 
 @pytest.fixture

@@ -137,7 +137,7 @@ def test_each_key_is_computed_once_on_real_redis(
     try:
         computed, results = stampede(threads, keys, compute_s, backend)
     finally:
-        backend.client.connection_pool.disconnect()
+        backend.close()
     used = {i % keys for i in range(threads)}
     assert computed == Counter(dict.fromkeys(used, 1))
     for i, result in enumerate(results):
@@ -156,6 +156,6 @@ def test_thousand_threads_one_cold_key_compute_once_on_real_redis(
     try:
         computed, results = stampede(1000, 1, 0.5, backend)
     finally:
-        backend.client.connection_pool.disconnect()
+        backend.close()
     assert computed == Counter({0: 1})
     assert all(r == [0, "value-0"] for r in results), {repr(r) for r in results}

@@ -261,11 +261,14 @@ def test_a_stampede_in_one_process_costs_at_most_ten_redis_commands(
     assert sum(calls.values()) <= 10, calls
 
 
-def test_async_waiter_wakes_on_the_notice(redis_url: str, redis_prefix: str) -> None:
+def test_async_waiter_wakes_on_the_notice(
+    redis_url: str, redis_client: redis.Redis, redis_prefix: str
+) -> None:
     """An asyncio waiter that would poll every 30 s is woken by the notice of a sync leader."""
     release = threading.Event()
     sync_backend = RedisBackend.from_url(redis_url, prefix=redis_prefix)
     leader = start_leader(sync_backend, "k", release)
+    wait_for_lock(redis_client, redis_prefix)
 
     async def scenario() -> str:
         backend = AsyncRedisBackend.from_url(redis_url, prefix=redis_prefix)

@@ -14,7 +14,6 @@ from stampede_guard import Entry, LockTimeoutError
 from stampede_guard._ops import (
     Await,
     Compute,
-    Get,
     GetOrLock,
     Op,
     Set,
@@ -23,7 +22,7 @@ from stampede_guard._ops import (
     Unlock,
     Unsubscribe,
 )
-from stampede_guard._plan import Context, Plan, Policy, plan
+from stampede_guard._plan import MISS, Context, Plan, Policy, first_look, plan
 from stampede_guard.backends._protocol import RELEASED
 from stampede_guard.metrics import (
     Computed,
@@ -57,7 +56,7 @@ class Harness:
     clock: FakeClock = field(default_factory=FakeClock)
     events: list[Event] = field(default_factory=list)
 
-    def start(self, key: str = "k") -> Plan:
+    def context(self) -> Context:
         policy = Policy(
             ttl=900,
             lock_timeout=10,
@@ -67,14 +66,16 @@ class Harness:
             max_retries=self.max_retries,
             on_timeout=self.on_timeout,
         )
-        context = Context(
+        return Context(
             policy,
             self.events.append,
             clock=self.clock,
             wall_clock=lambda: 5.0,
             new_token=lambda: "tok",
         )
-        return plan(key, context)
+
+    def start(self, key: str = "k") -> Plan:
+        return plan(key, self.context())
 
 
 def finish(gen: Plan, answer: object) -> object:
@@ -89,8 +90,7 @@ SUB = object()  # a subscription handle, opaque to the plan
 
 def enter_wait(h: Harness, gen: Plan, holder: str = "other") -> Op:
     """Miss, find the lock held, subscribe, look again: return the first Await."""
-    assert next(gen) == Get("k")
-    assert gen.send(None) == GetOrLock("k", "tok", 10.0)
+    assert next(gen) == GetOrLock("k", "tok", 10.0)
     assert gen.send(holder) == Subscribe("k")
     assert gen.send(SUB) == GetOrLock("k", "tok", 10.0), (
         "a look right after subscribing"
@@ -106,12 +106,12 @@ def time_out_await(h: Harness, gen: Plan, op: Op) -> None:
     assert gen.send(None) == GetOrLock("k", "tok", 10.0)
 
 
-def test_hit_is_one_read_and_returns_the_value() -> None:
-    """A cached value is returned after a single Get, with a Hit event."""
+def test_first_look_returns_a_cached_value_and_counts_a_hit() -> None:
+    """Step 1: a found entry is the answer (with a Hit event); nothing found is MISS."""
     h = Harness()
-    gen = h.start()
-    assert next(gen) == Get("k")
-    assert finish(gen, ENTRY) == ("cached", True)
+    context = h.context()
+    assert first_look("k", ENTRY, context) == "cached"
+    assert first_look("k", None, context) is MISS
     assert h.events == [Hit("k")]
 
 
@@ -119,8 +119,7 @@ def test_miss_takes_lock_computes_and_publishes_in_one_step() -> None:
     """On a miss the plan locks, computes, then stores and unlocks in one operation."""
     h = Harness()
     gen = h.start()
-    assert next(gen) == Get("k")
-    assert gen.send(None) == GetOrLock("k", "tok", 10.0)
+    assert next(gen) == GetOrLock("k", "tok", 10.0)
     assert gen.send("tok") == Compute()
     h.clock.now += 2.0
     op = gen.send("fresh")
@@ -134,8 +133,7 @@ def test_value_stored_between_the_two_looks_is_a_hit() -> None:
     """If get_or_lock finds a value (the double-check), nothing is computed."""
     h = Harness()
     gen = h.start()
-    next(gen)
-    assert gen.send(None) == GetOrLock("k", "tok", 10.0)
+    assert next(gen) == GetOrLock("k", "tok", 10.0)
     assert finish(gen, ENTRY) == ("cached", True)
     assert h.events == [Hit("k")]
 
@@ -145,7 +143,6 @@ def test_function_error_releases_the_lock_and_propagates_unchanged() -> None:
     h = Harness()
     gen = h.start()
     next(gen)
-    gen.send(None)
     assert gen.send("tok") == Compute()
     boom = ValueError("upstream down")
     assert gen.throw(boom) == Unlock("k", "tok")
@@ -161,7 +158,6 @@ def test_store_failure_releases_the_lock_and_propagates() -> None:
     h = Harness()
     gen = h.start()
     next(gen)
-    gen.send(None)
     gen.send("tok")
     assert isinstance(gen.send("v"), SetAndUnlock)
     assert gen.throw(TypeError("not JSON")) == Unlock("k", "tok")
@@ -174,7 +170,6 @@ def test_unlock_failure_does_not_hide_the_original_error() -> None:
     h = Harness()
     gen = h.start()
     next(gen)
-    gen.send(None)
     gen.send("tok")
     gen.throw(KeyError("original"))
     with pytest.raises(KeyError, match="original"):
@@ -225,7 +220,6 @@ def test_a_value_stored_before_the_subscription_is_found_by_the_next_look() -> N
     h = Harness()
     gen = h.start()
     next(gen)
-    gen.send(None)
     assert gen.send("other") == Subscribe("k")
     assert gen.send(SUB) == GetOrLock("k", "tok", 10.0)
     assert gen.send(ENTRY) == Unsubscribe(SUB)
@@ -293,7 +287,6 @@ def test_on_timeout_raise_raises_lock_timeout_error() -> None:
     h = Harness(on_timeout="raise", wait_timeout=3.0)
     gen = h.start("weather:Paris")
     next(gen)
-    gen.send(None)
     gen.send("other")
     op = gen.send(SUB)
     op = gen.send("other")
@@ -346,9 +339,6 @@ class Model:
             st.sampled_from([None, None, None, None, OSError("backend")])
         )
         match op:
-            case Get():
-                self.raise_if(failure)
-                return self.data.draw(st.sampled_from([None, ENTRY]))
             case GetOrLock():
                 self.raise_if(failure)
                 answer = self.data.draw(

@@ -13,8 +13,8 @@ import _thread
 import asyncio
 import os
 import weakref
-from collections.abc import Awaitable, Callable
-from typing import Any, Final
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, Final, TypeAlias
 
 from stampede_guard._plan import Context, Served
 from stampede_guard.metrics import Hit, LockWait, Miss
@@ -22,6 +22,12 @@ from stampede_guard.metrics import Hit, LockWait, Miss
 __all__ = ["AsyncFlights", "SyncFlights"]
 
 _RETRY: Final = object()
+
+# How a flight's leader serves: (key, args, kwargs) -> (value, was a hit).
+Serve: TypeAlias = Callable[[str, tuple[Any, ...], Mapping[str, Any]], Served]
+AsyncServe: TypeAlias = Callable[
+    [str, tuple[Any, ...], Mapping[str, Any]], Awaitable[Served]
+]
 
 
 class _Flight:
@@ -59,8 +65,15 @@ class SyncFlights:
         self._flights: dict[str, _Flight] = {}
         _registries.add(self)
 
-    def run(self, key: str, serve: Callable[[], Served], ctx: Context) -> object:
-        """Return *serve*'s value, calling it only if no call of *key* is in progress."""
+    def run(
+        self,
+        key: str,
+        serve: Serve,
+        args: tuple[Any, ...],
+        kwargs: Mapping[str, Any],
+        ctx: Context,
+    ) -> object:
+        """Return ``serve(key, args, kwargs)``'s value, unless *key* is already in flight."""
         flights = self._flights
         while True:
             flight = flights.get(key)
@@ -68,7 +81,7 @@ class SyncFlights:
                 mine = _Flight()
                 flight = flights.setdefault(key, mine)  # atomic: one leader per key
                 if flight is mine:
-                    return self._lead(key, mine, serve)
+                    return self._lead(key, mine, serve, args, kwargs)
             started = ctx.clock()
             flight.lock.acquire()  # released once the leader has an outcome
             flight.lock.release()
@@ -76,9 +89,16 @@ class SyncFlights:
             if outcome is not _RETRY:
                 return outcome
 
-    def _lead(self, key: str, flight: _Flight, serve: Callable[[], Served]) -> object:
+    def _lead(
+        self,
+        key: str,
+        flight: _Flight,
+        serve: Serve,
+        args: tuple[Any, ...],
+        kwargs: Mapping[str, Any],
+    ) -> object:
         try:
-            flight.value, flight.hit = serve()
+            flight.value, flight.hit = serve(key, args, kwargs)
         except Exception as exc:
             flight.error = exc
             raise
@@ -105,9 +125,14 @@ class AsyncFlights:
         _registries.add(self)
 
     async def run(
-        self, key: str, serve: Callable[[], Awaitable[Served]], ctx: Context
+        self,
+        key: str,
+        serve: AsyncServe,
+        args: tuple[Any, ...],
+        kwargs: Mapping[str, Any],
+        ctx: Context,
     ) -> object:
-        """Return *serve*'s value, awaiting it only if no call of *key* is in progress."""
+        """Return ``await serve(key, args, kwargs)``'s value, unless *key* is in flight."""
         loop = asyncio.get_running_loop()
         flights = self._flights
         while True:
@@ -116,10 +141,10 @@ class AsyncFlights:
                 mine = _AsyncFlight(loop)
                 flight = flights.setdefault(key, mine)
                 if flight is mine:
-                    return await self._lead(key, mine, serve)
+                    return await self._lead(key, mine, serve, args, kwargs)
             if flight.loop is not loop:
                 # Another thread's event loop leads; its futures are not ours to await.
-                value, _ = await serve()
+                value, _ = await serve(key, args, kwargs)
                 return value
             if flight.done is None:
                 flight.done = loop.create_future()
@@ -130,10 +155,15 @@ class AsyncFlights:
                 return outcome
 
     async def _lead(
-        self, key: str, flight: _AsyncFlight, serve: Callable[[], Awaitable[Served]]
+        self,
+        key: str,
+        flight: _AsyncFlight,
+        serve: AsyncServe,
+        args: tuple[Any, ...],
+        kwargs: Mapping[str, Any],
     ) -> object:
         try:
-            flight.value, flight.hit = await serve()
+            flight.value, flight.hit = await serve(key, args, kwargs)
         except Exception as exc:
             flight.error = exc
             raise
@@ -158,10 +188,12 @@ def _joined(
     if flight.retry:
         return _RETRY
     if flight.hit:
-        ctx.emit(Hit(key))  # it would have found the value itself
+        if ctx.observed:
+            ctx.emit(Hit(key))  # it would have found the value itself
         return flight.value
-    ctx.emit(Miss(key))
-    ctx.emit(LockWait(key, waited, "value" if flight.error is None else "error"))
+    if ctx.observed:
+        ctx.emit(Miss(key))
+        ctx.emit(LockWait(key, waited, "value" if flight.error is None else "error"))
     if flight.error is not None:
         raise flight.error
     return flight.value

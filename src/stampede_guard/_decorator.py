@@ -180,6 +180,7 @@ def cached_stampede_safe(
             on_timeout=on_timeout,
         ),
         safe_emitter(check_metrics(metrics)),
+        observed=metrics is not None,
     )
     checked_backend = check_backend(backend)
     checked_key = check_key(key)

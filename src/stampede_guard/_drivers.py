@@ -14,7 +14,6 @@ from typing import assert_never, cast
 from stampede_guard._ops import (
     Await,
     Compute,
-    Get,
     GetOrLock,
     Op,
     Set,
@@ -55,8 +54,6 @@ def run_sync(plan: Plan, backend: Backend, compute: Callable[[], object]) -> Ser
 
 def _perform(op: Op, backend: Backend, compute: Callable[[], object]) -> object:  # noqa: C901
     match op:
-        case Get(key):
-            return backend.get(key)
         case GetOrLock(key, token, lock_ttl):
             return backend.get_or_lock(key, token, lock_ttl)
         case Compute():
@@ -109,8 +106,6 @@ async def _perform_async(  # noqa: C901
     op: Op, backend: AsyncBackend, compute: Callable[[], Awaitable[object]]
 ) -> object:
     match op:
-        case Get(key):
-            return await backend.aget(key)
         case GetOrLock(key, token, lock_ttl):
             return await backend.aget_or_lock(key, token, lock_ttl)
         case Compute():

@@ -33,12 +33,16 @@ class _Binder:
         params = signature.parameters.values()
         self._signature = signature
         self._names = tuple(p.name for p in params)
-        self._simple = all(p.kind in _SIMPLE_KINDS for p in params)
+        self.simple = all(p.kind in _SIMPLE_KINDS for p in params)
         self._defaults = {p.name: p.default for p in params if p.default is not p.empty}
 
     def bind(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> dict[str, Any]:
         names = self._names
-        if self._simple and len(args) <= len(names):
+        if self.simple and not kwargs and len(args) == len(names):
+            return dict(
+                zip(names, args, strict=True)
+            )  # the common call: all positional
+        if self.simple and len(args) <= len(names):
             bound = dict(zip(names, args, strict=False))
             if all(k not in bound for k in kwargs):
                 bound.update(kwargs)
@@ -73,6 +77,8 @@ class KeyMaker:
         self._binder = _Binder(signature)
         self._prefix = f"{namespace}:" if namespace else ""
         self._template: str | None = None
+        self._positional: str | None = None
+        self._arity = len(signature.parameters)
         self._key_fn: Callable[..., str] | None = None
         self._function_id = f"{_module_of(fn)}:{fn.__qualname__}"
         params = list(signature.parameters)
@@ -81,7 +87,9 @@ class KeyMaker:
         self._skip = params[0] if params and params[0] in _RECEIVERS else None
         if isinstance(key, str):
             _check_template(key, signature, self._function_id)
-            self._template = key
+            self._template = self._prefix + key
+            if self._binder.simple:
+                self._positional = _positional_template(self._template, signature)
         elif key is not None:
             _check_key_callable(key, signature, self._function_id)
             self._key_fn = key
@@ -94,9 +102,11 @@ class KeyMaker:
                 msg = f"the key callable of {self._function_id} returned {type(made).__qualname__}, not str"
                 raise TypeError(msg)
             return self._prefix + made
+        if self._positional is not None and not kwargs and len(args) == self._arity:
+            return self._positional.format(*args)  # the hot path: no binding needed
         bound = self._binder.bind(args, kwargs)
         if self._template is not None:
-            return self._prefix + self._template.format_map(bound)
+            return self._template.format_map(bound)
         return f"{self._prefix}{self._function_id}:{self._digest(bound)}"
 
     def _digest(self, bound: dict[str, Any]) -> str:
@@ -156,6 +166,30 @@ def _check_template(
             "every call shares one cache entry",
             stacklevel=4,
         )
+
+
+def _positional_template(template: str, signature: inspect.Signature) -> str | None:
+    """Rewrite *template* to take the arguments by position ("{city}" -> "{0}").
+
+    A call passing every argument positionally then needs no binding at all. None if
+    the template nests fields in a format spec, which this rewrite leaves alone.
+    """
+    index = {name: i for i, name in enumerate(signature.parameters)}
+    parts: list[str] = []
+    for literal, field, spec, conversion in string.Formatter().parse(template):
+        parts.append(literal.replace("{", "{{").replace("}", "}}"))
+        if field is None:
+            continue
+        if spec and "{" in spec:
+            return None
+        root_end = min(
+            (i for i in (field.find("."), field.find("[")) if i >= 0),
+            default=len(field),
+        )
+        parts.append("{" + str(index[field[:root_end]]) + field[root_end:])
+        parts.append(f"!{conversion}" if conversion else "")
+        parts.append(f":{spec}}}" if spec else "}")
+    return "".join(parts)
 
 
 def _check_key_callable(

@@ -100,13 +100,5 @@ class Unsubscribe:
 
 
 Op: TypeAlias = (
-    Get
-    | GetOrLock
-    | Compute
-    | Set
-    | SetAndUnlock
-    | Unlock
-    | Subscribe
-    | Await
-    | Unsubscribe
+    GetOrLock | Compute | Set | SetAndUnlock | Unlock | Subscribe | Await | Unsubscribe
 )

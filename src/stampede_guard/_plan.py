@@ -4,8 +4,9 @@
 results; a driver (`stampede_guard._drivers`) carries them out against a backend.
 Steps, after the reference card:
 
-1. Look the key up. A hit returns at once (one backend read). `first_look` is this
-   step's decision, shared with the wrappers' fast path for in-memory backends.
+1. Look the key up. A hit returns at once (one backend read). This step is the hot
+   path, so it is not part of the generator: the wrappers read and `first_look`
+   decides; `plan` starts at step 2, after a miss.
 2. On a miss, atomically read again or take the lock (the card's double-check).
 3. Lock taken: compute, then store the value and release the lock in one step. If the
    function raises, release the lock and let the exception through; nothing is cached.
@@ -36,7 +37,6 @@ from stampede_guard._errors import LockTimeoutError
 from stampede_guard._ops import (
     Await,
     Compute,
-    Get,
     GetOrLock,
     Op,
     Set,
@@ -101,6 +101,7 @@ class Context:
 
     policy: Policy
     emit: _Emit
+    observed: bool = True  # False when no metrics hook listens
     clock: Callable[[], float] = time.monotonic
     wall_clock: Callable[[], float] = time.time
     new_token: Callable[[], str] = field(default=_new_token)
@@ -114,16 +115,13 @@ def first_look(key: str, found: Entry | None, ctx: Context) -> object:
     """Decide step 1: return the cached value (a hit), or MISS."""
     if found is None:
         return MISS
-    ctx.emit(Hit(key))
+    if ctx.observed:  # build no event nobody will see: this is the hot path
+        ctx.emit(Hit(key))
     return found.value
 
 
 def plan(key: str, ctx: Context) -> Plan:
-    """Serve *key*, computing it at most once among concurrent callers."""
-    value = first_look(key, (yield Get(key)), ctx)
-    if value is not MISS:
-        return value, True
-
+    """Serve *key* after a miss, computing it at most once among concurrent callers."""
     policy = ctx.policy
     token = ctx.new_token()
     claim = yield GetOrLock(key, token, policy.lock_timeout)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import inspect
 import types
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from typing import (
     Any,
     Concatenate,
@@ -102,16 +102,28 @@ class _Cached(Generic[P, R]):
 
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
         key = self._keys(args, kwargs)
-        if self._local:
-            value = first_look(key, self._backend.get(key), self._context)
-            if value is not MISS:
-                return cast("R", value)
+        if not self._local:  # a remote read: concurrent callers share it
+            return cast(
+                "R", self._flights.run(key, self._serve, args, kwargs, self._context)
+            )
+        value = first_look(key, self._backend.get(key), self._context)
+        if value is MISS:
+            return cast(
+                "R", self._flights.run(key, self._miss, args, kwargs, self._context)
+            )
+        return cast("R", value)
 
-        def serve() -> Served:
-            compute = functools.partial(self._fn, *args, **kwargs)
-            return run_sync(plan(key, self._context), self._backend, compute)
+    def _serve(
+        self, key: str, args: tuple[Any, ...], kwargs: Mapping[str, Any]
+    ) -> Served:
+        value = first_look(key, self._backend.get(key), self._context)
+        return (value, True) if value is not MISS else self._miss(key, args, kwargs)
 
-        return cast("R", self._flights.run(key, serve, self._context))
+    def _miss(
+        self, key: str, args: tuple[Any, ...], kwargs: Mapping[str, Any]
+    ) -> Served:
+        compute = functools.partial(self._fn, *args, **kwargs)
+        return run_sync(plan(key, self._context), self._backend, compute)
 
     def invalidate(self, *args: P.args, **kwargs: P.kwargs) -> None:
         self._backend.delete(self._keys(args, kwargs))
@@ -147,16 +159,27 @@ class _AsyncCached(Generic[P, R]):
 
     async def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
         key = self._keys(args, kwargs)
-        if self._local:
-            value = first_look(key, await self._backend.aget(key), self._context)
-            if value is not MISS:
-                return cast("R", value)
+        flights, context = self._flights, self._context
+        if not self._local:  # a remote read: concurrent callers share it
+            return cast("R", await flights.run(key, self._serve, args, kwargs, context))
+        value = first_look(key, await self._backend.aget(key), context)
+        if value is MISS:
+            return cast("R", await flights.run(key, self._miss, args, kwargs, context))
+        return cast("R", value)
 
-        async def serve() -> Served:
-            compute = functools.partial(self._fn, *args, **kwargs)
-            return await run_async(plan(key, self._context), self._backend, compute)
+    async def _serve(
+        self, key: str, args: tuple[Any, ...], kwargs: Mapping[str, Any]
+    ) -> Served:
+        value = first_look(key, await self._backend.aget(key), self._context)
+        return (
+            (value, True) if value is not MISS else await self._miss(key, args, kwargs)
+        )
 
-        return cast("R", await self._flights.run(key, serve, self._context))
+    async def _miss(
+        self, key: str, args: tuple[Any, ...], kwargs: Mapping[str, Any]
+    ) -> Served:
+        compute = functools.partial(self._fn, *args, **kwargs)
+        return await run_async(plan(key, self._context), self._backend, compute)
 
     async def invalidate(self, *args: P.args, **kwargs: P.kwargs) -> None:
         await self._backend.adelete(self._keys(args, kwargs))

@@ -61,15 +61,19 @@ _HEADER = struct.Struct("!dd")
 _NAME_AT = len(MAGIC) + _HEADER.size
 
 
+def _marker(serializer: Serializer) -> bytes:
+    """Return the length-prefixed serializer name that follows the header."""
+    name = serializer.name.encode("ascii")
+    return bytes((len(name),)) + name
+
+
 def encode_entry(entry: Entry, serializer: Serializer) -> bytes:
     """Wrap *entry* in a version-1 envelope; serializer errors propagate."""
-    name = serializer.name.encode("ascii")
     return b"".join(
         (
             MAGIC,
             _HEADER.pack(entry.created_at, entry.compute_seconds),
-            bytes((len(name),)),
-            name,
+            _marker(serializer),
             serializer.dumps(entry.value),
         )
     )
@@ -82,20 +86,19 @@ def decode_entry(data: bytes, serializer: Serializer) -> Entry:
         ValueError: The bytes are not such an envelope (corrupt, foreign, another
             serializer's or a future version's); the caller treats them as a miss.
     """
-    if data[:3] != MAGIC:
-        msg = "not a stampede_guard v1 entry"
+    marker = _marker(serializer)
+    # Two prefix checks cover the magic, the header's length and the serializer.
+    if not (data.startswith(MAGIC) and data.startswith(marker, _NAME_AT)):
+        if not data.startswith(MAGIC):
+            msg = "not a stampede_guard v1 entry"
+        elif len(data) <= _NAME_AT:
+            msg = "truncated stampede_guard entry"
+        else:
+            msg = f"entry was not written by the {serializer.name} serializer"
         raise ValueError(msg)
+    created_at, compute_seconds = _HEADER.unpack_from(data, len(MAGIC))
     try:
-        created_at, compute_seconds = _HEADER.unpack_from(data, len(MAGIC))
-        name_end = _NAME_AT + 1 + data[_NAME_AT]
-    except (struct.error, IndexError) as exc:
-        msg = "truncated stampede_guard entry"
-        raise ValueError(msg) from exc
-    if data[_NAME_AT + 1 : name_end] != serializer.name.encode("ascii"):
-        msg = f"entry was not written by the {serializer.name} serializer"
-        raise ValueError(msg)
-    try:
-        value = serializer.loads(data[name_end:])
+        value = serializer.loads(data[_NAME_AT + len(marker) :])
     except (ValueError, TypeError) as exc:
         msg = f"payload does not decode with the {serializer.name} serializer"
         raise ValueError(msg) from exc

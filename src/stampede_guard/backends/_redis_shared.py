@@ -174,23 +174,38 @@ def check_serializer(serializer: object) -> Serializer:
 class RedisCodec:
     """Key names, script arguments and value encoding for one prefix and serializer."""
 
+    # Redis names of recently used cache keys: hashing the tag on every hit costs more
+    # than a lookup. Cleared when full, so it never outgrows the working set much.
+    _NAMES_KEPT = 4096
+
     def __init__(self, prefix: object, serializer: object) -> None:
         self.prefix = validate_prefix(prefix)
         self.serializer = check_serializer(serializer)
+        self._names: dict[str, tuple[str, str, str]] = {}
+
+    def _names_of(self, key: str) -> tuple[str, str, str]:
+        names = self._names.get(key)
+        if names is None:
+            head = f"{self.prefix}:{{{_tag(key)}}}:"
+            names = (f"{head}v:{key}", f"{head}l:{key}", f"{head}n:{key}")
+            if len(self._names) >= self._NAMES_KEPT:
+                self._names.clear()
+            self._names[key] = names
+        return names
 
     def value_key(self, key: str) -> str:
-        return value_key(self.prefix, key)
+        return self._names_of(key)[0]
 
     def lock_key(self, key: str) -> str:
-        return lock_key(self.prefix, key)
+        return self._names_of(key)[1]
 
     def both_keys(self, key: str) -> tuple[str, str]:
-        tag = _tag(key)
-        return f"{self.prefix}:{{{tag}}}:v:{key}", f"{self.prefix}:{{{tag}}}:l:{key}"
+        value, lock, _ = self._names_of(key)
+        return value, lock
 
     def channel(self, key: str) -> str:
         """Return the pub/sub channel announcing stores and releases of *key*."""
-        return f"{self.prefix}:{{{_tag(key)}}}:n:{key}"
+        return self._names_of(key)[2]
 
     def notice(self, key: str, payload: bytes) -> Notice:
         """Read a message from `channel`: the announced entry, or RELEASED.

@@ -47,6 +47,11 @@ class MemoryBackend:
 
     def get(self, key: str) -> Entry | None:
         """Return the live entry for *key*, or None."""
+        # A dict read is atomic: a live entry needs no mutex (the hot path). Dropping
+        # an expired one does.
+        stored = self._entries.get(key)
+        if stored is not None and stored[1] > self._clock():
+            return stored[0]
         with self._mutex:
             return self._live_entry(key, self._clock())
 
