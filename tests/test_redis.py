@@ -286,7 +286,7 @@ def test_unserializable_value_raises_serialization_error_and_caches_nothing(
     assert compute.calls == 2
 
 
-_HEADER = b"SG\x01" + struct.pack("!dd", 1.0, 2.0)
+_TIMES = struct.pack("!dd", 1.0, 2.0)
 
 
 @pytest.mark.parametrize(
@@ -295,9 +295,9 @@ _HEADER = b"SG\x01" + struct.pack("!dd", 1.0, 2.0)
         b"garbage",
         b"",
         b"SG\x01",
-        _HEADER + b"\x06pickle" + b"\x80\x04N.",
-        _HEADER + b"\x04json" + b"{not json",
-        _HEADER + b"\xff" + b"json",
+        b"SG\x01\x06pickle" + _TIMES + b"\x80\x04N.",
+        b"SG\x01\x04json" + _TIMES + b"{not json",
+        b"SG\x01\x04json" + b"\x00" * 3,
     ],
     ids=["garbage", "empty", "truncated", "other-serializer", "bad-json", "bad-length"],
 )

@@ -80,37 +80,27 @@ class SyncFlights:
             if flight is None:
                 mine = _Flight()
                 flight = flights.setdefault(key, mine)  # atomic: one leader per key
-                if flight is mine:
-                    return self._lead(key, mine, serve, args, kwargs)
+                if flight is mine:  # lead (inline: this is every remote hit's path)
+                    try:
+                        mine.value, mine.hit = serve(key, args, kwargs)
+                    except Exception as exc:
+                        mine.error = exc
+                        raise
+                    except BaseException:
+                        mine.retry = True  # interrupted, not failed: a joiner leads
+                        raise
+                    finally:
+                        # Forget the flight before releasing its joiners: later callers
+                        # start afresh (and find the value cached) instead of joining.
+                        del flights[key]
+                        mine.lock.release()
+                    return mine.value
             started = ctx.clock()
             flight.lock.acquire()  # released once the leader has an outcome
             flight.lock.release()
             outcome = _joined(key, flight, ctx.clock() - started, ctx)
             if outcome is not _RETRY:
                 return outcome
-
-    def _lead(
-        self,
-        key: str,
-        flight: _Flight,
-        serve: Serve,
-        args: tuple[Any, ...],
-        kwargs: Mapping[str, Any],
-    ) -> object:
-        try:
-            flight.value, flight.hit = serve(key, args, kwargs)
-        except Exception as exc:
-            flight.error = exc
-            raise
-        except BaseException:
-            flight.retry = True  # interrupted, not failed: a joiner should lead instead
-            raise
-        finally:
-            # Forget the flight before releasing its joiners: later callers start a
-            # new one (and find the value cached) instead of joining a finished one.
-            del self._flights[key]
-            flight.lock.release()
-        return flight.value
 
     def clear(self) -> None:
         """Forget every flight (in a forked child, their leaders do not exist)."""

@@ -2,11 +2,12 @@
 
 Envelope, version 1::
 
-    b"SG" | version (1 byte) | created_at (f64) | compute_seconds (f64)
-          | len(serializer name) (1 byte) | serializer name | payload
+    b"SG" | version (1 byte) | len(serializer name) (1 byte) | serializer name
+          | created_at (f64) | compute_seconds (f64) | payload
 
 The serializer's name is stored so that bytes written by another serializer (or by
-anything else) read as a miss instead of as garbage. New metadata gets a new version.
+anything else) read as a miss instead of as garbage; it comes first so that one prefix
+check covers the magic, the version and the serializer. New metadata gets a new version.
 """
 
 from __future__ import annotations
@@ -17,7 +18,14 @@ from typing import Protocol, runtime_checkable
 
 from stampede_guard.backends._protocol import Entry
 
-__all__ = ["MAGIC", "JsonSerializer", "Serializer", "decode_entry", "encode_entry"]
+__all__ = [
+    "MAGIC",
+    "Envelope",
+    "JsonSerializer",
+    "Serializer",
+    "decode_entry",
+    "encode_entry",
+]
 
 
 @runtime_checkable
@@ -58,48 +66,59 @@ class JsonSerializer:
 
 MAGIC = b"SG\x01"  # the Redis get_or_lock script checks it server-side too
 _HEADER = struct.Struct("!dd")
-_NAME_AT = len(MAGIC) + _HEADER.size
 
 
-def _marker(serializer: Serializer) -> bytes:
-    """Return the length-prefixed serializer name that follows the header."""
-    name = serializer.name.encode("ascii")
-    return bytes((len(name),)) + name
+class Envelope:
+    """Encode and decode version-1 envelopes for one serializer.
+
+    Args:
+        serializer: What encodes the payload; its name is part of every envelope.
+    """
+
+    __slots__ = ("_prefix", "_start", "serializer")
+
+    def __init__(self, serializer: Serializer) -> None:
+        name = serializer.name.encode("ascii")
+        self.serializer = serializer
+        self._prefix = MAGIC + bytes((len(name),)) + name  # magic, version, name
+        self._start = len(self._prefix) + _HEADER.size
+
+    def encode(self, entry: Entry) -> bytes:
+        """Wrap *entry*; serializer errors propagate."""
+        times = _HEADER.pack(entry.created_at, entry.compute_seconds)
+        return b"".join((self._prefix, times, self.serializer.dumps(entry.value)))
+
+    def decode(self, data: bytes) -> Entry:
+        """Unwrap an envelope made by `encode`.
+
+        Raises:
+            ValueError: The bytes are not such an envelope (corrupt, foreign, another
+                serializer's or a future version's); callers treat them as a miss.
+        """
+        # One prefix check covers the magic, the version and the serializer.
+        if not data.startswith(self._prefix) or len(data) < self._start:
+            raise ValueError(self._why_not(data))
+        created_at, compute_seconds = _HEADER.unpack_from(data, len(self._prefix))
+        try:
+            value = self.serializer.loads(data[self._start :])
+        except (ValueError, TypeError) as exc:
+            msg = f"payload does not decode with the {self.serializer.name} serializer"
+            raise ValueError(msg) from exc
+        return Entry(value, created_at, compute_seconds)
+
+    def _why_not(self, data: bytes) -> str:
+        if not data.startswith(MAGIC):
+            return "not a stampede_guard v1 entry"
+        if data.startswith(self._prefix) or len(data) <= len(MAGIC):
+            return "truncated stampede_guard entry"
+        return f"entry was not written by the {self.serializer.name} serializer"
 
 
 def encode_entry(entry: Entry, serializer: Serializer) -> bytes:
     """Wrap *entry* in a version-1 envelope; serializer errors propagate."""
-    return b"".join(
-        (
-            MAGIC,
-            _HEADER.pack(entry.created_at, entry.compute_seconds),
-            _marker(serializer),
-            serializer.dumps(entry.value),
-        )
-    )
+    return Envelope(serializer).encode(entry)
 
 
 def decode_entry(data: bytes, serializer: Serializer) -> Entry:
-    """Unwrap an envelope made by `encode_entry` with the same serializer.
-
-    Raises:
-        ValueError: The bytes are not such an envelope (corrupt, foreign, another
-            serializer's or a future version's); the caller treats them as a miss.
-    """
-    marker = _marker(serializer)
-    # Two prefix checks cover the magic, the header's length and the serializer.
-    if not (data.startswith(MAGIC) and data.startswith(marker, _NAME_AT)):
-        if not data.startswith(MAGIC):
-            msg = "not a stampede_guard v1 entry"
-        elif len(data) <= _NAME_AT:
-            msg = "truncated stampede_guard entry"
-        else:
-            msg = f"entry was not written by the {serializer.name} serializer"
-        raise ValueError(msg)
-    created_at, compute_seconds = _HEADER.unpack_from(data, len(MAGIC))
-    try:
-        value = serializer.loads(data[_NAME_AT + len(marker) :])
-    except (ValueError, TypeError) as exc:
-        msg = f"payload does not decode with the {serializer.name} serializer"
-        raise ValueError(msg) from exc
-    return Entry(value, created_at, compute_seconds)
+    """Unwrap an envelope made by `encode_entry` with the same serializer (see `Envelope`)."""
+    return Envelope(serializer).decode(data)

@@ -14,10 +14,9 @@ from stampede_guard._errors import SerializationError
 from stampede_guard.backends._protocol import RELEASED, Entry, Notice
 from stampede_guard.serializers import (
     MAGIC,
+    Envelope,
     JsonSerializer,
     Serializer,
-    decode_entry,
-    encode_entry,
 )
 
 __all__ = [
@@ -181,6 +180,7 @@ class RedisCodec:
     def __init__(self, prefix: object, serializer: object) -> None:
         self.prefix = validate_prefix(prefix)
         self.serializer = check_serializer(serializer)
+        self._envelope = Envelope(self.serializer)
         self._names: dict[str, tuple[str, str, str]] = {}
 
     def _names_of(self, key: str) -> tuple[str, str, str]:
@@ -244,8 +244,8 @@ class RedisCodec:
         before it is stored, and the computing caller gets what everyone else gets.
         """
         try:
-            data = encode_entry(entry, self.serializer)
-            return data, decode_entry(data, self.serializer)
+            data = self._envelope.encode(entry)
+            return data, self._envelope.decode(data)
         except (TypeError, ValueError, OverflowError, RecursionError) as exc:
             raise SerializationError(
                 key, type(entry.value), self.serializer.name, str(exc)
@@ -256,7 +256,7 @@ class RedisCodec:
         if data is None:
             return None
         try:
-            return decode_entry(data, self.serializer)
+            return self._envelope.decode(data)
         except ValueError as exc:
             # Never log the bytes: they may hold someone's data.
             logger.warning(
