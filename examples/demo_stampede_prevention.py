@@ -1,159 +1,616 @@
-"""Fire many concurrent requests at a slow fake API, without and with stampede_guard.
+"""Fire N concurrent requests at a real, slow weather API, without and with stampede_guard.
 
-Every thread misses the cache at the same moment (a barrier releases them together).
-Unprotected, each one calls the API; protected, one caller per city computes and the
-others are served its value. In memory only: `uv run examples/demo_stampede_prevention.py`.
+The weather API is an HTTP server on a loopback port, started by the demo. It answers
+each request after --latency seconds and counts every request it receives. The demo
+starts one thread per request, parks them all, and releases them at once, so every
+request misses the cache at the same moment. Unprotected (plain cache-aside: get, on a
+miss call the API and set), each one calls the API. Protected by @cached_stampede_safe,
+one caller per city calls it and the others wait and are served its value.
+
+The report gives the reference card's figures (API calls as counted by the server,
+cache hits, lock waits and timeouts from StampedeStats, waits from both), checks them
+against the card's targets and prices them with the card's cost example.
+
+Exit status: 0 when protection held (no city's API called more than once) and every
+request was answered; 1 otherwise; 2 for a bad command line or an unreachable Redis.
 """
 
 from __future__ import annotations
 
 import argparse
-import collections
+import contextlib
+import math
+import os
 import sys
-import threading
-import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from urllib.parse import urlsplit, urlunsplit
 
-from stampede_guard import MemoryBackend, StampedeStats, cached_stampede_safe
+import redis
+from demo_load import (
+    CITIES,
+    PREFIX,
+    SPARE_FILES,
+    Load,
+    Options,
+    RunResult,
+    close_redis,
+    demo_keys,
+    flush,
+    lock_keys,
+    open_files_limit,
+    redis_backend,
+    run_in_process,
+    tuned_for_many_threads,
+)
+from demo_processes import run_in_processes
+from demo_report import (
+    Summary,
+    render_cost,
+    render_requests,
+    render_table,
+    summarize,
+)
+from demo_weather_api import WeatherAPI
+from rich.console import Console
+from rich.markup import escape
+from rich.padding import Padding
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+)
+from rich.rule import Rule
+from rich.table import Table
 
-API_SECONDS = 0.2  # how long the fake weather API takes to answer (a typical HTTP call)
-CITIES = ("paris", "tokyo", "lima", "oslo", "nairobi")
+from stampede_guard import Backend, MemoryBackend, RedisBackend
+
 MAX_REQUESTS = 10_000
-Weather = dict[str, str | int]
+MAX_PROCESSES = 32
+MAX_LATENCY = 5.0  # seconds; well below the 10 s lock_timeout, as the card requires
+DEFAULT_REQUESTS = 1000
+DEFAULT_CITIES = 3
+# A metered weather API answers in about this long. It also lets the default run meet
+# the card's targets honestly with the library's default backoff: waiters look again
+# 0.1-0.2 s and 0.3-0.5 s after missing, so most see the value at their second look.
+DEFAULT_LATENCY = 0.2
+PIPED_WIDTH = 100
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
-class CallCounter:
-    """Count calls per city, from any number of threads."""
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """The command line, checked."""
 
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._calls: collections.Counter[str] = collections.Counter()
-
-    def add(self, city: str) -> None:
-        with self._lock:
-            self._calls[city] += 1
-
-    def counts(self) -> list[int]:
-        with self._lock:
-            return list(self._calls.values())
-
-
-def weather_api(city: str, calls: CallCounter) -> Weather:
-    """Pretend to be a slow, metered weather API."""
-    calls.add(city)
-    time.sleep(API_SECONDS)
-    return {"city": city, "temp_c": 10 + len(city), "sky": "clear"}
+    requests: int
+    cities: tuple[str, ...]
+    threads: int
+    processes: int
+    latency: float
+    redis_url: str | None
+    runs: tuple[bool, ...]  # protected? for each run, in order
+    options: Options
+    verbose: int
+    interactive: bool
+    flush: bool
+    notes: tuple[str, ...]
 
 
-def stampede(
-    get: Callable[[str], Weather], requests: int, cities: Sequence[str]
-) -> int:
-    """Call *get* from *requests* threads released at once; return how many failed."""
-    release = threading.Barrier(requests + 1)
-    failed = CallCounter()
+# --- the command line ------------------------------------------------------------------
 
-    def worker(city: str) -> None:
-        release.wait()
+
+def _int_in(low: int, high: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
         try:
-            ok = get(city)["city"] == city
-        except Exception:  # noqa: BLE001 - any failure is counted and reported
-            ok = False
-        if not ok:
-            failed.add(city)
+            value = int(text)
+        except ValueError:
+            msg = f"{text!r} is not a whole number"
+            raise argparse.ArgumentTypeError(msg) from None
+        if not low <= value <= high:
+            msg = f"{value} is out of range: give {low} to {high}"
+            raise argparse.ArgumentTypeError(msg)
+        return value
 
-    threads = [
-        threading.Thread(target=worker, args=(cities[i % len(cities)],))
-        for i in range(requests)
-    ]
-    for thread in threads:
-        thread.start()
-    release.wait()  # every thread is started and waiting: let them all go at once
-    for thread in threads:
-        thread.join()
-    return sum(failed.counts())
+    return parse
+
+
+def _seconds_in(low: float, high: float) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            msg = f"{text!r} is not a number of seconds"
+            raise argparse.ArgumentTypeError(msg) from None
+        if not math.isfinite(value) or not low <= value <= high:
+            msg = f"{text} is out of range: give {low:g} to {high:g} seconds"
+            raise argparse.ArgumentTypeError(msg)
+        return value
+
+    return parse
+
+
+def _parser() -> argparse.ArgumentParser:
+    defaults = Options()
+    parser = argparse.ArgumentParser(
+        prog="demo_stampede_prevention.py",
+        description=(
+            "Fire N concurrent requests for the weather at a real HTTP API that counts "
+            "them: once unprotected, once through @cached_stampede_safe. Unprotected, "
+            "N requests make N API calls; protected, one per city."
+        ),
+        epilog=(
+            "exit status: 0 when no city's API was called more than once and every "
+            "request was answered, 1 otherwise, 2 for a bad command line or an "
+            "unreachable Redis."
+        ),
+    )
+    add = parser.add_argument
+    add(
+        "-r",
+        "--requests",
+        type=_int_in(1, MAX_REQUESTS),
+        default=DEFAULT_REQUESTS,
+        metavar="N",
+        help=f"concurrent requests, 1 to {MAX_REQUESTS} (default: {DEFAULT_REQUESTS})",
+    )
+    add(
+        "-c",
+        "--cities",
+        type=_int_in(1, len(CITIES)),
+        default=DEFAULT_CITIES,
+        metavar="N",
+        help=f"cities asked for, 1 to {len(CITIES)}, from {', '.join(CITIES)} "
+        f"(default: {DEFAULT_CITIES})",
+    )
+    add(
+        "-t",
+        "--threads",
+        type=_int_in(1, MAX_REQUESTS),
+        metavar="N",
+        help="worker threads in all (default: one per request, so that every request "
+        "is concurrent); with fewer, each thread makes several requests in turn",
+    )
+    add(
+        "-v",
+        "--verbose",
+        action="count",
+        default=0,
+        help="show request by request who called the API, who waited and how long "
+        "(-v: a sample per city, -vv: every request)",
+    )
+    add(
+        "-i",
+        "--interactive",
+        action="store_true",
+        help="explain each phase and wait for Enter before it",
+    )
+    add(
+        "-f",
+        "--flush",
+        action="store_true",
+        help=f"delete the demo's own keys ({PREFIX}:*) from Redis first, so the run "
+        "starts cold; nothing else is touched",
+    )
+    add(
+        "--redis-url",
+        metavar="URL",
+        help="use RedisBackend on this server, e.g. redis://localhost:6379/0 "
+        "(default: MemoryBackend, no server needed)",
+    )
+    add(
+        "--processes",
+        type=_int_in(1, MAX_PROCESSES),
+        default=1,
+        metavar="N",
+        help="spread the requests over N OS processes sharing the cache (needs "
+        "--redis-url; default: 1)",
+    )
+    add(
+        "--latency",
+        type=_seconds_in(0, MAX_LATENCY),
+        default=DEFAULT_LATENCY,
+        metavar="SECONDS",
+        help=f"how long the weather API takes per request (default: {DEFAULT_LATENCY})",
+    )
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument(
+        "--no-protection",
+        action="store_true",
+        help="run the unprotected load only (N requests, N API calls)",
+    )
+    mode.add_argument(
+        "--protected-only",
+        action="store_true",
+        help="skip the unprotected run that is made first for comparison",
+    )
+    add(
+        "--base-delay",
+        type=_seconds_in(0.001, MAX_LATENCY),
+        default=defaults.base_delay,
+        metavar="SECONDS",
+        help=f"the decorator's first backoff delay (library default: {defaults.base_delay})",
+    )
+    add(
+        "--max-delay",
+        type=_seconds_in(0.001, MAX_LATENCY),
+        default=defaults.max_delay,
+        metavar="SECONDS",
+        help=f"the decorator's longest backoff delay (library default: {defaults.max_delay})",
+    )
+    return parser
+
+
+def _settings(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Settings:
+    """Check the options against each other; exit with status 2 if they conflict."""
+    requests: int = args.requests
+    processes: int = args.processes
+    notes: list[str] = []
+    threads: int = requests if args.threads is None else args.threads
+    if threads > requests:
+        notes.append(f"--threads {threads} is more than --requests: using {requests}")
+        threads = requests
+    if processes > 1 and args.redis_url is None:
+        parser.error(
+            f"--processes {processes} needs --redis-url: Redis is required to share "
+            "the cache between processes (MemoryBackend only coordinates the threads "
+            "of one process)"
+        )
+    if processes > threads:
+        parser.error(
+            f"--processes {processes} is more than the {threads} threads: each "
+            "process needs at least one thread (and one request)"
+        )
+    if args.max_delay < args.base_delay:
+        parser.error(
+            f"--max-delay {args.max_delay} is shorter than --base-delay "
+            f"{args.base_delay}: it caps the backoff, so make it at least as long"
+        )
+    if args.redis_url is not None and urlsplit(args.redis_url).scheme not in {
+        "redis",
+        "rediss",
+        "unix",
+    }:
+        parser.error(
+            f"--redis-url {_redact(args.redis_url)!r} is not a Redis URL: use "
+            "redis://host:port/db, rediss://... or unix:///path"
+        )
+    if args.flush and args.redis_url is None:
+        notes.append("--flush: the in-memory cache is new for every run anyway")
+    if args.no_protection:
+        runs: tuple[bool, ...] = (False,)
+    elif args.protected_only:
+        runs = (True,)
+    else:
+        runs = (False, True)
+    return Settings(
+        requests=requests,
+        cities=CITIES[: min(args.cities, requests)],
+        threads=threads,
+        processes=processes,
+        latency=args.latency,
+        redis_url=args.redis_url,
+        runs=runs,
+        options=Options(base_delay=args.base_delay, max_delay=args.max_delay),
+        verbose=args.verbose,
+        interactive=args.interactive,
+        flush=args.flush,
+        notes=tuple(notes),
+    )
+
+
+def _redact(url: str) -> str:
+    """Return *url* with its password, if any, replaced by ``***``."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)[1]
+    user = parts.username or ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
+
+
+class _UsageError(Exception):
+    """The command line cannot run on this machine as given (exit status 2)."""
+
+
+# --- setting up --------------------------------------------------------------------------
+
+
+def _check_open_files(settings: Settings) -> None:
+    """Raise `_UsageError` if this process may not open the sockets the runs need."""
+    if False not in settings.runs:
+        return  # a protected run makes one API call per city, not one per request
+    # An unprotected request holds its HTTP connection open on both ends while the
+    # API sleeps. With --processes, only the server's ends are in this process.
+    per_thread = 1 if settings.processes > 1 else 2
+    needed = per_thread * settings.threads + SPARE_FILES
+    limit = open_files_limit(needed)
+    if limit is not None and limit < needed:
+        most = max(1, (limit - SPARE_FILES) // per_thread)
+        msg = (
+            f"{settings.threads} concurrent requests need about {needed} open files "
+            f"(sockets), but this process may open {limit} (ulimit -n). Use "
+            f"--threads {most} or fewer, --protected-only, --processes with Redis, "
+            "or raise ulimit -n"
+        )
+        raise _UsageError(msg)
+
+
+def _backend(settings: Settings, stack: contextlib.ExitStack) -> Backend:
+    """Return the cache: a new MemoryBackend, or a RedisBackend that answers PING."""
+    if settings.redis_url is None:
+        return MemoryBackend()
+    where = _redact(settings.redis_url)
+    try:
+        backend = redis_backend(settings.redis_url)
+    except ValueError as exc:
+        msg = f"--redis-url {where!r}: {exc}"
+        raise _UsageError(msg) from exc
+    stack.callback(close_redis, backend)
+    try:
+        backend.client.ping()
+    except redis.RedisError as exc:
+        msg = f"cannot reach Redis at {where}: {exc}"
+        raise _UsageError(msg) from exc
+    return backend
+
+
+def _prepare_cache(console: Console, settings: Settings, backend: Backend) -> None:
+    """Flush the demo's keys if asked; otherwise warn about any left from before."""
+    if not isinstance(backend, RedisBackend):
+        return
+    client = backend.client
+    if settings.flush:
+        deleted = flush(client)
+        console.print(f"--flush: deleted {deleted} demo keys ({PREFIX}:*).")
+        return
+    keys = demo_keys(client)
+    locks = len(lock_keys(keys))
+    if keys:
+        console.print(
+            f"[yellow]Warning:[/] Redis already holds {len(keys) - locks} cached "
+            f"values and {locks} locks under {PREFIX}:* from an earlier run, so this "
+            "run starts warm, not with a stampede. Add --flush to start cold."
+        )
+
+
+def _header(console: Console, settings: Settings, api: WeatherAPI) -> None:
+    opts, defaults = settings.options, Options()
+    own = (opts.base_delay, opts.max_delay) != (defaults.base_delay, defaults.max_delay)
+    n_cities = len(settings.cities)
+    if settings.redis_url is None:
+        cache = "in memory: a new MemoryBackend, shared by the threads of this process"
+    else:
+        cache = (
+            f"Redis at {escape(_redact(settings.redis_url))}: RedisBackend.from_url(url, "
+            f"prefix={PREFIX!r}) in each process, with the library's defaults "
+            "(a pool of 100 connections)"
+        )
+    processes = f"{settings.processes} process{'es' if settings.processes > 1 else ''}"
+    backoff = "set on the command line" if own else "the library's defaults"
+    console.print(
+        f"[bold]Cache stampede demo:[/] {settings.requests:,} concurrent requests for "
+        f"the weather in {n_cities} {'city' if n_cities == 1 else 'cities'} "
+        f"({', '.join(settings.cities)})"
+    )
+    grid = Table.grid(padding=(0, 2, 0, 0))
+    grid.add_column(style="bold", no_wrap=True)
+    grid.add_column()
+    grid.add_row(
+        "weather API",
+        f"{api.url}/weather: a real HTTP server in this process that counts the "
+        f"requests it receives; {settings.latency * 1000:g} ms a request",
+    )
+    grid.add_row("cache", cache)
+    grid.add_row(
+        "load", f"{settings.threads:,} threads in {processes}, all released at once"
+    )
+    grid.add_row(
+        "decorator",
+        f"ttl={opts.ttl:g}, lock_timeout={opts.lock_timeout:g}, wait_timeout="
+        f"{opts.lock_timeout:g}, base_delay={opts.base_delay:g}, max_delay="
+        f"{opts.max_delay:g} (seconds), on_timeout='compute': {backoff}",
+    )
+    for note in settings.notes:
+        grid.add_row("note", note)
+    console.print(Padding(grid, (0, 0, 0, 2)))
+
+
+# --- step by step (-i) --------------------------------------------------------------------
+
+
+class _Pauser:
+    """Explain a phase, then wait for Enter if -i is given and stdin is a terminal."""
+
+    def __init__(self, console: Console, *, enabled: bool) -> None:
+        self._console = console
+        self._enabled = enabled
+        self._waits = enabled and sys.stdin is not None and sys.stdin.isatty()
+        if enabled and not self._waits:
+            console.print(
+                "[yellow]-i:[/] stdin is not a terminal, so the phases are explained "
+                "without waiting for Enter."
+            )
+
+    def __call__(self, title: str, text: str) -> None:
+        if not self._enabled:
+            return
+        self._console.print(Rule(title, align="left"))
+        self._console.print(text)
+        if self._waits:
+            try:
+                self._console.input("[dim]Press Enter to continue...[/] ")
+            except EOFError:
+                self._waits = False
+
+
+def _explain_setup(settings: Settings, api: WeatherAPI) -> str:
+    where = (
+        "in this process's memory"
+        if settings.redis_url is None
+        else "in Redis, shared by every process that uses it"
+    )
+    return (
+        f"The weather API at {api.url} is a real HTTP server. It answers each request "
+        f"after {settings.latency:g} s, like a slow, metered API, and counts every "
+        "request it receives: that count is the report's 'API calls'. Values are "
+        f"cached {where}."
+    )
+
+
+def _explain_run(settings: Settings, *, protected: bool) -> str:
+    n, cities = settings.requests, len(settings.cities)
+    concurrent = (
+        f"{settings.threads:,} threads are started, parked, and released together"
+        if settings.threads == n
+        else f"{settings.threads:,} threads are released together, and each then "
+        f"makes its share of the {n:,} requests in turn"
+    )
+    if not protected:
+        return (
+            f"{concurrent}. Each request runs plain cache-aside code: look in the "
+            "cache; on a miss, call the API and store the value. The concurrent "
+            "requests all miss at the same moment, so each of them calls the API: "
+            f"expect about {min(n, settings.threads):,} API calls."
+        )
+    opts = settings.options
+    return (
+        f"{concurrent}. Each request calls get_weather(city), decorated with "
+        "@cached_stampede_safe(key='weather:{city}', ...). Per city, the first "
+        "caller to miss takes the lock and calls the API; the others wait until "
+        "the value is stored and are served it. They learn of it from a notice, "
+        "or at the latest at their next look: the looks back off from "
+        f"{opts.base_delay:g} s, doubling up to {opts.max_delay:g} s, with jitter. "
+        f"Expect one API call per city: {cities}."
+    )
+
+
+_EXPLAIN_REPORT = (
+    "The report gives the reference card's figures for each run: API calls as the "
+    "server counted them, cache hits, lock waits and timeouts from StampedeStats, "
+    "and waits from StampedeStats and from each request's own clock. The last "
+    "column checks the card's targets; then the card's cost example is priced with "
+    "the measured reduction."
+)
+
+
+# --- running -------------------------------------------------------------------------------
+
+
+def _run_load(
+    console: Console, settings: Settings, load: Load, backend: Backend
+) -> RunResult:
+    name = "protected" if load.protected else "unprotected"
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+        disable=not console.is_terminal,
+    ) as progress:
+        task = progress.add_task(f"{name} run", total=load.requests)
+
+        def on_progress(done: int) -> None:
+            progress.update(task, completed=done)
+
+        if settings.redis_url is not None and settings.processes > 1:
+            return run_in_processes(load, settings.redis_url, on_progress)
+        return run_in_process(load, backend, on_progress)
+
+
+def _demo(console: Console, settings: Settings) -> int:
+    _check_open_files(settings)
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(tuned_for_many_threads())
+        backend = _backend(settings, stack)
+        api = stack.enter_context(WeatherAPI(settings.latency))
+        pause = _Pauser(console, enabled=settings.interactive)
+        _header(console, settings, api)
+        pause("The setup", _explain_setup(settings, api))
+        _prepare_cache(console, settings, backend)
+        summaries: list[Summary] = []
+        results: list[RunResult] = []
+        for protected in settings.runs:
+            name = "protected" if protected else "unprotected"
+            pause(f"The {name} run", _explain_run(settings, protected=protected))
+            api.reset()
+            load = Load(
+                api_url=api.url,
+                protected=protected,
+                requests=settings.requests,
+                cities=settings.cities,
+                threads=settings.threads,
+                processes=settings.processes,
+                options=settings.options,
+            )
+            result = _run_load(console, settings, load, backend)
+            summary = summarize(result, api.calls(), settings.latency)
+            results.append(result)
+            summaries.append(summary)
+            console.print(
+                f"{name} run: {summary.requests:,} requests in "
+                f"{summary.wall_seconds:.2f} s, {summary.api_calls:,} API calls"
+            )
+        pause("The report", _EXPLAIN_REPORT)
+    if settings.verbose:
+        for result in results:
+            console.print()
+            render_requests(console, result, settings.verbose)
+    console.print()
+    render_table(console, summaries)
+    console.print()
+    render_cost(console, summaries)
+    console.print()
+    return _verdict(console, summaries[-1], summaries)
+
+
+def _verdict(console: Console, last: Summary, summaries: Sequence[Summary]) -> int:
+    failed = sum(s.failed for s in summaries)
+    if last.name == "unprotected":
+        console.print(
+            f"Unprotected: {last.api_calls:,} API calls for {last.requests:,} "
+            "requests. Leave out --no-protection to compare with the decorator."
+        )
+        if failed:
+            console.print(f"[red]FAILED:[/] {failed} requests failed.")
+            return EXIT_FAILED
+        return EXIT_OK
+    if last.success and not failed:
+        console.print(
+            f"[bold green]OK:[/] with protection, {last.requests:,} requests made "
+            f"{last.api_calls:,} API calls: no city's API was called more than once."
+        )
+        return EXIT_OK
+    worst = max(last.calls_per_city, key=last.calls_per_city.__getitem__)
+    console.print(
+        f"[bold red]FAILED:[/] with protection, {last.calls_per_city[worst]} API "
+        f"calls for {worst}; {failed} requests failed."
+    )
+    return EXIT_FAILED
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add = parser.add_argument
-    add("-r", "--requests", type=int, default=200, help="1..10000 (default: 200)")
-    add("-c", "--cities", type=int, default=3, help="1..5 (default: 3)")
-    args = parser.parse_args(argv)
-    if not 1 <= args.requests <= MAX_REQUESTS:
-        parser.error(f"--requests must be between 1 and {MAX_REQUESTS}")
-    if not 1 <= args.cities <= len(CITIES):
-        parser.error(f"--cities must be between 1 and {len(CITIES)}")
-    requests: int = args.requests
-    cities = CITIES[: min(args.cities, requests)]
-    # Thousands of threads need little stack each. When they all wake at once, the
-    # default 5 ms GIL switch interval makes them thrash (minutes on two cores); they
-    # all block again within microseconds, so a long interval costs nothing here.
-    threading.stack_size(512 * 1024)
-    sys.setswitchinterval(0.5)
-
-    plain_calls, guarded_calls, stats = CallCounter(), CallCounter(), StampedeStats()
-
-    def plain(city: str) -> Weather:
-        return weather_api(city, plain_calls)
-
-    @cached_stampede_safe(
-        key="weather:{city}",
-        ttl=900,
-        lock_timeout=10,
-        metrics=stats,
-        backend=MemoryBackend(),
-    )
-    def guarded(city: str) -> Weather:
-        return weather_api(city, guarded_calls)
-
-    t0 = time.perf_counter()
-    plain_failed = stampede(plain, requests, cities)
-    t1 = time.perf_counter()
-    guarded_failed = stampede(guarded, requests, cities)
-    t2 = time.perf_counter()
-    snap, plain_total = stats.snapshot(), sum(plain_calls.counts())
-    plain_cut = (requests - plain_total) / requests * 100
-    wait_ms = snap.average_wait_seconds * 1000
-
-    where = f"{len(cities)} cities ({', '.join(cities)})"
-    print(f"{requests} concurrent requests for {where}; API call: {API_SECONDS} s\n")
-    for name, unprotected, protected in (
-        ("", "unprotected", "protected"),
-        ("requests", requests, snap.requests),
-        ("API calls", plain_total, snap.computations),
-        ("API-call reduction", f"{plain_cut:.1f} %", f"{snap.api_call_reduction_pct:.1f} %"),
-        ("cache hits", "-", snap.hits),
-        ("lock waits", "-", snap.lock_waits),
-        ("average wait", "-", f"{wait_ms:.0f} ms"),
-        ("timeouts", "-", snap.timeouts),
-        ("failed requests", plain_failed, guarded_failed),
-        ("wall time", f"{t1 - t0:.2f} s", f"{t2 - t1:.2f} s"),
-    ):  # fmt: skip
-        print(f"{name:<20}{unprotected:>13}{protected:>13}")
-
-    print("\nTarget metrics from the reference card, protected run:")
-    for label, value, limit, below, unit, digits in (
-        ("API-call reduction", snap.api_call_reduction_pct, 90, False, "%", 1),
-        ("cache hit rate", snap.hit_rate_pct, 85, False, "%", 1),
-        ("average wait", wait_ms, 500, True, "ms", 0),
-        ("timeout rate", snap.timeout_rate_pct, 5, True, "%", 1),
-    ):
-        passed = value < limit if below else value > limit
-        goal = f"{label} {'<' if below else '>'} {limit} {unit}"
-        print(
-            f"  {'PASS' if passed else 'FAIL'}  {goal:<28}{value:>8.{digits}f} {unit}"
-        )
-    if wait_ms >= API_SECONDS * 1000:
-        print(f"  (a waiter cannot be served before the {API_SECONDS} s call ends; the")
-        print("  rest is the backoff step, set by base_delay and max_delay)")
-
-    most = max(guarded_calls.counts(), default=0)
-    if most > 1 or guarded_failed:
-        msg = f"{most} API calls for one city, {guarded_failed} failed requests"
-        print(f"\nFAILED with protection: {msg}", file=sys.stderr)
-        return 1
-    print("\nOK: with protection, no city's API was called more than once.")
-    return 0
+    """Run the demo with the command line *argv*; return the exit status."""
+    parser = _parser()
+    try:
+        settings = _settings(parser, parser.parse_args(argv))
+    except SystemExit as exit_:  # --help, or a bad command line (argparse printed it)
+        return exit_.code if isinstance(exit_.code, int) else EXIT_USAGE
+    console = Console(highlight=False)
+    if not console.is_terminal and "COLUMNS" not in os.environ:
+        console.width = PIPED_WIDTH  # rich's 80 would wrap the tables
+    try:
+        return _demo(console, settings)
+    except _UsageError as exc:
+        parser.print_usage(sys.stderr)
+        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        console.print("interrupted")
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":
