@@ -2,16 +2,34 @@
 
 from __future__ import annotations
 
-from stampede_guard.backends._protocol import AsyncBackend, Backend, Entry
+from stampede_guard.backends._protocol import (
+    RELEASED,
+    AsyncBackend,
+    AsyncNotifier,
+    AsyncSubscription,
+    Backend,
+    Entry,
+    Notice,
+    Notifier,
+    Released,
+    Subscription,
+)
 from stampede_guard.backends.memory import MemoryBackend
 from stampede_guard.backends.redis import RedisBackend
 from stampede_guard.backends.redis_asyncio import AsyncRedisBackend
 
 __all__ = [
+    "RELEASED",
     "AsyncBackend",
+    "AsyncNotifier",
     "AsyncRedisBackend",
+    "AsyncSubscription",
     "Backend",
     "Entry",
     "MemoryBackend",
+    "Notice",
+    "Notifier",
     "RedisBackend",
+    "Released",
+    "Subscription",
 ]
