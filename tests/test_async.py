@@ -368,6 +368,9 @@ class PausingBackend:
         await self._maybe_pause("aget_or_lock")
         return self.store.get_or_lock(key, token, lock_ttl)
 
+    async def alock(self, key: str, token: str, lock_ttl: float) -> str:
+        return self.store.lock(key, token, lock_ttl)
+
     async def aset(self, key: str, entry: Entry, ttl: float) -> Entry:
         return self.store.set(key, entry, ttl)
 
@@ -494,10 +497,10 @@ class _SyncShim:
     def __init__(self, target: Any) -> None:
         self.target = target
         self.loop = asyncio.new_event_loop()
-        self.lock = threading.Lock()
+        self.guard = threading.Lock()
 
     def call(self, coro: Coroutine[Any, Any, Any]) -> Any:
-        with self.lock:  # one loop, used by one thread at a time
+        with self.guard:  # one loop, used by one thread at a time
             return self.loop.run_until_complete(coro)
 
     def close(self) -> None:
@@ -508,6 +511,9 @@ class _SyncShim:
 
     def get_or_lock(self, key: str, token: str, lock_ttl: float) -> Any:
         return self.call(self.target.aget_or_lock(key, token, lock_ttl))
+
+    def lock(self, key: str, token: str, lock_ttl: float) -> Any:
+        return self.call(self.target.alock(key, token, lock_ttl))
 
     def set(self, key: str, entry: Entry, ttl: float) -> Any:
         return self.call(self.target.aset(key, entry, ttl))

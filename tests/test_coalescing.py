@@ -44,6 +44,10 @@ class CountingBackend:
         self._count("get_or_lock", key)
         return self.store.get_or_lock(key, token, lock_ttl)
 
+    def lock(self, key: str, token: str, lock_ttl: float) -> str:
+        self._count("lock", key)
+        return self.store.lock(key, token, lock_ttl)
+
     def set(self, key: str, entry: Entry, ttl: float) -> Entry:
         self._count("set", key)
         return self.store.set(key, entry, ttl)
@@ -199,6 +203,9 @@ def test_thousand_tasks_make_one_conversation_with_the_backend() -> None:
             self, key: str, token: str, lock_ttl: float
         ) -> Entry | str:
             return backend.get_or_lock(key, token, lock_ttl)
+
+        async def alock(self, key: str, token: str, lock_ttl: float) -> str:
+            return backend.lock(key, token, lock_ttl)
 
         async def aset(self, key: str, entry: Entry, ttl: float) -> Entry:
             return backend.set(key, entry, ttl)

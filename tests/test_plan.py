@@ -15,6 +15,7 @@ from stampede_guard._ops import (
     Await,
     Compute,
     GetOrLock,
+    Lock,
     Op,
     Set,
     SetAndUnlock,
@@ -339,6 +340,13 @@ class Model:
             st.sampled_from([None, None, None, None, OSError("backend")])
         )
         match op:
+            case Lock():
+                self.raise_if(failure)
+                answer = self.data.draw(st.sampled_from(["tok", "other"]))
+                if answer == "tok":
+                    assert not self.held, "took a lock while already holding it"
+                    self.held, self.acquisitions = True, self.acquisitions + 1
+                return answer
             case GetOrLock():
                 self.raise_if(failure)
                 answer = self.data.draw(

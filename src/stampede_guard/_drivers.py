@@ -15,6 +15,7 @@ from stampede_guard._ops import (
     Await,
     Compute,
     GetOrLock,
+    Lock,
     Op,
     Set,
     SetAndUnlock,
@@ -56,6 +57,8 @@ def _perform(op: Op, backend: Backend, compute: Callable[[], object]) -> object:
     match op:
         case GetOrLock(key, token, lock_ttl):
             return backend.get_or_lock(key, token, lock_ttl)
+        case Lock(key, token, lock_ttl):
+            return backend.lock(key, token, lock_ttl)
         case Compute():
             return compute()
         case Set(key, entry, ttl):
@@ -108,6 +111,8 @@ async def _perform_async(  # noqa: C901
     match op:
         case GetOrLock(key, token, lock_ttl):
             return await backend.aget_or_lock(key, token, lock_ttl)
+        case Lock(key, token, lock_ttl):
+            return await backend.alock(key, token, lock_ttl)
         case Compute():
             return await compute()
         case Set(key, entry, ttl):

@@ -12,6 +12,7 @@ __all__ = [
     "Compute",
     "Get",
     "GetOrLock",
+    "Lock",
     "Op",
     "Set",
     "SetAndUnlock",
@@ -31,6 +32,15 @@ class Get:
 @dataclass(frozen=True, slots=True)
 class GetOrLock:
     """Read the entry, or take the lock with *token*; sends back ``Entry | bool``."""
+
+    key: str
+    token: str
+    lock_ttl: float
+
+
+@dataclass(frozen=True, slots=True)
+class Lock:
+    """Take the lock with *token* if it is free, whatever is stored; sends back the holder."""
 
     key: str
     token: str
@@ -100,5 +110,13 @@ class Unsubscribe:
 
 
 Op: TypeAlias = (
-    GetOrLock | Compute | Set | SetAndUnlock | Unlock | Subscribe | Await | Unsubscribe
+    GetOrLock
+    | Lock
+    | Compute
+    | Set
+    | SetAndUnlock
+    | Unlock
+    | Subscribe
+    | Await
+    | Unsubscribe
 )

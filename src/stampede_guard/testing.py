@@ -146,6 +146,17 @@ class BackendContract:
         assert backend.unlock(key, "token-a") is False
         assert backend.unlock(key, "token-b") is True
 
+    def test_lock_takes_a_free_lock_even_with_a_value_stored(
+        self, backend: Backend
+    ) -> None:
+        """`lock` ignores the stored value: it takes a free lock and returns our token."""
+        key = _key()
+        backend.set(key, _entry("v"), _LONG)
+        assert backend.lock(key, "token-a", _LONG) == "token-a"
+        assert backend.get_or_lock(key, "token-b", _LONG) == _entry("v")
+        assert backend.lock(key, "token-b", _LONG) == "token-a"
+        assert backend.unlock(key, "token-a") is True
+
     def test_unlock_with_right_token_frees_the_lock(self, backend: Backend) -> None:
         """`unlock` by the holder returns True and lets another token take the lock."""
         key = _key()

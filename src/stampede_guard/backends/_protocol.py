@@ -58,6 +58,13 @@ class Backend(Protocol):
         a caller never takes the lock while a value is stored.
         """
 
+    def lock(self, key: str, token: str, lock_ttl: float) -> str:
+        """Take the lock on *key* if it is free, whatever is stored; return its holder.
+
+        Used to refresh a value that is still stored (stale, or due for an early
+        refresh) under the same lock as a miss, so one caller at a time computes it.
+        """
+
     def set(self, key: str, entry: Entry, ttl: float) -> Entry:
         """Store *entry* for *ttl* seconds, replacing any previous one.
 
@@ -94,6 +101,9 @@ class AsyncBackend(Protocol):
 
     async def aget_or_lock(self, key: str, token: str, lock_ttl: float) -> Entry | str:
         """See `Backend.get_or_lock`."""
+
+    async def alock(self, key: str, token: str, lock_ttl: float) -> str:
+        """See `Backend.lock`."""
 
     async def aset(self, key: str, entry: Entry, ttl: float) -> Entry:
         """See `Backend.set`."""

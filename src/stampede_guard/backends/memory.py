@@ -62,11 +62,19 @@ class MemoryBackend:
             entry = self._live_entry(key, now)
             if entry is not None:
                 return entry
-            held = self._locks.get(key)
-            if held is not None and held[1] > now:
-                return held[0]
-            self._locks[key] = (token, now + lock_ttl)
-            return token
+            return self._take(key, token, lock_ttl, now)
+
+    def lock(self, key: str, token: str, lock_ttl: float) -> str:
+        """Take the lock on *key* if it is free; return its holder's token."""
+        with self._mutex:
+            return self._take(key, token, lock_ttl, self._clock())
+
+    def _take(self, key: str, token: str, lock_ttl: float, now: float) -> str:
+        held = self._locks.get(key)
+        if held is not None and held[1] > now:
+            return held[0]
+        self._locks[key] = (token, now + lock_ttl)
+        return token
 
     def set(self, key: str, entry: Entry, ttl: float) -> Entry:
         """Store *entry* for *ttl* seconds; return it (the very object)."""
@@ -131,6 +139,10 @@ class MemoryBackend:
     async def aget_or_lock(self, key: str, token: str, lock_ttl: float) -> Entry | str:
         """See `get_or_lock`."""
         return self.get_or_lock(key, token, lock_ttl)
+
+    async def alock(self, key: str, token: str, lock_ttl: float) -> str:
+        """See `lock`."""
+        return self.lock(key, token, lock_ttl)
 
     async def aset(self, key: str, entry: Entry, ttl: float) -> Entry:
         """See `set`."""

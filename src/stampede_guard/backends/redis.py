@@ -140,6 +140,15 @@ class RedisBackend:
             raise BackendError(key, "get_or_lock") from exc
         return cast("Entry | str", claim)
 
+    def lock(self, key: str, token: str, lock_ttl: float) -> str:
+        """Take the lock on *key* if it is free; return its holder: one script call."""
+        args = self._codec.get_or_lock_args(token, lock_ttl, ignore_value=True)
+        try:
+            reply = self._get_or_lock(self._codec.both_keys(key), args)
+        except redis.RedisError as exc:
+            raise BackendError(key, "lock") from exc
+        return cast("str", self._codec.claim(key, reply))
+
     def set(self, key: str, entry: Entry, ttl: float) -> Entry:
         """Store and announce *entry*: one script call. Return it as readers decode it."""
         data, stored = self._codec.encode(key, entry)

@@ -127,6 +127,15 @@ class AsyncRedisBackend:
             raise BackendError(key, "get_or_lock") from exc
         return cast("Entry | str", claim)
 
+    async def alock(self, key: str, token: str, lock_ttl: float) -> str:
+        """Take the lock on *key* if it is free; return its holder: one script call."""
+        args = self._codec.get_or_lock_args(token, lock_ttl, ignore_value=True)
+        try:
+            reply = await self._get_or_lock(self._codec.both_keys(key), args)
+        except redis.RedisError as exc:
+            raise BackendError(key, "lock") from exc
+        return cast("str", self._codec.claim(key, reply))
+
     async def aset(self, key: str, entry: Entry, ttl: float) -> Entry:
         """Store and announce *entry*: one script call. Return it as readers decode it."""
         data, stored = self._codec.encode(key, entry)
