@@ -361,6 +361,8 @@ def _prepare_cache(console: Console, settings: Settings, backend: Backend) -> No
     if not isinstance(backend, RedisBackend):
         return
     client = backend.client
+    if not isinstance(client, redis.Redis):  # the demo's from_url makes no other kind
+        return
     if settings.flush:
         deleted = flush(client)
         console.print(f"--flush: deleted {deleted} demo keys ({PREFIX}:*).")

@@ -329,16 +329,25 @@ def test_corrupt_value_reads_as_a_miss_and_is_overwritten(
 # --- The client and its pool ---------------------------------------------------------
 
 
+def _plain(backend: RedisBackend) -> redis.Redis:
+    """Return the backend's client, which must be a plain (not cluster) redis-py one."""
+    client = backend.client
+    assert isinstance(client, redis.Redis)
+    return client
+
+
 def test_from_url_sets_socket_timeouts_and_a_blocking_pool(redis_url: str) -> None:
     """from_url gives the client socket timeouts and a bounded BlockingConnectionPool."""
-    default = RedisBackend.from_url(redis_url).client.connection_pool
+    default = _plain(RedisBackend.from_url(redis_url)).connection_pool
     assert isinstance(default, redis.BlockingConnectionPool)
     assert default.connection_kwargs["socket_timeout"] == 1.0
     assert default.connection_kwargs["socket_connect_timeout"] == 1.0
     assert default.max_connections == 100
-    tuned = RedisBackend.from_url(
-        redis_url, socket_timeout=0.3, connect_timeout=0.2, max_connections=8
-    ).client.connection_pool
+    tuned = _plain(
+        RedisBackend.from_url(
+            redis_url, socket_timeout=0.3, connect_timeout=0.2, max_connections=8
+        )
+    ).connection_pool
     assert tuned.connection_kwargs["socket_timeout"] == 0.3
     assert tuned.connection_kwargs["socket_connect_timeout"] == 0.2
     assert tuned.max_connections == 8

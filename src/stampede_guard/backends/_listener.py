@@ -15,10 +15,8 @@ import logging
 import os
 import queue
 import threading
+from collections.abc import Callable
 from typing import Any
-
-import redis
-import redis.asyncio
 
 from stampede_guard.backends._protocol import Notice
 from stampede_guard.backends._redis_shared import RedisCodec
@@ -114,8 +112,8 @@ class _Subscription:
 class Listener:
     """The pub/sub listener of one `RedisBackend`: a daemon thread, started on demand."""
 
-    def __init__(self, client: redis.Redis, codec: RedisCodec) -> None:
-        self._client = client
+    def __init__(self, pubsub: Callable[[], Any], codec: RedisCodec) -> None:
+        self._pubsub = pubsub
         self._hub = _Hub(codec)
         self._start = threading.Lock()
         self._reset()
@@ -161,7 +159,7 @@ class Listener:
 
     def _run(self) -> None:
         while True:
-            pubsub = self._client.pubsub()  # type: ignore[no-untyped-call]
+            pubsub = self._pubsub()
             try:
                 if not self._serve(pubsub):
                     return
@@ -243,10 +241,14 @@ class _AsyncSubscription:
 
 
 class AsyncListener:
-    """The pub/sub listener of one `AsyncRedisBackend`: a task in its event loop."""
+    """The pub/sub listener of one `AsyncRedisBackend`: a task in its event loop.
 
-    def __init__(self, client: redis.asyncio.Redis, codec: RedisCodec) -> None:
-        self._client = client
+    Without a *pubsub* factory (valkey-py's asyncio cluster client has none), its
+    subscriptions hear nothing and waiters poll.
+    """
+
+    def __init__(self, pubsub: Callable[[], Any] | None, codec: RedisCodec) -> None:
+        self._pubsub = pubsub
         self._hub = _Hub(codec)
         self._requests: asyncio.Queue[tuple[bool, str] | None] | None = None
         self._task: asyncio.Task[None] | None = None
@@ -254,6 +256,8 @@ class AsyncListener:
     async def subscribe(self, key: str) -> _AsyncSubscription:
         """Subscribe to notices about *key*; wait (briefly) until the server confirms."""
         subscription = _AsyncSubscription(self, key, self._hub.codec.channel(key))
+        if self._pubsub is None:
+            return subscription  # nothing to listen with: it hears nothing, so it polls
         if self._task is None or self._task.done():
             self._requests = asyncio.Queue()
             self._task = asyncio.get_running_loop().create_task(self._run())
@@ -281,7 +285,8 @@ class AsyncListener:
         requests = self._requests
         assert requests is not None  # noqa: S101 - made with the task
         while True:
-            pubsub = self._client.pubsub()
+            assert self._pubsub is not None  # noqa: S101 - no task without it
+            pubsub = self._pubsub()
             try:
                 serving = await self._serve(pubsub, requests)
             except Exception:
@@ -295,7 +300,7 @@ class AsyncListener:
                 serving = True
             finally:
                 with contextlib.suppress(Exception):
-                    await asyncio.shield(pubsub.aclose())  # type: ignore[no-untyped-call]
+                    await asyncio.shield(pubsub.aclose())
             # A subscriber may have come while the connection was closing.
             if not serving and requests.empty() and not self._hub.subscribers:
                 return

@@ -1,4 +1,4 @@
-"""What the sync and asyncio Redis backends share: keys, Lua, codec, client checks.
+"""What the sync and asyncio Redis backends share: keys, Lua scripts and the codec.
 
 Everything here is free of I/O, so each backend method stays one command or script.
 """
@@ -25,9 +25,7 @@ __all__ = [
     "SET_AND_UNLOCK",
     "UNLOCK",
     "RedisCodec",
-    "check_client",
     "check_serializer",
-    "pool_options",
 ]
 
 logger = logging.getLogger("stampede_guard")
@@ -121,43 +119,6 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then
 end
 return 0
 """
-
-
-def pool_options(
-    *,
-    socket_timeout: float,
-    connect_timeout: float,
-    max_connections: int,
-    pool_timeout: float,
-    retry: object,
-) -> dict[str, Any]:
-    """Return connection-pool options that fail fast instead of redis-py's defaults.
-
-    redis-py's defaults (a 5 s socket timeout, retried 10 times) keep one call waiting
-    close to a minute against a hung server; its default pool fails with "Too many
-    connections" past 100 threads. The blocking pool makes callers queue instead.
-    *retry* is the client flavour's ``Retry``; it should retry once, at once, and only
-    on a dropped connection (a timeout means a hung server: retrying doubles the wait).
-    """
-    return {
-        "max_connections": max_connections,
-        "timeout": pool_timeout,
-        "socket_timeout": socket_timeout,
-        "socket_connect_timeout": connect_timeout,
-        "socket_keepalive": True,
-        "health_check_interval": 30,
-        "retry": retry,
-    }
-
-
-def check_client(client: object, expected: type[Any], builder: str) -> None:
-    """Raise unless *client* is an *expected* client that returns bytes."""
-    if not isinstance(client, expected):
-        msg = f"client must be a {expected.__module__}.{expected.__qualname__}, not {type(client).__qualname__}; use {builder}.from_url(url) to build one"
-        raise TypeError(msg)
-    if client.get_connection_kwargs().get("decode_responses"):
-        msg = f"the Redis client has decode_responses=True; {builder} stores bytes, so pass a client created with decode_responses=False"
-        raise ValueError(msg)
 
 
 def check_serializer(serializer: object) -> Serializer:

@@ -2,24 +2,26 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, cast
-
-import redis
-from redis.backoff import NoBackoff
-from redis.retry import Retry
 
 from stampede_guard._errors import BackendError
 from stampede_guard.backends._listener import Listener
 from stampede_guard.backends._protocol import Entry, Subscription
+from stampede_guard.backends._redis_clients import (
+    SyncClient,
+    build_client,
+    build_sentinel_client,
+    check_client,
+    pool_options,
+)
 from stampede_guard.backends._redis_shared import (
     GET_OR_LOCK,
     SET_AND_NOTIFY,
     SET_AND_UNLOCK,
     UNLOCK,
     RedisCodec,
-    check_client,
     milliseconds,
-    pool_options,
 )
 from stampede_guard.serializers import Serializer
 
@@ -35,30 +37,42 @@ class RedisBackend:
     Scripts are sent once and then called by their SHA1 digest (``EVALSHA``).
     `AsyncRedisBackend` is the same for asyncio code.
 
+    Every script touches only keys of one Redis Cluster slot (see `prefix`), so the
+    backend works the same on one server, behind Sentinel and on a cluster.
+
     Args:
-        client: A ``redis.Redis`` with ``decode_responses=False``. It is used as given;
-            prefer `from_url`, which sets timeouts and a pool suited to many threads.
+        client: A ``redis.Redis`` or ``redis.cluster.RedisCluster`` (or valkey-py's
+            ``valkey.Valkey`` or ``valkey.cluster.ValkeyCluster``), with
+            ``decode_responses=False``, used as given. A client made by a
+            ``Sentinel``'s ``master_for`` is a ``Redis`` and will do. Prefer
+            `from_url` or `from_sentinel`, which set timeouts and a pool suited to
+            many threads.
         serializer: How values become bytes. JSON by default: never unpickle what
             anyone with write access to Redis could have put there.
         prefix: Put before every key this backend writes (``<prefix>:{<tag>}:v:<key>``
-            for values, ``...:l:<key>`` for locks).
+            for values, ``...:l:<key>`` for locks, ``...:n:<key>`` for the notice
+            channel). The ``{<tag>}`` is a digest of the cache key: a Redis Cluster
+            hash tag, which puts all three in one slot.
     """
 
     def __init__(
         self,
-        client: redis.Redis,
+        client: SyncClient,
         *,
         serializer: Serializer | None = None,
         prefix: str = "sg",
     ) -> None:
-        check_client(client, redis.Redis, "RedisBackend")
+        self._errors = check_client(client, asyncio=False, builder="RedisBackend")
         self._client = client
         self._codec = RedisCodec(prefix, serializer)
-        self._get_or_lock = client.register_script(GET_OR_LOCK)
-        self._set_and_unlock = client.register_script(SET_AND_UNLOCK)
-        self._set_and_notify = client.register_script(SET_AND_NOTIFY)
-        self._unlock = client.register_script(UNLOCK)
-        self._listener = Listener(client, self._codec)
+        # Both packages' Script objects work alike; their typing of a cluster
+        # client as `self` does not, hence Any.
+        scripts: Any = client
+        self._get_or_lock = scripts.register_script(GET_OR_LOCK)
+        self._set_and_unlock = scripts.register_script(SET_AND_UNLOCK)
+        self._set_and_notify = scripts.register_script(SET_AND_NOTIFY)
+        self._unlock = scripts.register_script(UNLOCK)
+        self._listener = Listener(client.pubsub, self._codec)
 
     @classmethod
     def from_url(
@@ -67,6 +81,8 @@ class RedisBackend:
         *,
         serializer: Serializer | None = None,
         prefix: str = "sg",
+        cluster: bool = False,
+        seed_nodes: Sequence[str] = (),
         socket_timeout: float = 1.0,
         connect_timeout: float = 1.0,
         max_connections: int = 100,
@@ -77,16 +93,26 @@ class RedisBackend:
 
         The client it builds fails fast instead of inheriting redis-py's defaults (a
         5 s socket timeout retried 10 times: close to a minute against a hung server).
+        A ``valkey://`` or ``valkeys://`` URL builds a valkey-py client instead (the
+        ``stampede-guard[valkey]`` extra), with the same options.
 
         Args:
-            url: Where Redis is; credentials in it are never logged.
+            url: Where Redis is; credentials in it are never logged. With *cluster*,
+                any node of the cluster: the client discovers the others.
             serializer: See the class.
             prefix: See the class.
+            cluster: Build a Redis Cluster client. It routes each call to the node
+                that owns the key's slot and follows slot moves and failovers,
+                retrying a failed call 3 times (after 0.1, 0.2 and 0.4 s) with a
+                fresh slot map before it fails with `BackendError`.
+            seed_nodes: More ``"host:port"`` nodes to discover the cluster from, if
+                the one in *url* does not answer (cluster only).
             socket_timeout: Seconds to wait for a reply; then the call fails with
                 `BackendError` (after one immediate retry on a dropped connection).
             connect_timeout: Seconds to wait for a TCP connection.
-            max_connections: Connections in the pool. Threads beyond it wait for a free
-                connection instead of failing with "Too many connections".
+            max_connections: Connections in the pool (per node, on a cluster).
+                Threads beyond it wait for a free connection instead of failing with
+                "Too many connections".
             pool_timeout: Seconds a thread waits for a free connection, then fails.
                 Generous on purpose: among a thousand threads of one process, a thread
                 holding a connection may wait long for the GIL before giving it back.
@@ -97,16 +123,72 @@ class RedisBackend:
             connect_timeout=connect_timeout,
             max_connections=max_connections,
             pool_timeout=pool_timeout,
-            retry=Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,)),
         )
-        pool = redis.BlockingConnectionPool.from_url(url, **options, **client_kwargs)
-        # from_pool: the client owns the pool, so close() disconnects it too.
-        client = redis.Redis.from_pool(pool)
+        client = build_client(
+            url,
+            asyncio=False,
+            cluster=cluster,
+            seed_nodes=seed_nodes,
+            options=options,
+            client_kwargs=client_kwargs,
+        )
+        return cls(client, serializer=serializer, prefix=prefix)
+
+    @classmethod
+    def from_sentinel(
+        cls,
+        sentinels: Sequence[str | tuple[str, int]],
+        service_name: str,
+        *,
+        serializer: Serializer | None = None,
+        prefix: str = "sg",
+        socket_timeout: float = 1.0,
+        connect_timeout: float = 1.0,
+        max_connections: int = 100,
+        sentinel_kwargs: dict[str, Any] | None = None,
+        **client_kwargs: Any,
+    ) -> RedisBackend:
+        """Connect to the master that Redis Sentinel names *service_name*.
+
+        The client asks the sentinels where the master is, and asks again when a
+        connection fails or the server it reaches has become a replica (a failover):
+        the call is then retried once, on the new master. Until the sentinels have
+        promoted one, calls fail with `BackendError`. A failover can lose a lock,
+        so a value may be computed twice; never a wrong value (docs/deployment.md).
+
+        Args:
+            sentinels: The sentinels, as ``"host:port"`` or ``(host, port)``.
+            service_name: The master's name in the sentinels' configuration.
+            serializer: See the class.
+            prefix: See the class.
+            socket_timeout: Seconds to wait for a reply, from a sentinel or the
+                master; then the call fails (see `from_url`).
+            connect_timeout: Seconds to wait for a TCP connection.
+            max_connections: Connections to the master; a call beyond them fails
+                with `BackendError` (redis-py has no blocking Sentinel pool).
+            sentinel_kwargs: More options for the connections to the sentinels
+                (``password``, ``ssl``...).
+            **client_kwargs: Passed on to the master's connection pool.
+        """
+        options = pool_options(
+            socket_timeout=socket_timeout,
+            connect_timeout=connect_timeout,
+            max_connections=max_connections,
+            pool_timeout=0.0,
+        )
+        client = build_sentinel_client(
+            sentinels,
+            service_name,
+            asyncio=False,
+            options=options,
+            sentinel_kwargs=sentinel_kwargs,
+            client_kwargs=client_kwargs,
+        )
         return cls(client, serializer=serializer, prefix=prefix)
 
     @property
-    def client(self) -> redis.Redis:
-        """The redis-py client this backend talks through."""
+    def client(self) -> SyncClient:
+        """The client this backend talks through."""
         return self._client
 
     def close(self) -> None:
@@ -122,7 +204,7 @@ class RedisBackend:
         """Return the entry for *key*: one ``GET``."""
         try:
             data = self._client.get(self._codec.value_key(key))
-        except redis.RedisError as exc:
+        except self._errors as exc:
             raise BackendError(key, "get") from exc
         return self._codec.decode(key, cast("bytes | None", data))
 
@@ -136,7 +218,7 @@ class RedisBackend:
             if claim is None:  # an unreadable entry: lock as if there were none
                 args = codec.get_or_lock_args(token, lock_ttl, ignore_value=True)
                 claim = codec.claim(key, self._get_or_lock(keys, args))
-        except redis.RedisError as exc:
+        except self._errors as exc:
             raise BackendError(key, "get_or_lock") from exc
         return cast("Entry | str", claim)
 
@@ -145,7 +227,7 @@ class RedisBackend:
         args = self._codec.get_or_lock_args(token, lock_ttl, ignore_value=True)
         try:
             reply = self._get_or_lock(self._codec.both_keys(key), args)
-        except redis.RedisError as exc:
+        except self._errors as exc:
             raise BackendError(key, "lock") from exc
         return cast("str", self._codec.claim(key, reply))
 
@@ -155,7 +237,7 @@ class RedisBackend:
         args = (data, milliseconds(ttl), self._codec.channel(key))
         try:
             self._set_and_notify((self._codec.value_key(key),), args)
-        except redis.RedisError as exc:
+        except self._errors as exc:
             raise BackendError(key, "set") from exc
         return stored
 
@@ -165,7 +247,7 @@ class RedisBackend:
         args = (data, milliseconds(ttl), token, self._codec.channel(key))
         try:
             self._set_and_unlock(self._codec.both_keys(key), args)
-        except redis.RedisError as exc:
+        except self._errors as exc:
             raise BackendError(key, "set_and_unlock") from exc
         return stored
 
@@ -174,7 +256,7 @@ class RedisBackend:
         args = (token, self._codec.channel(key))
         try:
             return bool(self._unlock((self._codec.lock_key(key),), args))
-        except redis.RedisError as exc:
+        except self._errors as exc:
             raise BackendError(key, "unlock") from exc
 
     def subscribe(self, key: str) -> Subscription:
@@ -185,5 +267,5 @@ class RedisBackend:
         """Drop the entry for *key*: one ``DEL``."""
         try:
             self._client.delete(self._codec.value_key(key))
-        except redis.RedisError as exc:
+        except self._errors as exc:
             raise BackendError(key, "delete") from exc

@@ -2,25 +2,26 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, cast
-
-import redis
-import redis.asyncio
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 
 from stampede_guard._errors import BackendError
 from stampede_guard.backends._listener import AsyncListener
 from stampede_guard.backends._protocol import AsyncSubscription, Entry
+from stampede_guard.backends._redis_clients import (
+    AsyncClient,
+    build_client,
+    build_sentinel_client,
+    check_client,
+    pool_options,
+)
 from stampede_guard.backends._redis_shared import (
     GET_OR_LOCK,
     SET_AND_NOTIFY,
     SET_AND_UNLOCK,
     UNLOCK,
     RedisCodec,
-    check_client,
     milliseconds,
-    pool_options,
 )
 from stampede_guard.serializers import Serializer
 
@@ -35,26 +36,31 @@ class AsyncRedisBackend:
     to the event loop it first runs in: make one backend per loop.
 
     Args:
-        client: A ``redis.asyncio.Redis`` with ``decode_responses=False``, used as is.
+        client: A ``redis.asyncio.Redis`` or ``redis.asyncio.cluster.RedisCluster`` (or
+            their ``valkey.asyncio`` twins), with ``decode_responses=False``, used as
+            is.
         serializer: See `RedisBackend`.
         prefix: See `RedisBackend`.
     """
 
     def __init__(
         self,
-        client: redis.asyncio.Redis,
+        client: AsyncClient,
         *,
         serializer: Serializer | None = None,
         prefix: str = "sg",
     ) -> None:
-        check_client(client, redis.asyncio.Redis, "AsyncRedisBackend")
+        self._errors = check_client(client, asyncio=True, builder="AsyncRedisBackend")
         self._client = client
         self._codec = RedisCodec(prefix, serializer)
-        self._get_or_lock = client.register_script(GET_OR_LOCK)
-        self._set_and_unlock = client.register_script(SET_AND_UNLOCK)
-        self._set_and_notify = client.register_script(SET_AND_NOTIFY)
-        self._unlock = client.register_script(UNLOCK)
-        self._listener = AsyncListener(client, self._codec)
+        # Both packages' Script objects work alike; their typing of a cluster
+        # client as `self` does not, hence Any.
+        scripts: Any = client
+        self._get_or_lock = scripts.register_script(GET_OR_LOCK)
+        self._set_and_unlock = scripts.register_script(SET_AND_UNLOCK)
+        self._set_and_notify = scripts.register_script(SET_AND_NOTIFY)
+        self._unlock = scripts.register_script(UNLOCK)
+        self._listener = AsyncListener(getattr(client, "pubsub", None), self._codec)
 
     @classmethod
     def from_url(
@@ -63,6 +69,8 @@ class AsyncRedisBackend:
         *,
         serializer: Serializer | None = None,
         prefix: str = "sg",
+        cluster: bool = False,
+        seed_nodes: Sequence[str] = (),
         socket_timeout: float = 1.0,
         connect_timeout: float = 1.0,
         max_connections: int = 100,
@@ -71,28 +79,60 @@ class AsyncRedisBackend:
     ) -> AsyncRedisBackend:
         """Connect to the Redis at *url*; the options are those of `RedisBackend.from_url`.
 
-        Tasks beyond *max_connections* wait (up to *pool_timeout*) for a connection.
+        Tasks beyond *max_connections* wait (up to *pool_timeout*) for a connection,
+        except on a cluster: redis-py's asyncio cluster client has no blocking pool,
+        so a call beyond *max_connections* per node fails with `BackendError`.
         """
         options = pool_options(
             socket_timeout=socket_timeout,
             connect_timeout=connect_timeout,
             max_connections=max_connections,
             pool_timeout=pool_timeout,
-            retry=Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,)),
         )
-        pool = redis.asyncio.BlockingConnectionPool.from_url(
-            url, **options, **client_kwargs
+        client = build_client(
+            url,
+            asyncio=True,
+            cluster=cluster,
+            seed_nodes=seed_nodes,
+            options=options,
+            client_kwargs=client_kwargs,
         )
-        # from_pool: the client owns the pool, so aclose() disconnects it too.
-        return cls(
-            redis.asyncio.Redis.from_pool(pool),
-            serializer=serializer,
-            prefix=prefix,
+        return cls(client, serializer=serializer, prefix=prefix)
+
+    @classmethod
+    def from_sentinel(
+        cls,
+        sentinels: Sequence[str | tuple[str, int]],
+        service_name: str,
+        *,
+        serializer: Serializer | None = None,
+        prefix: str = "sg",
+        socket_timeout: float = 1.0,
+        connect_timeout: float = 1.0,
+        max_connections: int = 100,
+        sentinel_kwargs: dict[str, Any] | None = None,
+        **client_kwargs: Any,
+    ) -> AsyncRedisBackend:
+        """Connect to the master Sentinel names *service_name*; see `RedisBackend.from_sentinel`."""
+        options = pool_options(
+            socket_timeout=socket_timeout,
+            connect_timeout=connect_timeout,
+            max_connections=max_connections,
+            pool_timeout=0.0,
         )
+        client = build_sentinel_client(
+            sentinels,
+            service_name,
+            asyncio=True,
+            options=options,
+            sentinel_kwargs=sentinel_kwargs,
+            client_kwargs=client_kwargs,
+        )
+        return cls(client, serializer=serializer, prefix=prefix)
 
     @property
-    def client(self) -> redis.asyncio.Redis:
-        """The redis-py asyncio client this backend talks through."""
+    def client(self) -> AsyncClient:
+        """The asyncio client this backend talks through."""
         return self._client
 
     async def aclose(self) -> None:
@@ -107,7 +147,7 @@ class AsyncRedisBackend:
         """Return the entry for *key*: one ``GET``."""
         try:
             data = await self._client.get(self._codec.value_key(key))
-        except redis.RedisError as exc:
+        except self._errors as exc:
             raise BackendError(key, "get") from exc
         return self._codec.decode(key, cast("bytes | None", data))
 
@@ -123,7 +163,7 @@ class AsyncRedisBackend:
             if claim is None:  # an unreadable entry: lock as if there were none
                 args = codec.get_or_lock_args(token, lock_ttl, ignore_value=True)
                 claim = codec.claim(key, await self._get_or_lock(keys, args))
-        except redis.RedisError as exc:
+        except self._errors as exc:
             raise BackendError(key, "get_or_lock") from exc
         return cast("Entry | str", claim)
 
@@ -132,7 +172,7 @@ class AsyncRedisBackend:
         args = self._codec.get_or_lock_args(token, lock_ttl, ignore_value=True)
         try:
             reply = await self._get_or_lock(self._codec.both_keys(key), args)
-        except redis.RedisError as exc:
+        except self._errors as exc:
             raise BackendError(key, "lock") from exc
         return cast("str", self._codec.claim(key, reply))
 
@@ -142,7 +182,7 @@ class AsyncRedisBackend:
         args = (data, milliseconds(ttl), self._codec.channel(key))
         try:
             await self._set_and_notify((self._codec.value_key(key),), args)
-        except redis.RedisError as exc:
+        except self._errors as exc:
             raise BackendError(key, "set") from exc
         return stored
 
@@ -154,7 +194,7 @@ class AsyncRedisBackend:
         args = (data, milliseconds(ttl), token, self._codec.channel(key))
         try:
             await self._set_and_unlock(self._codec.both_keys(key), args)
-        except redis.RedisError as exc:
+        except self._errors as exc:
             raise BackendError(key, "set_and_unlock") from exc
         return stored
 
@@ -163,7 +203,7 @@ class AsyncRedisBackend:
         args = (token, self._codec.channel(key))
         try:
             return bool(await self._unlock((self._codec.lock_key(key),), args))
-        except redis.RedisError as exc:
+        except self._errors as exc:
             raise BackendError(key, "unlock") from exc
 
     async def asubscribe(self, key: str) -> AsyncSubscription:
@@ -174,5 +214,5 @@ class AsyncRedisBackend:
         """Drop the entry for *key*: one ``DEL``."""
         try:
             await self._client.delete(self._codec.value_key(key))
-        except redis.RedisError as exc:
+        except self._errors as exc:
             raise BackendError(key, "delete") from exc
