@@ -14,6 +14,7 @@ from stampede_guard import Entry, LockTimeoutError
 from stampede_guard._ops import (
     Await,
     Compute,
+    Get,
     GetOrLock,
     Lock,
     Op,
@@ -340,13 +341,16 @@ class Model:
             st.sampled_from([None, None, None, None, OSError("backend")])
         )
         match op:
+            case Get():
+                self.raise_if(failure)
+                return self.data.draw(st.sampled_from([None, ENTRY]))
             case Lock():
                 self.raise_if(failure)
-                answer = self.data.draw(st.sampled_from(["tok", "other"]))
-                if answer == "tok":
+                holder = self.data.draw(st.sampled_from(["tok", "other"]))
+                if holder == "tok":
                     assert not self.held, "took a lock while already holding it"
                     self.held, self.acquisitions = True, self.acquisitions + 1
-                return answer
+                return holder
             case GetOrLock():
                 self.raise_if(failure)
                 answer = self.data.draw(

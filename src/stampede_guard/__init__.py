@@ -14,7 +14,7 @@ from stampede_guard._errors import (
     SerializationError,
     StampedeGuardError,
 )
-from stampede_guard._wrappers import AsyncCachedFunction, CachedFunction
+from stampede_guard._types import AsyncCachedFunction, CachedFunction
 from stampede_guard.backends import (
     AsyncBackend,
     AsyncRedisBackend,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import _thread
 import asyncio
 import os
+import threading
 import weakref
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Final, TypeAlias
@@ -19,7 +20,7 @@ from typing import Any, Final, TypeAlias
 from stampede_guard._plan import Context, Served
 from stampede_guard.metrics import Hit, LockWait, Miss
 
-__all__ = ["AsyncFlights", "SyncFlights"]
+__all__ = ["AsyncFlights", "Refreshing", "SyncFlights"]
 
 _RETRY: Final = object()
 
@@ -171,6 +172,32 @@ class AsyncFlights:
         self._flights = {}
 
 
+class Refreshing:
+    """The keys a process is refreshing, so that it starts one refresh per key at a time."""
+
+    def __init__(self) -> None:
+        self._keys: set[str] = set()
+        self._mutex = threading.Lock()
+        _registries.add(self)
+
+    def claim(self, key: str) -> bool:
+        """Mark *key* as being refreshed here; False if it already is."""
+        with self._mutex:
+            if key in self._keys:
+                return False
+            self._keys.add(key)
+            return True
+
+    def release(self, key: str) -> None:
+        """Unmark *key*."""
+        with self._mutex:
+            self._keys.discard(key)
+
+    def clear(self) -> None:
+        """Forget every key (in a forked child, its refreshers do not exist)."""
+        self._keys = set()
+
+
 def _joined(
     key: str, flight: _Flight | _AsyncFlight, waited: float, ctx: Context
 ) -> Any:
@@ -189,7 +216,9 @@ def _joined(
     return flight.value
 
 
-_registries: weakref.WeakSet[SyncFlights | AsyncFlights] = weakref.WeakSet()
+_registries: weakref.WeakSet[SyncFlights | AsyncFlights | Refreshing] = (
+    weakref.WeakSet()
+)
 
 
 def _forget_flights_in_child() -> None:

@@ -18,12 +18,8 @@ from stampede_guard._options import (
     policy,
 )
 from stampede_guard._plan import Context
-from stampede_guard._wrappers import (
-    AsyncCachedFunction,
-    CachedFunction,
-    make_async,
-    make_sync,
-)
+from stampede_guard._types import AsyncCachedFunction, CachedFunction
+from stampede_guard._wrappers import make_async, make_sync
 from stampede_guard.backends._protocol import AsyncBackend, Backend
 from stampede_guard.metrics import MetricsHook, safe_emitter
 
@@ -79,6 +75,13 @@ def cached_stampede_safe(  # type: ignore[overload-overlap]
     max_delay: float = 1.6,
     max_retries: int | None = None,
     on_timeout: OnTimeout = "compute",
+    stale_ttl: float = 0,
+    stale_if_error: bool = True,
+    background_refresh: bool = True,
+    early_refresh: bool = False,
+    beta: float = 1.0,
+    cache_none: bool = True,
+    should_cache: Callable[[Any], bool] | None = None,
     backend: DualBackend | None = None,
     metrics: MetricsHook | None = None,
     namespace: str | None = None,
@@ -94,6 +97,13 @@ def cached_stampede_safe(
     max_delay: float = 1.6,
     max_retries: int | None = None,
     on_timeout: OnTimeout = "compute",
+    stale_ttl: float = 0,
+    stale_if_error: bool = True,
+    background_refresh: bool = True,
+    early_refresh: bool = False,
+    beta: float = 1.0,
+    cache_none: bool = True,
+    should_cache: Callable[[Any], bool] | None = None,
     backend: Backend,
     metrics: MetricsHook | None = None,
     namespace: str | None = None,
@@ -109,6 +119,13 @@ def cached_stampede_safe(
     max_delay: float = 1.6,
     max_retries: int | None = None,
     on_timeout: OnTimeout = "compute",
+    stale_ttl: float = 0,
+    stale_if_error: bool = True,
+    background_refresh: bool = True,
+    early_refresh: bool = False,
+    beta: float = 1.0,
+    cache_none: bool = True,
+    should_cache: Callable[[Any], bool] | None = None,
     backend: AsyncBackend,
     metrics: MetricsHook | None = None,
     namespace: str | None = None,
@@ -123,6 +140,13 @@ def cached_stampede_safe(
     max_delay: float = 1.6,
     max_retries: int | None = None,
     on_timeout: OnTimeout = "compute",
+    stale_ttl: float = 0,
+    stale_if_error: bool = True,
+    background_refresh: bool = True,
+    early_refresh: bool = False,
+    beta: float = 1.0,
+    cache_none: bool = True,
+    should_cache: Callable[[Any], bool] | None = None,
     backend: Backend | AsyncBackend | None = None,
     metrics: MetricsHook | None = None,
     namespace: str | None = None,
@@ -149,7 +173,23 @@ def cached_stampede_safe(
         max_delay: Longest backoff delay, in seconds.
         max_retries: If given, a waiter also gives up after this many retries.
         on_timeout: What a waiter does when its wait runs out: ``"compute"`` the value
-            itself (and store it), or ``"raise"`` `LockTimeoutError`.
+            itself (and store it), or ``"raise"`` `LockTimeoutError`. A waiter with a
+            stale value at hand serves that instead.
+        stale_ttl: Seconds a value may still be served after *ttl* (stale while
+            revalidate): the caller gets it at once and one caller refreshes it. After
+            ``ttl + stale_ttl`` it is gone and the next call is a miss. 0: never stale.
+        stale_if_error: If a refresh raises, keep serving the stale value (and report
+            it) instead of raising to the caller that refreshed inline.
+        background_refresh: Refresh a stale or early value in a background thread (or
+            task), so every caller gets the stored value at once. False: the first
+            caller in each process that sees it refreshes inline and gets the new value.
+        early_refresh: Refresh hot values before *ttl* with XFetch's probability,
+            which grows as expiry nears and with the stored computation time, so a hot
+            key is recomputed (once, under the lock) before anyone misses it.
+        beta: XFetch's eagerness (only with *early_refresh*): above 1 refreshes earlier.
+        cache_none: Store a None result like any other (True), or not at all.
+        should_cache: Called with each computed value; store it only if it returns
+            True (e.g. ``lambda r: r.ok``). Values not stored are still returned.
         backend: Where values and locks live. Defaults to one in-memory backend per
             process; use `RedisBackend` (sync) or `AsyncRedisBackend` (asyncio) to
             coordinate processes and hosts.
@@ -159,8 +199,9 @@ def cached_stampede_safe(
 
     Returns:
         A decorator; the decorated function keeps its signature (an ``async def``
-        stays awaitable) and gains ``invalidate(*args, **kwargs)`` (awaitable for an
-        ``async def``) and ``cache_key(*args, **kwargs)``.
+        stays awaitable) and gains ``invalidate``, ``refresh``, ``get_cached`` and
+        ``bypass`` (awaitable for an ``async def``) and ``cache_key``, all taking the
+        function's arguments.
 
     Raises:
         ValueError: A number is out of range, *on_timeout* is unknown, or *key* names a
@@ -178,6 +219,13 @@ def cached_stampede_safe(
             max_delay=max_delay,
             max_retries=max_retries,
             on_timeout=on_timeout,
+            stale_ttl=stale_ttl,
+            stale_if_error=stale_if_error,
+            background_refresh=background_refresh,
+            early_refresh=early_refresh,
+            beta=beta,
+            cache_none=cache_none,
+            should_cache=should_cache,
         ),
         safe_emitter(check_metrics(metrics)),
         observed=metrics is not None,

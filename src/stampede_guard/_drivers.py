@@ -14,6 +14,7 @@ from typing import assert_never, cast
 from stampede_guard._ops import (
     Await,
     Compute,
+    Get,
     GetOrLock,
     Lock,
     Op,
@@ -55,6 +56,8 @@ def run_sync(plan: Plan, backend: Backend, compute: Callable[[], object]) -> Ser
 
 def _perform(op: Op, backend: Backend, compute: Callable[[], object]) -> object:  # noqa: C901
     match op:
+        case Get(key):
+            return backend.get(key)
         case GetOrLock(key, token, lock_ttl):
             return backend.get_or_lock(key, token, lock_ttl)
         case Lock(key, token, lock_ttl):
@@ -109,6 +112,8 @@ async def _perform_async(  # noqa: C901
     op: Op, backend: AsyncBackend, compute: Callable[[], Awaitable[object]]
 ) -> object:
     match op:
+        case Get(key):
+            return await backend.aget(key)
         case GetOrLock(key, token, lock_ttl):
             return await backend.aget_or_lock(key, token, lock_ttl)
         case Lock(key, token, lock_ttl):

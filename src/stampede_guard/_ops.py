@@ -110,7 +110,8 @@ class Unsubscribe:
 
 
 Op: TypeAlias = (
-    GetOrLock
+    Get
+    | GetOrLock
     | Lock
     | Compute
     | Set

@@ -6,7 +6,7 @@ import inspect
 import math
 import warnings
 from collections.abc import Callable
-from typing import Literal, cast
+from typing import Any, Literal, cast
 
 from stampede_guard._plan import Policy
 from stampede_guard.backends._protocol import AsyncBackend, Backend
@@ -72,8 +72,24 @@ def policy(
     max_delay: object,
     max_retries: object,
     on_timeout: object,
+    stale_ttl: object = 0,
+    stale_if_error: object = True,
+    background_refresh: object = True,
+    early_refresh: object = False,
+    beta: object = 1.0,
+    cache_none: object = True,
+    should_cache: object = None,
 ) -> Policy:
+    """Validate the decorator's options into a `Policy`; raise with the fix on bad ones."""
     lock = _seconds("lock_timeout", lock_timeout)
+    beta = _seconds("beta", beta)
+    if beta != 1.0 and not _flag("early_refresh", early_refresh):
+        warnings.warn(
+            f"beta={beta} has no effect without early_refresh=True", stacklevel=3
+        )
+    if should_cache is not None and not callable(should_cache):
+        msg = f"should_cache must be a callable taking the value and returning a bool, not {type(should_cache).__qualname__}"
+        raise TypeError(msg)
     policy = Policy(
         ttl=_seconds("ttl", ttl),
         lock_timeout=lock,
@@ -84,6 +100,12 @@ def policy(
         max_delay=_seconds("max_delay", max_delay),
         max_retries=_retries(max_retries),
         on_timeout=_on_timeout(on_timeout),
+        stale_ttl=0.0 if stale_ttl == 0 else _seconds("stale_ttl", stale_ttl),
+        stale_if_error=_flag("stale_if_error", stale_if_error),
+        background_refresh=_flag("background_refresh", background_refresh),
+        beta=beta if _flag("early_refresh", early_refresh) else None,
+        cache_none=_flag("cache_none", cache_none),
+        should_cache=cast("Callable[[Any], bool] | None", should_cache),
     )
     if policy.max_delay < policy.base_delay:
         msg = (
@@ -98,6 +120,13 @@ def policy(
             stacklevel=3,
         )
     return policy
+
+
+def _flag(name: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        msg = f"{name} must be True or False, not {value!r}"
+        raise TypeError(msg)
+    return value
 
 
 def _retries(value: object) -> int | None:

@@ -17,13 +17,20 @@ Steps, after the reference card:
    out. Notices make waiters wake at once; the backoff polls only catch lost ones.
    Patience is per holder: when the lock passes to a new holder, the wait starts over,
    so the waiters of a dead holder wait for its successor instead of all computing.
-5. Out of time: compute without the lock, or raise `LockTimeoutError`.
+5. Out of time: serve the stale value if there is one, else compute without the lock,
+   or raise `LockTimeoutError`.
+
+A value past its ``ttl`` but within ``stale_ttl`` (or fresh but due for an XFetch early
+refresh) is served at once, and `refresh` recomputes it under the same lock: whoever
+takes the lock (without waiting) computes, everyone else keeps the stored value.
 """
 
 from __future__ import annotations
 
 import enum
 import logging
+import math
+import random
 import secrets
 import time
 from collections.abc import Callable, Generator
@@ -37,7 +44,9 @@ from stampede_guard._errors import LockTimeoutError
 from stampede_guard._ops import (
     Await,
     Compute,
+    Get,
     GetOrLock,
+    Lock,
     Op,
     Set,
     SetAndUnlock,
@@ -53,11 +62,25 @@ from stampede_guard.metrics import (
     LockAcquired,
     LockWait,
     Miss,
+    Refresh,
+    RefreshFailed,
+    StaleServed,
     Timeout,
     _Emit,
 )
 
-__all__ = ["MISS", "Context", "Plan", "Policy", "Served", "first_look", "plan"]
+__all__ = [
+    "MISS",
+    "Context",
+    "Plan",
+    "Policy",
+    "RefreshDue",
+    "Served",
+    "first_look",
+    "plan",
+    "refresh",
+    "stale_value",
+]
 
 logger = logging.getLogger("stampede_guard")
 
@@ -76,7 +99,7 @@ MISS: Final = _Miss.MISS
 
 @dataclass(frozen=True, slots=True)
 class Policy:
-    """The decorator's validated timing parameters (seconds)."""
+    """The decorator's validated parameters (durations in seconds)."""
 
     ttl: float
     lock_timeout: float
@@ -85,6 +108,28 @@ class Policy:
     max_delay: float
     max_retries: int | None
     on_timeout: Literal["compute", "raise"]
+    stale_ttl: float = 0.0
+    stale_if_error: bool = True
+    background_refresh: bool = True
+    beta: float | None = None  # XFetch's beta when early refresh is on
+    cache_none: bool = True
+    should_cache: Callable[[Any], bool] | None = None
+
+    @property
+    def refreshes(self) -> bool:
+        """Whether a stored value can be due for a refresh (stale or early)."""
+        return self.stale_ttl > 0 or self.beta is not None
+
+    @property
+    def store_ttl(self) -> float:
+        """How long the backend keeps an entry: fresh, then stale."""
+        return self.ttl + self.stale_ttl
+
+    def caches(self, value: object) -> bool:
+        """Whether *value* is to be stored at all."""
+        if value is None and not self.cache_none:
+            return False
+        return self.should_cache is None or bool(self.should_cache(value))
 
 
 def _new_token() -> str:
@@ -105,26 +150,99 @@ class Context:
     clock: Callable[[], float] = time.monotonic
     wall_clock: Callable[[], float] = time.time
     new_token: Callable[[], str] = field(default=_new_token)
+    random: Callable[[], float] = random.random
 
 
 class _StillLockedError(Exception):
     """Another caller holds the lock; tenacity retries on it and re-raises it at the end."""
 
 
+@dataclass(frozen=True, slots=True)
+class RefreshDue:
+    """A stored entry to serve now and to refresh: it is *reason* ("stale" or "early")."""
+
+    entry: Entry
+    reason: Literal["stale", "early"]
+
+
 def first_look(key: str, found: Entry | None, ctx: Context) -> object:
-    """Decide step 1: return the cached value (a hit), or MISS."""
+    """Decide step 1: return the cached value (a hit), a `RefreshDue`, or MISS."""
     if found is None:
         return MISS
     if ctx.observed:  # build no event nobody will see: this is the hot path
         ctx.emit(Hit(key))
+    if ctx.policy.refreshes:
+        reason = _refresh_reason(found, ctx)
+        if reason is not None:
+            return RefreshDue(found, reason)
     return found.value
 
 
-def plan(key: str, ctx: Context) -> Plan:
-    """Serve *key* after a miss, computing it at most once among concurrent callers."""
+def _refresh_reason(entry: Entry, ctx: Context) -> Literal["stale", "early"] | None:
+    policy = ctx.policy
+    now = ctx.wall_clock()
+    expiry = entry.created_at + policy.ttl
+    if now >= expiry:
+        return "stale"
+    # XFetch (Vattani et al., VLDB 2015): refresh early with a probability that grows
+    # as expiry nears, faster for values that took long to compute. 1 - random() is
+    # in (0, 1], so the logarithm is defined.
+    if policy.beta is not None:
+        gap = -entry.compute_seconds * policy.beta * math.log(1.0 - ctx.random())
+        if now + gap >= expiry:
+            return "early"
+    return None
+
+
+def stale_value(key: str, due: RefreshDue, ctx: Context) -> object:
+    """Return the value of *due* to a caller served it while it gets refreshed."""
+    if due.reason == "stale" and ctx.observed:
+        ctx.emit(
+            StaleServed(key, ctx.wall_clock() - due.entry.created_at - ctx.policy.ttl)
+        )
+    return due.entry.value
+
+
+def refresh(key: str, due: RefreshDue, ctx: Context) -> Plan:
+    """Recompute *due*'s key if its lock is free; otherwise leave it to the holder.
+
+    Never waits: whoever is refused the lock keeps serving the stored value. A failed
+    refresh keeps it too (``stale_if_error``) and is reported.
+    """
+    token = ctx.new_token()
+    holder = yield Lock(key, token, ctx.policy.lock_timeout)
+    if holder != token:
+        return due.entry.value, True
+    # The double-check, for refreshes: another caller may have refreshed the value
+    # between our read and our lock. Then it is the one to serve, and we let go.
+    current = yield Get(key)
+    if current is not None and current.created_at > due.entry.created_at:
+        yield from _release(key, token)
+        return current.value, True
+    ctx.emit(Refresh(key, due.reason))
+    try:
+        value = yield from _lead(key, token, ctx)
+    except Exception as exc:
+        ctx.emit(RefreshFailed(key, exc))
+        if ctx.policy.stale_if_error:
+            return due.entry.value, True
+        raise
+    return value, False
+
+
+def plan(
+    key: str, ctx: Context, *, force: bool = False, stale: Entry | None = None
+) -> Plan:
+    """Serve *key* after a miss, computing it at most once among concurrent callers.
+
+    With *force* (a refresh on demand), a stored value does not count: the call takes
+    the lock to compute, or waits for the value its holder is computing. A *stale*
+    entry at hand is served if the wait runs out.
+    """
     policy = ctx.policy
     token = ctx.new_token()
-    claim = yield GetOrLock(key, token, policy.lock_timeout)
+    look = Lock if force else GetOrLock
+    claim = yield look(key, token, policy.lock_timeout)
     if isinstance(claim, Entry):  # stored between our two looks
         ctx.emit(Hit(key))
         return claim.value, True
@@ -133,17 +251,24 @@ def plan(key: str, ctx: Context) -> Plan:
     if claim != token:
         started = ctx.clock()
         try:
-            claim = yield from _wait(key, token, claim, ctx)
+            claim = yield from _wait(key, token, claim, ctx, look)
         except _StillLockedError:
             waited = ctx.clock() - started
             ctx.emit(LockWait(key, waited, "timeout"))
+            if stale is not None:
+                ctx.emit(
+                    StaleServed(key, ctx.wall_clock() - stale.created_at - policy.ttl)
+                )
+                return stale.value, True
             ctx.emit(Timeout(key, waited, policy.on_timeout))
             if policy.on_timeout == "raise":
                 raise LockTimeoutError(key, waited) from None
             # Like nginx's proxy_cache_lock_timeout: serve this caller now. The value is
             # stored too; it is as valid as the one the slow holder will store.
             entry = yield from _compute(key, ctx)
-            stored = yield Set(key, entry, policy.ttl)
+            if not policy.caches(entry.value):
+                return entry.value, False
+            stored = yield Set(key, entry, policy.store_ttl)
             return stored.value, False
         waited = ctx.clock() - started
         if isinstance(claim, Entry):
@@ -156,7 +281,7 @@ def plan(key: str, ctx: Context) -> Plan:
 
 
 def _wait(
-    key: str, token: str, holder: str, ctx: Context
+    key: str, token: str, holder: str, ctx: Context, look: type[GetOrLock | Lock]
 ) -> Generator[Op, Any, Entry | str]:
     """Wait until the value appears or the lock is ours; raise _StillLockedError at the end.
 
@@ -165,7 +290,7 @@ def _wait(
     """
     subscription = yield Subscribe(key)
     try:
-        claim = yield from _listen(key, token, holder, subscription, ctx)
+        claim = yield from _listen(key, token, holder, subscription, ctx, look)
     except GeneratorExit:
         raise  # closed with nobody to carry out an Unsubscribe; see _lead
     except BaseException:
@@ -175,8 +300,13 @@ def _wait(
     return claim
 
 
-def _listen(
-    key: str, token: str, holder: str, subscription: object, ctx: Context
+def _listen(  # noqa: PLR0917
+    key: str,
+    token: str,
+    holder: str,
+    subscription: object,
+    ctx: Context,
+    look: type[GetOrLock | Lock],
 ) -> Generator[Op, Any, Entry | str]:
     """The waiting loop: each round waits for a notice up to a delay, then looks.
 
@@ -200,7 +330,7 @@ def _listen(
         reraise=True,
     )
     # Listening now: look once more, or a value stored just before would go unheard.
-    claim = yield GetOrLock(key, token, policy.lock_timeout)
+    claim = yield look(key, token, policy.lock_timeout)
     for attempt in retrying:
         if delays:
             notice = yield Await(subscription, min(delays.pop(), deadline.remaining()))
@@ -208,7 +338,7 @@ def _listen(
             if isinstance(notice, Entry):
                 claim = notice
             else:
-                claim = yield GetOrLock(key, token, policy.lock_timeout)
+                claim = yield look(key, token, policy.lock_timeout)
         if isinstance(claim, Entry) or claim == token:
             return cast("Entry | str", claim)
         if claim != holder:
@@ -245,7 +375,11 @@ def _lead(key: str, token: str, ctx: Context) -> Generator[Op, Any, object]:
     """Compute and store the value while holding the lock; release it whatever happens."""
     try:
         entry = yield from _compute(key, ctx)
-        stored = yield SetAndUnlock(key, entry, ctx.policy.ttl, token)
+        if not ctx.policy.caches(entry.value):
+            # Not to be stored: let go (announced, so waiters look and one computes).
+            yield Unlock(key, token)
+            return entry.value
+        stored = yield SetAndUnlock(key, entry, ctx.policy.store_ttl, token)
     except GeneratorExit:
         # Closed by its owner being collected: no driver is left to release through,
         # so the lease runs out. Drivers themselves never close a plan early.

@@ -1,88 +1,47 @@
-"""What `cached_stampede_safe` returns: typed Protocols and the objects behind them."""
+"""The objects `cached_stampede_safe` puts in place of functions (see `_types`).
+
+Both wrappers do the same few things around the one algorithm in `_plan`: read (step 1,
+the hot path), share concurrent calls of a key (`_coalesce`), run the plan on a miss,
+and hand a due refresh to the background or run it inline. Only how they wait differs.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import inspect
+import logging
+import threading
 import types
-from collections.abc import Awaitable, Callable, Coroutine, Mapping
-from typing import (
-    Any,
-    Concatenate,
-    Generic,
-    ParamSpec,
-    Protocol,
-    Self,
-    TypeVar,
-    cast,
-    overload,
-)
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, Generic, ParamSpec, TypeVar, cast
 
-from stampede_guard._coalesce import AsyncFlights, SyncFlights
+from stampede_guard._coalesce import AsyncFlights, Refreshing, SyncFlights
 from stampede_guard._drivers import run_async, run_sync
 from stampede_guard._keys import KeyMaker
-from stampede_guard._plan import MISS, Context, Served, first_look, plan
-from stampede_guard.backends._protocol import AsyncBackend, Backend
+from stampede_guard._plan import (
+    MISS,
+    Context,
+    RefreshDue,
+    Served,
+    first_look,
+    plan,
+    refresh,
+    stale_value,
+)
+from stampede_guard._types import AsyncCachedFunction, CachedFunction
+from stampede_guard.backends._protocol import AsyncBackend, Backend, Entry
+from stampede_guard.metrics import Refresh
 
-__all__ = ["AsyncCachedFunction", "CachedFunction", "make_async", "make_sync"]
+__all__ = ["make_async", "make_sync"]
+
+logger = logging.getLogger("stampede_guard")
 
 P = ParamSpec("P")
-P2 = ParamSpec("P2")
 R = TypeVar("R")
-R_co = TypeVar("R_co", covariant=True)
-S = TypeVar("S")
 
-
-class CachedFunction(Protocol[P, R_co]):
-    """A function decorated by `cached_stampede_safe`: same signature, plus helpers.
-
-    Accessed through an instance, a decorated method binds like a plain method,
-    helpers included (``obj.method.invalidate(x)``).
-    """
-
-    __wrapped__: Callable[..., Any]
-
-    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R_co:
-        """Return the cached value, computing it once among concurrent callers."""
-
-    def invalidate(self, *args: P.args, **kwargs: P.kwargs) -> None:
-        """Drop the cached entry for these arguments; the next call computes again."""
-
-    def cache_key(self, *args: P.args, **kwargs: P.kwargs) -> str:
-        """Return the cache key these arguments map to."""
-
-    @overload
-    def __get__(self, instance: None, owner: type[Any] | None = None) -> Self: ...
-    @overload
-    def __get__(
-        self: CachedFunction[Concatenate[S, P2], R_co],
-        instance: S,
-        owner: type[Any] | None = None,
-    ) -> CachedFunction[P2, R_co]: ...
-
-
-class AsyncCachedFunction(Protocol[P, R_co]):
-    """An ``async def`` decorated by `cached_stampede_safe`; `CachedFunction`'s twin."""
-
-    __wrapped__: Callable[..., Any]
-
-    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> Coroutine[Any, Any, R_co]:
-        """Return the cached value, computing it once among concurrent callers."""
-
-    async def invalidate(self, *args: P.args, **kwargs: P.kwargs) -> None:
-        """Drop the cached entry for these arguments; the next call computes again."""
-
-    def cache_key(self, *args: P.args, **kwargs: P.kwargs) -> str:
-        """Return the cache key these arguments map to (no I/O, so not async)."""
-
-    @overload
-    def __get__(self, instance: None, owner: type[Any] | None = None) -> Self: ...
-    @overload
-    def __get__(
-        self: AsyncCachedFunction[Concatenate[S, P2], R_co],
-        instance: S,
-        owner: type[Any] | None = None,
-    ) -> AsyncCachedFunction[P2, R_co]: ...
+Args = tuple[Any, ...]
+Kwargs = Mapping[str, Any]
 
 
 class _Cached(Generic[P, R]):
@@ -97,39 +56,84 @@ class _Cached(Generic[P, R]):
         self._backend = backend
         self._context = context
         self._flights = SyncFlights()
+        self._refreshing = Refreshing()
         # An in-memory backend answers a hit faster than a flight can be joined.
         self._local = bool(getattr(backend, "local", False))
 
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
         key = self._keys(args, kwargs)
         if not self._local:  # a remote read: concurrent callers share it
-            return cast(
-                "R", self._flights.run(key, self._serve, args, kwargs, self._context)
-            )
-        value = first_look(key, self._backend.get(key), self._context)
-        if value is MISS:
-            return cast(
-                "R", self._flights.run(key, self._miss, args, kwargs, self._context)
-            )
+            value = self._flights.run(key, self._serve, args, kwargs, self._context)
+        else:
+            value = first_look(key, self._backend.get(key), self._context)
+            if value is MISS:
+                value = self._flights.run(key, self._miss, args, kwargs, self._context)
+        if value.__class__ is RefreshDue:
+            return cast("R", self._refresh_due(key, value, args, kwargs))
         return cast("R", value)
 
-    def _serve(
-        self, key: str, args: tuple[Any, ...], kwargs: Mapping[str, Any]
-    ) -> Served:
+    def _serve(self, key: str, args: Args, kwargs: Kwargs) -> Served:
         value = first_look(key, self._backend.get(key), self._context)
         return (value, True) if value is not MISS else self._miss(key, args, kwargs)
 
-    def _miss(
-        self, key: str, args: tuple[Any, ...], kwargs: Mapping[str, Any]
-    ) -> Served:
+    def _miss(self, key: str, args: Args, kwargs: Kwargs) -> Served:
         compute = functools.partial(self._fn, *args, **kwargs)
         return run_sync(plan(key, self._context), self._backend, compute)
+
+    def _refresh_due(
+        self, key: str, due: RefreshDue, args: Args, kwargs: Kwargs
+    ) -> object:
+        """Serve *due*'s value; the first caller of this process to see it refreshes it."""
+        if not self._refreshing.claim(key):
+            return stale_value(key, due, self._context)
+        if self._context.policy.background_refresh:
+            threading.Thread(
+                target=self._refresh_in_background,
+                args=(key, due, args, kwargs),
+                name="stampede_guard-refresh",
+                daemon=True,
+            ).start()
+            return stale_value(key, due, self._context)
+        try:
+            value, kept = self._refresh(key, due, args, kwargs)
+        finally:
+            self._refreshing.release(key)
+        return stale_value(key, due, self._context) if kept else value
+
+    def _refresh(self, key: str, due: RefreshDue, args: Args, kwargs: Kwargs) -> Served:
+        compute = functools.partial(self._fn, *args, **kwargs)
+        return run_sync(refresh(key, due, self._context), self._backend, compute)
+
+    def _refresh_in_background(
+        self, key: str, due: RefreshDue, args: Args, kwargs: Kwargs
+    ) -> None:
+        try:
+            self._refresh(key, due, args, kwargs)
+        except Exception:  # nobody is left to raise to; RefreshFailed was reported
+            logger.warning("background refresh of %r failed", key, exc_info=True)
+        finally:
+            self._refreshing.release(key)
 
     def invalidate(self, *args: P.args, **kwargs: P.kwargs) -> None:
         self._backend.delete(self._keys(args, kwargs))
 
     def cache_key(self, *args: P.args, **kwargs: P.kwargs) -> str:
         return self._keys(args, kwargs)
+
+    def refresh(self, *args: P.args, **kwargs: P.kwargs) -> R:
+        key = self._keys(args, kwargs)
+        context = self._context
+        context.emit(Refresh(key, "manual"))
+        compute = functools.partial(self._fn, *args, **kwargs)
+        forced = plan(key, context, force=True, stale=self._backend.get(key))
+        value, _ = run_sync(forced, self._backend, compute)
+        return cast("R", value)
+
+    def get_cached(self, *args: P.args, **kwargs: P.kwargs) -> Entry | None:
+        return self._backend.get(self._keys(args, kwargs))
+
+    def bypass(self, *args: P.args, **kwargs: P.kwargs) -> R:
+        return self._fn(*args, **kwargs)
 
     def __get__(self, instance: object, owner: type[Any] | None = None) -> Any:
         return self if instance is None else _Bound(self, instance)
@@ -155,37 +159,90 @@ class _AsyncCached(Generic[P, R]):
         self._backend = backend
         self._context = context
         self._flights = AsyncFlights()
+        self._refreshing = Refreshing()
+        self._background: set[asyncio.Task[None]] = set()  # strong refs until done
         self._local = bool(getattr(backend, "local", False))
 
     async def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
         key = self._keys(args, kwargs)
         flights, context = self._flights, self._context
         if not self._local:  # a remote read: concurrent callers share it
-            return cast("R", await flights.run(key, self._serve, args, kwargs, context))
-        value = first_look(key, await self._backend.aget(key), context)
-        if value is MISS:
-            return cast("R", await flights.run(key, self._miss, args, kwargs, context))
+            value = await flights.run(key, self._serve, args, kwargs, context)
+        else:
+            value = first_look(key, await self._backend.aget(key), context)
+            if value is MISS:
+                value = await flights.run(key, self._miss, args, kwargs, context)
+        if value.__class__ is RefreshDue:
+            due = value
+            return cast("R", await self._refresh_due(key, due, args, kwargs))
         return cast("R", value)
 
-    async def _serve(
-        self, key: str, args: tuple[Any, ...], kwargs: Mapping[str, Any]
-    ) -> Served:
+    async def _serve(self, key: str, args: Args, kwargs: Kwargs) -> Served:
         value = first_look(key, await self._backend.aget(key), self._context)
-        return (
-            (value, True) if value is not MISS else await self._miss(key, args, kwargs)
-        )
+        if value is not MISS:
+            return value, True
+        return await self._miss(key, args, kwargs)
 
-    async def _miss(
-        self, key: str, args: tuple[Any, ...], kwargs: Mapping[str, Any]
-    ) -> Served:
+    async def _miss(self, key: str, args: Args, kwargs: Kwargs) -> Served:
         compute = functools.partial(self._fn, *args, **kwargs)
         return await run_async(plan(key, self._context), self._backend, compute)
+
+    async def _refresh_due(
+        self, key: str, due: RefreshDue, args: Args, kwargs: Kwargs
+    ) -> object:
+        """Serve *due*'s value; the first task of this process to see it refreshes it."""
+        if not self._refreshing.claim(key):
+            return stale_value(key, due, self._context)
+        if self._context.policy.background_refresh:
+            task = asyncio.get_running_loop().create_task(
+                self._refresh_in_background(key, due, args, kwargs)
+            )
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+            return stale_value(key, due, self._context)
+        try:
+            value, kept = await self._refresh(key, due, args, kwargs)
+        finally:
+            self._refreshing.release(key)
+        return stale_value(key, due, self._context) if kept else value
+
+    async def _refresh(
+        self, key: str, due: RefreshDue, args: Args, kwargs: Kwargs
+    ) -> Served:
+        compute = functools.partial(self._fn, *args, **kwargs)
+        return await run_async(refresh(key, due, self._context), self._backend, compute)
+
+    async def _refresh_in_background(
+        self, key: str, due: RefreshDue, args: Args, kwargs: Kwargs
+    ) -> None:
+        try:
+            await self._refresh(key, due, args, kwargs)
+        except Exception:  # nobody is left to raise to; RefreshFailed was reported
+            logger.warning("background refresh of %r failed", key, exc_info=True)
+        finally:
+            self._refreshing.release(key)
 
     async def invalidate(self, *args: P.args, **kwargs: P.kwargs) -> None:
         await self._backend.adelete(self._keys(args, kwargs))
 
     def cache_key(self, *args: P.args, **kwargs: P.kwargs) -> str:
         return self._keys(args, kwargs)
+
+    async def refresh(self, *args: P.args, **kwargs: P.kwargs) -> R:
+        key = self._keys(args, kwargs)
+        context = self._context
+        context.emit(Refresh(key, "manual"))
+        compute = functools.partial(self._fn, *args, **kwargs)
+        stale = await self._backend.aget(key)
+        forced = plan(key, context, force=True, stale=stale)
+        value, _ = await run_async(forced, self._backend, compute)
+        return cast("R", value)
+
+    async def get_cached(self, *args: P.args, **kwargs: P.kwargs) -> Entry | None:
+        return await self._backend.aget(self._keys(args, kwargs))
+
+    async def bypass(self, *args: P.args, **kwargs: P.kwargs) -> R:
+        return await self._fn(*args, **kwargs)
 
     def __get__(self, instance: object, owner: type[Any] | None = None) -> Any:
         return self if instance is None else _AsyncBound(self, instance)
@@ -214,6 +271,15 @@ class _Bound:
 
     def cache_key(self, *args: Any, **kwargs: Any) -> str:
         return self._cached.cache_key(self._instance, *args, **kwargs)
+
+    def refresh(self, *args: Any, **kwargs: Any) -> Any:
+        return self._cached.refresh(self._instance, *args, **kwargs)
+
+    def get_cached(self, *args: Any, **kwargs: Any) -> Any:
+        return self._cached.get_cached(self._instance, *args, **kwargs)
+
+    def bypass(self, *args: Any, **kwargs: Any) -> Any:
+        return self._cached.bypass(self._instance, *args, **kwargs)
 
     def __repr__(self) -> str:
         return f"<bound {self._cached!r} of {self._instance!r}>"

@@ -22,6 +22,9 @@ __all__ = [
     "LockWait",
     "MetricsHook",
     "Miss",
+    "Refresh",
+    "RefreshFailed",
+    "StaleServed",
     "StampedeStats",
     "StatsSnapshot",
     "Timeout",
@@ -91,8 +94,45 @@ class ComputeError:
     error: BaseException
 
 
+@dataclass(frozen=True, slots=True)
+class StaleServed:
+    """A value *seconds* past its ``ttl`` (within ``stale_ttl``) was served."""
+
+    key: str
+    seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class Refresh:
+    """This call took the lock to refresh a stored value.
+
+    *reason*: it was stale (``"stale"``), XFetch chose to refresh it before it expired
+    (``"early"``), or ``refresh()`` was called (``"manual"``).
+    """
+
+    key: str
+    reason: Literal["stale", "early", "manual"]
+
+
+@dataclass(frozen=True, slots=True)
+class RefreshFailed:
+    """A refresh raised *error*; the stored value was kept (``stale_if_error``)."""
+
+    key: str
+    error: BaseException
+
+
 Event: TypeAlias = (
-    Hit | Miss | LockAcquired | LockWait | Timeout | Computed | ComputeError
+    Hit
+    | Miss
+    | LockAcquired
+    | LockWait
+    | Timeout
+    | Computed
+    | ComputeError
+    | StaleServed
+    | Refresh
+    | RefreshFailed
 )
 
 
@@ -124,6 +164,10 @@ class StatsSnapshot:
     total_wait_seconds: float
     timeouts: int
     errors: int
+    stale_served: int = 0
+    refreshes: int = 0
+    early_refreshes: int = 0
+    refresh_failures: int = 0
 
     @property
     def average_wait_seconds(self) -> float:
@@ -166,8 +210,12 @@ class StampedeStats:
         self._total_wait = 0.0
         self._timeouts = 0
         self._errors = 0
+        self._stale_served = 0
+        self._refreshes = 0
+        self._early_refreshes = 0
+        self._refresh_failures = 0
 
-    def __call__(self, event: Event, /) -> None:
+    def __call__(self, event: Event, /) -> None:  # noqa: C901 - a case per event
         """Count *event*."""
         with self._lock:
             match event:
@@ -186,6 +234,13 @@ class StampedeStats:
                 case ComputeError():
                     self._computations += 1
                     self._errors += 1
+                case StaleServed():
+                    self._stale_served += 1
+                case Refresh(reason=reason):
+                    self._refreshes += 1
+                    self._early_refreshes += reason == "early"
+                case RefreshFailed():
+                    self._refresh_failures += 1
                 case LockAcquired():
                     pass
 
@@ -201,6 +256,10 @@ class StampedeStats:
                 total_wait_seconds=self._total_wait,
                 timeouts=self._timeouts,
                 errors=self._errors,
+                stale_served=self._stale_served,
+                refreshes=self._refreshes,
+                early_refreshes=self._early_refreshes,
+                refresh_failures=self._refresh_failures,
             )
 
     def reset(self) -> None:
