@@ -9,6 +9,7 @@ from stampede_guard import (
     AsyncCachedFunction,
     AsyncRedisBackend,
     CachedFunction,
+    Entry,
     MemoryBackend,
     RedisBackend,
     StampedeStats,
@@ -110,3 +111,33 @@ def pairing(sync_backend: RedisBackend, async_backend: AsyncRedisBackend) -> Non
     )
     # Last: mypy also types this call NoReturn, so code after it is unreachable.
     cached_stampede_safe(backend=sync_backend)(coro)  # type: ignore[deprecated]
+
+
+def helpers() -> None:
+    assert_type(get_weather.refresh("Paris"), dict[str, float])
+    assert_type(get_weather.bypass("Paris"), dict[str, float])
+    entry = get_weather.get_cached("Paris")
+    assert_type(entry, Entry | None)
+    get_weather.refresh(3)  # type: ignore[arg-type]
+
+
+async def async_helpers() -> None:
+    assert_type(await get_forecast.refresh("Paris"), list[float])
+    assert_type(await get_forecast.bypass("Paris", days=2), list[float])
+    assert_type(await get_forecast.get_cached("Paris"), Entry | None)
+
+
+@cached_stampede_safe(
+    key="q:{q}",
+    stale_ttl=300,
+    early_refresh=True,
+    beta=1.5,
+    cache_none=False,
+    should_cache=lambda rows: bool(rows),
+)
+def search(q: str) -> list[str]:
+    return [q]
+
+
+assert_type(search("x"), list[str])
+cached_stampede_safe(stale_ttl="5")  # type: ignore[call-overload]
