@@ -17,7 +17,7 @@ import weakref
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Final, TypeAlias
 
-from stampede_guard._plan import Context, Served
+from stampede_guard._context import Context, Served
 from stampede_guard.metrics import Hit, LockWait, Miss
 
 __all__ = ["AsyncFlights", "Refreshing", "SyncFlights"]

@@ -7,6 +7,7 @@ from typing import Any, NoReturn, ParamSpec, Protocol, TypeVar, overload
 
 from typing_extensions import deprecated
 
+from stampede_guard._context import Context
 from stampede_guard._keys import KeyMaker, validate_namespace
 from stampede_guard._options import (
     OnTimeout,
@@ -17,7 +18,6 @@ from stampede_guard._options import (
     check_pairing,
     policy,
 )
-from stampede_guard._plan import Context
 from stampede_guard._types import AsyncCachedFunction, CachedFunction
 from stampede_guard._wrappers import make_async, make_sync
 from stampede_guard.backends._protocol import AsyncBackend, Backend

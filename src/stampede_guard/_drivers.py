@@ -11,6 +11,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import assert_never, cast
 
+from stampede_guard._context import Plan, Served
 from stampede_guard._ops import (
     Await,
     Compute,
@@ -24,7 +25,6 @@ from stampede_guard._ops import (
     Unlock,
     Unsubscribe,
 )
-from stampede_guard._plan import Plan, Served
 from stampede_guard.backends._protocol import (
     AsyncBackend,
     AsyncNotifier,

@@ -8,7 +8,7 @@ import warnings
 from collections.abc import Callable
 from typing import Any, Literal, cast
 
-from stampede_guard._plan import Policy
+from stampede_guard._context import Policy
 from stampede_guard.backends._protocol import AsyncBackend, Backend
 from stampede_guard.backends.memory import default_backend
 from stampede_guard.metrics import MetricsHook

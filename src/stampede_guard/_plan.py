@@ -27,20 +27,16 @@ takes the lock (without waiting) computes, everyone else keeps the stored value.
 
 from __future__ import annotations
 
-import enum
 import logging
-import math
-import random
-import secrets
-import time
 from collections.abc import Callable, Generator
-from dataclasses import dataclass, field
-from typing import Any, Final, Literal, cast
+from typing import Any, cast
 
 import tenacity
 from typing_extensions import override
 
+from stampede_guard._context import MISS, Context, Plan, Policy, Served
 from stampede_guard._errors import LockTimeoutError
+from stampede_guard._freshness import RefreshDue, refresh_reason, stale_value
 from stampede_guard._ops import (
     Await,
     Compute,
@@ -66,7 +62,6 @@ from stampede_guard.metrics import (
     RefreshFailed,
     StaleServed,
     Timeout,
-    _Emit,
 )
 
 __all__ = [
@@ -84,85 +79,9 @@ __all__ = [
 
 logger = logging.getLogger("stampede_guard")
 
-# What a plan returns: the value, and whether it came straight from the cache (a hit),
-# which tells callers that shared this call in-process how to count themselves.
-Served = tuple[object, bool]
-Plan = Generator[Op, Any, Served]
-
-
-class _Miss(enum.Enum):
-    MISS = "miss"
-
-
-MISS: Final = _Miss.MISS
-
-
-@dataclass(frozen=True, slots=True)
-class Policy:
-    """The decorator's validated parameters (durations in seconds)."""
-
-    ttl: float
-    lock_timeout: float
-    wait_timeout: float
-    base_delay: float
-    max_delay: float
-    max_retries: int | None
-    on_timeout: Literal["compute", "raise"]
-    stale_ttl: float = 0.0
-    stale_if_error: bool = True
-    background_refresh: bool = True
-    beta: float | None = None  # XFetch's beta when early refresh is on
-    cache_none: bool = True
-    should_cache: Callable[[Any], bool] | None = None
-
-    @property
-    def refreshes(self) -> bool:
-        """Whether a stored value can be due for a refresh (stale or early)."""
-        return self.stale_ttl > 0 or self.beta is not None
-
-    @property
-    def store_ttl(self) -> float:
-        """How long the backend keeps an entry: fresh, then stale."""
-        return self.ttl + self.stale_ttl
-
-    def caches(self, value: object) -> bool:
-        """Whether *value* is to be stored at all."""
-        if value is None and not self.cache_none:
-            return False
-        return self.should_cache is None or bool(self.should_cache(value))
-
-
-def _new_token() -> str:
-    # 128 random bits per acquisition; unlike uuid1 it leaks no MAC address or time.
-    return secrets.token_hex(16)
-
-
-@dataclass(frozen=True, slots=True)
-class Context:
-    """What a plan needs besides its key: the policy, where events go, and clocks.
-
-    The clocks and the token source are parameters so a test can step a plan exactly.
-    """
-
-    policy: Policy
-    emit: _Emit
-    observed: bool = True  # False when no metrics hook listens
-    clock: Callable[[], float] = time.monotonic
-    wall_clock: Callable[[], float] = time.time
-    new_token: Callable[[], str] = field(default=_new_token)
-    random: Callable[[], float] = random.random
-
 
 class _StillLockedError(Exception):
     """Another caller holds the lock; tenacity retries on it and re-raises it at the end."""
-
-
-@dataclass(frozen=True, slots=True)
-class RefreshDue:
-    """A stored entry to serve now and to refresh: it is *reason* ("stale" or "early")."""
-
-    entry: Entry
-    reason: Literal["stale", "early"]
 
 
 def first_look(key: str, found: Entry | None, ctx: Context) -> object:
@@ -172,35 +91,10 @@ def first_look(key: str, found: Entry | None, ctx: Context) -> object:
     if ctx.observed:  # build no event nobody will see: this is the hot path
         ctx.emit(Hit(key))
     if ctx.policy.refreshes:
-        reason = _refresh_reason(found, ctx)
+        reason = refresh_reason(found, ctx)
         if reason is not None:
             return RefreshDue(found, reason)
     return found.value
-
-
-def _refresh_reason(entry: Entry, ctx: Context) -> Literal["stale", "early"] | None:
-    policy = ctx.policy
-    now = ctx.wall_clock()
-    expiry = entry.created_at + policy.ttl
-    if now >= expiry:
-        return "stale"
-    # XFetch (Vattani et al., VLDB 2015): refresh early with a probability that grows
-    # as expiry nears, faster for values that took long to compute. 1 - random() is
-    # in (0, 1], so the logarithm is defined.
-    if policy.beta is not None:
-        gap = -entry.compute_seconds * policy.beta * math.log(1.0 - ctx.random())
-        if now + gap >= expiry:
-            return "early"
-    return None
-
-
-def stale_value(key: str, due: RefreshDue, ctx: Context) -> object:
-    """Return the value of *due* to a caller served it while it gets refreshed."""
-    if due.reason == "stale" and ctx.observed:
-        ctx.emit(
-            StaleServed(key, ctx.wall_clock() - due.entry.created_at - ctx.policy.ttl)
-        )
-    return due.entry.value
 
 
 def refresh(key: str, due: RefreshDue, ctx: Context) -> Plan:

@@ -1,0 +1,84 @@
+"""What a plan runs with: the validated policy, the context, and the types they share."""
+
+from __future__ import annotations
+
+import enum
+import random
+import secrets
+import time
+from collections.abc import Callable, Generator
+from dataclasses import dataclass, field
+from typing import Any, Final, Literal
+
+from stampede_guard._ops import Op
+from stampede_guard.metrics import _Emit
+
+__all__ = ["MISS", "Context", "Plan", "Policy", "Served"]
+
+# What a plan returns: the value, and whether it came straight from the cache (a hit),
+# which tells callers that shared this call in-process how to count themselves.
+Served = tuple[object, bool]
+Plan = Generator[Op, Any, Served]
+
+
+class _Miss(enum.Enum):
+    MISS = "miss"
+
+
+MISS: Final = _Miss.MISS
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    """The decorator's validated parameters (durations in seconds)."""
+
+    ttl: float
+    lock_timeout: float
+    wait_timeout: float
+    base_delay: float
+    max_delay: float
+    max_retries: int | None
+    on_timeout: Literal["compute", "raise"]
+    stale_ttl: float = 0.0
+    stale_if_error: bool = True
+    background_refresh: bool = True
+    beta: float | None = None  # XFetch's beta when early refresh is on
+    cache_none: bool = True
+    should_cache: Callable[[Any], bool] | None = None
+
+    @property
+    def refreshes(self) -> bool:
+        """Whether a stored value can be due for a refresh (stale or early)."""
+        return self.stale_ttl > 0 or self.beta is not None
+
+    @property
+    def store_ttl(self) -> float:
+        """How long the backend keeps an entry: fresh, then stale."""
+        return self.ttl + self.stale_ttl
+
+    def caches(self, value: object) -> bool:
+        """Whether *value* is to be stored at all."""
+        if value is None and not self.cache_none:
+            return False
+        return self.should_cache is None or bool(self.should_cache(value))
+
+
+def _new_token() -> str:
+    # 128 random bits per acquisition; unlike uuid1 it leaks no MAC address or time.
+    return secrets.token_hex(16)
+
+
+@dataclass(frozen=True, slots=True)
+class Context:
+    """What a plan needs besides its key: the policy, where events go, and clocks.
+
+    The clocks and the token source are parameters so a test can step a plan exactly.
+    """
+
+    policy: Policy
+    emit: _Emit
+    observed: bool = True  # False when no metrics hook listens
+    clock: Callable[[], float] = time.monotonic
+    wall_clock: Callable[[], float] = time.time
+    new_token: Callable[[], str] = field(default=_new_token)
+    random: Callable[[], float] = random.random
