@@ -157,11 +157,32 @@ def test_concurrent_hits_share_one_read() -> None:
 
 
 @pytest.mark.timeout(30)
-def test_backend_down_costs_one_call_per_key_and_everyone_gets_the_error() -> None:
-    """With the backend failing, 200 concurrent callers make one call, all see BackendError."""
+def test_backend_down_costs_one_read_and_one_computation_per_process() -> None:
+    """Backend failing: 200 concurrent callers make one backend call and one computation."""
+    backend = CountingBackend(fail=True)
+    stats = StampedeStats()
+    computations = 0
+
+    @cached_stampede_safe(key="k", backend=backend, metrics=stats)
+    def f() -> str:
+        nonlocal computations
+        computations += 1
+        threading.Event().wait(0.05)
+        return "computed anyway"
+
+    results = thread_stampede(f, 200)
+    assert results == ["computed anyway"] * 200
+    assert backend.calls == Counter({"get": 1})
+    assert computations == 1
+    assert stats.snapshot().backend_errors == 1
+
+
+@pytest.mark.timeout(30)
+def test_backend_down_with_raise_shares_the_backend_error() -> None:
+    """on_backend_error='raise': one backend call, every concurrent caller gets BackendError."""
     backend = CountingBackend(fail=True)
 
-    @cached_stampede_safe(key="k", backend=backend)
+    @cached_stampede_safe(key="k", backend=backend, on_backend_error="raise")
     def f() -> str:
         raise AssertionError
 

@@ -10,6 +10,7 @@ from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal
 
+from stampede_guard._breaker import CircuitBreaker
 from stampede_guard._ops import Op
 from stampede_guard.metrics import _Emit
 
@@ -39,6 +40,7 @@ class Policy:
     max_delay: float
     max_retries: int | None
     on_timeout: Literal["compute", "raise"]
+    on_backend_error: Literal["compute", "raise"] = "compute"
     stale_ttl: float = 0.0
     stale_if_error: bool = True
     background_refresh: bool = True
@@ -82,3 +84,4 @@ class Context:
     wall_clock: Callable[[], float] = time.time
     new_token: Callable[[], str] = field(default=_new_token)
     random: Callable[[], float] = random.random
+    breaker: CircuitBreaker = field(default_factory=CircuitBreaker)

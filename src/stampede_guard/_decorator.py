@@ -75,6 +75,7 @@ def cached_stampede_safe(  # type: ignore[overload-overlap]
     max_delay: float = 1.6,
     max_retries: int | None = None,
     on_timeout: OnTimeout = "compute",
+    on_backend_error: OnTimeout = "compute",
     stale_ttl: float = 0,
     stale_if_error: bool = True,
     background_refresh: bool = True,
@@ -97,6 +98,7 @@ def cached_stampede_safe(
     max_delay: float = 1.6,
     max_retries: int | None = None,
     on_timeout: OnTimeout = "compute",
+    on_backend_error: OnTimeout = "compute",
     stale_ttl: float = 0,
     stale_if_error: bool = True,
     background_refresh: bool = True,
@@ -119,6 +121,7 @@ def cached_stampede_safe(
     max_delay: float = 1.6,
     max_retries: int | None = None,
     on_timeout: OnTimeout = "compute",
+    on_backend_error: OnTimeout = "compute",
     stale_ttl: float = 0,
     stale_if_error: bool = True,
     background_refresh: bool = True,
@@ -140,6 +143,7 @@ def cached_stampede_safe(
     max_delay: float = 1.6,
     max_retries: int | None = None,
     on_timeout: OnTimeout = "compute",
+    on_backend_error: OnTimeout = "compute",
     stale_ttl: float = 0,
     stale_if_error: bool = True,
     background_refresh: bool = True,
@@ -175,6 +179,10 @@ def cached_stampede_safe(
         on_timeout: What a waiter does when its wait runs out: ``"compute"`` the value
             itself (and store it), or ``"raise"`` `LockTimeoutError`. A waiter with a
             stale value at hand serves that instead.
+        on_backend_error: When the backend fails (down, timing out): ``"compute"``
+            serves the call without the cache (computed once per key per process at
+            a time; a circuit breaker skips a backend that keeps failing for 5 s), or
+            ``"raise"`` `BackendError`.
         stale_ttl: Seconds a value may still be served after *ttl* (stale while
             revalidate): the caller gets it at once and one caller refreshes it. After
             ``ttl + stale_ttl`` it is gone and the next call is a miss. 0: never stale.
@@ -219,6 +227,7 @@ def cached_stampede_safe(
             max_delay=max_delay,
             max_retries=max_retries,
             on_timeout=on_timeout,
+            on_backend_error=on_backend_error,
             stale_ttl=stale_ttl,
             stale_if_error=stale_if_error,
             background_refresh=background_refresh,

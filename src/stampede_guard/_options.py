@@ -72,6 +72,7 @@ def policy(
     max_delay: object,
     max_retries: object,
     on_timeout: object,
+    on_backend_error: object = "compute",
     stale_ttl: object = 0,
     stale_if_error: object = True,
     background_refresh: object = True,
@@ -100,6 +101,7 @@ def policy(
         max_delay=_seconds("max_delay", max_delay),
         max_retries=_retries(max_retries),
         on_timeout=_on_timeout(on_timeout),
+        on_backend_error=_on_backend_error(on_backend_error),
         stale_ttl=0.0 if stale_ttl == 0 else _seconds("stale_ttl", stale_ttl),
         stale_if_error=_flag("stale_if_error", stale_if_error),
         background_refresh=_flag("background_refresh", background_refresh),
@@ -145,6 +147,13 @@ def _on_timeout(value: object) -> OnTimeout:
     if value == "compute" or value == "raise":  # noqa: PLR1714 - narrows to the Literal
         return value
     msg = f"on_timeout={value!r} is not one of 'compute' (the waiter computes the value itself) or 'raise' (LockTimeoutError)"
+    raise ValueError(msg)
+
+
+def _on_backend_error(value: object) -> OnTimeout:
+    if value == "compute" or value == "raise":  # noqa: PLR1714 - narrows to the Literal
+        return value
+    msg = f"on_backend_error={value!r} is not one of 'compute' (serve the call without the cache) or 'raise' (BackendError)"
     raise ValueError(msg)
 
 

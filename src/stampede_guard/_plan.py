@@ -35,7 +35,7 @@ import tenacity
 from typing_extensions import override
 
 from stampede_guard._context import MISS, Context, Plan, Policy, Served
-from stampede_guard._errors import LockTimeoutError
+from stampede_guard._errors import BackendError, LockTimeoutError
 from stampede_guard._freshness import RefreshDue, refresh_reason, stale_value
 from stampede_guard._ops import (
     Await,
@@ -52,6 +52,8 @@ from stampede_guard._ops import (
 )
 from stampede_guard.backends._protocol import Entry
 from stampede_guard.metrics import (
+    BackendFailed,
+    BackendSkipped,
     Computed,
     ComputeError,
     Hit,
@@ -75,6 +77,7 @@ __all__ = [
     "plan",
     "refresh",
     "stale_value",
+    "without_cache",
 ]
 
 logger = logging.getLogger("stampede_guard")
@@ -136,7 +139,10 @@ def plan(
     policy = ctx.policy
     token = ctx.new_token()
     look = Lock if force else GetOrLock
-    claim = yield look(key, token, policy.lock_timeout)
+    try:
+        claim = yield look(key, token, policy.lock_timeout)
+    except BackendError as exc:
+        return (yield from without_cache(key, ctx, exc))
     if isinstance(claim, Entry):  # stored between our two looks
         ctx.emit(Hit(key))
         return claim.value, True
@@ -146,24 +152,10 @@ def plan(
         started = ctx.clock()
         try:
             claim = yield from _wait(key, token, claim, ctx, look)
+        except BackendError as exc:
+            return (yield from without_cache(key, ctx, exc))
         except _StillLockedError:
-            waited = ctx.clock() - started
-            ctx.emit(LockWait(key, waited, "timeout"))
-            if stale is not None:
-                ctx.emit(
-                    StaleServed(key, ctx.wall_clock() - stale.created_at - policy.ttl)
-                )
-                return stale.value, True
-            ctx.emit(Timeout(key, waited, policy.on_timeout))
-            if policy.on_timeout == "raise":
-                raise LockTimeoutError(key, waited) from None
-            # Like nginx's proxy_cache_lock_timeout: serve this caller now. The value is
-            # stored too; it is as valid as the one the slow holder will store.
-            entry = yield from _compute(key, ctx)
-            if not policy.caches(entry.value):
-                return entry.value, False
-            stored = yield Set(key, entry, policy.store_ttl)
-            return stored.value, False
+            return (yield from _timed_out(key, ctx, ctx.clock() - started, stale))
         waited = ctx.clock() - started
         if isinstance(claim, Entry):
             ctx.emit(LockWait(key, waited, "value"))
@@ -172,6 +164,29 @@ def plan(
 
     ctx.emit(LockAcquired(key))
     return (yield from _lead(key, token, ctx)), False
+
+
+def _timed_out(key: str, ctx: Context, waited: float, stale: Entry | None) -> Plan:
+    """Step 5: the wait ran out. Serve *stale* if at hand, else apply ``on_timeout``."""
+    policy = ctx.policy
+    ctx.emit(LockWait(key, waited, "timeout"))
+    if stale is not None:
+        ctx.emit(StaleServed(key, ctx.wall_clock() - stale.created_at - policy.ttl))
+        return stale.value, True
+    ctx.emit(Timeout(key, waited, policy.on_timeout))
+    if policy.on_timeout == "raise":
+        raise LockTimeoutError(key, waited) from None
+    # Like nginx's proxy_cache_lock_timeout: serve this caller now. The value is
+    # stored too; it is as valid as the one the slow holder will store.
+    entry = yield from _compute(key, ctx)
+    if not policy.caches(entry.value):
+        return entry.value, False
+    try:
+        stored = yield Set(key, entry, policy.store_ttl)
+    except BackendError as exc:
+        _store_failed(key, ctx, exc)
+        return entry.value, False
+    return stored.value, False
 
 
 def _wait(
@@ -273,7 +288,12 @@ def _lead(key: str, token: str, ctx: Context) -> Generator[Op, Any, object]:
             # Not to be stored: let go (announced, so waiters look and one computes).
             yield Unlock(key, token)
             return entry.value
-        stored = yield SetAndUnlock(key, entry, ctx.policy.store_ttl, token)
+        try:
+            stored = yield SetAndUnlock(key, entry, ctx.policy.store_ttl, token)
+        except BackendError as exc:
+            _store_failed(key, ctx, exc)  # or raise: either way, release below
+            yield from _release(key, token)
+            return entry.value
     except GeneratorExit:
         # Closed by its owner being collected: no driver is left to release through,
         # so the lease runs out. Drivers themselves never close a plan early.
@@ -286,6 +306,35 @@ def _lead(key: str, token: str, ctx: Context) -> Generator[Op, Any, object]:
         raise
     # What the backend stored, as every reader will see it (see Backend.set).
     return stored.value
+
+
+def without_cache(key: str, ctx: Context, error: BackendError | None) -> Plan:
+    """Serve a call the backend cannot: compute it, store nothing.
+
+    *error* is the backend's failure, or None when the circuit breaker skipped the
+    backend. With ``on_backend_error="raise"`` the failure is raised instead.
+    """
+    if error is not None:
+        ctx.breaker.failed()
+        if ctx.policy.on_backend_error == "raise":
+            raise error
+        ctx.emit(BackendFailed(key, error))
+        logger.warning(
+            "cache backend failed for %r; computing without it: %s", key, error
+        )
+    else:
+        ctx.emit(BackendSkipped(key))
+    entry = yield from _compute(key, ctx)
+    return entry.value, False
+
+
+def _store_failed(key: str, ctx: Context, error: BackendError) -> None:
+    """The value was computed but could not be stored: keep it, or raise."""
+    ctx.breaker.failed()
+    if ctx.policy.on_backend_error == "raise":
+        raise error
+    ctx.emit(BackendFailed(key, error))
+    logger.warning("cache backend failed for %r; value not stored: %s", key, error)
 
 
 def _release(key: str, token: str) -> Generator[Op, Any, None]:

@@ -18,16 +18,17 @@ from typing import Any, Generic, ParamSpec, TypeVar, cast
 
 from stampede_guard._coalesce import AsyncFlights, Refreshing, SyncFlights
 from stampede_guard._drivers import run_async, run_sync
+from stampede_guard._errors import BackendError
+from stampede_guard._freshness import RefreshDue, stale_value
 from stampede_guard._keys import KeyMaker
 from stampede_guard._plan import (
     MISS,
     Context,
-    RefreshDue,
     Served,
     first_look,
     plan,
     refresh,
-    stale_value,
+    without_cache,
 )
 from stampede_guard._types import AsyncCachedFunction, CachedFunction
 from stampede_guard.backends._protocol import AsyncBackend, Backend, Entry
@@ -73,8 +74,24 @@ class _Cached(Generic[P, R]):
         return cast("R", value)
 
     def _serve(self, key: str, args: Args, kwargs: Kwargs) -> Served:
-        value = first_look(key, self._backend.get(key), self._context)
+        breaker = self._context.breaker
+        if not breaker.allow():
+            return self._without_cache(key, None, args, kwargs)
+        try:
+            found = self._backend.get(key)
+        except BackendError as exc:
+            return self._without_cache(key, exc, args, kwargs)
+        breaker.succeeded()
+        value = first_look(key, found, self._context)
         return (value, True) if value is not MISS else self._miss(key, args, kwargs)
+
+    def _without_cache(
+        self, key: str, error: BackendError | None, args: Args, kwargs: Kwargs
+    ) -> Served:
+        compute = functools.partial(self._fn, *args, **kwargs)
+        return run_sync(
+            without_cache(key, self._context, error), self._backend, compute
+        )
 
     def _miss(self, key: str, args: Args, kwargs: Kwargs) -> Served:
         compute = functools.partial(self._fn, *args, **kwargs)
@@ -178,10 +195,25 @@ class _AsyncCached(Generic[P, R]):
         return cast("R", value)
 
     async def _serve(self, key: str, args: Args, kwargs: Kwargs) -> Served:
-        value = first_look(key, await self._backend.aget(key), self._context)
+        breaker = self._context.breaker
+        if not breaker.allow():
+            return await self._without_cache(key, None, args, kwargs)
+        try:
+            found = await self._backend.aget(key)
+        except BackendError as exc:
+            return await self._without_cache(key, exc, args, kwargs)
+        breaker.succeeded()
+        value = first_look(key, found, self._context)
         if value is not MISS:
             return value, True
         return await self._miss(key, args, kwargs)
+
+    async def _without_cache(
+        self, key: str, error: BackendError | None, args: Args, kwargs: Kwargs
+    ) -> Served:
+        compute = functools.partial(self._fn, *args, **kwargs)
+        plan_ = without_cache(key, self._context, error)
+        return await run_async(plan_, self._backend, compute)
 
     async def _miss(self, key: str, args: Args, kwargs: Kwargs) -> Served:
         compute = functools.partial(self._fn, *args, **kwargs)

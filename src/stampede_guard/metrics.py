@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from typing import Literal, Protocol, TypeAlias
 
 __all__ = [
+    "BackendFailed",
+    "BackendSkipped",
     "ComputeError",
     "Computed",
     "Event",
@@ -122,6 +124,25 @@ class RefreshFailed:
     error: BaseException
 
 
+@dataclass(frozen=True, slots=True)
+class BackendFailed:
+    """The backend raised *error*; the call went on without the cache (it computed).
+
+    Only with ``on_backend_error="compute"``; with ``"raise"`` the caller gets the
+    `BackendError` instead.
+    """
+
+    key: str
+    error: BaseException
+
+
+@dataclass(frozen=True, slots=True)
+class BackendSkipped:
+    """The circuit breaker is open: the call computed without trying the backend."""
+
+    key: str
+
+
 Event: TypeAlias = (
     Hit
     | Miss
@@ -133,6 +154,8 @@ Event: TypeAlias = (
     | StaleServed
     | Refresh
     | RefreshFailed
+    | BackendFailed
+    | BackendSkipped
 )
 
 
@@ -168,6 +191,8 @@ class StatsSnapshot:
     refreshes: int = 0
     early_refreshes: int = 0
     refresh_failures: int = 0
+    backend_errors: int = 0
+    backend_skipped: int = 0
 
     @property
     def average_wait_seconds(self) -> float:
@@ -214,6 +239,8 @@ class StampedeStats:
         self._refreshes = 0
         self._early_refreshes = 0
         self._refresh_failures = 0
+        self._backend_errors = 0
+        self._backend_skipped = 0
 
     def __call__(self, event: Event, /) -> None:  # noqa: C901 - a case per event
         """Count *event*."""
@@ -241,6 +268,10 @@ class StampedeStats:
                     self._early_refreshes += reason == "early"
                 case RefreshFailed():
                     self._refresh_failures += 1
+                case BackendFailed():
+                    self._backend_errors += 1
+                case BackendSkipped():
+                    self._backend_skipped += 1
                 case LockAcquired():
                     pass
 
@@ -260,6 +291,8 @@ class StampedeStats:
                 refreshes=self._refreshes,
                 early_refreshes=self._early_refreshes,
                 refresh_failures=self._refresh_failures,
+                backend_errors=self._backend_errors,
+                backend_skipped=self._backend_skipped,
             )
 
     def reset(self) -> None:

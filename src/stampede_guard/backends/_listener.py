@@ -112,7 +112,7 @@ class _Subscription:
 class Listener:
     """The pub/sub listener of one `RedisBackend`: a daemon thread, started on demand."""
 
-    def __init__(self, pubsub: Callable[[], Any], codec: RedisCodec) -> None:
+    def __init__(self, pubsub: Callable[[], Any] | None, codec: RedisCodec) -> None:
         self._pubsub = pubsub
         self._hub = _Hub(codec)
         self._start = threading.Lock()
@@ -130,6 +130,8 @@ class Listener:
         if self._pid != os.getpid():
             self._reset()  # a forked child: the parent's thread and connection are not ours
         subscription = _Subscription(self, key, self._hub.codec.channel(key))
+        if self._pubsub is None:
+            return subscription  # nothing to listen with: it hears nothing, so it polls
         if self._hub.add(subscription):
             self._requests.put((True, subscription.channel))
         self._ensure_running()
@@ -159,6 +161,7 @@ class Listener:
 
     def _run(self) -> None:
         while True:
+            assert self._pubsub is not None  # noqa: S101 - no thread without it
             pubsub = self._pubsub()
             try:
                 if not self._serve(pubsub):

@@ -11,8 +11,9 @@ Sentinel made (a plain client over a Sentinel-managed pool).
 from __future__ import annotations
 
 import importlib
+import random
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, TypeAlias
@@ -36,6 +37,7 @@ __all__ = [
     "build_sentinel_client",
     "check_client",
     "pool_options",
+    "pubsub_factory",
 ]
 
 ClientErrors = tuple[type[Exception], ...]
@@ -137,6 +139,57 @@ def check_client(client: object, *, asyncio: bool, builder: str) -> ClientErrors
         msg = f"the Redis client has decode_responses=True; {builder} stores bytes, so pass a client created with decode_responses=False"
         raise ValueError(msg)
     return errors
+
+
+# What a pub/sub connection to one cluster node takes from the cluster's options.
+_PUBSUB_OPTIONS = frozenset(
+    {
+        "username",
+        "password",
+        "credential_provider",
+        "client_name",
+        "socket_timeout",
+        "socket_connect_timeout",
+        "socket_keepalive",
+        "socket_keepalive_options",
+        "ssl_keyfile",
+        "ssl_certfile",
+        "ssl_cert_reqs",
+        "ssl_ca_certs",
+        "ssl_ca_data",
+        "ssl_ca_path",
+        "ssl_check_hostname",
+    }
+)
+
+
+def pubsub_factory(client: Any, *, asyncio: bool) -> Callable[[], Any] | None:
+    """Return how the listener opens a pub/sub connection through *client*.
+
+    A plain client's own ``pubsub()``. A cluster client's pub/sub objects are not
+    used: redis-py's asyncio one shares connections with commands under load, and
+    both pick a node by slot. A notice is a classic ``PUBLISH``, which a cluster
+    delivers on every node, so the listener instead subscribes on one master picked
+    at random, through a connection of its own, and on another after a failure.
+    Returns None if there is no way to listen (valkey-py's asyncio cluster client).
+    """
+    if not hasattr(client, "get_primaries"):  # not a cluster client
+        return getattr(client, "pubsub", None)
+    kinds = type(client).__mro__
+    family = (
+        _VALKEY if any(k.__module__.startswith("valkey") for k in kinds) else _REDIS
+    )
+    plain = getattr(_modules(family, asyncio=asyncio)[0], family.client)
+
+    def open_on_a_master() -> Any:
+        node = random.choice(client.get_primaries())  # noqa: S311 - not security
+        options = client.get_connection_kwargs()
+        kept = {k: v for k, v in options.items() if k in _PUBSUB_OPTIONS}
+        if "SSL" in getattr(options.get("connection_class"), "__name__", ""):
+            kept["ssl"] = True
+        return plain(host=node.host, port=node.port, **kept).pubsub()
+
+    return open_on_a_master
 
 
 def pool_options(

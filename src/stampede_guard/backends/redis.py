@@ -14,6 +14,7 @@ from stampede_guard.backends._redis_clients import (
     build_sentinel_client,
     check_client,
     pool_options,
+    pubsub_factory,
 )
 from stampede_guard.backends._redis_shared import (
     GET_OR_LOCK,
@@ -72,7 +73,7 @@ class RedisBackend:
         self._set_and_unlock = scripts.register_script(SET_AND_UNLOCK)
         self._set_and_notify = scripts.register_script(SET_AND_NOTIFY)
         self._unlock = scripts.register_script(UNLOCK)
-        self._listener = Listener(client.pubsub, self._codec)
+        self._listener = Listener(pubsub_factory(client, asyncio=False), self._codec)
 
     @classmethod
     def from_url(
