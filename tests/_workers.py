@@ -150,3 +150,18 @@ async def _stampede_tasks(
     )
     await backend.aclose()
     await counter.aclose()
+
+
+def compute_forever(url: str, prefix: str, started: Event) -> None:
+    """Take the lock on "job" and compute until killed (test_faults kills this process)."""
+    backend = RedisBackend.from_url(url, prefix=prefix)
+    counter = redis.Redis.from_url(url)
+
+    @cached_stampede_safe(key="job", backend=backend, lock_timeout=1, ttl=60)
+    def job() -> str:
+        counter.incr(f"{prefix}:computations")
+        started.set()
+        time.sleep(60)
+        return "from-killed-leader"
+
+    job()

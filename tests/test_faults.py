@@ -1,0 +1,221 @@
+"""Faults on a real redis-server: down, hung, a leader killed, a fork."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from _servers import Server, binary, free_port, start_data_server
+from stampede_guard import (
+    BackendError,
+    RedisBackend,
+    StampedeStats,
+    cached_stampede_safe,
+)
+from stampede_guard.metrics import BackendSkipped, Event
+
+pytestmark = [pytest.mark.redis, pytest.mark.timeout(60)]
+
+
+@pytest.fixture
+def own_server(tmp_path: Path) -> Iterator[Server]:
+    """A redis-server of this test's own, which it may stop, pause or kill."""
+    server = start_data_server(binary("redis-server"), tmp_path)
+    yield server
+    if server.proc.poll() is None:
+        os.kill(server.proc.pid, signal.SIGCONT)
+        server.stop()
+
+
+def closed_port_url() -> str:
+    return f"redis://127.0.0.1:{free_port()}/0"
+
+
+def test_redis_down_serves_computed_values_and_reports_the_errors() -> None:
+    """Connection refused: every call still returns the computed value; errors are counted."""
+    backend = RedisBackend.from_url(closed_port_url())
+    stats = StampedeStats()
+
+    @cached_stampede_safe(key="k:{x}", backend=backend, metrics=stats)
+    def f(x: int) -> int:
+        return x * 2
+
+    assert [f(i) for i in range(3)] == [0, 2, 4]
+    snap = stats.snapshot()
+    assert snap.computations == 3
+    assert snap.backend_errors == 3
+
+
+def test_circuit_breaker_stops_calling_a_dead_backend() -> None:
+    """After 5 failures in a row the calls skip the backend (BackendSkipped), still served."""
+    backend = RedisBackend.from_url(closed_port_url())
+    events: list[Event] = []
+
+    @cached_stampede_safe(key="k:{x}", backend=backend, metrics=events.append)
+    def f(x: int) -> int:
+        return x
+
+    assert [f(i) for i in range(20)] == list(range(20))
+    skipped = sum(isinstance(e, BackendSkipped) for e in events)
+    assert skipped == 15, "5 failures open the circuit; the next 15 calls skip Redis"
+
+
+def test_a_hung_server_costs_at_most_the_socket_timeout_then_the_circuit_opens(
+    own_server: Server,
+) -> None:
+    """SIGSTOP the server: calls fail over to computing after the socket timeout, then skip."""
+    backend = RedisBackend.from_url(
+        own_server.url, socket_timeout=0.3, connect_timeout=0.3
+    )
+    stats = StampedeStats()
+
+    @cached_stampede_safe(key="k:{x}", backend=backend, metrics=stats)
+    def f(x: int) -> int:
+        return x
+
+    assert f(0) == 0  # connected and working
+    os.kill(own_server.proc.pid, signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        assert [f(i) for i in range(1, 11)] == list(range(1, 11))
+        elapsed = time.monotonic() - started
+    finally:
+        os.kill(own_server.proc.pid, signal.SIGCONT)
+    snap = stats.snapshot()
+    assert snap.backend_errors == 5
+    assert snap.backend_skipped == 5
+    # A bound, not a speed: 5 failed calls of (timeout + one retry) each, never a minute.
+    assert elapsed < 5 * 2 * 0.3 + 5
+    backend.close()
+
+
+def test_with_raise_a_dead_backend_raises_backend_error() -> None:
+    """on_backend_error='raise': the caller gets BackendError, chained to redis-py's error."""
+    backend = RedisBackend.from_url(closed_port_url())
+
+    @cached_stampede_safe(key="k", backend=backend, on_backend_error="raise")
+    def f() -> int:
+        return 1
+
+    with pytest.raises(BackendError) as raised:
+        f()
+    assert isinstance(raised.value.__cause__, redis.ConnectionError)
+
+
+def test_a_killed_leader_is_replaced_by_exactly_one_new_computation(
+    redis_url: str,
+    redis_client: redis.Redis,
+    redis_prefix: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """kill -9 of the computing process: within the lease, one waiter takes over; all served."""
+    monkeypatch.syspath_prepend(
+        str(Path(__file__).parent)
+    )  # spawned children inherit it
+    import _workers
+
+    ctx = multiprocessing.get_context("spawn")
+    started = ctx.Event()
+    leader = ctx.Process(
+        target=_workers.compute_forever, args=(redis_url, redis_prefix, started)
+    )
+    leader.start()
+    try:
+        assert started.wait(20), "the leader never started computing"
+        backend = RedisBackend.from_url(redis_url, prefix=redis_prefix)
+
+        @cached_stampede_safe(
+            key="job",
+            backend=backend,
+            lock_timeout=1,
+            ttl=60,
+            base_delay=0.05,
+            max_delay=0.2,
+        )
+        def job() -> str:
+            redis_client.incr(f"{redis_prefix}:computations")
+            time.sleep(0.2)
+            return "from-new-leader"
+
+        results: list[str] = []
+        waiters = [
+            threading.Thread(target=lambda: results.append(job())) for _ in range(20)
+        ]
+        for t in waiters:
+            t.start()
+        threading.Event().wait(0.2)
+        os.kill(leader.pid or 0, signal.SIGKILL)
+        for t in waiters:
+            t.join(15)
+        backend.close()
+    finally:
+        leader.kill()
+        leader.join(10)
+    assert results == ["from-new-leader"] * 20
+    assert redis_client.get(f"{redis_prefix}:computations") == b"2"
+
+
+def test_a_forked_child_gets_its_own_connections_and_listener(
+    redis_url: str, redis_prefix: str
+) -> None:
+    """After os.fork() the child computes and is served through fresh connections."""
+    backend = RedisBackend.from_url(redis_url, prefix=redis_prefix)
+
+    @cached_stampede_safe(key="f:{x}", backend=backend)
+    def f(x: int) -> int:
+        return x + 1
+
+    assert f(1) == 2
+    parent_id = backend.client.client_id()
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report, then leave without running pytest's teardown
+        try:
+            ok = f(1) == 2 and f(2) == 3 and backend.client.client_id() != parent_id
+            os.write(write, b"ok" if ok else b"no")
+        finally:
+            os._exit(0)
+    os.close(write)
+    _, status = os.waitpid(pid, 0)
+    answer = os.read(read, 2)
+    os.close(read)
+    backend.close()
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert answer == b"ok"
+
+
+def test_nothing_hangs_when_the_server_vanishes_mid_stampede(
+    own_server: Server,
+) -> None:
+    """The server killed while 50 threads wait: every caller is served, none hangs."""
+    backend = RedisBackend.from_url(
+        own_server.url, socket_timeout=0.5, connect_timeout=0.5
+    )
+    started = threading.Event()
+
+    @cached_stampede_safe(
+        key="k", backend=backend, base_delay=0.05, max_delay=0.1, lock_timeout=5
+    )
+    def f() -> str:
+        started.set()
+        time.sleep(0.5)
+        return "v"
+
+    results: list[str] = []
+    threads = [threading.Thread(target=lambda: results.append(f())) for _ in range(50)]
+    for t in threads:
+        t.start()
+    assert started.wait(10)
+    own_server.kill()
+    for t in threads:
+        t.join(20)
+    assert not any(t.is_alive() for t in threads)
+    assert results == ["v"] * 50
