@@ -24,7 +24,11 @@ from stampede_guard.backends import (
     RedisBackend,
 )
 from stampede_guard.metrics import MetricsHook, StampedeStats, StatsSnapshot
-from stampede_guard.serializers import JsonSerializer, Serializer
+from stampede_guard.serializers import (
+    JsonSerializer,
+    Serializer,
+    SignedPickleSerializer,
+)
 
 try:
     __version__ = version("stampede-guard")
@@ -46,6 +50,7 @@ __all__ = [
     "RedisBackend",
     "SerializationError",
     "Serializer",
+    "SignedPickleSerializer",
     "StampedeGuardError",
     "StampedeStats",
     "StatsSnapshot",
