@@ -56,6 +56,17 @@ def free_port() -> int:
         return port
 
 
+def answers_ping(url: str) -> bool:
+    """Return whether a server answers PING at *url*."""
+    client = redis.Redis.from_url(url, socket_timeout=0.5, socket_connect_timeout=0.5)
+    try:
+        return bool(client.ping())
+    except redis.RedisError:
+        return False
+    finally:
+        client.close()
+
+
 def server_pid(port: int) -> int | None:
     """Return the pid of the server answering on *port*, or None if none answers."""
     client = redis.Redis(port=port, socket_timeout=0.5, socket_connect_timeout=0.5)
@@ -115,7 +126,7 @@ def start(
     With *config*, the text is written to a file that the server is started with
     (Sentinel needs a file it can rewrite). Raises ServerError if it does not come up.
     """
-    reason = ""
+    reason, log = "", workdir / "server.log"
     # Another process may grab the port between our probe and the server's bind: retry.
     for _ in range(3):
         port = free_port()
@@ -159,6 +170,8 @@ DATA_OPTIONS = (
     "no",
     "--enable-debug-command",
     "local",
+    "--repl-diskless-sync-delay",
+    "0",  # a replica syncs at once instead of waiting 5 s for others to join
 )
 
 
@@ -242,26 +255,10 @@ def start_cluster(workdir: Path, *, masters: int = 3, replicas: int = 0) -> Clus
                 cluster.masters.append(server)
             else:
                 cluster.replicas.append(server)
-        nodes = [f"127.0.0.1:{server.port}" for server in cluster.masters]
-        created = subprocess.run(
-            [cli, "--cluster", "create", *nodes, "--cluster-replicas", "0"],
-            input=b"yes\n",
-            capture_output=True,
-            timeout=CLUSTER_TIMEOUT,
-            check=False,
-        )
-        if created.returncode != 0:
-            msg = f"redis-cli --cluster create failed: {created.stdout[-500:]!r}"
-            raise ServerError(msg)
+        _create(cli, cluster.masters)
         wait_for("cluster_state:ok", lambda: cluster.state_ok(cluster.masters))
         for replica, master in zip(cluster.replicas, cluster.masters, strict=False):
-            with replica.client() as client:
-                client.execute_command("CLUSTER MEET", "127.0.0.1", master.port)
-            master_id = cluster.node_id(master)
-            wait_for("the replica to meet its master", lambda: _knows(replica, master_id))
-            with replica.client() as client:
-                client.execute_command("CLUSTER REPLICATE", master_id)
-            wait_for("the replica to sync", lambda: _synced(replica))
+            _replicate(cluster, replica, master)
         wait_for("cluster_state:ok", cluster.state_ok)
     except BaseException:
         cluster.stop()
@@ -269,15 +266,42 @@ def start_cluster(workdir: Path, *, masters: int = 3, replicas: int = 0) -> Clus
     return cluster
 
 
+def _create(cli: str, masters: list[Server]) -> None:
+    """Make *masters* a cluster sharing all 16384 slots (``redis-cli --cluster create``)."""
+    nodes = [f"127.0.0.1:{server.port}" for server in masters]
+    created = subprocess.run(
+        [cli, "--cluster", "create", *nodes, "--cluster-replicas", "0"],
+        input=b"yes\n",
+        capture_output=True,
+        timeout=CLUSTER_TIMEOUT,
+        check=False,
+    )
+    if created.returncode != 0:
+        msg = f"redis-cli --cluster create failed: {created.stdout[-500:]!r}"
+        raise ServerError(msg)
+
+
+def _replicate(cluster: Cluster, replica: Server, master: Server) -> None:
+    """Make *replica* join the cluster as a replica of *master*, and wait for its sync."""
+    with replica.client() as client:
+        client.execute_command("CLUSTER MEET", "127.0.0.1", master.port)
+    master_id = cluster.node_id(master)
+    wait_for("the replica to meet its master", lambda: _knows(replica, master_id))
+    with replica.client() as client:
+        client.execute_command("CLUSTER REPLICATE", master_id)
+    wait_for("the replica to sync", lambda: _synced(replica))
+
+
 def _knows(server: Server, node_id: str) -> bool:
     with server.client() as client:
-        return node_id.encode() in client.execute_command("CLUSTER NODES")
+        nodes = client.cluster("NODES")
+        return any(node.get("node_id") == node_id for node in nodes.values())
 
 
 def _synced(replica: Server) -> bool:
     with replica.client() as client:
         info = client.info("replication")
-        return info.get("master_link_status") == "up"
+        return bool(info.get("master_link_status") == "up")
 
 
 @contextlib.contextmanager

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from typing import Any, cast
 
@@ -52,6 +53,11 @@ class AsyncRedisBackend:
         prefix: str = "sg",
     ) -> None:
         self._errors = check_client(client, asyncio=True, builder="AsyncRedisBackend")
+        # redis-py's asyncio cluster client discovers the cluster on its first call;
+        # many first calls at once race in that discovery and break each other's
+        # connections. So the backend makes the first call alone (see `_discover`).
+        self._discovered = not hasattr(client, "get_primaries")
+        self._discovery = asyncio.Lock()
         self._client = client
         self._codec = RedisCodec(prefix, serializer)
         # Both packages' Script objects work alike; their typing of a cluster
@@ -146,9 +152,18 @@ class AsyncRedisBackend:
     def __repr__(self) -> str:
         return f"AsyncRedisBackend({self._client!r}, serializer={self._codec.serializer!r}, prefix={self._codec.prefix!r})"
 
+    async def _discover(self) -> None:
+        """Let one task discover the cluster while the others wait for it."""
+        async with self._discovery:
+            if not self._discovered:
+                await self._client.initialize()
+                self._discovered = True
+
     async def aget(self, key: str) -> Entry | None:
         """Return the entry for *key*: one ``GET``."""
         try:
+            if not self._discovered:
+                await self._discover()
             data = await self._client.get(self._codec.value_key(key))
         except self._errors as exc:
             raise BackendError(key, "get") from exc
@@ -159,6 +174,8 @@ class AsyncRedisBackend:
         codec = self._codec
         keys = codec.both_keys(key)
         try:
+            if not self._discovered:
+                await self._discover()
             reply = await self._get_or_lock(
                 keys, codec.get_or_lock_args(token, lock_ttl)
             )
@@ -174,6 +191,8 @@ class AsyncRedisBackend:
         """Take the lock on *key* if it is free; return its holder: one script call."""
         args = self._codec.get_or_lock_args(token, lock_ttl, ignore_value=True)
         try:
+            if not self._discovered:
+                await self._discover()
             reply = await self._get_or_lock(self._codec.both_keys(key), args)
         except self._errors as exc:
             raise BackendError(key, "lock") from exc
@@ -184,6 +203,8 @@ class AsyncRedisBackend:
         data, stored = self._codec.encode(key, entry)
         args = (data, milliseconds(ttl), self._codec.channel(key))
         try:
+            if not self._discovered:
+                await self._discover()
             await self._set_and_notify((self._codec.value_key(key),), args)
         except self._errors as exc:
             raise BackendError(key, "set") from exc
@@ -196,6 +217,8 @@ class AsyncRedisBackend:
         data, stored = self._codec.encode(key, entry)
         args = (data, milliseconds(ttl), token, self._codec.channel(key))
         try:
+            if not self._discovered:
+                await self._discover()
             await self._set_and_unlock(self._codec.both_keys(key), args)
         except self._errors as exc:
             raise BackendError(key, "set_and_unlock") from exc
@@ -205,6 +228,8 @@ class AsyncRedisBackend:
         """Release (and announce) the lock on *key* if *token* holds it: one script."""
         args = (token, self._codec.channel(key))
         try:
+            if not self._discovered:
+                await self._discover()
             return bool(await self._unlock((self._codec.lock_key(key),), args))
         except self._errors as exc:
             raise BackendError(key, "unlock") from exc
@@ -216,6 +241,8 @@ class AsyncRedisBackend:
     async def adelete(self, key: str) -> None:
         """Drop the entry for *key*: one ``DEL``."""
         try:
+            if not self._discovered:
+                await self._discover()
             await self._client.delete(self._codec.value_key(key))
         except self._errors as exc:
             raise BackendError(key, "delete") from exc

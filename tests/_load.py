@@ -1,0 +1,202 @@
+"""Stampedes and steady load against the Redis backends, counting what happened.
+
+Several backends in one process stand for several processes: each gets its own
+decorated function, so their callers share nothing but the server(s). Each computed
+value names its key, so a wrong value (another key's, or a torn one) is told apart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from stampede_guard import AsyncRedisBackend, RedisBackend, cached_stampede_safe
+
+
+def value_of(key: str) -> str:
+    """Return the only right value for *key*."""
+    return f"value-of:{key}"
+
+
+@dataclass(slots=True)
+class Tally:
+    """What the callers saw and what the computations did, counted under a lock."""
+
+    computations: Counter[str] = field(default_factory=Counter)
+    served: int = 0
+    wrong: list[tuple[str, object]] = field(default_factory=list)
+    errors: Counter[str] = field(default_factory=Counter)
+    running: Counter[str] = field(default_factory=Counter)
+    most_at_once: Counter[str] = field(default_factory=Counter)
+    mutex: threading.Lock = field(default_factory=threading.Lock)
+
+    def started(self, key: str) -> None:
+        with self.mutex:
+            self.computations[key] += 1
+            self.running[key] += 1
+            self.most_at_once[key] = max(self.most_at_once[key], self.running[key])
+
+    def finished(self, key: str) -> None:
+        with self.mutex:
+            self.running[key] -= 1
+
+    def outcome(self, key: str, result: object) -> None:
+        with self.mutex:
+            if result == value_of(key):
+                self.served += 1
+            else:
+                self.wrong.append((key, result))
+
+    def error(self, exc: BaseException) -> None:
+        with self.mutex:
+            self.errors[type(exc).__name__] += 1
+
+
+def sync_function(
+    backend: RedisBackend, tally: Tally, compute_seconds: float, **options: Any
+) -> Callable[[str], object]:
+    """Return a function of one key, decorated over *backend*, that *tally* counts."""
+
+    @cached_stampede_safe(key="{key}", backend=backend, **options)
+    def compute(key: str) -> str:
+        tally.started(key)
+        try:
+            time.sleep(compute_seconds)
+            return value_of(key)
+        finally:
+            tally.finished(key)
+
+    return compute
+
+
+def stampede(
+    backends: Sequence[RedisBackend],
+    keys: Sequence[str],
+    *,
+    threads_per_key: int = 2,
+    compute_seconds: float = 0.2,
+    timeout: float = 30.0,
+) -> Tally:
+    """Call every key from *threads_per_key* threads per backend, all released at once."""
+    tally = Tally()
+    functions = [
+        sync_function(backend, tally, compute_seconds, ttl=60) for backend in backends
+    ]
+    calls = [
+        (f, key) for f in functions for key in keys for _ in range(threads_per_key)
+    ]
+    barrier = threading.Barrier(len(calls))
+
+    def call(f: Callable[[str], object], key: str) -> None:
+        barrier.wait(timeout)
+        try:
+            tally.outcome(key, f(key))
+        except Exception as exc:
+            tally.error(exc)
+
+    threads = [threading.Thread(target=call, args=pair) for pair in calls]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + timeout
+    for thread in threads:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    assert not any(t.is_alive() for t in threads), "callers still running"
+    return tally
+
+
+async def async_stampede(
+    backends: Sequence[AsyncRedisBackend],
+    keys: Sequence[str],
+    *,
+    tasks_per_key: int = 2,
+    compute_seconds: float = 0.2,
+) -> Tally:
+    """`stampede` with asyncio tasks of one loop over each backend."""
+    tally = Tally()
+
+    def function(backend: AsyncRedisBackend) -> Callable[[str], Any]:
+        @cached_stampede_safe(key="{key}", backend=backend, ttl=60)
+        async def compute(key: str) -> str:
+            tally.started(key)
+            try:
+                await asyncio.sleep(compute_seconds)
+                return value_of(key)
+            finally:
+                tally.finished(key)
+
+        return compute
+
+    async def call(f: Callable[[str], Any], key: str) -> None:
+        try:
+            tally.outcome(key, await f(key))
+        except Exception as exc:
+            tally.error(exc)
+
+    functions = [function(backend) for backend in backends]
+    await asyncio.gather(
+        *(call(f, key) for f in functions for key in keys for _ in range(tasks_per_key))
+    )
+    return tally
+
+
+class Load:
+    """Threads calling keys over and over through several backends, until stopped.
+
+    Values live *ttl* seconds, so the keys keep expiring and being computed again
+    under the lock while the test disturbs the servers.
+    """
+
+    def __init__(
+        self,
+        backends: Sequence[RedisBackend],
+        keys: Sequence[str],
+        *,
+        threads: int = 2,
+        ttl: float = 0.3,
+        compute_seconds: float = 0.02,
+    ) -> None:
+        self.tally = Tally()
+        self.keys = list(keys)
+        self.stop = threading.Event()
+        self.rounds = 0
+        options = {
+            "ttl": ttl,
+            "lock_timeout": ttl,
+            "base_delay": 0.02,
+            "max_delay": 0.1,
+        }
+        functions = [
+            sync_function(b, self.tally, compute_seconds, **options) for b in backends
+        ]
+        self._threads = [
+            threading.Thread(target=self._run, args=(f, n))
+            for f in functions
+            for n in range(threads)
+        ]
+
+    def _run(self, f: Callable[[str], object], offset: int) -> None:
+        turn = offset
+        while not self.stop.is_set():
+            key = self.keys[turn % len(self.keys)]
+            turn += 1
+            try:
+                self.tally.outcome(key, f(key))
+            except Exception as exc:
+                self.tally.error(exc)
+                self.stop.wait(0.05)  # a failing backend: do not spin
+
+    def __enter__(self) -> Load:
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        for thread in self._threads:
+            thread.join(30)
+        assert not any(t.is_alive() for t in self._threads), "load threads hang"

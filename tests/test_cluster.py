@@ -1,0 +1,422 @@
+"""Redis Cluster: the backends on a real 3-master cluster of private redis-servers.
+
+The cluster is started by this module (``redis-server --cluster-enabled yes`` three
+times, then ``redis-cli --cluster create``) on free loopback ports, and stopped by pid.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+import redis.asyncio.cluster
+import redis.cluster
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from redis.crc import key_slot
+
+from _load import Load, async_stampede, stampede
+from _servers import (
+    Cluster,
+    Server,
+    ServerError,
+    free_port,
+    start_cluster,
+    unavailable,
+    wait_for,
+)
+from stampede_guard import AsyncRedisBackend, RedisBackend, cached_stampede_safe
+from stampede_guard.backends._redis_shared import RedisCodec
+from stampede_guard.testing import BackendContract
+
+pytestmark = [pytest.mark.redis, pytest.mark.slow, pytest.mark.timeout(60)]
+
+KEYS = 90  # cache keys per stampede: about 30 on each master
+
+
+def _start(workdir: Path, *, replicas: int = 0) -> Cluster:
+    try:
+        return start_cluster(workdir, replicas=replicas)
+    except (OSError, ServerError) as exc:
+        unavailable(f"could not start a Redis Cluster: {exc}")
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    """Return a 3-master cluster shared by this module's tests that do not break it."""
+    started = _start(tmp_path_factory.mktemp("cluster"))
+    yield started
+    started.stop()
+
+
+@pytest.fixture
+def prefix() -> str:
+    """Return a key prefix of this test's own (the cluster is this module's alone)."""
+    return f"t{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture
+def backends(cluster: Cluster, prefix: str) -> Iterator[Callable[[], RedisBackend]]:
+    """Make cluster RedisBackends on one prefix (each stands for a process)."""
+    made: list[RedisBackend] = []
+
+    def make() -> RedisBackend:
+        backend = RedisBackend.from_url(cluster.url, cluster=True, prefix=prefix)
+        made.append(backend)
+        return backend
+
+    yield make
+    for backend in made:
+        backend.close()
+
+
+def owner(cluster: Cluster, key: str) -> Server:
+    """Return the master that serves the slot of Redis key *key* now."""
+    slot = key_slot(key.encode())
+    for server in cluster.masters:
+        if server.proc.poll() is not None:
+            continue
+        with server.client() as client:
+            for start, end, *nodes in client.execute_command("CLUSTER SLOTS"):
+                if start <= slot <= end:
+                    port = int(nodes[0][1])
+                    return next(s for s in cluster.servers if s.port == port)
+    raise AssertionError(f"no node serves slot {slot}")
+
+
+def keys_in_slot(codec: RedisCodec, slot: int, count: int) -> list[str]:
+    """Return *count* cache keys whose Redis keys all hash to *slot*."""
+    found: list[str] = []
+    n = 0
+    while len(found) < count:
+        key = f"k{n}"
+        n += 1
+        if key_slot(codec.value_key(key).encode()) == slot:
+            found.append(key)
+    return found
+
+
+# --- Slots ------------------------------------------------------------------------
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(min_size=0, max_size=60))
+def test_value_lock_and_channel_of_any_key_share_one_slot(key: str) -> None:
+    """Braces, empty and unicode keys alike: the three names of a key share one slot."""
+    codec = RedisCodec("sg", None)
+    slots = {
+        key_slot(name.encode()) for name in (*codec.both_keys(key), codec.channel(key))
+    }
+    assert len(slots) == 1
+
+
+class TestClusterBackendContract(BackendContract):
+    """The backend contract, on a cluster."""
+
+    @pytest.fixture
+    def backend(self, backends: Callable[[], RedisBackend]) -> RedisBackend:
+        return backends()
+
+
+# --- Stampedes -----------------------------------------------------------------------
+
+
+def test_stampede_over_keys_on_every_master_computes_each_key_once(
+    cluster: Cluster, backends: Callable[[], RedisBackend], prefix: str
+) -> None:
+    """Three backends, 90 keys spread over the 3 masters, 540 callers: 1 computation a key."""
+    keys = [f"key:{n}" for n in range(KEYS)]
+    tally = stampede([backends() for _ in range(3)], keys)
+    assert tally.errors == {}
+    assert tally.wrong == []
+    assert tally.served == 3 * 2 * KEYS
+    assert tally.computations == dict.fromkeys(keys, 1)
+    per_master = []
+    for server in cluster.masters:
+        with server.client() as client:
+            per_master.append(len(list(client.scan_iter(match=f"{prefix}:*:v:*"))))
+    assert sum(per_master) == KEYS
+    assert min(per_master) > 0, per_master
+
+
+def test_async_stampede_over_keys_on_every_master_computes_each_key_once(
+    cluster: Cluster, prefix: str
+) -> None:
+    """The same with AsyncRedisBackend over redis.asyncio's cluster client."""
+    keys = [f"key:{n}" for n in range(KEYS)]
+
+    async def main() -> Any:
+        made = [
+            AsyncRedisBackend.from_url(cluster.url, cluster=True, prefix=prefix)
+            for _ in range(3)
+        ]
+        try:
+            return await async_stampede(made, keys)
+        finally:
+            for backend in made:
+                await backend.aclose()
+
+    tally = asyncio.run(main())
+    assert tally.errors == {}
+    assert tally.wrong == []
+    assert tally.computations == dict.fromkeys(keys, 1)
+
+
+def test_a_waiter_on_another_node_wakes_on_the_cluster_notice(
+    backends: Callable[[], RedisBackend],
+) -> None:
+    """A waiter that would poll only every 30 s is served as soon as the value is stored."""
+    release = threading.Event()
+    computed: list[str] = []
+
+    @cached_stampede_safe(key="{key}", backend=backends(), ttl=60, lock_timeout=60)
+    def lead(key: str) -> str:
+        release.wait(10)
+        computed.append(key)
+        return f"from-leader:{key}"
+
+    @cached_stampede_safe(
+        key="{key}",
+        backend=backends(),
+        base_delay=30,
+        max_delay=30,
+        wait_timeout=60,
+        lock_timeout=60,
+    )
+    def wait(key: str) -> str:
+        raise AssertionError("the waiter must not compute")
+
+    # Several keys, so that some live on another node than the listener's connection.
+    keys = [f"w{n}" for n in range(6)]
+    results: list[str] = []
+    leaders = [threading.Thread(target=lead, args=(key,)) for key in keys]
+    for thread in leaders:
+        thread.start()
+    time.sleep(0.3)  # the leaders hold the locks
+    waiters = [
+        threading.Thread(target=lambda k=key: results.append(wait(k))) for key in keys
+    ]
+    for thread in waiters:
+        thread.start()
+    time.sleep(0.3)  # the waiters are subscribed and settled into their 30 s wait
+    started = time.monotonic()
+    release.set()
+    for thread in [*leaders, *waiters]:
+        thread.join(20)
+    assert sorted(results) == sorted(f"from-leader:{key}" for key in keys)
+    assert sorted(computed) == sorted(keys)
+    assert time.monotonic() - started < 10  # well before any waiter's first poll
+
+
+def test_async_waiter_wakes_on_the_cluster_notice(
+    cluster: Cluster, prefix: str
+) -> None:
+    """An asyncio waiter over the cluster is served by the notice, not by its 30 s poll."""
+
+    async def main() -> list[str]:
+        leader_backend = AsyncRedisBackend.from_url(
+            cluster.url, cluster=True, prefix=prefix
+        )
+        waiter_backend = AsyncRedisBackend.from_url(
+            cluster.url, cluster=True, prefix=prefix
+        )
+        release = asyncio.Event()
+
+        @cached_stampede_safe(key="k", backend=leader_backend, ttl=60, lock_timeout=60)
+        async def lead() -> str:
+            await release.wait()
+            return "from-leader"
+
+        @cached_stampede_safe(
+            key="k",
+            backend=waiter_backend,
+            base_delay=30,
+            max_delay=30,
+            wait_timeout=60,
+            lock_timeout=60,
+        )
+        async def wait() -> str:
+            raise AssertionError("the waiter must not compute")
+
+        try:
+            leading = asyncio.create_task(lead())
+            await asyncio.sleep(0.3)
+            waiting = asyncio.create_task(wait())
+            await asyncio.sleep(0.3)
+            release.set()
+            return list(await asyncio.wait_for(asyncio.gather(leading, waiting), 10))
+        finally:
+            await leader_backend.aclose()
+            await waiter_backend.aclose()
+
+    assert asyncio.run(main()) == ["from-leader", "from-leader"]
+
+
+# --- Clients -------------------------------------------------------------------------
+
+
+def test_from_url_with_cluster_builds_a_cluster_client_with_short_timeouts(
+    cluster: Cluster,
+) -> None:
+    """from_url(cluster=True) makes a RedisCluster with from_url's timeouts."""
+    backend = RedisBackend.from_url(cluster.url, cluster=True, socket_timeout=0.3)
+    try:
+        client = backend.client
+        assert isinstance(client, redis.cluster.RedisCluster)
+        options = client.get_connection_kwargs()  # type: ignore[no-untyped-call]
+        assert options["socket_timeout"] == 0.3
+        assert options["socket_connect_timeout"] == 1.0
+        assert options["max_connections"] == 100
+    finally:
+        backend.close()
+
+
+def test_seed_nodes_let_from_url_find_the_cluster_past_a_dead_node(
+    cluster: Cluster,
+) -> None:
+    """With the URL's node down, the client discovers the cluster from a seed node."""
+    dead = f"redis://127.0.0.1:{free_port()}"  # nothing listens there
+    seeds = [f"127.0.0.1:{server.port}" for server in cluster.masters]
+    backend = RedisBackend.from_url(dead, cluster=True, seed_nodes=seeds)
+    try:
+        assert backend.get("absent") is None
+    finally:
+        backend.close()
+
+
+def test_a_user_made_cluster_client_is_accepted(cluster: Cluster, prefix: str) -> None:
+    """RedisBackend takes a RedisCluster built by the user, AsyncRedisBackend its twin."""
+    client = redis.cluster.RedisCluster.from_url(cluster.url)
+    backend = RedisBackend(client, prefix=prefix)
+    try:
+        assert backend.get_or_lock("k", "token", 5) == "token"
+    finally:
+        backend.close()
+    asyncio_client = redis.asyncio.cluster.RedisCluster.from_url(cluster.url)
+    async_backend = AsyncRedisBackend(asyncio_client, prefix=prefix)
+
+    async def check() -> None:
+        try:
+            assert await async_backend.aget_or_lock("k", "other", 5) == "token"
+        finally:
+            await async_backend.aclose()
+
+    asyncio.run(check())
+
+
+def test_a_decoding_cluster_client_is_refused(cluster: Cluster) -> None:
+    """A cluster client with decode_responses=True is refused like a plain one."""
+    client = redis.cluster.RedisCluster.from_url(cluster.url, decode_responses=True)
+    try:
+        with pytest.raises(ValueError, match="decode_responses"):
+            RedisBackend(client)
+    finally:
+        client.close()
+
+
+# --- Moving slots and failing over, under load -------------------------------------
+
+
+def _migrate(cluster: Cluster, slot: int, source: Server, target: Server) -> None:
+    """Move *slot* from *source* to *target*, a key at a time, as redis-cli reshard does."""
+    source_id, target_id = cluster.node_id(source), cluster.node_id(target)
+    with source.client() as src, target.client() as dst:
+        dst.execute_command("CLUSTER SETSLOT", slot, "IMPORTING", source_id)
+        src.execute_command("CLUSTER SETSLOT", slot, "MIGRATING", target_id)
+        while True:
+            keys = src.execute_command("CLUSTER GETKEYSINSLOT", slot, 1)
+            if not keys:
+                break
+            src.execute_command(
+                "MIGRATE", "127.0.0.1", target.port, "", 0, 5000, "KEYS", *keys
+            )
+            time.sleep(0.05)  # keep the slot half-moved for a while, under load
+        for server in cluster.masters:
+            with server.client() as client:
+                client.execute_command("CLUSTER SETSLOT", slot, "NODE", target_id)
+
+
+def test_moving_a_slot_under_load_serves_no_wrong_value(
+    cluster: Cluster, backends: Callable[[], RedisBackend], prefix: str
+) -> None:
+    """Keys of a slot being resharded keep their one value and their one lock holder."""
+    codec = RedisCodec(prefix, None)
+    slot = key_slot(codec.value_key("anchor").encode())
+    keys = keys_in_slot(codec, slot, 4)
+    source = owner(cluster, codec.value_key(keys[0]))
+    target = next(server for server in cluster.masters if server is not source)
+    with Load([backends(), backends()], keys, threads=3) as load:
+        time.sleep(0.5)
+        _migrate(cluster, slot, source, target)
+        time.sleep(0.5)
+    assert owner(cluster, codec.value_key(keys[0])) is target
+    tally = load.tally
+    assert tally.wrong == []
+    assert tally.errors == {}
+    assert tally.served > 0
+    assert max(tally.most_at_once.values()) == 1  # never two computations of one key
+
+
+def test_a_master_failover_under_load_serves_no_wrong_value(
+    tmp_path: Path,
+) -> None:
+    """A killed master's replica takes over: callers get errors or right values, never wrong ones."""
+    cluster = _start(tmp_path, replicas=1)
+    try:
+        prefix = "fo"
+        codec = RedisCodec(prefix, None)
+        doomed, replica = cluster.masters[0], cluster.replicas[0]
+        with doomed.client() as client:
+            start, *_ = next(
+                s
+                for s in client.execute_command("CLUSTER SLOTS")
+                if int(s[2][1]) == doomed.port
+            )
+        keys = keys_in_slot(codec, int(start), 4)
+        made = [
+            RedisBackend.from_url(cluster.url, cluster=True, prefix=prefix)
+            for _ in range(2)
+        ]
+        try:
+            with Load(made, keys, threads=3) as load:
+                time.sleep(0.5)
+                doomed.kill()
+                wait_for("the replica's promotion", lambda: _is_master(replica))
+                wait_for("cluster_state:ok", cluster.state_ok)
+                errors_at_promotion = sum(load.tally.errors.values())
+                served_at_promotion = load.tally.served
+                time.sleep(1.5)
+            tally = load.tally
+            assert tally.wrong == []
+            assert set(tally.errors) <= {"BackendError"}
+            assert tally.served > served_at_promotion  # served again after the failover
+            # Once the cluster is whole again, the client has followed the failover.
+            after = Load(made, keys, threads=1)
+            with after:
+                time.sleep(0.5)
+            assert after.tally.errors == {}
+            assert after.tally.wrong == []
+            assert after.tally.served > 0
+            # A lock lost with the master can cost one duplicate computation, no more.
+            assert max(tally.most_at_once.values()) <= 2
+            print(
+                f"failover: {errors_at_promotion} errors until promotion, "
+                f"{sum(tally.errors.values())} in all, {tally.served} values served"
+            )
+        finally:
+            for backend in made:
+                backend.close()
+    finally:
+        cluster.stop()
+
+
+def _is_master(server: Server) -> bool:
+    with server.client() as client:
+        return bool(client.info("replication").get("role") == "master")
