@@ -90,20 +90,21 @@ def finish(gen: Plan, answer: object) -> object:
 SUB = object()  # a subscription handle, opaque to the plan
 
 
-def enter_wait(h: Harness, gen: Plan, holder: str = "other") -> Op:
+def enter_wait(
+    h: Harness, gen: Plan, holder: str = "other", subscription: object = SUB
+) -> Op:
     """Miss, find the lock held, subscribe, look again: return the first Await."""
     assert next(gen) == GetOrLock("k", "tok", 10.0)
     assert gen.send(holder) == Subscribe("k")
-    assert gen.send(SUB) == GetOrLock("k", "tok", 10.0), (
-        "a look right after subscribing"
-    )
+    look = gen.send(subscription)
+    assert look == GetOrLock("k", "tok", 10.0), "a look right after subscribing"
     return gen.send(holder)
 
 
-def time_out_await(h: Harness, gen: Plan, op: Op) -> None:
+def time_out_await(h: Harness, gen: Plan, op: Op, subscription: object = SUB) -> None:
     """Let an Await run out with no notice; expect the look that follows it."""
     assert isinstance(op, Await)
-    assert op.subscription is SUB
+    assert op.subscription is subscription
     h.clock.now += op.seconds
     assert gen.send(None) == GetOrLock("k", "tok", 10.0)
 
@@ -182,24 +183,36 @@ def test_waiter_polls_with_growing_delays_then_gets_the_value() -> None:
     """Without notices, a waiter looks after each delay (doubling, jittered, capped)."""
     h = Harness()
     gen = h.start()
-    op = enter_wait(h, gen)
+    op = enter_wait(h, gen, subscription=None)
     delays = []
     for _ in range(6):
         assert isinstance(op, Await)
         delays.append(op.seconds)
-        time_out_await(h, gen, op)
+        time_out_await(h, gen, op, subscription=None)
         op = gen.send("other")
     assert 0.1 <= delays[0] <= 0.2
     assert all(b >= a - 0.1 for a, b in itertools.pairwise(delays))
     assert max(delays) <= 1.6
     assert isinstance(op, Await)
-    time_out_await(h, gen, op)
-    assert gen.send(ENTRY) == Unsubscribe(SUB)
+    time_out_await(h, gen, op, subscription=None)
+    assert gen.send(ENTRY) == Unsubscribe(None)
     assert finish(gen, None) == ("cached", False)
     wait = h.events[-1]
     assert isinstance(wait, LockWait)
     assert wait.outcome == "value"
     assert wait.seconds == pytest.approx(sum(delays) + op.seconds)
+
+
+def test_a_subscribed_waiter_looks_for_itself_only_every_max_delay() -> None:
+    """With notices coming, the waiter's own looks are max_delay apart: few commands."""
+    h = Harness()
+    gen = h.start()
+    op = enter_wait(h, gen)
+    for _ in range(4):
+        assert isinstance(op, Await)
+        assert op.seconds == pytest.approx(1.6)
+        time_out_await(h, gen, op)
+        op = gen.send("other")
 
 
 def test_a_notice_with_the_value_ends_the_wait_without_a_look() -> None:
@@ -246,16 +259,16 @@ def test_patience_restarts_when_the_lock_passes_to_a_new_holder() -> None:
     """A waiter gives each holder the full wait_timeout: a new holder restarts the wait."""
     h = Harness(wait_timeout=3.0)
     gen = h.start()
-    op = enter_wait(h, gen, "first")
+    op = enter_wait(h, gen, "first", subscription=None)
     holders = iter(["first"] * 3 + ["second"] + ["second"] * 100)
     changed_at = None
     while isinstance(op, Await):
-        time_out_await(h, gen, op)
+        time_out_await(h, gen, op, subscription=None)
         holder = next(holders)
         if holder == "second" and changed_at is None:
             changed_at = h.clock.now
         op = gen.send(holder)
-    assert op == Unsubscribe(SUB)
+    assert op == Unsubscribe(None)
     assert changed_at is not None
     assert h.clock.now == pytest.approx(changed_at + 3.0)
     assert gen.send(None) == Compute()

@@ -242,7 +242,12 @@ def _listen(  # noqa: PLR0917
     claim = yield look(key, token, policy.lock_timeout)
     for attempt in retrying:
         if delays:
-            notice = yield Await(subscription, min(delays.pop(), deadline.remaining()))
+            delay = delays.pop()
+            if subscription is not None:
+                # Notices wake us; our own looks only catch lost ones and dead holders,
+                # so with a subscription they need not come more often than max_delay.
+                delay = max(delay, policy.max_delay)
+            notice = yield Await(subscription, min(delay, deadline.remaining()))
             # A notice with the value saves the look; "released" or silence asks for one.
             if isinstance(notice, Entry):
                 claim = notice
