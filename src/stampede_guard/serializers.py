@@ -88,7 +88,8 @@ class SignedPickleSerializer:
     _MAC_SIZE = 32
 
     def __init__(self, secret: bytes, *, previous: tuple[bytes, ...] = ()) -> None:
-        candidates: tuple[object, ...] = (secret, *previous)  # checked for untyped callers
+        # Checked at run time too, for callers whose types mypy never saw.
+        candidates: tuple[object, ...] = (secret, *previous)
         for candidate in candidates:
             if not isinstance(candidate, bytes) or len(candidate) < self._MAC_SIZE:
                 msg = (

@@ -1,0 +1,176 @@
+"""What every part of the harness shares: the cached value, records, statistics, clocks.
+
+Nothing here talks to Redis except `RoundTrips`, which counts the requests redis-py
+writes in this process.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import os
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis.asyncio.connection
+import redis.connection
+
+__all__ = [
+    "CallRecord",
+    "Clock",
+    "Computation",
+    "Pct",
+    "RoundTrips",
+    "make_value",
+    "median",
+    "pct",
+    "value_key",
+]
+
+TTL_S = 900
+LOCK_TIMEOUT_S = 10
+POOL_MAX = 2048
+# Callers still waiting at compute_s + this are recorded as hung (the environment
+# variable is for testing the harness itself).
+HANG_AFTER_S = float(os.environ.get("SG_BENCH_HANG_AFTER_S", "30"))
+
+
+def value_key(k: str) -> str:
+    """Return the Redis key the hand-written peers store the value of *k* under."""
+    return f"bench:{k}"
+
+
+def make_value(k: str) -> dict[str, object]:
+    """Return what the cached function computes for *k*: a dict of about 300 bytes JSON."""
+    return {
+        "key": k,
+        "city": "Oslo",
+        "temp_c": 21.5,
+        "conditions": ["clear", "light wind"],
+        "source": "stampede_guard benchmark",
+        "payload": "x" * 180,
+    }
+
+
+@dataclass(frozen=True, slots=True)
+class CallRecord:
+    """One caller: when it started and returned (wall-aligned seconds), and how."""
+
+    key: str
+    start: float
+    end: float
+    outcome: str  # "ok", "wrong value", or "ExceptionType: message"
+
+
+@dataclass(frozen=True, slots=True)
+class Computation:
+    """One run of the cached function (wall-aligned seconds)."""
+
+    key: str
+    start: float
+    end: float
+
+
+class Clock:
+    """perf_counter precision, aligned to the wall clock at one moment.
+
+    Within a process, intervals come from ``time.perf_counter``. To compare moments
+    across processes of this machine, each process maps its perf_counter onto
+    ``time.time`` read once, at the release of its callers.
+    """
+
+    def __init__(self) -> None:
+        self.pc0 = time.perf_counter()
+        self.wall0 = time.time()
+
+    def wall(self, pc: float) -> float:
+        """Return the wall-clock time of perf_counter reading *pc*."""
+        return self.wall0 + (pc - self.pc0)
+
+
+class RoundTrips:
+    """Count the requests redis-py writes in this process (sync and asyncio clients).
+
+    Each ``send_packed_command`` is one request on the wire: a command, a pipeline, or
+    a health-check PING. Installed once per process; `read` is for the harness thread.
+    """
+
+    _counter = itertools.count()
+    _reads = 0
+    _installed = False
+
+    @classmethod
+    def install(cls) -> None:
+        """Wrap redis-py's send_packed_command (sync and asyncio) to count requests."""
+        if cls._installed:
+            return
+        cls._installed = True
+        tick = cls._counter.__next__
+        sync_cls: Any = redis.connection.AbstractConnection
+        sync_send: Callable[..., Any] = sync_cls.send_packed_command
+
+        def send(self: object, *args: Any, **kwargs: Any) -> Any:
+            tick()
+            return sync_send(self, *args, **kwargs)
+
+        sync_cls.send_packed_command = send
+
+        async_cls: Any = redis.asyncio.connection.AbstractConnection
+        async_send: Callable[..., Any] = async_cls.send_packed_command
+
+        async def asend(self: object, *args: Any, **kwargs: Any) -> Any:
+            tick()
+            return await async_send(self, *args, **kwargs)
+
+        async_cls.send_packed_command = asend
+
+    @classmethod
+    def read(cls) -> int:
+        """Return the requests counted so far (reading costs no request)."""
+        # next() is atomic under the GIL; subtract our own reads.
+        value = next(cls._counter) - cls._reads
+        cls._reads += 1
+        return value
+
+
+@dataclass(frozen=True, slots=True)
+class Pct:
+    """p50, p99 and max of a sample, in milliseconds."""
+
+    p50: float
+    p99: float
+    max: float
+
+
+def pct(values_s: Sequence[float]) -> Pct | None:
+    """Return p50/p99/max (nearest rank) of *values_s* seconds, in ms; None if empty."""
+    if not values_s:
+        return None
+    ordered = sorted(values_s)
+
+    def rank(q: float) -> float:
+        return ordered[max(0, math.ceil(q * len(ordered)) - 1)] * 1000
+
+    return Pct(p50=rank(0.5), p99=rank(0.99), max=ordered[-1] * 1000)
+
+
+def median(values: Sequence[float]) -> float:
+    """Return the median of *values* (NaN for none)."""
+    return statistics.median(values) if values else math.nan
+
+
+@dataclass(slots=True)
+class WorkerReport:
+    """What one worker process of a stampede reports back."""
+
+    index: int
+    starts: list[float] = field(default_factory=list)  # every released caller's
+    calls: list[CallRecord] = field(default_factory=list)
+    computations: list[Computation] = field(default_factory=list)
+    hung: int = 0
+    hung_where: dict[str, int] = field(default_factory=dict)
+    round_trips: int = 0
+    release_spread_s: float = 0.0
