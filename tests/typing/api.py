@@ -133,7 +133,7 @@ async def async_helpers() -> None:
     early_refresh=True,
     beta=1.5,
     cache_none=False,
-    should_cache=lambda rows: bool(rows),
+    should_cache=bool,
 )
 def search(q: str) -> list[str]:
     return [q]
