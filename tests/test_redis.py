@@ -169,14 +169,14 @@ def test_get_or_lock_never_takes_the_lock_once_the_holder_stored_the_value(
 def test_set_and_unlock_never_deletes_the_next_leaders_lock(
     redis_backend: RedisBackend, redis_client: redis.Redis, redis_prefix: str
 ) -> None:
-    """A leader whose lease ran out stores its value but leaves the new leader's lock."""
+    """A leader whose lease ran out neither overwrites nor unlocks the new leader (fenced)."""
     assert redis_backend.get_or_lock("k", "leader-1", 10) == "leader-1"
     lock = only_key(redis_client, redis_prefix, "l")
     redis_client.delete(lock)  # leader-1's lease runs out while it computes
     assert redis_backend.get_or_lock("k", "leader-2", 10) == "leader-2"
     assert redis_backend.set_and_unlock("k", LATE, 60, "leader-1") == LATE
     assert redis_client.get(lock) == b"leader-2"
-    assert redis_backend.get("k") == LATE
+    assert redis_backend.get("k") is None
     assert redis_backend.set_and_unlock("k", ENTRY, 60, "leader-2") == ENTRY
     assert redis_client.exists(lock) == 0
     assert redis_backend.get("k") == ENTRY

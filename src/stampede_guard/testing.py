@@ -188,18 +188,26 @@ class BackendContract:
         backend.delete(key)
         assert backend.get_or_lock(key, "token-b", _LONG) == "token-b"
 
-    def test_set_and_unlock_keeps_another_tokens_lock(self, backend: Backend) -> None:
-        """set_and_unlock by a non-holder stores the entry but leaves the lock held."""
+    def test_set_and_unlock_by_a_non_holder_stores_nothing(
+        self, backend: Backend
+    ) -> None:
+        """A fenced write: while another token holds the lock, nothing is stored."""
         key = _key()
         assert backend.get_or_lock(key, "token-a", _LONG) == "token-a"
         assert backend.set_and_unlock(key, _entry("v"), _LONG, "token-b") == _entry("v")
-        assert backend.get(key) == _entry("v")
+        assert backend.get(key) is None
         assert backend.unlock(key, "token-a") is True
+
+    def test_set_and_unlock_with_a_free_lock_stores(self, backend: Backend) -> None:
+        """A holder whose lease ran out with nobody taking over still stores its value."""
+        key = _key()
+        assert backend.set_and_unlock(key, _entry("v"), _LONG, "token-a") == _entry("v")
+        assert backend.get(key) == _entry("v")
 
     def test_set_and_unlock_after_lock_expiry_keeps_the_new_holders_lock(
         self, backend: Backend
     ) -> None:
-        """A holder whose lock expired stores its value but never frees its successor's lock."""
+        """A holder whose lock passed to a successor neither stores nor frees that lock."""
         key = _key()
         assert backend.get_or_lock(key, "token-a", _SHORT) == "token-a"
         assert _eventually(
@@ -208,7 +216,7 @@ class BackendContract:
         assert backend.set_and_unlock(key, _entry("late"), _LONG, "token-a") == _entry(
             "late"
         )
-        assert backend.get(key) == _entry("late")
+        assert backend.get(key) is None, "the late value must not overwrite the new one"
         assert backend.unlock(key, "token-b") is True
 
     def test_delete_drops_the_value_but_not_the_lock(self, backend: Backend) -> None:

@@ -74,10 +74,12 @@ class Backend(Protocol):
         """
 
     def set_and_unlock(self, key: str, entry: Entry, ttl: float, token: str) -> Entry:
-        """Store *entry* as `set` does, then release the lock if *token* still holds it.
+        """Store *entry* as `set` does and release *token*'s lock: a fenced write.
 
-        The value is stored even if the lock has passed to someone else: a late
-        leader's value is as good as the new leader's. Only the lock is fenced.
+        If another token holds the lock now (this caller's lease ran out and someone
+        took over), nothing is stored and that lock is left alone: the new holder is
+        computing a newer value. If the lock is free, the entry is stored. Returns
+        the entry as readers would decode it, stored or not.
         """
 
     def unlock(self, key: str, token: str) -> bool:

@@ -89,12 +89,19 @@ return {0, holder or ARGV[1]}
 
 # KEYS[1] value key, KEYS[2] lock key; ARGV[1] payload, ARGV[2] ttl (ms), ARGV[3] token,
 # ARGV[4] notice channel.
-# Stores the value, then deletes the lock only if it still carries our token: a leader
-# whose lease ran out must never delete the lock of the leader that replaced it.
-# Then announces the value itself, so waiters in other processes need not read it.
+# A fenced write: the value is stored only if the lock is still ours, or free (our
+# lease ran out and nobody took it). If another caller holds the lock, it is computing
+# a newer value; ours must not overwrite it, and its lock must not be deleted. The
+# value is announced either way: it is correct, and waiting callers can use it now.
+# Returns 1 if stored, 0 if fenced off.
 SET_AND_UNLOCK = """
+local holder = redis.call('GET', KEYS[2])
+if holder and holder ~= ARGV[3] then
+    redis.call('PUBLISH', ARGV[4], ARGV[1])
+    return 0
+end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-if redis.call('GET', KEYS[2]) == ARGV[3] then
+if holder then
     redis.call('DEL', KEYS[2])
 end
 redis.call('PUBLISH', ARGV[4], ARGV[1])

@@ -85,10 +85,12 @@ class MemoryBackend:
         return entry
 
     def set_and_unlock(self, key: str, entry: Entry, ttl: float, token: str) -> Entry:
-        """Store *entry* and release the lock if *token* still holds it."""
+        """Store *entry* and release the lock, unless another token holds it (fenced)."""
         with self._mutex:
-            self._store(key, entry, ttl)
-            self._release(key, token)
+            held = self._locks.get(key)
+            if held is None or held[0] == token or held[1] <= self._clock():
+                self._store(key, entry, ttl)
+                self._release(key, token)
             listeners = self._listeners.get(key)
         _announce(listeners, entry)
         return entry
