@@ -300,8 +300,10 @@ def build_sentinel_client(
     options: dict[str, Any],
     sentinel_kwargs: dict[str, Any] | None,
     client_kwargs: dict[str, Any],
-) -> Any:
+) -> tuple[Any, list[Any]]:
     """Build a client of the master that *sentinels* name *service_name*.
+
+    Returns it with the clients of the sentinels, which the backend closes too.
 
     The sentinels are asked with the same short timeouts as the servers. On a
     failover the pool asks them again and reconnects to the new master; a connection
@@ -325,4 +327,5 @@ def build_sentinel_client(
     manager = sentinel_module.Sentinel(
         addresses, sentinel_kwargs=asking, **connection, **client_kwargs
     )
-    return manager.master_for(service_name, redis_class=client_module.Redis)
+    master = manager.master_for(service_name, redis_class=client_module.Redis)
+    return master, manager.sentinels

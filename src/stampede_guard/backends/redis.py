@@ -17,6 +17,7 @@ from stampede_guard.backends._redis_clients import (
     pubsub_factory,
 )
 from stampede_guard.backends._redis_shared import (
+    EXTEND,
     GET_OR_LOCK,
     SET_AND_NOTIFY,
     SET_AND_UNLOCK,
@@ -65,6 +66,7 @@ class RedisBackend:
     ) -> None:
         self._errors = check_client(client, asyncio=False, builder="RedisBackend")
         self._client = client
+        self._sentinels: list[Any] = []  # clients of the sentinels, if from_sentinel
         self._codec = RedisCodec(prefix, serializer)
         # Both packages' Script objects work alike; their typing of a cluster
         # client as `self` does not, hence Any.
@@ -73,6 +75,7 @@ class RedisBackend:
         self._set_and_unlock = scripts.register_script(SET_AND_UNLOCK)
         self._set_and_notify = scripts.register_script(SET_AND_NOTIFY)
         self._unlock = scripts.register_script(UNLOCK)
+        self._extend = scripts.register_script(EXTEND)
         self._listener = Listener(pubsub_factory(client, asyncio=False), self._codec)
 
     @classmethod
@@ -177,7 +180,7 @@ class RedisBackend:
             max_connections=max_connections,
             pool_timeout=0.0,
         )
-        client = build_sentinel_client(
+        client, asking = build_sentinel_client(
             sentinels,
             service_name,
             asyncio=False,
@@ -185,7 +188,9 @@ class RedisBackend:
             sentinel_kwargs=sentinel_kwargs,
             client_kwargs=client_kwargs,
         )
-        return cls(client, serializer=serializer, prefix=prefix)
+        backend = cls(client, serializer=serializer, prefix=prefix)
+        backend._sentinels = asking
+        return backend
 
     @property
     def client(self) -> SyncClient:
@@ -196,6 +201,8 @@ class RedisBackend:
         """Stop the notice listener; close the client (and a pool `from_url` made)."""
         self._listener.stop()
         self._client.close()
+        for sentinel in self._sentinels:
+            sentinel.close()
 
     def __repr__(self) -> str:
         # redis-py's own repr redacts credentials.
@@ -259,6 +266,14 @@ class RedisBackend:
             return bool(self._unlock((self._codec.lock_key(key),), args))
         except self._errors as exc:
             raise BackendError(key, "unlock") from exc
+
+    def extend(self, key: str, token: str, lock_ttl: float) -> bool:
+        """Renew *token*'s lock on *key* for *lock_ttl* s if it still holds it: one script."""
+        args = (token, milliseconds(lock_ttl))
+        try:
+            return bool(self._extend((self._codec.lock_key(key),), args))
+        except self._errors as exc:
+            raise BackendError(key, "extend") from exc
 
     def subscribe(self, key: str) -> Subscription:
         """Hear of stores and releases of *key*, through this process's one listener."""

@@ -18,6 +18,7 @@ from stampede_guard.backends._redis_clients import (
     pubsub_factory,
 )
 from stampede_guard.backends._redis_shared import (
+    EXTEND,
     GET_OR_LOCK,
     SET_AND_NOTIFY,
     SET_AND_UNLOCK,
@@ -59,6 +60,7 @@ class AsyncRedisBackend:
         self._discovered = not hasattr(client, "get_primaries")
         self._discovery = asyncio.Lock()
         self._client = client
+        self._sentinels: list[Any] = []  # clients of the sentinels, if from_sentinel
         self._codec = RedisCodec(prefix, serializer)
         # Both packages' Script objects work alike; their typing of a cluster
         # client as `self` does not, hence Any.
@@ -67,6 +69,7 @@ class AsyncRedisBackend:
         self._set_and_unlock = scripts.register_script(SET_AND_UNLOCK)
         self._set_and_notify = scripts.register_script(SET_AND_NOTIFY)
         self._unlock = scripts.register_script(UNLOCK)
+        self._extend = scripts.register_script(EXTEND)
         self._listener = AsyncListener(
             pubsub_factory(client, asyncio=True), self._codec
         )
@@ -129,7 +132,7 @@ class AsyncRedisBackend:
             max_connections=max_connections,
             pool_timeout=0.0,
         )
-        client = build_sentinel_client(
+        client, asking = build_sentinel_client(
             sentinels,
             service_name,
             asyncio=True,
@@ -137,7 +140,9 @@ class AsyncRedisBackend:
             sentinel_kwargs=sentinel_kwargs,
             client_kwargs=client_kwargs,
         )
-        return cls(client, serializer=serializer, prefix=prefix)
+        backend = cls(client, serializer=serializer, prefix=prefix)
+        backend._sentinels = asking
+        return backend
 
     @property
     def client(self) -> AsyncClient:
@@ -148,6 +153,8 @@ class AsyncRedisBackend:
         """Stop the notice listener; close the client (and a pool `from_url` made)."""
         await self._listener.stop()
         await self._client.aclose()
+        for sentinel in self._sentinels:
+            await sentinel.aclose()
 
     def __repr__(self) -> str:
         return f"AsyncRedisBackend({self._client!r}, serializer={self._codec.serializer!r}, prefix={self._codec.prefix!r})"
@@ -233,6 +240,16 @@ class AsyncRedisBackend:
             return bool(await self._unlock((self._codec.lock_key(key),), args))
         except self._errors as exc:
             raise BackendError(key, "unlock") from exc
+
+    async def aextend(self, key: str, token: str, lock_ttl: float) -> bool:
+        """Renew *token*'s lock on *key* for *lock_ttl* s if it still holds it: one script."""
+        args = (token, milliseconds(lock_ttl))
+        try:
+            if not self._discovered:
+                await self._discover()
+            return bool(await self._extend((self._codec.lock_key(key),), args))
+        except self._errors as exc:
+            raise BackendError(key, "extend") from exc
 
     async def asubscribe(self, key: str) -> AsyncSubscription:
         """Hear of stores and releases of *key*, through this backend's one listener."""

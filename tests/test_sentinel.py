@@ -1,0 +1,160 @@
+"""Redis Sentinel: `from_sentinel` against a real master, replica and sentinel.
+
+The servers are private loopback processes started by this module and stopped by pid.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import redis
+
+from _load import Load
+from _servers import (
+    Server,
+    ServerError,
+    binary,
+    start,
+    start_data_server,
+    unavailable,
+    wait_for,
+)
+from stampede_guard import AsyncRedisBackend, RedisBackend
+
+pytestmark = [pytest.mark.redis, pytest.mark.slow, pytest.mark.timeout(60)]
+
+SERVICE = "sgmaster"
+
+
+@dataclass(slots=True)
+class SentinelSet:
+    """A master, its replica and one sentinel watching them."""
+
+    master: Server
+    replica: Server
+    sentinel: Server
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.sentinel.port}"
+
+    def stop(self) -> None:
+        for server in (self.sentinel, self.replica, self.master):
+            server.stop()
+
+
+@pytest.fixture
+def sentinels(tmp_path: Path) -> Iterator[SentinelSet]:
+    """Start a master, a replica and a sentinel that fails over 0.5 s after a death."""
+    server = binary("redis-server")
+    started: list[Server] = []
+    try:
+        master = start_data_server(server, tmp_path / "master")
+        started.append(master)
+        replica = start_data_server(
+            server, tmp_path / "replica", "--replicaof", "127.0.0.1", str(master.port)
+        )
+        started.append(replica)
+        wait_for("the replica's sync", lambda: _link_up(replica))
+        config = (
+            f"sentinel monitor {SERVICE} 127.0.0.1 {master.port} 1\n"
+            f"sentinel down-after-milliseconds {SERVICE} 500\n"
+            f"sentinel failover-timeout {SERVICE} 5000\n"
+        )
+        sentinel = start(server, tmp_path / "sentinel", "--sentinel", config=config)
+        started.append(sentinel)
+        watching = SentinelSet(master, replica, sentinel)
+        wait_for("the sentinel to see the replica", lambda: _sees_replica(watching))
+    except (OSError, ServerError) as exc:
+        for process in started:
+            process.stop()
+        unavailable(f"could not start a Sentinel set: {exc}")
+    yield watching
+    watching.stop()
+
+
+def _link_up(replica: Server) -> bool:
+    with replica.client() as client:
+        return bool(client.info("replication").get("master_link_status") == "up")
+
+
+def _sees_replica(watching: SentinelSet) -> bool:
+    with watching.sentinel.client() as client:
+        replicas = client.execute_command("SENTINEL REPLICAS", SERVICE)
+    return len(replicas) == 1
+
+
+def _is_master(server: Server) -> bool:
+    with server.client() as client:
+        return bool(client.info("replication").get("role") == "master")
+
+
+def test_from_sentinel_finds_the_master_and_caches_there(
+    sentinels: SentinelSet,
+) -> None:
+    """from_sentinel asks the sentinel for the master and stores values on it."""
+    backend = RedisBackend.from_sentinel([sentinels.address], SERVICE, prefix="s")
+    try:
+        client = backend.client
+        assert isinstance(client, redis.Redis)
+        assert client.connection_pool.connection_kwargs["socket_timeout"] == 1.0
+        assert backend.get_or_lock("k", "token", 5) == "token"
+        with sentinels.master.client() as master:
+            assert master.dbsize() == 1
+    finally:
+        backend.close()
+
+
+def test_async_from_sentinel_finds_the_master(sentinels: SentinelSet) -> None:
+    """AsyncRedisBackend.from_sentinel does the same for asyncio code."""
+
+    async def main() -> object:
+        backend = AsyncRedisBackend.from_sentinel(
+            [("127.0.0.1", sentinels.sentinel.port)], SERVICE, prefix="s"
+        )
+        try:
+            return await backend.aget_or_lock("k", "token", 5)
+        finally:
+            await backend.aclose()
+
+    assert asyncio.run(main()) == "token"
+
+
+def test_a_failover_under_load_serves_no_wrong_value(sentinels: SentinelSet) -> None:
+    """The master is killed mid-load: callers get right values or BackendError, then the new master."""
+    prefix = f"t{uuid.uuid4().hex[:8]}"
+    made = [
+        RedisBackend.from_sentinel([sentinels.address], SERVICE, prefix=prefix)
+        for _ in range(2)
+    ]
+    keys = [f"key:{n}" for n in range(4)]
+    try:
+        with Load(made, keys, threads=3) as load:
+            time.sleep(0.5)
+            sentinels.master.kill()
+            wait_for("the replica's promotion", lambda: _is_master(sentinels.replica))
+            served_at_promotion = load.tally.served
+            time.sleep(1.5)
+        tally = load.tally
+        assert tally.wrong == []
+        assert set(tally.errors) <= {"BackendError"}
+        assert tally.served > served_at_promotion  # the new master serves
+        # A lock lost with the old master can cost one duplicate computation, no more.
+        assert max(tally.most_at_once.values()) <= 2
+        # The backends now talk to the promoted replica.
+        for n, backend in enumerate(made):
+            assert backend.get_or_lock(f"probe{n}", "token", 5) == "token"
+        with sentinels.replica.client() as new_master:
+            assert len(list(new_master.scan_iter(f"{prefix}:*:l:probe*"))) == len(made)
+        print(
+            f"sentinel failover: {sum(tally.errors.values())} BackendErrors, {tally.served} served"
+        )
+    finally:
+        for backend in made:
+            backend.close()
