@@ -13,7 +13,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Self
 
 from stampede_guard import AsyncRedisBackend, RedisBackend, cached_stampede_safe
 
@@ -190,7 +190,7 @@ class Load:
                 self.tally.error(exc)
                 self.stop.wait(0.05)  # a failing backend: do not spin
 
-    def __enter__(self) -> Load:
+    def __enter__(self) -> Self:
         for thread in self._threads:
             thread.start()
         return self
