@@ -383,6 +383,9 @@ class PausingBackend:
     async def aunlock(self, key: str, token: str) -> bool:
         return self.store.unlock(key, token)
 
+    async def aextend(self, key: str, token: str, lock_ttl: float) -> bool:
+        return self.store.extend(key, token, lock_ttl)
+
     async def adelete(self, key: str) -> None:
         self.store.delete(key)
 
@@ -523,6 +526,9 @@ class _SyncShim:
 
     def unlock(self, key: str, token: str) -> Any:
         return self.call(self.target.aunlock(key, token))
+
+    def extend(self, key: str, token: str, lock_ttl: float) -> Any:
+        return self.call(self.target.aextend(key, token, lock_ttl))
 
     def delete(self, key: str) -> Any:
         return self.call(self.target.adelete(key))

@@ -60,6 +60,10 @@ class CountingBackend:
         self._count("unlock", key)
         return self.store.unlock(key, token)
 
+    def extend(self, key: str, token: str, lock_ttl: float) -> bool:
+        self._count("extend", key)
+        return self.store.extend(key, token, lock_ttl)
+
     def delete(self, key: str) -> None:
         self._count("delete", key)
         self.store.delete(key)
@@ -212,7 +216,7 @@ def test_joined_callers_are_counted_as_hits_or_waits() -> None:
 
 
 @pytest.mark.timeout(30)
-def test_thousand_tasks_make_one_conversation_with_the_backend() -> None:
+def test_thousand_tasks_make_one_conversation_with_the_backend() -> None:  # noqa: C901
     """1,000 tasks on one cold key share one plan: one GET, one lock, one store."""
     backend = CountingBackend()
 
@@ -238,6 +242,9 @@ def test_thousand_tasks_make_one_conversation_with_the_backend() -> None:
 
         async def aunlock(self, key: str, token: str) -> bool:
             return backend.unlock(key, token)
+
+        async def aextend(self, key: str, token: str, lock_ttl: float) -> bool:
+            return backend.extend(key, token, lock_ttl)
 
         async def adelete(self, key: str) -> None:
             backend.delete(key)

@@ -14,7 +14,11 @@ from stampede_guard._breaker import CircuitBreaker
 from stampede_guard._ops import Op
 from stampede_guard.metrics import _Emit
 
-__all__ = ["MISS", "Context", "Plan", "Policy", "Served"]
+__all__ = ["MISS", "RENEWAL_LIMIT", "Context", "Plan", "Policy", "Served"]
+
+# With lock_renewal, a lock is renewed for at most this many leases: a computation
+# that hangs cannot keep the key from everyone else for ever.
+RENEWAL_LIMIT = 10
 
 # What a plan returns: the value, and whether it came straight from the cache (a hit),
 # which tells callers that shared this call in-process how to count themselves.
@@ -41,6 +45,7 @@ class Policy:
     max_retries: int | None
     on_timeout: Literal["compute", "raise"]
     on_backend_error: Literal["compute", "raise"] = "compute"
+    lock_renewal: bool = False
     stale_ttl: float = 0.0
     stale_if_error: bool = True
     background_refresh: bool = True

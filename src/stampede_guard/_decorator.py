@@ -76,6 +76,7 @@ def cached_stampede_safe(  # type: ignore[overload-overlap]
     max_retries: int | None = None,
     on_timeout: OnTimeout = "compute",
     on_backend_error: OnTimeout = "compute",
+    lock_renewal: bool = False,
     stale_ttl: float = 0,
     stale_if_error: bool = True,
     background_refresh: bool = True,
@@ -99,6 +100,7 @@ def cached_stampede_safe(
     max_retries: int | None = None,
     on_timeout: OnTimeout = "compute",
     on_backend_error: OnTimeout = "compute",
+    lock_renewal: bool = False,
     stale_ttl: float = 0,
     stale_if_error: bool = True,
     background_refresh: bool = True,
@@ -122,6 +124,7 @@ def cached_stampede_safe(
     max_retries: int | None = None,
     on_timeout: OnTimeout = "compute",
     on_backend_error: OnTimeout = "compute",
+    lock_renewal: bool = False,
     stale_ttl: float = 0,
     stale_if_error: bool = True,
     background_refresh: bool = True,
@@ -144,6 +147,7 @@ def cached_stampede_safe(
     max_retries: int | None = None,
     on_timeout: OnTimeout = "compute",
     on_backend_error: OnTimeout = "compute",
+    lock_renewal: bool = False,
     stale_ttl: float = 0,
     stale_if_error: bool = True,
     background_refresh: bool = True,
@@ -172,7 +176,7 @@ def cached_stampede_safe(
             still runs.
         wait_timeout: Seconds a caller waits for another's computation before
             *on_timeout* applies; counted afresh when the lock passes to a new holder.
-            Defaults to *lock_timeout*.
+            Defaults to *lock_timeout* (ten times it with *lock_renewal*).
         base_delay: First backoff delay, in seconds; each next one doubles.
         max_delay: Longest backoff delay, in seconds.
         max_retries: If given, a waiter also gives up after this many retries.
@@ -183,6 +187,10 @@ def cached_stampede_safe(
             serves the call without the cache (computed once per key per process at
             a time; a circuit breaker skips a backend that keeps failing for 5 s), or
             ``"raise"`` `BackendError`.
+        lock_renewal: Renew the lock's lease every third of *lock_timeout* while the
+            function runs (for at most 10 leases), so a computation longer than
+            *lock_timeout* keeps its lock, while a crashed holder's still runs out
+            after *lock_timeout*.
         stale_ttl: Seconds a value may still be served after *ttl* (stale while
             revalidate): the caller gets it at once and one caller refreshes it. After
             ``ttl + stale_ttl`` it is gone and the next call is a miss. 0: never stale.
@@ -228,6 +236,7 @@ def cached_stampede_safe(
             max_retries=max_retries,
             on_timeout=on_timeout,
             on_backend_error=on_backend_error,
+            lock_renewal=lock_renewal,
             stale_ttl=stale_ttl,
             stale_if_error=stale_if_error,
             background_refresh=background_refresh,

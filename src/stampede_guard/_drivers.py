@@ -7,6 +7,9 @@ plan, and a suspended plan is never closed early, so its lock release always run
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from typing import assert_never, cast
@@ -19,6 +22,7 @@ from stampede_guard._ops import (
     GetOrLock,
     Lock,
     Op,
+    Renewal,
     Set,
     SetAndUnlock,
     Subscribe,
@@ -35,6 +39,8 @@ from stampede_guard.backends._protocol import (
 )
 
 __all__ = ["run_async", "run_sync"]
+
+logger = logging.getLogger("stampede_guard")
 
 
 def run_sync(plan: Plan, backend: Backend, compute: Callable[[], object]) -> Served:
@@ -62,8 +68,19 @@ def _perform(op: Op, backend: Backend, compute: Callable[[], object]) -> object:
             return backend.get_or_lock(key, token, lock_ttl)
         case Lock(key, token, lock_ttl):
             return backend.lock(key, token, lock_ttl)
-        case Compute():
-            return compute()
+        case Compute(renewal):
+            if renewal is None:
+                return compute()
+            stop = threading.Event()
+            watchdog = threading.Thread(
+                target=_renew, args=(backend, renewal, stop), daemon=True
+            )
+            watchdog.start()
+            try:
+                return compute()
+            finally:
+                stop.set()
+                watchdog.join()
         case Set(key, entry, ttl):
             return backend.set(key, entry, ttl)
         case SetAndUnlock(key, entry, ttl, token):
@@ -118,8 +135,16 @@ async def _perform_async(  # noqa: C901
             return await backend.aget_or_lock(key, token, lock_ttl)
         case Lock(key, token, lock_ttl):
             return await backend.alock(key, token, lock_ttl)
-        case Compute():
-            return await compute()
+        case Compute(renewal):
+            if renewal is None:
+                return await compute()
+            watchdog = asyncio.get_running_loop().create_task(_arenew(backend, renewal))
+            try:
+                return await compute()
+            finally:
+                watchdog.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await watchdog
         case Set(key, entry, ttl):
             return await backend.aset(key, entry, ttl)
         case SetAndUnlock(key, entry, ttl, token):
@@ -143,3 +168,34 @@ async def _perform_async(  # noqa: C901
             return None
         case _:
             assert_never(op)
+
+
+# Lease renewal while the function runs (a watchdog, as Redisson's): every third of the
+# lease, extend it to a full lease, so a long computation keeps its lock while a dead
+# holder's lock still runs out quickly. It stops when the computation ends, when the
+# lock turns out to be lost, or at the renewal limit, so a hung computation cannot hold
+# the key for ever. A failed renewal is logged, never raised: the worst outcome is one
+# more computation elsewhere.
+
+
+def _renew(backend: Backend, renewal: Renewal, stop: threading.Event) -> None:
+    started, every = time.monotonic(), renewal.lock_ttl / 3
+    while not stop.wait(every) and time.monotonic() - started < renewal.limit:
+        try:
+            if not backend.extend(renewal.key, renewal.token, renewal.lock_ttl):
+                logger.warning("lost the lock on %r while computing", renewal.key)
+                return
+        except Exception:
+            logger.warning("could not renew the lock on %r", renewal.key, exc_info=True)
+
+
+async def _arenew(backend: AsyncBackend, renewal: Renewal) -> None:
+    started, every = time.monotonic(), renewal.lock_ttl / 3
+    while time.monotonic() - started < renewal.limit:
+        await asyncio.sleep(every)
+        try:
+            if not await backend.aextend(renewal.key, renewal.token, renewal.lock_ttl):
+                logger.warning("lost the lock on %r while computing", renewal.key)
+                return
+        except Exception:
+            logger.warning("could not renew the lock on %r", renewal.key, exc_info=True)

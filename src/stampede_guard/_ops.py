@@ -14,6 +14,7 @@ __all__ = [
     "GetOrLock",
     "Lock",
     "Op",
+    "Renewal",
     "Set",
     "SetAndUnlock",
     "Subscribe",
@@ -48,8 +49,26 @@ class Lock:
 
 
 @dataclass(frozen=True, slots=True)
+class Renewal:
+    """Keep *token*'s lock on *key* alive while computing.
+
+    Every third of *lock_ttl*, extend it to *lock_ttl*, for *limit* seconds at most.
+    """
+
+    key: str
+    token: str
+    lock_ttl: float
+    limit: float
+
+
+@dataclass(frozen=True, slots=True)
 class Compute:
-    """Call the decorated function; sends back its value (or throws its exception)."""
+    """Call the decorated function; sends back its value (or throws its exception).
+
+    With *renewal*, the driver renews the lock's lease while the function runs.
+    """
+
+    renewal: Renewal | None = None
 
 
 @dataclass(frozen=True, slots=True)

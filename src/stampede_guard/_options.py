@@ -8,7 +8,7 @@ import warnings
 from collections.abc import Callable
 from typing import Any, Literal, cast
 
-from stampede_guard._context import Policy
+from stampede_guard._context import RENEWAL_LIMIT, Policy
 from stampede_guard.backends._protocol import AsyncBackend, Backend
 from stampede_guard.backends.memory import default_backend
 from stampede_guard.metrics import MetricsHook
@@ -73,6 +73,7 @@ def policy(
     max_retries: object,
     on_timeout: object,
     on_backend_error: object = "compute",
+    lock_renewal: object = False,
     stale_ttl: object = 0,
     stale_if_error: object = True,
     background_refresh: object = True,
@@ -83,6 +84,8 @@ def policy(
 ) -> Policy:
     """Validate the decorator's options into a `Policy`; raise with the fix on bad ones."""
     lock = _seconds("lock_timeout", lock_timeout)
+    # A renewed lock can stay alive for RENEWAL_LIMIT leases; waiters wait as long.
+    patience = lock * RENEWAL_LIMIT if _flag("lock_renewal", lock_renewal) else lock
     beta = _seconds("beta", beta)
     if beta != 1.0 and not _flag("early_refresh", early_refresh):
         warnings.warn(
@@ -94,7 +97,7 @@ def policy(
     policy = Policy(
         ttl=_seconds("ttl", ttl),
         lock_timeout=lock,
-        wait_timeout=lock
+        wait_timeout=patience
         if wait_timeout is None
         else _seconds("wait_timeout", wait_timeout),
         base_delay=_seconds("base_delay", base_delay),
@@ -102,6 +105,7 @@ def policy(
         max_retries=_retries(max_retries),
         on_timeout=_on_timeout(on_timeout),
         on_backend_error=_on_backend_error(on_backend_error),
+        lock_renewal=_flag("lock_renewal", lock_renewal),
         stale_ttl=0.0 if stale_ttl == 0 else _seconds("stale_ttl", stale_ttl),
         stale_if_error=_flag("stale_if_error", stale_if_error),
         background_refresh=_flag("background_refresh", background_refresh),

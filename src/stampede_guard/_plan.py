@@ -34,7 +34,7 @@ from typing import Any, cast
 import tenacity
 from typing_extensions import override
 
-from stampede_guard._context import MISS, Context, Plan, Policy, Served
+from stampede_guard._context import MISS, RENEWAL_LIMIT, Context, Plan, Policy, Served
 from stampede_guard._errors import BackendError, LockTimeoutError
 from stampede_guard._freshness import RefreshDue, refresh_reason, stale_value
 from stampede_guard._ops import (
@@ -44,6 +44,7 @@ from stampede_guard._ops import (
     GetOrLock,
     Lock,
     Op,
+    Renewal,
     Set,
     SetAndUnlock,
     Subscribe,
@@ -287,8 +288,13 @@ class _DeadlineStop(tenacity.stop.stop_base):
 
 def _lead(key: str, token: str, ctx: Context) -> Generator[Op, Any, object]:
     """Compute and store the value while holding the lock; release it whatever happens."""
+    policy = ctx.policy
+    renewal = None
+    if policy.lock_renewal:
+        limit = policy.lock_timeout * RENEWAL_LIMIT
+        renewal = Renewal(key, token, policy.lock_timeout, limit)
     try:
-        entry = yield from _compute(key, ctx)
+        entry = yield from _compute(key, ctx, renewal)
         if not ctx.policy.caches(entry.value):
             # Not to be stored: let go (announced, so waiters look and one computes).
             yield Unlock(key, token)
@@ -352,10 +358,12 @@ def _release(key: str, token: str) -> Generator[Op, Any, None]:
         )
 
 
-def _compute(key: str, ctx: Context) -> Generator[Op, Any, Entry]:
+def _compute(
+    key: str, ctx: Context, renewal: Renewal | None = None
+) -> Generator[Op, Any, Entry]:
     started = ctx.clock()
     try:
-        value = yield Compute()
+        value = yield Compute(renewal)
     except Exception as exc:
         ctx.emit(ComputeError(key, ctx.clock() - started, exc))
         raise

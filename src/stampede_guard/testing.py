@@ -157,6 +157,19 @@ class BackendContract:
         assert backend.lock(key, "token-b", _LONG) == "token-a"
         assert backend.unlock(key, "token-a") is True
 
+    def test_extend_renews_only_the_holders_lease(self, backend: Backend) -> None:
+        """Extending by the holder keeps a short lock alive; by anyone else, nothing."""
+        key = _key()
+        assert backend.get_or_lock(key, "token-a", _SHORT) == "token-a"
+        assert backend.extend(key, "token-b", _LONG) is False
+        assert backend.extend(key, "token-a", _LONG) is True
+        time.sleep(_SHORT * 2)
+        assert backend.lock(key, "token-b", _LONG) == "token-a", "the lease was renewed"
+        assert backend.unlock(key, "token-a") is True
+        assert backend.extend(key, "token-a", _LONG) is False, (
+            "a free lock is not renewed"
+        )
+
     def test_unlock_with_right_token_frees_the_lock(self, backend: Backend) -> None:
         """`unlock` by the holder returns True and lets another token take the lock."""
         key = _key()

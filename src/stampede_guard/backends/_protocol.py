@@ -82,6 +82,12 @@ class Backend(Protocol):
         the entry as readers would decode it, stored or not.
         """
 
+    def extend(self, key: str, token: str, lock_ttl: float) -> bool:
+        """Renew the lease of *token*'s lock on *key* to *lock_ttl* seconds from now.
+
+        Returns False, changing nothing, if *token* no longer holds the lock.
+        """
+
     def unlock(self, key: str, token: str) -> bool:
         """Release the lock on *key* if *token* holds it; return whether it did."""
 
@@ -114,6 +120,9 @@ class AsyncBackend(Protocol):
         self, key: str, entry: Entry, ttl: float, token: str
     ) -> Entry:
         """See `Backend.set_and_unlock`."""
+
+    async def aextend(self, key: str, token: str, lock_ttl: float) -> bool:
+        """See `Backend.extend`."""
 
     async def aunlock(self, key: str, token: str) -> bool:
         """See `Backend.unlock`."""

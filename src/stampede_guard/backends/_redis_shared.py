@@ -20,6 +20,7 @@ from stampede_guard.serializers import (
 )
 
 __all__ = [
+    "EXTEND",
     "GET_OR_LOCK",
     "SET_AND_NOTIFY",
     "SET_AND_UNLOCK",
@@ -114,6 +115,15 @@ SET_AND_NOTIFY = """
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 redis.call('PUBLISH', ARGV[3], ARGV[1])
 return 1
+"""
+
+# KEYS[1] lock key; ARGV[1] token, ARGV[2] lease (ms). Compare-and-extend: renews the
+# lease of a lock we still hold, never one that passed to somebody else.
+EXTEND = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+    return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
 """
 
 # KEYS[1] lock key; ARGV[1] token, ARGV[2] notice channel. Compare-and-delete; a real

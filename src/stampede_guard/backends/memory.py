@@ -103,6 +103,16 @@ class MemoryBackend:
         _announce(listeners, RELEASED)
         return released
 
+    def extend(self, key: str, token: str, lock_ttl: float) -> bool:
+        """Renew *token*'s lock on *key* for *lock_ttl* seconds if it still holds it."""
+        with self._mutex:
+            now = self._clock()
+            held = self._locks.get(key)
+            if held is None or held[0] != token or held[1] <= now:
+                return False
+            self._locks[key] = (token, now + lock_ttl)
+            return True
+
     def subscribe(self, key: str) -> _Subscription:
         """Hear of stores and releases of *key* from now on (threads)."""
         listener = _Listener(queue.SimpleQueue(), None)
@@ -155,6 +165,10 @@ class MemoryBackend:
     ) -> Entry:
         """See `set_and_unlock`."""
         return self.set_and_unlock(key, entry, ttl, token)
+
+    async def aextend(self, key: str, token: str, lock_ttl: float) -> bool:
+        """See `extend`."""
+        return self.extend(key, token, lock_ttl)
 
     async def aunlock(self, key: str, token: str) -> bool:
         """See `unlock`."""
