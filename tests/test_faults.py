@@ -219,3 +219,59 @@ def test_nothing_hangs_when_the_server_vanishes_mid_stampede(
         t.join(20)
     assert not any(t.is_alive() for t in threads)
     assert results == ["v"] * 50
+
+
+def test_a_password_in_the_url_appears_in_no_error_repr_or_log(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The password of a URL never shows in repr(backend), an error, or a log record."""
+    secret = "s3cr3t-pa55word"  # noqa: S105 - a test credential, on a closed port
+    backend = RedisBackend.from_url(f"redis://alice:{secret}@127.0.0.1:{free_port()}/0")
+
+    @cached_stampede_safe(key="k", backend=backend, on_backend_error="raise")
+    def f() -> int:
+        return 1
+
+    with caplog.at_level("DEBUG"), pytest.raises(BackendError) as raised:
+        f()
+    texts = [repr(backend), str(raised.value), repr(raised.value.__cause__)]
+    texts += [record.getMessage() for record in caplog.records]
+    assert not any(secret in text for text in texts)
+
+
+def test_an_acl_user_with_a_password_works(own_server: Server) -> None:
+    """A Redis ACL user limited to the commands the backend uses can run a stampede."""
+    admin = own_server.client()
+    admin.acl_setuser(
+        "app",
+        enabled=True,
+        passwords=["+app-password"],
+        keys=["sg:*"],
+        channels=["sg:*"],
+        commands=[
+            "+get",
+            "+set",
+            "+del",
+            "+evalsha",
+            "+eval",
+            "+script|load",
+            "+publish",
+            "+subscribe",
+            "+unsubscribe",
+            "+ping",
+            "+hello",
+            "+pexpire",
+        ],
+    )
+    backend = RedisBackend.from_url(
+        f"redis://app:app-password@127.0.0.1:{own_server.port}/0"
+    )
+
+    @cached_stampede_safe(key="k:{x}", backend=backend, on_backend_error="raise")
+    def f(x: int) -> int:
+        return x * 10
+
+    assert [f(1), f(1), f(2)] == [10, 10, 20]
+    assert admin.exists(backend._codec.value_key("k:1")) == 1
+    backend.close()
+    admin.close()

@@ -226,3 +226,31 @@ def test_default_keys_are_the_same_in_every_process() -> None:
         )
         outputs.add(run.stdout)
     assert len(outputs) == 1
+
+
+def test_long_keys_are_shortened_to_a_readable_head_and_a_digest() -> None:
+    """A template filled with a 1 MB argument gives a bounded key; different ones differ."""
+
+    @cached_stampede_safe(key="doc:{text}", backend=MemoryBackend())
+    def f(text: str) -> int:
+        return len(text)
+
+    long_a, long_b = "a" * 1_000_000, "a" * 999_999 + "b"
+    key_a, key_b = f.cache_key(long_a), f.cache_key(long_b)
+    assert key_a.startswith("doc:aaaa")
+    assert len(key_a) <= 256
+    assert key_a != key_b
+    assert f.cache_key("short") == "doc:short"
+    assert f(long_a) == 1_000_000
+
+
+def test_keys_with_any_characters_are_kept_apart() -> None:
+    """Spaces, newlines, NUL, braces and unicode in template values are used as they are."""
+
+    @cached_stampede_safe(key="k:{x}", backend=MemoryBackend())
+    def f(x: str) -> str:
+        return x
+
+    values = ["a b", "a\nb", "a\x00b", "{a}", "}{", "é", "日本"]
+    assert [f(v) for v in values] == values
+    assert len({f.cache_key(v) for v in values}) == len(values)

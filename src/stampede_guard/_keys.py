@@ -96,6 +96,10 @@ class KeyMaker:
 
     def __call__(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> str:
         """Return the cache key for a call with *args* and *kwargs*."""
+        key = self._make(args, kwargs)
+        return key if len(key) <= MAX_KEY_LENGTH else _shorten(key)
+
+    def _make(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> str:
         if self._key_fn is not None:
             made: object = self._key_fn(*args, **kwargs)
             if not isinstance(made, str):
@@ -118,6 +122,17 @@ class KeyMaker:
         )
         # Stable across processes and runs, unlike the salted builtin hash().
         return hashlib.blake2b(encoded, digest_size=16).hexdigest()
+
+
+# Keys longer than this (a template filled with a long argument) are shortened to a
+# readable head and a digest of the whole key: Redis advises against very long keys,
+# and a key must not grow with its arguments.
+MAX_KEY_LENGTH = 256
+
+
+def _shorten(key: str) -> str:
+    digest = hashlib.blake2b(key.encode("utf-8", "surrogatepass"), digest_size=16)
+    return f"{key[:96]}...#{digest.hexdigest()}"
 
 
 def _module_of(fn: Callable[..., Any]) -> str:
