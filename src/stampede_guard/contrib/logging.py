@@ -1,5 +1,7 @@
 """A `MetricsHook` that logs every event on one line, with the standard `logging` module.
 
+For example, this function:
+
     import logging
 
     from stampede_guard import cached_stampede_safe
@@ -11,7 +13,7 @@
     @cached_stampede_safe(key="weather:{city}", metrics=LoggingHook())
     def get_weather(city: str) -> dict[str, object]: ...
 
-logs lines such as::
+logs lines such as:
 
     DEBUG:stampede_guard.events:miss key=weather:Oslo
     DEBUG:stampede_guard.events:lock_wait key=weather:Oslo seconds=0.201 outcome=value

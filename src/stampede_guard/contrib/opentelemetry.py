@@ -1,7 +1,7 @@
 """OpenTelemetry metrics: a `MetricsHook` that records events on an OpenTelemetry meter.
 
 Needs the ``opentelemetry`` extra (``pip install "stampede-guard[opentelemetry]"``),
-which brings the API only; the application configures the SDK and its exporters::
+which brings the API only; the application configures the SDK and its exporters:
 
     from stampede_guard import cached_stampede_safe
     from stampede_guard.contrib.opentelemetry import OpenTelemetryMetrics
@@ -68,7 +68,10 @@ except ImportError as exc:
 __all__ = ["DEFAULT_BUCKETS", "OpenTelemetryMetrics"]
 
 DEFAULT_BUCKETS = spec.DEFAULT_BUCKETS
-"""The histograms' advised bucket bounds, in seconds, when none are given."""
+"""The histograms' advised bucket bounds when none are given: 1 ms to 60 s.
+
+``(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)`` seconds.
+"""
 
 _Attributes = dict[str, str]
 
