@@ -346,7 +346,12 @@ def _migrate(cluster: Cluster, slot: int, source: Server, target: Server) -> Non
 def test_moving_a_slot_under_load_serves_no_wrong_value(
     cluster: Cluster, backends: Callable[[], RedisBackend], prefix: str
 ) -> None:
-    """Keys of a slot being resharded keep their one value and their one lock holder."""
+    """Keys of a slot being resharded serve no wrong value and no error.
+
+    While keys of one slot sit on two nodes, a two-key script can be refused (TRYAGAIN,
+    ASK): with the default on_backend_error="compute" that call computes without the
+    lock, so a key may be computed twice at once then, never more.
+    """
     codec = RedisCodec(prefix, None)
     slot = key_slot(codec.value_key("anchor").encode())
     keys = keys_in_slot(codec, slot, 4)
@@ -361,7 +366,7 @@ def test_moving_a_slot_under_load_serves_no_wrong_value(
     assert tally.wrong == []
     assert tally.errors == {}
     assert tally.served > 0
-    assert max(tally.most_at_once.values()) == 1  # never two computations of one key
+    assert max(tally.most_at_once.values()) <= 2  # a refused script computes unlocked
 
 
 def test_a_master_failover_under_load_serves_no_wrong_value(
