@@ -1,9 +1,11 @@
 """Serializers, and the versioned envelope a byte-oriented backend stores.
 
-Envelope, version 1::
+Envelope, version 1:
 
-    b"SG" | version (1 byte) | len(serializer name) (1 byte) | serializer name
-          | created_at (f64) | compute_seconds (f64) | payload
+```text
+b"SG" | version (1 byte) | len(serializer name) (1 byte) | serializer name
+      | created_at (f64) | compute_seconds (f64) | payload
+```
 
 The serializer's name is stored so that bytes written by another serializer (or by
 anything else) read as a miss instead of as garbage; it comes first so that one prefix

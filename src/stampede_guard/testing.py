@@ -1,16 +1,18 @@
 """A conformance suite for `stampede_guard.Backend` implementations, run by pytest.
 
 Subclass `BackendContract` in your tests and define a ``backend`` fixture returning a
-fresh backend; every test of the contract then runs against it::
+fresh backend; every test of the contract then runs against it:
 
-    import pytest
-    from stampede_guard.testing import BackendContract
+```python
+import pytest
+from stampede_guard.testing import BackendContract
 
 
-    class TestMyBackend(BackendContract):
-        @pytest.fixture
-        def backend(self) -> MyBackend:
-            return MyBackend(...)
+class TestMyBackend(BackendContract):
+    @pytest.fixture
+    def backend(self) -> MyBackend:
+        return MyBackend(...)
+```
 
 Values used are JSON data, so byte-oriented backends with the default serializer pass.
 Each test works on keys of its own and bounds every wait, so a shared store is fine.
