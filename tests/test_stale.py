@@ -436,3 +436,24 @@ def perform(backend: MemoryBackend, op: Op | None) -> object:
             return None
         case _:
             raise AssertionError(op)
+
+
+def test_a_refresh_whose_double_check_fails_releases_the_lock_and_keeps_the_value() -> (
+    None
+):
+    """If the read after taking the lock fails, the lock is released and the stale value kept."""
+    from stampede_guard import BackendError
+
+    events: list[Event] = []
+    ctx = contexts(time.time())
+    ctx = Context(
+        ctx.policy, events.append, wall_clock=ctx.wall_clock, new_token=lambda: "tok"
+    )
+    gen = refresh("k", RefreshDue(Entry("old", 0.0, 0.1), "stale"), ctx)
+    assert next(gen) == Lock("k", "tok", 600)
+    assert gen.send("tok") == Get("k")
+    assert gen.throw(BackendError("k", "get")) == Unlock("k", "tok")
+    with pytest.raises(StopIteration) as stop:
+        gen.send(True)
+    assert stop.value.value == ("old", True)
+    assert [type(e) for e in events] == [RefreshFailed]

@@ -111,16 +111,20 @@ def refresh(key: str, due: RefreshDue, ctx: Context) -> Plan:
     holder = yield Lock(key, token, ctx.policy.lock_timeout)
     if holder != token:
         return due.entry.value, True
-    # The double-check, for refreshes: another caller may have refreshed the value
-    # between our read and our lock. Then it is the one to serve, and we let go.
-    current = yield Get(key)
-    if current is not None and current.created_at > due.entry.created_at:
-        yield from _release(key, token)
-        return current.value, True
-    ctx.emit(Refresh(key, due.reason))
+    leading = False
     try:
-        value = yield from _lead(key, token, ctx)
+        # The double-check, for refreshes: another caller may have refreshed the value
+        # between our read and our lock. Then it is the one to serve, and we let go.
+        current = yield Get(key)
+        if current is not None and current.created_at > due.entry.created_at:
+            yield from _release(key, token)
+            return current.value, True
+        ctx.emit(Refresh(key, due.reason))
+        leading = True
+        value = yield from _lead(key, token, ctx)  # it releases the lock itself
     except Exception as exc:
+        if not leading:
+            yield from _release(key, token)
         ctx.emit(RefreshFailed(key, exc))
         if ctx.policy.stale_if_error:
             return due.entry.value, True
