@@ -48,11 +48,12 @@ class _Flight:
 class _AsyncFlight:
     """One call in progress, for one event loop's tasks."""
 
-    __slots__ = ("done", "error", "hit", "loop", "retry", "value")
+    __slots__ = ("error", "hit", "joiners", "loop", "retry", "value")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
-        self.done: asyncio.Future[None] | None = None  # made by the first joiner
+        # One future per joiner: cancelling a joiner cancels its own future only.
+        self.joiners: list[asyncio.Future[None]] = []
         self.value: object = None
         self.hit = False
         self.error: BaseException | None = None
@@ -137,10 +138,10 @@ class AsyncFlights:
                 # Another thread's event loop leads; its futures are not ours to await.
                 value, _ = await serve(key, args, kwargs)
                 return value
-            if flight.done is None:
-                flight.done = loop.create_future()
+            joined: asyncio.Future[None] = loop.create_future()
+            flight.joiners.append(joined)
             started = ctx.clock()
-            await asyncio.shield(flight.done)  # our cancellation must not cancel theirs
+            await joined
             outcome = _joined(key, flight, ctx.clock() - started, ctx)
             if outcome is not _RETRY:
                 return outcome
@@ -163,8 +164,9 @@ class AsyncFlights:
             raise
         finally:
             del self._flights[key]
-            if flight.done is not None:
-                flight.done.set_result(None)
+            for joined in flight.joiners:
+                if not joined.done():  # a cancelled joiner's future is done
+                    joined.set_result(None)
         return flight.value
 
     def clear(self) -> None:
