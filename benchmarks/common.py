@@ -1,11 +1,13 @@
 """What every part of the harness shares: the cached value, records, statistics, clocks.
 
 Nothing here talks to Redis except `RoundTrips`, which counts the requests redis-py
-writes in this process.
+writes in this process. `GcPauses` times the garbage collector, whose pauses land in
+whichever peer happens to be running when a burst of allocations triggers one.
 """
 
 from __future__ import annotations
 
+import gc
 import itertools
 import math
 import os
@@ -22,6 +24,7 @@ __all__ = [
     "CallRecord",
     "Clock",
     "Computation",
+    "GcPauses",
     "Pct",
     "RoundTrips",
     "make_value",
@@ -136,6 +139,39 @@ class RoundTrips:
         return value
 
 
+class GcPauses:
+    """The longest garbage-collector pause of this process since `reset`, in ms."""
+
+    _started = 0.0
+    _longest_s = 0.0
+    _installed = False
+
+    @classmethod
+    def install(cls) -> None:
+        """Time every collection from now on (once per process)."""
+        if cls._installed:
+            return
+        cls._installed = True
+
+        def timed(phase: str, _info: dict[str, int]) -> None:
+            if phase == "start":
+                cls._started = time.perf_counter()
+            else:
+                cls._longest_s = max(cls._longest_s, time.perf_counter() - cls._started)
+
+        gc.callbacks.append(timed)
+
+    @classmethod
+    def reset(cls) -> None:
+        """Forget the pauses so far (at the start of the measured part)."""
+        cls._longest_s = 0.0
+
+    @classmethod
+    def longest_ms(cls) -> float:
+        """Return the longest pause since `reset`."""
+        return cls._longest_s * 1000
+
+
 @dataclass(frozen=True, slots=True)
 class Pct:
     """p50, p99 and max of a sample, in milliseconds."""
@@ -174,3 +210,4 @@ class WorkerReport:
     hung_where: dict[str, int] = field(default_factory=dict)
     round_trips: int = 0
     release_spread_s: float = 0.0
+    gc_longest_ms: float = 0.0

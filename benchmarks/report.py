@@ -73,6 +73,7 @@ class Agg:
     excess: tuple[float, float, float] | None = None
     lat_cs: tuple[float, float, float] | None = None
     start_spread_ms: float = 0.0
+    gc_longest_ms: float = 0.0
     errors: float = 0.0
     errors_worst: int = 0
     reps_with_errors: int = 0
@@ -125,6 +126,7 @@ def aggregate(runs: Sequence[RunResult]) -> list[Agg]:
             [(e.p50, e.p99, e.max) for r in rs if (e := r.lat_cs_ms) is not None]
         )
         a.start_spread_ms = median([r.start_spread_ms for r in rs])
+        a.gc_longest_ms = median([r.gc_longest_ms for r in rs])
         a.errors = median([r.errors for r in rs])
         a.errors_worst = max(r.errors for r in rs)
         a.reps_with_errors = sum(1 for r in rs if r.errors)
@@ -188,6 +190,7 @@ def stampede_table(rows: Sequence[Agg]) -> str:
         "lat-cs p99 ms",
         "lat-cs max ms",
         "start spread ms",
+        "longest GC pause ms",
         "errors",
         "Redis cmds",
         "cmds/process",
@@ -205,6 +208,7 @@ def stampede_table(rows: Sequence[Agg]) -> str:
             *_pct3(a.excess),
             *_pct3(a.lat_cs),
             fmt(a.start_spread_ms),
+            fmt(a.gc_longest_ms),
             _errors(a),
             f"{a.redis_cmds:,.0f}",
             fmt(a.redis_cmds / a.processes),
@@ -215,7 +219,7 @@ def stampede_table(rows: Sequence[Agg]) -> str:
         ]
         for a in rows
     ]
-    return table(headers, body, "rrlrrrrrrrrlrrrrrl")
+    return table(headers, body, "rrlrrrrrrrrrlrrrrrl")
 
 
 def excess_key_table(rows: Sequence[Agg]) -> str | None:

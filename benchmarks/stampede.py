@@ -44,6 +44,7 @@ from common import (
     CallRecord,
     Clock,
     Computation,
+    GcPauses,
     Pct,
     RoundTrips,
     WorkerReport,
@@ -115,6 +116,7 @@ class RunResult:
     excess_ms: Pct | None = None
     lat_cs_ms: Pct | None = None
     start_spread_ms: float = 0.0
+    gc_longest_ms: float = 0.0  # the longest collector pause in any of its processes
     errors: int = 0
     hung: int = 0
     error_kinds: dict[str, int] = field(default_factory=dict)
@@ -162,6 +164,7 @@ def worker_main(job: StampedeJob, results: MpQueue[Message], go: MpEvent) -> Non
     for while cancelling them) can keep a worker alive.
     """
     RoundTrips.install()
+    GcPauses.install()
     try:
         if PEERS[job.peer].kind == "sync":
             _exit(results, _threads(job, results, go))
@@ -209,6 +212,7 @@ def _threads(job: StampedeJob, results: MpQueue[Message], go: MpEvent) -> Worker
         raise RuntimeError(msg)
     clock = Clock()
     rt0 = RoundTrips.read()
+    GcPauses.reset()
     callers.gate.set()
     callers.all_done.wait(timeout=job.compute_s + HANG_AFTER_S)
     rt1 = RoundTrips.read()
@@ -223,6 +227,7 @@ def _threads(job: StampedeJob, results: MpQueue[Message], go: MpEvent) -> Worker
         hung=hung,
         hung_where=where,
         round_trips=rt1 - rt0,
+        gc_longest_ms=GcPauses.longest_ms(),
     )
 
 
@@ -328,6 +333,7 @@ async def _tasks(job: StampedeJob, results: MpQueue[Message], go: MpEvent) -> No
         raise RuntimeError(msg)
     clock = Clock()
     rt0 = RoundTrips.read()
+    GcPauses.reset()
     gate.set()
     _done, pending = await asyncio.wait(tasks, timeout=job.compute_s + HANG_AFTER_S)
     rt1 = RoundTrips.read()
@@ -348,6 +354,7 @@ async def _tasks(job: StampedeJob, results: MpQueue[Message], go: MpEvent) -> No
             hung=len(pending),
             hung_where=dict(where.most_common(3)),
             round_trips=rt1 - rt0,
+            gc_longest_ms=GcPauses.longest_ms(),
         ),
     )
 
@@ -408,6 +415,7 @@ def summarize(
     result.excess_ms = pct(excess)
     result.lat_cs_ms = pct(lat_cs)
     result.start_spread_ms = (max(starts) - min(starts)) * 1000 if starts else 0.0
+    result.gc_longest_ms = max((r.gc_longest_ms for r in reports), default=0.0)
     result.hung = hung
     result.errors = len(calls) - len(ok) + hung
     result.error_kinds = dict(kinds.most_common(3))
