@@ -206,6 +206,7 @@ def _threads(job: StampedeJob, results: MpQueue[Message], go: MpEvent) -> Worker
 
     callers = _ThreadCallers(job, peer)
     callers.parked.wait(timeout=READY_TIMEOUT_S)
+    GcPauses.settle()
     results.put(("ready", job.index, None))
     if not go.wait(timeout=READY_TIMEOUT_S):
         msg = "never released"
@@ -326,6 +327,7 @@ async def _tasks(job: StampedeJob, results: MpQueue[Message], go: MpEvent) -> No
 
     tasks = [asyncio.create_task(caller(i)) for i in range(job.callers)]
     await asyncio.wait_for(all_parked.wait(), READY_TIMEOUT_S)
+    GcPauses.settle()
     results.put(("ready", job.index, None))
     loop = asyncio.get_running_loop()
     if not await loop.run_in_executor(None, go.wait, READY_TIMEOUT_S):
