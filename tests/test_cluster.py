@@ -32,6 +32,7 @@ from _servers import (
     unavailable,
     wait_for,
 )
+from _waiting import Waiting
 from stampede_guard import AsyncRedisBackend, RedisBackend, cached_stampede_safe
 from stampede_guard.backends._redis_shared import RedisCodec
 from stampede_guard.testing import BackendContract
@@ -175,8 +176,11 @@ def test_a_waiter_on_another_node_wakes_on_the_cluster_notice(
     """A waiter that would poll only every 30 s is served as soon as the value is stored."""
     release = threading.Event()
     computed: list[str] = []
+    leading, waiting = Waiting(), Waiting()
 
-    @cached_stampede_safe(key="{key}", backend=backends(), ttl=60, lock_timeout=60)
+    @cached_stampede_safe(
+        key="{key}", backend=backends(), metrics=leading, ttl=60, lock_timeout=60
+    )
     def lead(key: str) -> str:
         release.wait(10)
         computed.append(key)
@@ -185,6 +189,7 @@ def test_a_waiter_on_another_node_wakes_on_the_cluster_notice(
     @cached_stampede_safe(
         key="{key}",
         backend=backends(),
+        metrics=waiting,
         base_delay=30,
         max_delay=30,
         wait_timeout=60,
@@ -199,13 +204,13 @@ def test_a_waiter_on_another_node_wakes_on_the_cluster_notice(
     leaders = [threading.Thread(target=lead, args=(key,)) for key in keys]
     for thread in leaders:
         thread.start()
-    time.sleep(0.3)  # the leaders hold the locks
+    leading.until_missed(len(keys))  # a leader's Miss comes once it holds the lock
     waiters = [
         threading.Thread(target=lambda k=key: results.append(wait(k))) for key in keys
     ]
     for thread in waiters:
         thread.start()
-    time.sleep(0.3)  # the waiters are subscribed and settled into their 30 s wait
+    waiting.until_missed(len(keys))
     started = time.monotonic()
     release.set()
     for thread in [*leaders, *waiters]:
@@ -213,6 +218,7 @@ def test_a_waiter_on_another_node_wakes_on_the_cluster_notice(
     assert sorted(results) == sorted(f"from-leader:{key}" for key in keys)
     assert sorted(computed) == sorted(keys)
     assert time.monotonic() - started < 10  # well before any waiter's first poll
+    assert waiting.waited("value") == len(keys)
 
 
 def test_async_waiter_wakes_on_the_cluster_notice(
@@ -229,7 +235,9 @@ def test_async_waiter_wakes_on_the_cluster_notice(
         )
         release = asyncio.Event()
 
-        @cached_stampede_safe(key="k", backend=leader_backend, ttl=60, lock_timeout=60)
+        @cached_stampede_safe(
+            key="k", backend=leader_backend, metrics=leader, ttl=60, lock_timeout=60
+        )
         async def lead() -> str:
             await release.wait()
             return "from-leader"
@@ -237,6 +245,7 @@ def test_async_waiter_wakes_on_the_cluster_notice(
         @cached_stampede_safe(
             key="k",
             backend=waiter_backend,
+            metrics=waiter,
             base_delay=30,
             max_delay=30,
             wait_timeout=60,
@@ -247,16 +256,18 @@ def test_async_waiter_wakes_on_the_cluster_notice(
 
         try:
             leading = asyncio.create_task(lead())
-            await asyncio.sleep(0.3)
+            await leader.until_missed_async()  # it holds the lock
             waiting = asyncio.create_task(wait())
-            await asyncio.sleep(0.3)
+            await waiter.until_missed_async()
             release.set()
             return list(await asyncio.wait_for(asyncio.gather(leading, waiting), 10))
         finally:
             await leader_backend.aclose()
             await waiter_backend.aclose()
 
+    leader, waiter = Waiting(), Waiting()
     assert asyncio.run(main()) == ["from-leader", "from-leader"]
+    assert waiter.waited("value") == 1
 
 
 # --- Clients -------------------------------------------------------------------------

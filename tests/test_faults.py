@@ -14,6 +14,7 @@ import pytest
 import redis
 
 from _servers import Server, binary, free_port, start_data_server
+from _waiting import Waiting
 from stampede_guard import (
     BackendError,
     RedisBackend,
@@ -131,10 +132,12 @@ def test_a_killed_leader_is_replaced_by_exactly_one_new_computation(
     try:
         assert started.wait(20), "the leader never started computing"
         backend = RedisBackend.from_url(redis_url, prefix=redis_prefix)
+        waiting = Waiting()
 
         @cached_stampede_safe(
             key="job",
             backend=backend,
+            metrics=waiting,
             lock_timeout=1,
             ttl=60,
             base_delay=0.05,
@@ -151,7 +154,7 @@ def test_a_killed_leader_is_replaced_by_exactly_one_new_computation(
         ]
         for t in waiters:
             t.start()
-        threading.Event().wait(0.2)
+        waiting.until_missed()  # the dead-to-be leader's lock stopped one of us
         os.kill(leader.pid or 0, signal.SIGKILL)
         for t in waiters:
             t.join(15)
@@ -161,6 +164,7 @@ def test_a_killed_leader_is_replaced_by_exactly_one_new_computation(
         leader.join(10)
     assert results == ["from-new-leader"] * 20
     assert redis_client.get(f"{redis_prefix}:computations") == b"2"
+    assert waiting.waited("lock") == 1  # a waiter took over the lock
 
 
 def test_a_forked_child_gets_its_own_connections_and_listener(

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 import redis
 
+from _waiting import Waiting
 from stampede_guard import (
     AsyncRedisBackend,
     MemoryBackend,
@@ -79,6 +80,14 @@ def wait_for_lock(client: redis.Redis, prefix: str) -> None:
     pytest.fail("the leader never took the lock")
 
 
+def wait_for_pubsub_client(client: redis.Redis) -> None:
+    for _ in range(500):
+        if client.client_list(_type="pubsub"):
+            return
+        threading.Event().wait(0.01)
+    pytest.fail("no pub/sub connection was opened")
+
+
 def test_a_waiter_in_another_process_wakes_on_the_notice(
     backends: Callable[[], RedisBackend], redis_client: redis.Redis, redis_prefix: str
 ) -> None:
@@ -87,18 +96,21 @@ def test_a_waiter_in_another_process_wakes_on_the_notice(
     leader = start_leader(backends(), "k", release)
     wait_for_lock(redis_client, redis_prefix)
 
-    @cached_stampede_safe(key="k", backend=backends(), **SLOW_POLL)
+    waiting = Waiting()
+
+    @cached_stampede_safe(key="k", backend=backends(), metrics=waiting, **SLOW_POLL)
     def wait() -> str:
         raise AssertionError("the waiter must not compute")
 
     result: list[str] = []
     waiter = threading.Thread(target=lambda: result.append(wait()))
     waiter.start()
-    threading.Event().wait(0.2)  # let it subscribe and settle into its 30 s wait
+    waiting.until_missed()
     release.set()
     waiter.join(10)
     leader.join(10)
     assert result == ["from-leader"]
+    assert waiting.waited("value") == 1
 
 
 def test_a_release_notice_lets_a_waiter_take_over_at_once(
@@ -109,18 +121,21 @@ def test_a_release_notice_lets_a_waiter_take_over_at_once(
     leader = start_leader(backends(), "k", release, fail=True)
     wait_for_lock(redis_client, redis_prefix)
 
-    @cached_stampede_safe(key="k", backend=backends(), **SLOW_POLL)
+    waiting = Waiting()
+
+    @cached_stampede_safe(key="k", backend=backends(), metrics=waiting, **SLOW_POLL)
     def take_over() -> str:
         return "from-waiter"
 
     result: list[str] = []
     waiter = threading.Thread(target=lambda: result.append(take_over()))
     waiter.start()
-    threading.Event().wait(0.2)
+    waiting.until_missed()
     release.set()
     waiter.join(10)
     leader.join(10)
     assert result == ["from-waiter"]
+    assert waiting.waited("lock") == 1
 
 
 def test_lost_notices_still_end_in_a_served_value(
@@ -131,8 +146,15 @@ def test_lost_notices_still_end_in_a_served_value(
     leader = start_leader(backends(), "k", release)
     wait_for_lock(redis_client, redis_prefix)
 
+    waiting = Waiting()
+
     @cached_stampede_safe(
-        key="k", backend=backends(), base_delay=0.05, max_delay=0.1, lock_timeout=60
+        key="k",
+        backend=backends(),
+        metrics=waiting,
+        base_delay=0.05,
+        max_delay=0.1,
+        lock_timeout=60,
     )
     def wait() -> str:
         raise AssertionError("the waiter must not compute")
@@ -140,12 +162,14 @@ def test_lost_notices_still_end_in_a_served_value(
     result: list[str] = []
     waiter = threading.Thread(target=lambda: result.append(wait()))
     waiter.start()
-    threading.Event().wait(0.2)
+    waiting.until_missed()
+    wait_for_pubsub_client(redis_client)
     assert redis_client.client_kill_filter(_type="pubsub") >= 1
     release.set()
     waiter.join(10)
     leader.join(10)
     assert result == ["from-leader"]
+    assert waiting.waited("value") == 1
 
 
 def test_one_listener_connection_and_thread_whatever_the_number_of_keys(
@@ -273,20 +297,22 @@ def test_async_waiter_wakes_on_the_notice(
     async def scenario() -> str:
         backend = AsyncRedisBackend.from_url(redis_url, prefix=redis_prefix)
 
-        @cached_stampede_safe(key="k", backend=backend, **SLOW_POLL)
+        @cached_stampede_safe(key="k", backend=backend, metrics=waiting, **SLOW_POLL)
         async def wait() -> str:
             raise AssertionError
 
         try:
             task = asyncio.create_task(wait())
-            await asyncio.sleep(0.3)
+            await waiting.until_missed_async()
             release.set()
             return await asyncio.wait_for(task, 10)
         finally:
             await backend.aclose()
 
+    waiting = Waiting()
     try:
         assert asyncio.run(scenario()) == "from-leader"
+        assert waiting.waited("value") == 1
     finally:
         leader.join(10)
         sync_backend.close()
@@ -295,8 +321,10 @@ def test_async_waiter_wakes_on_the_notice(
 def test_memory_waiters_wake_on_the_notice_too() -> None:
     """On MemoryBackend a waiter (another copy of the function: another 'process') wakes at once."""
     backend = MemoryBackend()
-    release = threading.Event()
+    release, computing = threading.Event(), threading.Event()
+    waiting = Waiting()
 
+    # SLOW_POLL spelled out: through **, mypy cannot pick the memory backend's overload.
     @cached_stampede_safe(
         key="k",
         backend=backend,
@@ -306,12 +334,14 @@ def test_memory_waiters_wake_on_the_notice_too() -> None:
         lock_timeout=60,
     )
     def lead() -> str:
+        computing.set()  # holding the lock
         release.wait(10)
         return "v"
 
     @cached_stampede_safe(
         key="k",
         backend=backend,
+        metrics=waiting,
         base_delay=30,
         max_delay=30,
         wait_timeout=60,
@@ -322,16 +352,13 @@ def test_memory_waiters_wake_on_the_notice_too() -> None:
 
     leader = threading.Thread(target=lead)
     leader.start()
-    while (
-        backend.get_or_lock("k", "probe", 60) == "probe"
-    ):  # not locked by the leader yet
-        backend.unlock("k", "probe")
-        threading.Event().wait(0.01)
+    assert computing.wait(10)
     result: list[str] = []
     waiter = threading.Thread(target=lambda: result.append(wait()))
     waiter.start()
-    threading.Event().wait(0.1)
+    waiting.until_missed()
     release.set()
     waiter.join(10)
     leader.join(10)
     assert result == ["v"]
+    assert waiting.waited("value") == 1
