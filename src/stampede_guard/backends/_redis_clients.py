@@ -16,12 +16,18 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import ModuleType
-from typing import TYPE_CHECKING, Any, TypeAlias
+from typing import TYPE_CHECKING, Any, Literal, TypeAlias, overload
 
 import redis
 import redis.asyncio
 import redis.asyncio.cluster
 import redis.cluster
+
+from stampede_guard.backends._kept import (
+    AsyncKeptConnections,
+    KeptConnections,
+    keep_for,
+)
 
 if TYPE_CHECKING:
     import valkey
@@ -36,6 +42,7 @@ __all__ = [
     "build_client",
     "build_sentinel_client",
     "check_client",
+    "kept_connections",
     "pool_options",
     "pubsub_factory",
 ]
@@ -282,6 +289,33 @@ def build_client(
         **{**cluster_options, "retry": retry},
         **client_kwargs,
     )
+
+
+@overload
+def kept_connections(
+    client: Any, *, asyncio: Literal[False], max_connections: int
+) -> KeptConnections | None: ...
+@overload
+def kept_connections(
+    client: Any, *, asyncio: Literal[True], max_connections: int
+) -> AsyncKeptConnections | None: ...
+def kept_connections(
+    client: Any, *, asyncio: bool, max_connections: int
+) -> KeptConnections | AsyncKeptConnections | None:
+    """Return commands on kept connections of the pool `build_client` gave *client*.
+
+    Only a single server's blocking pool qualifies (a cluster client routes each
+    command itself), and only one with room to keep a connection aside.
+    """
+    keep = keep_for(max_connections)
+    package = type(client).__module__.partition(".")[0]
+    family = _VALKEY if package == _VALKEY.package else _REDIS
+    client_module, _ = _modules(family, asyncio=asyncio)
+    pool = getattr(client, "connection_pool", None)
+    if keep < 1 or type(pool) is not client_module.BlockingConnectionPool:
+        return None
+    kind = AsyncKeptConnections if asyncio else KeptConnections
+    return kind(pool, family.package, keep)
 
 
 def _host_port(node: str) -> tuple[str, int]:

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, cast
 
 from stampede_guard._errors import BackendError
+from stampede_guard.backends._kept import KeptConnections
 from stampede_guard.backends._listener import Listener
 from stampede_guard.backends._protocol import Entry, Subscription
 from stampede_guard.backends._redis_clients import (
@@ -13,6 +14,7 @@ from stampede_guard.backends._redis_clients import (
     build_client,
     build_sentinel_client,
     check_client,
+    kept_connections,
     pool_options,
     pubsub_factory,
 )
@@ -67,6 +69,8 @@ class RedisBackend:
         self._errors = check_client(client, asyncio=False, builder="RedisBackend")
         self._client = client
         self._sentinels: list[Any] = []  # clients of the sentinels, if from_sentinel
+        self._kept: KeptConnections | None = None  # if from_url built the pool
+        self._read: Callable[[str], object] = client.get
         self._codec = RedisCodec(prefix, serializer)
         # Both packages' Script objects work alike; their typing of a cluster
         # client as `self` does not, hence Any.
@@ -136,7 +140,21 @@ class RedisBackend:
             options=options,
             client_kwargs=client_kwargs,
         )
-        return cls(client, serializer=serializer, prefix=prefix)
+        backend = cls(client, serializer=serializer, prefix=prefix)
+        kept = kept_connections(client, asyncio=False, max_connections=max_connections)
+        if kept is not None:
+            backend._use(kept)
+        return backend
+
+    def _use(self, kept: KeptConnections) -> None:
+        """Send every command on *kept* connections instead of through the client."""
+        self._kept = kept
+        self._read = kept.get
+        self._get_or_lock = kept.script(self._get_or_lock)
+        self._set_and_unlock = kept.script(self._set_and_unlock)
+        self._set_and_notify = kept.script(self._set_and_notify)
+        self._unlock = kept.script(self._unlock)
+        self._extend = kept.script(self._extend)
 
     @classmethod
     def from_sentinel(
@@ -200,6 +218,8 @@ class RedisBackend:
     def close(self) -> None:
         """Stop the notice listener; close the client (and a pool `from_url` made)."""
         self._listener.stop()
+        if self._kept is not None:
+            self._kept.close()
         self._client.close()
         for sentinel in self._sentinels:
             sentinel.close()
@@ -211,7 +231,7 @@ class RedisBackend:
     def get(self, key: str) -> Entry | None:
         """Return the entry for *key*: one ``GET``."""
         try:
-            data = self._client.get(self._codec.value_key(key))
+            data = self._read(self._codec.value_key(key))
         except self._errors as exc:
             raise BackendError(key, "get") from exc
         return self._codec.decode(key, cast("bytes | None", data))

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, cast
 
 from stampede_guard._errors import BackendError
+from stampede_guard.backends._kept import AsyncKeptConnections
 from stampede_guard.backends._listener import AsyncListener
 from stampede_guard.backends._protocol import AsyncSubscription, Entry
 from stampede_guard.backends._redis_clients import (
@@ -14,6 +15,7 @@ from stampede_guard.backends._redis_clients import (
     build_client,
     build_sentinel_client,
     check_client,
+    kept_connections,
     pool_options,
     pubsub_factory,
 )
@@ -61,6 +63,8 @@ class AsyncRedisBackend:
         self._discovery = asyncio.Lock()
         self._client = client
         self._sentinels: list[Any] = []  # clients of the sentinels, if from_sentinel
+        self._kept: AsyncKeptConnections | None = None  # if from_url built the pool
+        self._read: Callable[[str], Awaitable[object]] = client.get
         self._codec = RedisCodec(prefix, serializer)
         # Both packages' Script objects work alike; their typing of a cluster
         # client as `self` does not, hence Any.
@@ -109,7 +113,21 @@ class AsyncRedisBackend:
             options=options,
             client_kwargs=client_kwargs,
         )
-        return cls(client, serializer=serializer, prefix=prefix)
+        backend = cls(client, serializer=serializer, prefix=prefix)
+        kept = kept_connections(client, asyncio=True, max_connections=max_connections)
+        if kept is not None:
+            backend._use(kept)
+        return backend
+
+    def _use(self, kept: AsyncKeptConnections) -> None:
+        """Send every command on *kept* connections instead of through the client."""
+        self._kept = kept
+        self._read = kept.get
+        self._get_or_lock = kept.script(self._get_or_lock)
+        self._set_and_unlock = kept.script(self._set_and_unlock)
+        self._set_and_notify = kept.script(self._set_and_notify)
+        self._unlock = kept.script(self._unlock)
+        self._extend = kept.script(self._extend)
 
     @classmethod
     def from_sentinel(
@@ -152,6 +170,8 @@ class AsyncRedisBackend:
     async def aclose(self) -> None:
         """Stop the notice listener; close the client (and a pool `from_url` made)."""
         await self._listener.stop()
+        if self._kept is not None:
+            await self._kept.close()
         await self._client.aclose()
         for sentinel in self._sentinels:
             await sentinel.aclose()
@@ -171,7 +191,7 @@ class AsyncRedisBackend:
         try:
             if not self._discovered:
                 await self._discover()
-            data = await self._client.get(self._codec.value_key(key))
+            data = await self._read(self._codec.value_key(key))
         except self._errors as exc:
             raise BackendError(key, "get") from exc
         return self._codec.decode(key, cast("bytes | None", data))
