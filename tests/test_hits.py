@@ -120,10 +120,9 @@ def test_a_timed_out_hit_never_leaves_its_reply_for_the_next_one(
 def test_kept_connections_stay_within_max_connections(
     redis_url: str, redis_prefix: str, redis_client: redis.Redis
 ) -> None:
-    """32 threads hitting 32 keys on a pool of 4: every hit served, never 5 connections."""
+    """32 threads hitting 32 keys on a pool of 4: all served, on at most 4 connections."""
     url, name = named(redis_url)
     backend = RedisBackend.from_url(url, prefix=redis_prefix, max_connections=4)
-    most = [0]
     errors: list[BaseException] = []
     try:
         for i in range(32):
@@ -141,15 +140,20 @@ def test_kept_connections_stay_within_max_connections(
         threads = [threading.Thread(target=hit, args=(i,)) for i in range(32)]
         for thread in threads:
             thread.start()
-        while any(thread.is_alive() for thread in threads):
-            most[0] = max(most[0], len(connections_named(redis_client, name)))
         for thread in threads:
             thread.join(timeout=30)
         assert errors == []
-        assert 1 <= most[0] <= 4
-        # The listener still gets one of the pool's connections for pub/sub.
+        # Connections stay open once made (in the pool or kept), so this counts them all.
+        assert 1 <= len(connections_named(redis_client, name)) <= 4
+        # The pool still has a connection to give the listener: a store is heard.
         subscription = backend.subscribe("k0")
-        subscription.close()
+        try:
+            store(backend, "k0", "new")
+            notice = subscription.wait(10)
+        finally:
+            subscription.close()
+        assert isinstance(notice, Entry)
+        assert notice.value == "new"
     finally:
         backend.close()
 

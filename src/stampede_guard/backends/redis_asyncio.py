@@ -120,7 +120,7 @@ class AsyncRedisBackend:
         return backend
 
     def _use(self, kept: AsyncKeptConnections) -> None:
-        """Send every command on *kept* connections instead of through the client."""
+        """Send GET and the scripts on *kept* connections instead of through the client."""
         self._kept = kept
         self._read = kept.get
         self._get_or_lock = kept.script(self._get_or_lock)
