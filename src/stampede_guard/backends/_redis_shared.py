@@ -11,6 +11,7 @@ import re
 from typing import Any
 
 from stampede_guard._errors import SerializationError
+from stampede_guard.backends._kept import AsyncKeptConnections, KeptConnections
 from stampede_guard.backends._protocol import RELEASED, Entry, Notice
 from stampede_guard.serializers import (
     MAGIC,
@@ -26,6 +27,7 @@ __all__ = [
     "SET_AND_UNLOCK",
     "UNLOCK",
     "RedisCodec",
+    "Scripts",
     "check_serializer",
 ]
 
@@ -136,6 +138,32 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then
 end
 return 0
 """
+
+
+class Scripts:
+    """A backend's server-side scripts, each called as ``script(keys, args)``.
+
+    Registered with the client, which sends each once and then calls it by digest;
+    `send_on` moves the calls to kept connections (see `_kept`). Both client packages'
+    Script objects work alike, sync or asyncio; their typing does not, hence Any.
+    """
+
+    __slots__ = ("extend", "get_or_lock", "set_and_notify", "set_and_unlock", "unlock")
+
+    def __init__(self, client: Any) -> None:
+        self.get_or_lock: Any = client.register_script(GET_OR_LOCK)
+        self.set_and_unlock: Any = client.register_script(SET_AND_UNLOCK)
+        self.set_and_notify: Any = client.register_script(SET_AND_NOTIFY)
+        self.unlock: Any = client.register_script(UNLOCK)
+        self.extend: Any = client.register_script(EXTEND)
+
+    def send_on(self, kept: KeptConnections | AsyncKeptConnections) -> None:
+        """Call every script on *kept* connections instead of through the client."""
+        self.get_or_lock = kept.script(self.get_or_lock)
+        self.set_and_unlock = kept.script(self.set_and_unlock)
+        self.set_and_notify = kept.script(self.set_and_notify)
+        self.unlock = kept.script(self.unlock)
+        self.extend = kept.script(self.extend)
 
 
 def check_serializer(serializer: object) -> Serializer:

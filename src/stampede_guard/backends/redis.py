@@ -19,12 +19,8 @@ from stampede_guard.backends._redis_clients import (
     pubsub_factory,
 )
 from stampede_guard.backends._redis_shared import (
-    EXTEND,
-    GET_OR_LOCK,
-    SET_AND_NOTIFY,
-    SET_AND_UNLOCK,
-    UNLOCK,
     RedisCodec,
+    Scripts,
     milliseconds,
 )
 from stampede_guard.serializers import Serializer
@@ -72,14 +68,7 @@ class RedisBackend:
         self._kept: KeptConnections | None = None  # if from_url built the pool
         self._read: Callable[[str], object] = client.get
         self._codec = RedisCodec(prefix, serializer)
-        # Both packages' Script objects work alike; their typing of a cluster
-        # client as `self` does not, hence Any.
-        scripts: Any = client
-        self._get_or_lock = scripts.register_script(GET_OR_LOCK)
-        self._set_and_unlock = scripts.register_script(SET_AND_UNLOCK)
-        self._set_and_notify = scripts.register_script(SET_AND_NOTIFY)
-        self._unlock = scripts.register_script(UNLOCK)
-        self._extend = scripts.register_script(EXTEND)
+        self._scripts = Scripts(client)
         self._listener = Listener(pubsub_factory(client, asyncio=False), self._codec)
 
     @classmethod
@@ -153,11 +142,7 @@ class RedisBackend:
         """Send GET and the scripts on *kept* connections instead of through the client."""
         self._kept = kept
         self._read = kept.get
-        self._get_or_lock = kept.script(self._get_or_lock)
-        self._set_and_unlock = kept.script(self._set_and_unlock)
-        self._set_and_notify = kept.script(self._set_and_notify)
-        self._unlock = kept.script(self._unlock)
-        self._extend = kept.script(self._extend)
+        self._scripts.send_on(kept)
 
     @classmethod
     def from_sentinel(
@@ -244,11 +229,13 @@ class RedisBackend:
         codec = self._codec
         keys = codec.both_keys(key)
         try:
-            reply = self._get_or_lock(keys, codec.get_or_lock_args(token, lock_ttl))
+            reply = self._scripts.get_or_lock(
+                keys, codec.get_or_lock_args(token, lock_ttl)
+            )
             claim = codec.claim(key, reply)
             if claim is None:  # an unreadable entry: lock as if there were none
                 args = codec.get_or_lock_args(token, lock_ttl, ignore_value=True)
-                claim = codec.claim(key, self._get_or_lock(keys, args))
+                claim = codec.claim(key, self._scripts.get_or_lock(keys, args))
         except self._errors as exc:
             raise BackendError(key, "get_or_lock") from exc
         return cast("Entry | str", claim)
@@ -257,7 +244,7 @@ class RedisBackend:
         """Take the lock on *key* if it is free; return its holder: one script call."""
         args = self._codec.get_or_lock_args(token, lock_ttl, ignore_value=True)
         try:
-            reply = self._get_or_lock(self._codec.both_keys(key), args)
+            reply = self._scripts.get_or_lock(self._codec.both_keys(key), args)
         except self._errors as exc:
             raise BackendError(key, "lock") from exc
         return cast("str", self._codec.claim(key, reply))
@@ -267,7 +254,7 @@ class RedisBackend:
         data, stored = self._codec.encode(key, entry)
         args = (data, milliseconds(ttl), self._codec.channel(key))
         try:
-            self._set_and_notify((self._codec.value_key(key),), args)
+            self._scripts.set_and_notify((self._codec.value_key(key),), args)
         except self._errors as exc:
             raise BackendError(key, "set") from exc
         return stored
@@ -277,7 +264,7 @@ class RedisBackend:
         data, stored = self._codec.encode(key, entry)
         args = (data, milliseconds(ttl), token, self._codec.channel(key))
         try:
-            self._set_and_unlock(self._codec.both_keys(key), args)
+            self._scripts.set_and_unlock(self._codec.both_keys(key), args)
         except self._errors as exc:
             raise BackendError(key, "set_and_unlock") from exc
         return stored
@@ -286,7 +273,7 @@ class RedisBackend:
         """Release (and announce) the lock on *key* if *token* holds it: one script."""
         args = (token, self._codec.channel(key))
         try:
-            return bool(self._unlock((self._codec.lock_key(key),), args))
+            return bool(self._scripts.unlock((self._codec.lock_key(key),), args))
         except self._errors as exc:
             raise BackendError(key, "unlock") from exc
 
@@ -294,7 +281,7 @@ class RedisBackend:
         """Renew *token*'s lock on *key* for *lock_ttl* s if it still holds it: one script."""
         args = (token, milliseconds(lock_ttl))
         try:
-            return bool(self._extend((self._codec.lock_key(key),), args))
+            return bool(self._scripts.extend((self._codec.lock_key(key),), args))
         except self._errors as exc:
             raise BackendError(key, "extend") from exc
 

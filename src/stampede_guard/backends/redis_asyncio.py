@@ -20,12 +20,8 @@ from stampede_guard.backends._redis_clients import (
     pubsub_factory,
 )
 from stampede_guard.backends._redis_shared import (
-    EXTEND,
-    GET_OR_LOCK,
-    SET_AND_NOTIFY,
-    SET_AND_UNLOCK,
-    UNLOCK,
     RedisCodec,
+    Scripts,
     milliseconds,
 )
 from stampede_guard.serializers import Serializer
@@ -66,14 +62,7 @@ class AsyncRedisBackend:
         self._kept: AsyncKeptConnections | None = None  # if from_url built the pool
         self._read: Callable[[str], Awaitable[object]] = client.get
         self._codec = RedisCodec(prefix, serializer)
-        # Both packages' Script objects work alike; their typing of a cluster
-        # client as `self` does not, hence Any.
-        scripts: Any = client
-        self._get_or_lock = scripts.register_script(GET_OR_LOCK)
-        self._set_and_unlock = scripts.register_script(SET_AND_UNLOCK)
-        self._set_and_notify = scripts.register_script(SET_AND_NOTIFY)
-        self._unlock = scripts.register_script(UNLOCK)
-        self._extend = scripts.register_script(EXTEND)
+        self._scripts = Scripts(client)
         self._listener = AsyncListener(
             pubsub_factory(client, asyncio=True), self._codec
         )
@@ -123,11 +112,7 @@ class AsyncRedisBackend:
         """Send GET and the scripts on *kept* connections instead of through the client."""
         self._kept = kept
         self._read = kept.get
-        self._get_or_lock = kept.script(self._get_or_lock)
-        self._set_and_unlock = kept.script(self._set_and_unlock)
-        self._set_and_notify = kept.script(self._set_and_notify)
-        self._unlock = kept.script(self._unlock)
-        self._extend = kept.script(self._extend)
+        self._scripts.send_on(kept)
 
     @classmethod
     def from_sentinel(
@@ -203,13 +188,13 @@ class AsyncRedisBackend:
         try:
             if not self._discovered:
                 await self._discover()
-            reply = await self._get_or_lock(
+            reply = await self._scripts.get_or_lock(
                 keys, codec.get_or_lock_args(token, lock_ttl)
             )
             claim = codec.claim(key, reply)
             if claim is None:  # an unreadable entry: lock as if there were none
                 args = codec.get_or_lock_args(token, lock_ttl, ignore_value=True)
-                claim = codec.claim(key, await self._get_or_lock(keys, args))
+                claim = codec.claim(key, await self._scripts.get_or_lock(keys, args))
         except self._errors as exc:
             raise BackendError(key, "get_or_lock") from exc
         return cast("Entry | str", claim)
@@ -220,7 +205,7 @@ class AsyncRedisBackend:
         try:
             if not self._discovered:
                 await self._discover()
-            reply = await self._get_or_lock(self._codec.both_keys(key), args)
+            reply = await self._scripts.get_or_lock(self._codec.both_keys(key), args)
         except self._errors as exc:
             raise BackendError(key, "lock") from exc
         return cast("str", self._codec.claim(key, reply))
@@ -232,7 +217,7 @@ class AsyncRedisBackend:
         try:
             if not self._discovered:
                 await self._discover()
-            await self._set_and_notify((self._codec.value_key(key),), args)
+            await self._scripts.set_and_notify((self._codec.value_key(key),), args)
         except self._errors as exc:
             raise BackendError(key, "set") from exc
         return stored
@@ -246,7 +231,7 @@ class AsyncRedisBackend:
         try:
             if not self._discovered:
                 await self._discover()
-            await self._set_and_unlock(self._codec.both_keys(key), args)
+            await self._scripts.set_and_unlock(self._codec.both_keys(key), args)
         except self._errors as exc:
             raise BackendError(key, "set_and_unlock") from exc
         return stored
@@ -257,7 +242,7 @@ class AsyncRedisBackend:
         try:
             if not self._discovered:
                 await self._discover()
-            return bool(await self._unlock((self._codec.lock_key(key),), args))
+            return bool(await self._scripts.unlock((self._codec.lock_key(key),), args))
         except self._errors as exc:
             raise BackendError(key, "unlock") from exc
 
@@ -267,7 +252,7 @@ class AsyncRedisBackend:
         try:
             if not self._discovered:
                 await self._discover()
-            return bool(await self._extend((self._codec.lock_key(key),), args))
+            return bool(await self._scripts.extend((self._codec.lock_key(key),), args))
         except self._errors as exc:
             raise BackendError(key, "extend") from exc
 
