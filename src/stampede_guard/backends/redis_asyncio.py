@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, cast
+from typing import Any, TypeAlias, cast
 
 from stampede_guard._errors import BackendError
 from stampede_guard.backends._kept import AsyncKeptConnections
@@ -28,13 +29,22 @@ from stampede_guard.serializers import Serializer
 
 __all__ = ["AsyncRedisBackend"]
 
+# A client, the clients of its sentinels, and its kept connections if any.
+_Connection: TypeAlias = tuple[Any, list[Any], AsyncKeptConnections | None]
+
 
 class AsyncRedisBackend:
     """Store entries and locks in Redis, from asyncio code.
 
     Same keys, scripts and stored format as `RedisBackend`, so sync and async code
-    sharing one Redis coordinate with each other. A ``redis.asyncio`` client belongs
-    to the event loop it first runs in: make one backend per loop.
+    sharing one Redis coordinate with each other.
+
+    A ``redis.asyncio`` client belongs to the event loop it first runs in. A backend
+    made by `from_url` or `from_sentinel` makes itself a new client when it is used in
+    another loop after the previous one stopped (``asyncio.run`` after
+    ``asyncio.run``, as in a task queue's workers); the stopped loop's connections are
+    left to it. With a *client* passed in, or while the previous loop still runs in
+    another thread, a call from another loop raises `RuntimeError` instead.
 
     Args:
         client: A ``redis.asyncio.Redis`` or ``redis.asyncio.cluster.RedisCluster`` (or
@@ -52,20 +62,75 @@ class AsyncRedisBackend:
         prefix: str = "sg",
     ) -> None:
         self._errors = check_client(client, asyncio=True, builder="AsyncRedisBackend")
+        self._codec = RedisCodec(prefix, serializer)
+        # How from_url and from_sentinel make the client again, for a new event loop.
+        self._connect: Callable[[], _Connection] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None  # where the client runs
+        self._binding = threading.Lock()  # loops in two threads may both come first
+        self._attach((client, [], None))
+
+    def _attach(self, connection: _Connection) -> None:
+        """Talk through *connection*'s client, kept connections and sentinels."""
+        client, sentinels, kept = connection
+        self._client: AsyncClient = client
+        self._sentinels: list[Any] = sentinels  # clients of the sentinels, if any
+        self._kept: AsyncKeptConnections | None = kept
         # redis-py's asyncio cluster client discovers the cluster on its first call;
         # many first calls at once race in that discovery and break each other's
         # connections. So the backend makes the first call alone (see `_discover`).
         self._discovered = not hasattr(client, "get_primaries")
         self._discovery = asyncio.Lock()
-        self._client = client
-        self._sentinels: list[Any] = []  # clients of the sentinels, if from_sentinel
-        self._kept: AsyncKeptConnections | None = None  # if from_url built the pool
-        self._read: Callable[[str], Awaitable[object]] = client.get
-        self._codec = RedisCodec(prefix, serializer)
         self._scripts = Scripts(client)
+        self._read: Callable[[str], Awaitable[object]] = client.get
+        if self._kept is not None:  # GET and the scripts on kept connections
+            self._read = self._kept.get
+            self._scripts.send_on(self._kept)
         self._listener = AsyncListener(
             pubsub_factory(client, asyncio=True), self._codec
         )
+
+    @classmethod
+    def _connected(
+        cls,
+        connect: Callable[[], _Connection],
+        serializer: Serializer | None,
+        prefix: str,
+    ) -> AsyncRedisBackend:
+        """Return a backend on what *connect* makes, which it calls again per loop."""
+        connection = connect()
+        backend = cls(connection[0], serializer=serializer, prefix=prefix)
+        backend._connect = connect
+        backend._attach(connection)
+        return backend
+
+    def _bind(self) -> None:
+        """Make sure the client belongs to the running event loop (see the class)."""
+        loop = asyncio.get_running_loop()
+        if loop is self._loop:
+            return
+        with self._binding:
+            previous = self._loop
+            if previous is loop:
+                return
+            if previous is not None and previous.is_running():
+                msg = (
+                    "this AsyncRedisBackend is in use by an event loop running in "
+                    "another thread, and redis.asyncio connections cannot be shared "
+                    "between event loops: give each thread's loop a backend of its own"
+                )
+                raise RuntimeError(msg)
+            if previous is not None:  # stopped: its connections stay with it
+                if self._connect is None:
+                    msg = (
+                        "this AsyncRedisBackend's client ran in an event loop that has "
+                        "stopped, and its connections cannot move to another loop: "
+                        "make the backend with AsyncRedisBackend.from_url(...), which "
+                        "makes a new client for each new loop, or pass a client made "
+                        "in this loop"
+                    )
+                    raise RuntimeError(msg)
+                self._attach(self._connect())
+            self._loop = loop
 
     @classmethod
     def from_url(
@@ -94,25 +159,22 @@ class AsyncRedisBackend:
             max_connections=max_connections,
             pool_timeout=pool_timeout,
         )
-        client = build_client(
-            url,
-            asyncio=True,
-            cluster=cluster,
-            seed_nodes=seed_nodes,
-            options=options,
-            client_kwargs=client_kwargs,
-        )
-        backend = cls(client, serializer=serializer, prefix=prefix)
-        kept = kept_connections(client, asyncio=True, max_connections=max_connections)
-        if kept is not None:
-            backend._use(kept)
-        return backend
 
-    def _use(self, kept: AsyncKeptConnections) -> None:
-        """Send GET and the scripts on *kept* connections instead of through the client."""
-        self._kept = kept
-        self._read = kept.get
-        self._scripts.send_on(kept)
+        def connect() -> _Connection:
+            client = build_client(
+                url,
+                asyncio=True,
+                cluster=cluster,
+                seed_nodes=seed_nodes,
+                options=options,
+                client_kwargs=client_kwargs,
+            )
+            kept = kept_connections(
+                client, asyncio=True, max_connections=max_connections
+            )
+            return client, [], kept
+
+        return cls._connected(connect, serializer, prefix)
 
     @classmethod
     def from_sentinel(
@@ -135,17 +197,19 @@ class AsyncRedisBackend:
             max_connections=max_connections,
             pool_timeout=0.0,
         )
-        client, asking = build_sentinel_client(
-            sentinels,
-            service_name,
-            asyncio=True,
-            options=options,
-            sentinel_kwargs=sentinel_kwargs,
-            client_kwargs=client_kwargs,
-        )
-        backend = cls(client, serializer=serializer, prefix=prefix)
-        backend._sentinels = asking
-        return backend
+
+        def connect() -> _Connection:
+            client, asking = build_sentinel_client(
+                sentinels,
+                service_name,
+                asyncio=True,
+                options=options,
+                sentinel_kwargs=sentinel_kwargs,
+                client_kwargs=client_kwargs,
+            )
+            return client, asking, None
+
+        return cls._connected(connect, serializer, prefix)
 
     @property
     def client(self) -> AsyncClient:
@@ -153,7 +217,14 @@ class AsyncRedisBackend:
         return self._client
 
     async def aclose(self) -> None:
-        """Stop the notice listener; close the client (and a pool `from_url` made)."""
+        """Stop the notice listener; close the client (and a pool `from_url` made).
+
+        Only the running loop's connections can be closed: called from another loop
+        than the client's, it does nothing (a stopped loop's connections are left to
+        it).
+        """
+        if self._loop is not None and self._loop is not asyncio.get_running_loop():
+            return
         await self._listener.stop()
         if self._kept is not None:
             await self._kept.close()
@@ -174,6 +245,7 @@ class AsyncRedisBackend:
     async def aget(self, key: str) -> Entry | None:
         """Return the entry for *key*: one ``GET``."""
         try:
+            self._bind()
             if not self._discovered:
                 await self._discover()
             data = await self._read(self._codec.value_key(key))
@@ -186,6 +258,7 @@ class AsyncRedisBackend:
         codec = self._codec
         keys = codec.both_keys(key)
         try:
+            self._bind()
             if not self._discovered:
                 await self._discover()
             reply = await self._scripts.get_or_lock(
@@ -203,6 +276,7 @@ class AsyncRedisBackend:
         """Take the lock on *key* if it is free; return its holder: one script call."""
         args = self._codec.get_or_lock_args(token, lock_ttl, ignore_value=True)
         try:
+            self._bind()
             if not self._discovered:
                 await self._discover()
             reply = await self._scripts.get_or_lock(self._codec.both_keys(key), args)
@@ -215,6 +289,7 @@ class AsyncRedisBackend:
         data, stored = self._codec.encode(key, entry)
         args = (data, milliseconds(ttl), self._codec.channel(key))
         try:
+            self._bind()
             if not self._discovered:
                 await self._discover()
             await self._scripts.set_and_notify((self._codec.value_key(key),), args)
@@ -229,6 +304,7 @@ class AsyncRedisBackend:
         data, stored = self._codec.encode(key, entry)
         args = (data, milliseconds(ttl), token, self._codec.channel(key))
         try:
+            self._bind()
             if not self._discovered:
                 await self._discover()
             await self._scripts.set_and_unlock(self._codec.both_keys(key), args)
@@ -240,6 +316,7 @@ class AsyncRedisBackend:
         """Release (and announce) the lock on *key* if *token* holds it: one script."""
         args = (token, self._codec.channel(key))
         try:
+            self._bind()
             if not self._discovered:
                 await self._discover()
             return bool(await self._scripts.unlock((self._codec.lock_key(key),), args))
@@ -250,6 +327,7 @@ class AsyncRedisBackend:
         """Renew *token*'s lock on *key* for *lock_ttl* s if it still holds it: one script."""
         args = (token, milliseconds(lock_ttl))
         try:
+            self._bind()
             if not self._discovered:
                 await self._discover()
             return bool(await self._scripts.extend((self._codec.lock_key(key),), args))
@@ -258,11 +336,13 @@ class AsyncRedisBackend:
 
     async def asubscribe(self, key: str) -> AsyncSubscription:
         """Hear of stores and releases of *key*, through this backend's one listener."""
+        self._bind()
         return await self._listener.subscribe(key)
 
     async def adelete(self, key: str) -> None:
         """Drop the entry for *key*: one ``DEL``."""
         try:
+            self._bind()
             if not self._discovered:
                 await self._discover()
             await self._client.delete(self._codec.value_key(key))
