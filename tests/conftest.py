@@ -12,17 +12,21 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import redis
 
 from _servers import (
     URL_ENV,
+    Server,
     ServerError,
     answers_ping,
+    binary,
     start_data_server,
     unavailable,
 )
@@ -37,6 +41,7 @@ REDIS_FIXTURES = frozenset(
         "redis_backend",
         "redis_client",
         "private_redis_client",
+        "own_server",
     }
 )
 
@@ -123,3 +128,13 @@ def private_redis_client(
     if not redis_server.private:
         pytest.skip(f"needs the session's own redis-server, not {URL_ENV}")
     return redis_client
+
+
+@pytest.fixture
+def own_server(tmp_path: Path) -> Iterator[Server]:
+    """A redis-server of this test's own, which it may stop, pause or kill."""
+    server = start_data_server(binary("redis-server"), tmp_path)
+    yield server
+    if server.proc.poll() is None:
+        os.kill(server.proc.pid, signal.SIGCONT)
+        server.stop()

@@ -7,13 +7,12 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import redis
 
-from _servers import Server, binary, free_port, start_data_server
+from _servers import Server, free_port
 from _waiting import Waiting
 from stampede_guard import (
     BackendError,
@@ -24,16 +23,6 @@ from stampede_guard import (
 from stampede_guard.metrics import BackendSkipped, Event
 
 pytestmark = [pytest.mark.redis, pytest.mark.timeout(60)]
-
-
-@pytest.fixture
-def own_server(tmp_path: Path) -> Iterator[Server]:
-    """A redis-server of this test's own, which it may stop, pause or kill."""
-    server = start_data_server(binary("redis-server"), tmp_path)
-    yield server
-    if server.proc.poll() is None:
-        os.kill(server.proc.pid, signal.SIGCONT)
-        server.stop()
 
 
 def closed_port_url() -> str:

@@ -7,28 +7,17 @@ import os
 import signal
 import threading
 import uuid
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 import redis
 
-from _servers import Server, binary, start_data_server
+from _servers import Server
 from stampede_guard import AsyncRedisBackend, BackendError, RedisBackend
 from stampede_guard.backends import Entry
 
 pytestmark = [pytest.mark.redis, pytest.mark.timeout(60)]
-
-
-@pytest.fixture
-def own_server(tmp_path: Path) -> Iterator[Server]:
-    """A redis-server of this test's own, which it may pause."""
-    server = start_data_server(binary("redis-server"), tmp_path)
-    yield server
-    if server.proc.poll() is None:
-        os.kill(server.proc.pid, signal.SIGCONT)
-        server.stop()
 
 
 def named(url: str) -> tuple[str, str]:
