@@ -213,7 +213,10 @@ class AsyncRedisBackend:
 
     @property
     def client(self) -> AsyncClient:
-        """The asyncio client this backend talks through."""
+        """The asyncio client this backend talks through (in the loop it last ran in).
+
+        A backend made by `from_url` or `from_sentinel` makes a new one for a new loop.
+        """
         return self._client
 
     async def aclose(self) -> None:
