@@ -45,6 +45,19 @@ def count_checkouts(backend: RedisBackend | AsyncRedisBackend) -> list[int]:
     return counted
 
 
+async def until_awaiting(task: asyncio.Task[Any], name: str) -> None:
+    """Return once *task* is suspended inside a coroutine called *name*."""
+    for _ in range(1000):
+        awaited: Any = task.get_coro()
+        while hasattr(awaited, "cr_await"):  # down the chain of awaited coroutines
+            if awaited.cr_code.co_name == name:
+                return
+            awaited = awaited.cr_await
+        await asyncio.sleep(0.01)
+    msg = f"the task never awaited {name}()"
+    raise AssertionError(msg)
+
+
 def store(backend: RedisBackend, key: str, value: object) -> None:
     backend.set(key, Entry(value, 1.0, 0.0), ttl=60)
 
@@ -232,8 +245,7 @@ def test_a_cancelled_async_hit_never_leaves_its_reply_for_the_next_one(
             os.kill(own_server.proc.pid, signal.SIGSTOP)
             try:
                 pending = asyncio.create_task(backend.aget("a"))
-                # Let it send; its reply comes once the server resumes.
-                await asyncio.sleep(0.2)
+                await until_awaiting(pending, "read_response")  # sent, not answered
                 pending.cancel()
                 with pytest.raises(asyncio.CancelledError):
                     await pending

@@ -67,14 +67,13 @@ class AsyncRedisBackend:
         self._connect: Callable[[], _Connection] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None  # where the client runs
         self._binding = threading.Lock()  # loops in two threads may both come first
-        self._attach((client, [], None))
+        self._attach(client)
 
-    def _attach(self, connection: _Connection) -> None:
-        """Talk through *connection*'s client, kept connections and sentinels."""
-        client, sentinels, kept = connection
-        self._client: AsyncClient = client
-        self._sentinels: list[Any] = sentinels  # clients of the sentinels, if any
-        self._kept: AsyncKeptConnections | None = kept
+    def _attach(self, client: AsyncClient) -> None:
+        """Talk through *client* (the one given, or one made for a new event loop)."""
+        self._client = client
+        self._sentinels: list[Any] = []  # clients of the sentinels, if from_sentinel
+        self._kept: AsyncKeptConnections | None = None  # if from_url built the pool
         # redis-py's asyncio cluster client discovers the cluster on its first call;
         # many first calls at once race in that discovery and break each other's
         # connections. So the backend makes the first call alone (see `_discover`).
@@ -82,12 +81,24 @@ class AsyncRedisBackend:
         self._discovery = asyncio.Lock()
         self._scripts = Scripts(client)
         self._read: Callable[[str], Awaitable[object]] = client.get
-        if self._kept is not None:  # GET and the scripts on kept connections
-            self._read = self._kept.get
-            self._scripts.send_on(self._kept)
         self._listener = AsyncListener(
             pubsub_factory(client, asyncio=True), self._codec
         )
+
+    def _use(self, kept: AsyncKeptConnections) -> None:
+        """Send GET and the scripts on *kept* connections instead of through the client."""
+        self._kept = kept
+        self._read = kept.get
+        self._scripts.send_on(kept)
+
+    def _adopt(self, connection: _Connection) -> None:
+        """Talk through what `from_url` or `from_sentinel` made."""
+        client, sentinels, kept = connection
+        if client is not self._client:
+            self._attach(client)
+        self._sentinels = sentinels
+        if kept is not None:
+            self._use(kept)
 
     @classmethod
     def _connected(
@@ -100,7 +111,7 @@ class AsyncRedisBackend:
         connection = connect()
         backend = cls(connection[0], serializer=serializer, prefix=prefix)
         backend._connect = connect
-        backend._attach(connection)
+        backend._adopt(connection)
         return backend
 
     def _bind(self) -> None:
@@ -129,7 +140,7 @@ class AsyncRedisBackend:
                         "in this loop"
                     )
                     raise RuntimeError(msg)
-                self._attach(self._connect())
+                self._adopt(self._connect())
             self._loop = loop
 
     @classmethod
