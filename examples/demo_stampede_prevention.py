@@ -42,6 +42,7 @@ from demo_load import (
     redis_backend,
     run_in_process,
     tuned_for_many_threads,
+    value_keys,
 )
 from demo_processes import run_in_processes
 from demo_report import (
@@ -369,9 +370,10 @@ def _prepare_cache(console: Console, settings: Settings, backend: Backend) -> No
         return
     keys = demo_keys(client)
     locks = len(lock_keys(keys))
+    values = len(value_keys(keys))
     if keys:
         console.print(
-            f"[yellow]Warning:[/] Redis already holds {len(keys) - locks} cached "
+            f"[yellow]Warning:[/] Redis already holds {values} cached "
             f"values and {locks} locks under {PREFIX}:* from an earlier run, so this "
             "run starts warm, not with a stampede. Add --flush to start cold."
         )

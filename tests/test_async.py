@@ -8,7 +8,7 @@ import threading
 import uuid
 from collections import Counter
 from collections.abc import Coroutine
-from typing import Any
+from typing import Any, Literal
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -371,14 +371,22 @@ class PausingBackend:
     async def alock(self, key: str, token: str, lock_ttl: float) -> str:
         return self.store.lock(key, token, lock_ttl)
 
-    async def aset(self, key: str, entry: Entry, ttl: float) -> Entry:
-        return self.store.set(key, entry, ttl)
+    async def aset(
+        self, key: str, entry: Entry, ttl: float, *, ticket: int | None = None
+    ) -> Entry | None:
+        return self.store.set(key, entry, ttl, ticket=ticket)
 
     async def aset_and_unlock(
-        self, key: str, entry: Entry, ttl: float, token: str
-    ) -> Entry:
+        self,
+        key: str,
+        entry: Entry,
+        ttl: float,
+        token: str,
+        *,
+        ticket: int | None = None,
+    ) -> Entry | None:
         await self._maybe_pause("aset_and_unlock")
-        return self.store.set_and_unlock(key, entry, ttl, token)
+        return self.store.set_and_unlock(key, entry, ttl, token, ticket=ticket)
 
     async def aunlock(self, key: str, token: str) -> bool:
         return self.store.unlock(key, token)
@@ -395,13 +403,18 @@ class PausingBackend:
     "step", ["aget", "aget_or_lock", "compute", "aset_and_unlock", "wait"]
 )
 def test_cancellation_at_any_step_leaves_no_lock_and_no_entry(step: str) -> None:
-    """Cancelling a call at any step releases what it holds; the next call computes normally."""
+    """With on_cancel="cancel", a cancelled call at any step releases what it holds."""
     backend = PausingBackend(step)
     in_compute = asyncio.Event()
     first = [True]
 
     @cached_stampede_safe(
-        key="c", backend=backend, lock_timeout=600, base_delay=0.01, max_delay=0.02
+        key="c",
+        backend=backend,
+        lock_timeout=600,
+        base_delay=0.01,
+        max_delay=0.02,
+        on_cancel="cancel",
     )
     async def f() -> str:
         if step == "compute" and first:
@@ -438,8 +451,11 @@ def test_cancellation_at_any_step_leaves_no_lock_and_no_entry(step: str) -> None
 
 
 @pytest.mark.timeout(20)
-def test_cancelled_leader_does_not_strand_its_waiters() -> None:
-    """The leader's cancellation releases the lock at once: a waiter computes, long before the lease ends."""
+@pytest.mark.parametrize(("on_cancel", "served"), [("finish", 1), ("cancel", 2)])
+def test_cancelled_leader_does_not_strand_its_waiters(
+    on_cancel: Literal["finish", "cancel"], served: int
+) -> None:
+    """A cancelled leader's waiters get its computation ("finish") or compute once more at once ("cancel")."""
     started = asyncio.Event()
     computations = 0
 
@@ -449,6 +465,7 @@ def test_cancelled_leader_does_not_strand_its_waiters() -> None:
         lock_timeout=600,
         base_delay=0.01,
         max_delay=0.02,
+        on_cancel=on_cancel,
     )
     async def f() -> int:
         nonlocal computations
@@ -465,7 +482,8 @@ def test_cancelled_leader_does_not_strand_its_waiters() -> None:
         leader.cancel()
         return list(await asyncio.wait_for(asyncio.gather(*waiters), 10))
 
-    assert run(scenario()) == [2] * 10
+    assert run(scenario()) == [served] * 10
+    assert computations == served
 
 
 class TestAsyncMemoryBackendContract(BackendContract):
@@ -518,11 +536,23 @@ class _SyncShim:
     def lock(self, key: str, token: str, lock_ttl: float) -> Any:
         return self.call(self.target.alock(key, token, lock_ttl))
 
-    def set(self, key: str, entry: Entry, ttl: float) -> Any:
-        return self.call(self.target.aset(key, entry, ttl))
+    def set(
+        self, key: str, entry: Entry, ttl: float, *, ticket: int | None = None
+    ) -> Any:
+        return self.call(self.target.aset(key, entry, ttl, ticket=ticket))
 
-    def set_and_unlock(self, key: str, entry: Entry, ttl: float, token: str) -> Any:
-        return self.call(self.target.aset_and_unlock(key, entry, ttl, token))
+    def set_and_unlock(
+        self,
+        key: str,
+        entry: Entry,
+        ttl: float,
+        token: str,
+        *,
+        ticket: int | None = None,
+    ) -> Any:
+        return self.call(
+            self.target.aset_and_unlock(key, entry, ttl, token, ticket=ticket)
+        )
 
     def unlock(self, key: str, token: str) -> Any:
         return self.call(self.target.aunlock(key, token))

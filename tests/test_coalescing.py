@@ -48,13 +48,23 @@ class CountingBackend:
         self._count("lock", key)
         return self.store.lock(key, token, lock_ttl)
 
-    def set(self, key: str, entry: Entry, ttl: float) -> Entry:
+    def set(
+        self, key: str, entry: Entry, ttl: float, *, ticket: int | None = None
+    ) -> Entry | None:
         self._count("set", key)
-        return self.store.set(key, entry, ttl)
+        return self.store.set(key, entry, ttl, ticket=ticket)
 
-    def set_and_unlock(self, key: str, entry: Entry, ttl: float, token: str) -> Entry:
+    def set_and_unlock(
+        self,
+        key: str,
+        entry: Entry,
+        ttl: float,
+        token: str,
+        *,
+        ticket: int | None = None,
+    ) -> Entry | None:
         self._count("set_and_unlock", key)
-        return self.store.set_and_unlock(key, entry, ttl, token)
+        return self.store.set_and_unlock(key, entry, ttl, token, ticket=ticket)
 
     def unlock(self, key: str, token: str) -> bool:
         self._count("unlock", key)
@@ -232,13 +242,21 @@ def test_thousand_tasks_make_one_conversation_with_the_backend() -> None:  # noq
         async def alock(self, key: str, token: str, lock_ttl: float) -> str:
             return backend.lock(key, token, lock_ttl)
 
-        async def aset(self, key: str, entry: Entry, ttl: float) -> Entry:
-            return backend.set(key, entry, ttl)
+        async def aset(
+            self, key: str, entry: Entry, ttl: float, *, ticket: int | None = None
+        ) -> Entry | None:
+            return backend.set(key, entry, ttl, ticket=ticket)
 
         async def aset_and_unlock(
-            self, key: str, entry: Entry, ttl: float, token: str
-        ) -> Entry:
-            return backend.set_and_unlock(key, entry, ttl, token)
+            self,
+            key: str,
+            entry: Entry,
+            ttl: float,
+            token: str,
+            *,
+            ticket: int | None = None,
+        ) -> Entry | None:
+            return backend.set_and_unlock(key, entry, ttl, token, ticket=ticket)
 
         async def aunlock(self, key: str, token: str) -> bool:
             return backend.unlock(key, token)

@@ -381,6 +381,7 @@ def test_lease_shorter_than_the_computation_costs_two_computations_not_one_per_w
             backend=backend,
             ttl=60,
             lock_timeout=0.3,
+            wait_timeout=5,  # waiters (and joiners) outwait the computation
             base_delay=0.01,
             max_delay=0.05,
         )(compute)

@@ -254,6 +254,8 @@ def test_an_acl_user_with_a_password_works(own_server: Server) -> None:
             "+ping",
             "+hello",
             "+pexpire",
+            "+pttl",
+            "+time",
         ],
     )
     backend = RedisBackend.from_url(

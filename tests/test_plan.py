@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from stampede_guard import Entry, LockTimeoutError
 from stampede_guard._ops import (
     Await,
+    AwaitFlight,
     Compute,
     Get,
     GetOrLock,
@@ -24,7 +25,7 @@ from stampede_guard._ops import (
     Unlock,
     Unsubscribe,
 )
-from stampede_guard._plan import MISS, Context, Plan, Policy, first_look, plan
+from stampede_guard._plan import MISS, Context, Plan, Policy, Via, first_look, plan
 from stampede_guard.backends._protocol import RELEASED
 from stampede_guard.metrics import (
     Computed,
@@ -38,6 +39,9 @@ from stampede_guard.metrics import (
 )
 
 ENTRY = Entry("cached", 1.0, 0.5)
+# The computation the plans below ask for: key "k", apart from a cancellable caller
+# (on_cancel="finish"), for at most one lease.
+COMPUTE = Compute("k", apart=True, bound=10.0)
 
 
 @dataclass
@@ -123,12 +127,15 @@ def test_miss_takes_lock_computes_and_publishes_in_one_step() -> None:
     h = Harness()
     gen = h.start()
     assert next(gen) == GetOrLock("k", "tok", 10.0)
-    assert gen.send("tok") == Compute()
+    assert gen.send("tok") == COMPUTE
     h.clock.now += 2.0
     op = gen.send("fresh")
-    assert op == SetAndUnlock("k", Entry("fresh", 5.0, 2.0), 900.0, "tok")
+    assert op == SetAndUnlock("k", Entry("fresh", 5.0, 2.0), 900.0, "tok", None)
     # The caller gets the value as the backend stored it (e.g. JSON-decoded).
-    assert finish(gen, Entry(["as", "stored"], 5.0, 2.0)) == (["as", "stored"], False)
+    assert finish(gen, Entry(["as", "stored"], 5.0, 2.0)) == (
+        ["as", "stored"],
+        Via.COMPUTED,
+    )
     assert h.events == [Miss("k"), LockAcquired("k"), Computed("k", 2.0)]
 
 
@@ -137,7 +144,7 @@ def test_value_stored_between_the_two_looks_is_a_hit() -> None:
     h = Harness()
     gen = h.start()
     assert next(gen) == GetOrLock("k", "tok", 10.0)
-    assert finish(gen, ENTRY) == ("cached", True)
+    assert finish(gen, ENTRY) == ("cached", Via.CACHE)
     assert h.events == [Hit("k")]
 
 
@@ -146,7 +153,7 @@ def test_function_error_releases_the_lock_and_propagates_unchanged() -> None:
     h = Harness()
     gen = h.start()
     next(gen)
-    assert gen.send("tok") == Compute()
+    assert gen.send("tok") == COMPUTE
     boom = ValueError("upstream down")
     assert gen.throw(boom) == Unlock("k", "tok")
     with pytest.raises(ValueError, match="upstream down") as raised:
@@ -196,7 +203,7 @@ def test_waiter_polls_with_growing_delays_then_gets_the_value() -> None:
     assert isinstance(op, Await)
     time_out_await(h, gen, op, subscription=None)
     assert gen.send(ENTRY) == Unsubscribe(None)
-    assert finish(gen, None) == ("cached", False)
+    assert finish(gen, None) == ("cached", Via.COMPUTED)
     wait = h.events[-1]
     assert isinstance(wait, LockWait)
     assert wait.outcome == "value"
@@ -223,7 +230,7 @@ def test_a_notice_with_the_value_ends_the_wait_without_a_look() -> None:
     assert isinstance(op, Await)
     h.clock.now += 0.01
     assert gen.send(ENTRY) == Unsubscribe(SUB)
-    assert finish(gen, None) == ("cached", False)
+    assert finish(gen, None) == ("cached", Via.COMPUTED)
     wait = h.events[-1]
     assert isinstance(wait, LockWait)
     assert wait.outcome == "value"
@@ -238,7 +245,7 @@ def test_a_value_stored_before_the_subscription_is_found_by_the_next_look() -> N
     assert gen.send("other") == Subscribe("k")
     assert gen.send(SUB) == GetOrLock("k", "tok", 10.0)
     assert gen.send(ENTRY) == Unsubscribe(SUB)
-    assert finish(gen, None) == ("cached", False)
+    assert finish(gen, None) == ("cached", Via.COMPUTED)
 
 
 def test_a_release_notice_makes_the_waiter_look_and_take_over() -> None:
@@ -249,9 +256,9 @@ def test_a_release_notice_makes_the_waiter_look_and_take_over() -> None:
     assert isinstance(op, Await)
     assert gen.send(RELEASED) == GetOrLock("k", "tok", 10.0)
     assert gen.send("tok") == Unsubscribe(SUB)
-    assert gen.send(None) == Compute()
+    assert gen.send(None) == COMPUTE
     assert isinstance(gen.send("mine"), SetAndUnlock)
-    assert finish(gen, Entry("mine", 5.0, 0.0)) == ("mine", False)
+    assert finish(gen, Entry("mine", 5.0, 0.0)) == ("mine", Via.COMPUTED)
     assert [type(e) for e in h.events] == [Miss, LockWait, LockAcquired, Computed]
 
 
@@ -271,7 +278,7 @@ def test_patience_restarts_when_the_lock_passes_to_a_new_holder() -> None:
     assert op == Unsubscribe(None)
     assert changed_at is not None
     assert h.clock.now == pytest.approx(changed_at + 3.0)
-    assert gen.send(None) == Compute()
+    assert gen.send(None) == COMPUTE
 
 
 def drive_to_timeout(h: Harness, gen: Plan) -> Op:
@@ -290,9 +297,9 @@ def test_wait_is_bounded_by_wait_timeout_not_by_a_retry_count() -> None:
     gen = h.start()
     op = drive_to_timeout(h, gen)
     assert h.clock.now == pytest.approx(110.0)
-    assert op == Compute()
+    assert op == COMPUTE
     assert isinstance(gen.send("own"), Set)
-    assert finish(gen, Entry("own", 5.0, 0.0)) == ("own", False)
+    assert finish(gen, Entry("own", 5.0, 0.0)) == ("own", Via.COMPUTED)
     kinds = [type(e) for e in h.events]
     assert kinds == [Miss, LockWait, Timeout, Computed]
 
@@ -328,7 +335,7 @@ def test_max_retries_caps_the_number_of_looks() -> None:
         op = gen.send("other")
     assert waits == 5
     assert op == Unsubscribe(SUB)
-    assert gen.send(None) == Compute()
+    assert gen.send(None) == COMPUTE
 
 
 # --- Property: any sequence of backend answers keeps the lock discipline ---------
@@ -390,6 +397,8 @@ class Model:
                 assert not self.held
                 self.raise_if(failure)
                 return entry
+            case AwaitFlight():
+                raise AssertionError("a plan after a miss never waits on a flight")
             case Subscribe():
                 assert not self.held, "subscribed while holding the lock"
                 self.subscriptions += 1
@@ -454,7 +463,11 @@ def test_plan_keeps_lock_discipline_under_any_backend_answers(
     if isinstance(outcome, LockTimeoutError):
         assert on_timeout == "raise"
     elif not isinstance(outcome, BaseException):
-        assert outcome in (("cached", True), ("cached", False), ("computed", False))
+        assert outcome in (
+            ("cached", Via.CACHE),
+            ("cached", Via.COMPUTED),
+            ("computed", Via.COMPUTED),
+        )
     requests = sum(isinstance(e, (Hit, Miss)) for e in h.events)
     # A call that ends normally emitted exactly one Hit or Miss; one cut short by a
     # backend failure before it knew which emitted none.

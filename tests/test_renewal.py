@@ -36,6 +36,7 @@ def two_processes(
             backend=backend_of(),  # type: ignore[call-overload]
             ttl=60,
             lock_timeout=0.2,
+            wait_timeout=5,  # waiters (and joiners) outwait the computation
             lock_renewal=renewal,
             base_delay=0.02,
             max_delay=0.05,

@@ -1,9 +1,20 @@
 """In-process coalescing ("single flight"): concurrent calls of one key share one call.
 
-Only the first caller of a key in this process (per event loop, for asyncio) runs the
-plan and so talks to the backend; callers arriving meanwhile wait in memory and get its
-value or its exception. If the first caller is cancelled or interrupted, they start
-over and one of them leads instead. This holds for every backend, and when the backend
+Only the first caller of a key in this process (per event loop, for asyncio) leads: it
+runs the plan and so talks to the backend. Callers arriving meanwhile join its flight
+and wait in memory, but as waiters, not as hostages: the plan's `join` gives each its
+own deadline (``wait_timeout``, ``max_retries``, ``on_timeout``) and lets it look at
+the backend now and then, so a leader that hangs never holds its process's callers
+longer than a leader in another process would, and a value stored from anywhere
+serves them. Joiners that give up and compute do it once per process at a time: the
+first replaces the flight it gave up on and the others join the replacement.
+
+A flight ends with one outcome, which its joiners share: a value, the function's
+exception, or "start afresh" (the leader's caller was cancelled, or its value was
+refused by the store because an invalidation or a newer value came first). A flight
+ended by a BaseException (KeyboardInterrupt, SystemExit...) is run once more by one
+joiner; if that run is interrupted too, its joiners get `InterruptedComputationError`
+instead of running it once each. This holds for every backend, and when the backend
 is down: a process adds at most one call per key to a struggling backend.
 """
 
@@ -11,53 +22,157 @@ from __future__ import annotations
 
 import _thread
 import asyncio
+import enum
+import functools
 import os
 import threading
 import weakref
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Final, TypeAlias
 
-from stampede_guard._context import Context, Served
+from stampede_guard._context import Context, Served, Via
+from stampede_guard._errors import InterruptedComputationError
+from stampede_guard._plan import GAVE_UP, GaveUp
 from stampede_guard.metrics import Hit, LockWait, Miss
 
 __all__ = ["AsyncFlights", "Refreshing", "SyncFlights"]
 
-_RETRY: Final = object()
-
-# How a flight's leader serves: (key, args, kwargs) -> (value, was a hit).
-Serve: TypeAlias = Callable[[str, tuple[Any, ...], Mapping[str, Any]], Served]
-AsyncServe: TypeAlias = Callable[
-    [str, tuple[Any, ...], Mapping[str, Any]], Awaitable[Served]
+Args: TypeAlias = tuple[Any, ...]
+Kwargs: TypeAlias = Mapping[str, Any]
+# How a flight's leader serves: (key, args, kwargs, its flight) -> (value, how).
+Serve: TypeAlias = Callable[[str, Args, Kwargs, Any], Served]
+AsyncServe: TypeAlias = Callable[[str, Args, Kwargs, Any], Awaitable[Served]]
+# How callers that gave up on a flight serve: as Serve, and the flight given up on.
+TakeOver: TypeAlias = Callable[..., Served]
+AsyncTakeOver: TypeAlias = Callable[..., Awaitable[Served]]
+# How a joiner waits (runs the plan's `join`): None once the flight has an outcome.
+Join: TypeAlias = Callable[[str, Args, Kwargs, Any], Served | GaveUp | None]
+AsyncJoin: TypeAlias = Callable[
+    [str, Args, Kwargs, Any], Awaitable[Served | GaveUp | None]
 ]
 
 
+class _Outcome(enum.Enum):
+    VALUE = "value"  # value and via are set
+    ERROR = "error"  # the function raised an Exception: joiners raise it too
+    INTERRUPTED = "interrupted"  # a BaseException ended it: run again, once
+    AGAIN = "again"  # start afresh: the leader's caller left, or its value was refused
+
+
+_AGAIN: Final = object()  # what `_joined` returns for "start afresh"
+
+
 class _Flight:
-    """One call in progress, for threads: its lock is held until it has an outcome."""
+    """One call in progress, for threads."""
 
-    __slots__ = ("error", "hit", "lock", "retry", "value")
+    __slots__ = (
+        "_done",
+        "_mutex",
+        "computing",
+        "error",
+        "holder",
+        "looked",
+        "outcome",
+        "value",
+        "via",
+    )
 
-    def __init__(self) -> None:
-        self.lock = _thread.allocate_lock()
-        self.lock.acquire()
+    def __init__(self, now: float) -> None:
+        self._done = _thread.allocate_lock()
+        self._done.acquire()  # released once the flight has its outcome
+        self._mutex = _thread.allocate_lock()
+        self.looked = now
+        self.computing: float | None = None
+        self.holder: str | None = None
+        self.outcome: _Outcome | None = None
         self.value: object = None
-        self.hit = False
+        self.via = Via.COMPUTED
         self.error: BaseException | None = None
-        self.retry = False
+
+    def finish(
+        self,
+        outcome: _Outcome,
+        value: object = None,
+        via: Via = Via.COMPUTED,
+        error: BaseException | None = None,
+    ) -> bool:
+        """Give the flight its outcome, unless it has one; return whether this did."""
+        with self._mutex:
+            if self.outcome is not None:
+                return False
+            self.value, self.via, self.error = value, via, error
+            self.outcome = outcome
+        self._done.release()
+        return True
+
+    def wait(self, seconds: float) -> bool:
+        """Wait up to *seconds* for the outcome; return whether there is one."""
+        if self.outcome is None:
+            done = self._done
+            if not (
+                done.acquire(timeout=seconds)
+                if seconds > 0
+                else done.acquire(blocking=False)
+            ):
+                return False
+            done.release()  # let the next joiner through
+        return True
 
 
 class _AsyncFlight:
     """One call in progress, for one event loop's tasks."""
 
-    __slots__ = ("error", "hit", "joiners", "loop", "retry", "value")
+    __slots__ = (
+        "computing",
+        "error",
+        "holder",
+        "looked",
+        "loop",
+        "outcome",
+        "value",
+        "via",
+        "waiting",
+    )
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, now: float) -> None:
         self.loop = loop
-        # One future per joiner: cancelling a joiner cancels its own future only.
-        self.joiners: list[asyncio.Future[None]] = []
+        # One future per waiting joiner: cancelling a joiner cancels its own only.
+        self.waiting: set[asyncio.Future[None]] = set()
+        self.looked = now
+        self.computing: float | None = None
+        self.holder: str | None = None
+        self.outcome: _Outcome | None = None
         self.value: object = None
-        self.hit = False
+        self.via = Via.COMPUTED
         self.error: BaseException | None = None
-        self.retry = False
+
+    def finish(
+        self,
+        outcome: _Outcome,
+        value: object = None,
+        via: Via = Via.COMPUTED,
+        error: BaseException | None = None,
+    ) -> bool:
+        """Give the flight its outcome, unless it has one; return whether this did."""
+        if self.outcome is not None:
+            return False
+        self.value, self.via, self.error = value, via, error
+        self.outcome = outcome
+        for joined in self.waiting:
+            if not joined.done():
+                joined.set_result(None)
+        return True
+
+    async def wait(self, seconds: float) -> bool:
+        """Wait up to *seconds* for the outcome; return whether there is one."""
+        if self.outcome is None:
+            joined = self.loop.create_future()
+            self.waiting.add(joined)
+            try:
+                await asyncio.wait((joined,), timeout=seconds)
+            finally:
+                self.waiting.discard(joined)
+        return self.outcome is not None
 
 
 class SyncFlights:
@@ -65,48 +180,93 @@ class SyncFlights:
 
     def __init__(self) -> None:
         self._flights: dict[str, _Flight] = {}
+        self._mutex = threading.Lock()  # for replacing and forgetting, not for joining
         _registries.add(self)
 
-    def run(
+    def run(  # noqa: PLR0917
         self,
         key: str,
-        serve: Serve,
-        args: tuple[Any, ...],
-        kwargs: Mapping[str, Any],
+        args: Args,
+        kwargs: Kwargs,
         ctx: Context,
+        lead: Serve,
+        join: Join,
+        take_over: TakeOver,
     ) -> object:
-        """Return ``serve(key, args, kwargs)``'s value, unless *key* is already in flight."""
+        """Serve *key*: lead with *lead* if nobody in this process is, else *join*."""
         flights = self._flights
+        retried = False
         while True:
             flight = flights.get(key)
             if flight is None:
-                mine = _Flight()
+                mine = _Flight(ctx.clock())
                 flight = flights.setdefault(key, mine)  # atomic: one leader per key
                 if flight is mine:  # lead (inline: this is every remote hit's path)
-                    try:
-                        mine.value, mine.hit = serve(key, args, kwargs)
-                    except Exception as exc:
-                        mine.error = exc
-                        raise
-                    except BaseException:
-                        mine.retry = True  # interrupted, not failed: a joiner leads
-                        raise
-                    finally:
-                        # Forget the flight before releasing its joiners: later callers
-                        # start afresh (and find the value cached) instead of joining.
-                        del flights[key]
-                        mine.lock.release()
-                    return mine.value
+                    return self._lead(key, mine, None, lead, args, kwargs)
             started = ctx.clock()
-            flight.lock.acquire()  # released once the leader has an outcome
-            flight.lock.release()
-            outcome = _joined(key, flight, ctx.clock() - started, ctx)
-            if outcome is not _RETRY:
+            joined = join(key, args, kwargs, flight)
+            if joined is GAVE_UP:
+                mine = _Flight(ctx.clock())
+                if self._replace(key, flight, mine):
+                    serve = functools.partial(take_over, gave_up_on=flight)
+                    return self._lead(key, mine, flight, serve, args, kwargs)
+                continue  # another joiner took over first: join its flight instead
+            if joined is not None:  # a look found the value: it serves everyone here
+                value, via = joined
+                flight.finish(_Outcome.VALUE, value, via)
+                self.forget(key, flight)
+                return value
+            outcome = _joined(key, flight, ctx.clock() - started, ctx, retried=retried)
+            if outcome is not _AGAIN:
                 return outcome
+            retried = retried or flight.outcome is _Outcome.INTERRUPTED
+
+    def _lead(  # noqa: PLR0917
+        self,
+        key: str,
+        mine: _Flight,
+        replaces: _Flight | None,
+        serve: Serve,
+        args: Args,
+        kwargs: Kwargs,
+    ) -> object:
+        try:
+            value, via = serve(key, args, kwargs, mine)
+        except Exception as exc:
+            # Forget the flight before releasing its joiners: later callers start
+            # afresh (and find the value cached) instead of joining.
+            self.forget(key, mine)
+            mine.finish(_Outcome.ERROR, error=exc)
+            raise
+        except BaseException as exc:
+            self.forget(key, mine)
+            mine.finish(_Outcome.INTERRUPTED, error=exc)
+            raise
+        self.forget(key, mine)
+        _share(mine, replaces, value, via)
+        return value
+
+    def _replace(self, key: str, old: _Flight, new: _Flight) -> bool:
+        with self._mutex:
+            if self._flights.get(key) is not old:
+                return False
+            self._flights[key] = new
+            return True
+
+    def forget(self, key: str, flight: _Flight | None = None) -> None:
+        """Stop new callers of *key* from joining *flight* (any flight, if None).
+
+        ``invalidate()`` calls it: a call that starts after an invalidation must not
+        be served by a computation that began before it.
+        """
+        with self._mutex:
+            if flight is None or self._flights.get(key) is flight:
+                self._flights.pop(key, None)
 
     def clear(self) -> None:
         """Forget every flight (in a forked child, their leaders do not exist)."""
         self._flights = {}
+        self._mutex = threading.Lock()
 
 
 class AsyncFlights:
@@ -116,62 +276,135 @@ class AsyncFlights:
         self._flights: dict[str, _AsyncFlight] = {}
         _registries.add(self)
 
-    async def run(
+    async def run(  # noqa: PLR0917
         self,
         key: str,
-        serve: AsyncServe,
-        args: tuple[Any, ...],
-        kwargs: Mapping[str, Any],
+        args: Args,
+        kwargs: Kwargs,
         ctx: Context,
+        lead: AsyncServe,
+        join: AsyncJoin,
+        take_over: AsyncTakeOver,
     ) -> object:
-        """Return ``await serve(key, args, kwargs)``'s value, unless *key* is in flight."""
+        """Serve *key*: lead with *lead* if no task of this loop is, else *join*."""
         loop = asyncio.get_running_loop()
         flights = self._flights
+        retried = False
         while True:
             flight = flights.get(key)
             if flight is None:
-                mine = _AsyncFlight(loop)
+                mine = _AsyncFlight(loop, ctx.clock())
                 flight = flights.setdefault(key, mine)
                 if flight is mine:
-                    return await self._lead(key, mine, serve, args, kwargs)
+                    return await self._lead(key, mine, None, lead, args, kwargs)
             if flight.loop is not loop:
                 # Another thread's event loop leads; its futures are not ours to await.
-                value, _ = await serve(key, args, kwargs)
+                value, _ = await lead(key, args, kwargs, None)
                 return value
-            joined: asyncio.Future[None] = loop.create_future()
-            flight.joiners.append(joined)
             started = ctx.clock()
-            await joined
-            outcome = _joined(key, flight, ctx.clock() - started, ctx)
-            if outcome is not _RETRY:
+            joined = await join(key, args, kwargs, flight)
+            if joined is GAVE_UP:
+                if flights.get(key) is flight:  # one loop: nobody can come in between
+                    mine = _AsyncFlight(loop, ctx.clock())
+                    flights[key] = mine
+                    serve = functools.partial(take_over, gave_up_on=flight)
+                    return await self._lead(key, mine, flight, serve, args, kwargs)
+                continue
+            if joined is not None:
+                value, via = joined
+                flight.finish(_Outcome.VALUE, value, via)
+                self.forget(key, flight)
+                return value
+            outcome = _joined(key, flight, ctx.clock() - started, ctx, retried=retried)
+            if outcome is not _AGAIN:
                 return outcome
+            retried = retried or flight.outcome is _Outcome.INTERRUPTED
 
-    async def _lead(
+    async def _lead(  # noqa: PLR0917
         self,
         key: str,
-        flight: _AsyncFlight,
+        mine: _AsyncFlight,
+        replaces: _AsyncFlight | None,
         serve: AsyncServe,
-        args: tuple[Any, ...],
-        kwargs: Mapping[str, Any],
+        args: Args,
+        kwargs: Kwargs,
     ) -> object:
         try:
-            flight.value, flight.hit = await serve(key, args, kwargs)
+            value, via = await serve(key, args, kwargs, mine)
         except Exception as exc:
-            flight.error = exc
+            self.forget(key, mine)
+            mine.finish(_Outcome.ERROR, error=exc)
             raise
-        except BaseException:
-            flight.retry = True  # cancelled: a joiner leads instead, nobody is stranded
+        except asyncio.CancelledError as exc:
+            self.forget(key, mine)
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                # This caller was cancelled; a computation it started goes on apart and
+                # holds the lock, so joiners starting afresh wait for it, not compute.
+                mine.finish(_Outcome.AGAIN)
+            else:  # the function itself raised CancelledError
+                mine.finish(_Outcome.INTERRUPTED, error=exc)
             raise
-        finally:
-            del self._flights[key]
-            for joined in flight.joiners:
-                if not joined.done():  # a cancelled joiner's future is done
-                    joined.set_result(None)
-        return flight.value
+        except BaseException as exc:
+            self.forget(key, mine)
+            mine.finish(_Outcome.INTERRUPTED, error=exc)
+            raise
+        self.forget(key, mine)
+        _share(mine, replaces, value, via)
+        return value
+
+    def forget(self, key: str, flight: _AsyncFlight | None = None) -> None:
+        """See `SyncFlights.forget`."""
+        if flight is None or self._flights.get(key) is flight:
+            self._flights.pop(key, None)
 
     def clear(self) -> None:
         """Forget every flight (in a forked child, their leaders do not exist)."""
         self._flights = {}
+
+
+def _share(
+    mine: _Flight | _AsyncFlight,
+    replaces: _Flight | _AsyncFlight | None,
+    value: object,
+    via: Via,
+) -> None:
+    """Give a led flight's value to its joiners (and to those of the flight it replaced)."""
+    if via is Via.PRIVATE:
+        mine.finish(_Outcome.AGAIN)  # refused by the store: not for anyone else
+        return
+    mine.finish(_Outcome.VALUE, value, via)
+    if replaces is not None:  # joiners still waiting on the hung flight take it too
+        replaces.finish(_Outcome.VALUE, value, via)
+
+
+def _joined(
+    key: str,
+    flight: _Flight | _AsyncFlight,
+    waited: float,
+    ctx: Context,
+    *,
+    retried: bool,
+) -> Any:
+    """Return (or raise) a finished flight's outcome to a caller that joined it."""
+    outcome = flight.outcome
+    if outcome is _Outcome.AGAIN:
+        return _AGAIN
+    if outcome is _Outcome.INTERRUPTED:
+        if not retried:
+            return _AGAIN  # one more run, led by one of the joiners
+        assert flight.error is not None  # noqa: S101 - set with the outcome
+        raise InterruptedComputationError(key, flight.error) from flight.error
+    if flight.via is Via.CACHE:
+        if ctx.observed:
+            ctx.emit(Hit(key))  # it would have found the value itself
+        return flight.value
+    if ctx.observed:
+        ctx.emit(Miss(key))
+        ctx.emit(LockWait(key, waited, "value" if flight.error is None else "error"))
+    if flight.error is not None:
+        raise flight.error
+    return flight.value
 
 
 class Refreshing:
@@ -198,24 +431,6 @@ class Refreshing:
     def clear(self) -> None:
         """Forget every key (in a forked child, its refreshers do not exist)."""
         self._keys = set()
-
-
-def _joined(
-    key: str, flight: _Flight | _AsyncFlight, waited: float, ctx: Context
-) -> Any:
-    """Return (or raise) a finished flight's outcome to a caller that joined it."""
-    if flight.retry:
-        return _RETRY
-    if flight.hit:
-        if ctx.observed:
-            ctx.emit(Hit(key))  # it would have found the value itself
-        return flight.value
-    if ctx.observed:
-        ctx.emit(Miss(key))
-        ctx.emit(LockWait(key, waited, "value" if flight.error is None else "error"))
-    if flight.error is not None:
-        raise flight.error
-    return flight.value
 
 
 _registries: weakref.WeakSet[SyncFlights | AsyncFlights | Refreshing] = (

@@ -14,15 +14,25 @@ from stampede_guard._breaker import CircuitBreaker
 from stampede_guard._ops import Op
 from stampede_guard.metrics import _Emit
 
-__all__ = ["MISS", "RENEWAL_LIMIT", "Context", "Plan", "Policy", "Served"]
+__all__ = ["MISS", "RENEWAL_LIMIT", "Context", "Plan", "Policy", "Served", "Via"]
 
 # With lock_renewal, a lock is renewed for at most this many leases: a computation
 # that hangs cannot keep the key from everyone else for ever.
 RENEWAL_LIMIT = 10
 
-# What a plan returns: the value, and whether it came straight from the cache (a hit),
-# which tells callers that shared this call in-process how to count themselves.
-Served = tuple[object, bool]
+
+class Via(enum.Enum):
+    """How a plan came by the value it returns, which tells who else may have it."""
+
+    CACHE = "cache"  # read from the cache: a hit
+    COMPUTED = "computed"  # computed, or waited for, and stored (or not to be stored)
+    PRIVATE = "private"  # computed but refused by the store: its own caller's only
+
+
+# What a plan returns: the value and how it came by it. Callers that shared this call
+# in-process count themselves by it, and do not take a PRIVATE value: the backend
+# refused it because a newer value or an invalidation came after it began.
+Served = tuple[object, Via]
 Plan = Generator[Op, Any, Served]
 
 
@@ -45,6 +55,7 @@ class Policy:
     max_retries: int | None
     on_timeout: Literal["compute", "raise"]
     on_backend_error: Literal["compute", "raise"] = "compute"
+    on_cancel: Literal["finish", "cancel"] = "finish"
     lock_renewal: bool = False
     stale_ttl: float = 0.0
     stale_if_error: bool = True
@@ -57,6 +68,11 @@ class Policy:
     def refreshes(self) -> bool:
         """Whether a stored value can be due for a refresh (stale or early)."""
         return self.stale_ttl > 0 or self.beta is not None
+
+    @property
+    def lease_limit(self) -> float:
+        """The longest a computation may keep its lock: one lease, or the renewals'."""
+        return self.lock_timeout * (RENEWAL_LIMIT if self.lock_renewal else 1)
 
     @property
     def store_ttl(self) -> float:

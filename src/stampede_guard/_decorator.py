@@ -10,6 +10,7 @@ from typing_extensions import deprecated
 from stampede_guard._context import Context
 from stampede_guard._keys import KeyMaker, validate_namespace
 from stampede_guard._options import (
+    OnCancel,
     OnTimeout,
     check_backend,
     check_function,
@@ -76,6 +77,7 @@ def cached_stampede_safe(  # type: ignore[overload-overlap]
     max_retries: int | None = None,
     on_timeout: OnTimeout = "compute",
     on_backend_error: OnTimeout = "compute",
+    on_cancel: OnCancel = "finish",
     lock_renewal: bool = False,
     stale_ttl: float = 0,
     stale_if_error: bool = True,
@@ -100,6 +102,7 @@ def cached_stampede_safe(
     max_retries: int | None = None,
     on_timeout: OnTimeout = "compute",
     on_backend_error: OnTimeout = "compute",
+    on_cancel: OnCancel = "finish",
     lock_renewal: bool = False,
     stale_ttl: float = 0,
     stale_if_error: bool = True,
@@ -124,6 +127,7 @@ def cached_stampede_safe(
     max_retries: int | None = None,
     on_timeout: OnTimeout = "compute",
     on_backend_error: OnTimeout = "compute",
+    on_cancel: OnCancel = "finish",
     lock_renewal: bool = False,
     stale_ttl: float = 0,
     stale_if_error: bool = True,
@@ -147,6 +151,7 @@ def cached_stampede_safe(
     max_retries: int | None = None,
     on_timeout: OnTimeout = "compute",
     on_backend_error: OnTimeout = "compute",
+    on_cancel: OnCancel = "finish",
     lock_renewal: bool = False,
     stale_ttl: float = 0,
     stale_if_error: bool = True,
@@ -187,6 +192,12 @@ def cached_stampede_safe(
             serves the call without the cache (computed once per key per process at
             a time; a circuit breaker skips a backend that keeps failing for 5 s), or
             ``"raise"`` `BackendError`.
+        on_cancel: When an asyncio caller that is computing the value is cancelled
+            (a client disconnected, a ``wait_for`` ran out): ``"finish"`` lets the
+            computation go on in a task of its own, for at most its lease, and store
+            the value for everyone else, while the caller returns at once;
+            ``"cancel"`` cancels the computation with the caller (the lock is
+            released). Sync functions cannot be cancelled.
         lock_renewal: Renew the lock's lease every third of *lock_timeout* while the
             function runs (for at most 10 leases), so a computation longer than
             *lock_timeout* keeps its lock, while a crashed holder's still runs out
@@ -236,6 +247,7 @@ def cached_stampede_safe(
             max_retries=max_retries,
             on_timeout=on_timeout,
             on_backend_error=on_backend_error,
+            on_cancel=on_cancel,
             lock_renewal=lock_renewal,
             stale_ttl=stale_ttl,
             stale_if_error=stale_if_error,

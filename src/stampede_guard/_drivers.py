@@ -11,12 +11,12 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Awaitable, Callable
-from typing import assert_never, cast
+from collections.abc import Awaitable, Callable, Generator
+from typing import Any, Protocol, TypeVar, assert_never, cast
 
-from stampede_guard._context import Plan, Served
 from stampede_guard._ops import (
     Await,
+    AwaitFlight,
     Compute,
     Get,
     GetOrLock,
@@ -29,6 +29,7 @@ from stampede_guard._ops import (
     Unlock,
     Unsubscribe,
 )
+from stampede_guard._reentry import computing
 from stampede_guard.backends._protocol import (
     AsyncBackend,
     AsyncNotifier,
@@ -42,8 +43,20 @@ __all__ = ["run_async", "run_sync"]
 
 logger = logging.getLogger("stampede_guard")
 
+T = TypeVar("T")
+# A plan, or any other generator of operations (a joiner's wait) returning a T.
+Steps = Generator[Op, Any, T]
 
-def run_sync(plan: Plan, backend: Backend, compute: Callable[[], object]) -> Served:
+
+class _Flight(Protocol):
+    def wait(self, seconds: float) -> bool: ...
+
+
+class _AsyncFlight(Protocol):
+    async def wait(self, seconds: float) -> bool: ...
+
+
+def run_sync(plan: Steps[T], backend: Backend, compute: Callable[[], object]) -> T:
     """Run *plan* to completion in this thread and return its result."""
     result: object = None
     error: BaseException | None = None
@@ -51,8 +64,8 @@ def run_sync(plan: Plan, backend: Backend, compute: Callable[[], object]) -> Ser
         try:
             op = plan.send(result) if error is None else plan.throw(error)
         except StopIteration as stop:
-            served: Served = stop.value
-            return served
+            done: T = stop.value
+            return done
         result = error = None
         try:
             result = _perform(op, backend, compute)
@@ -68,23 +81,28 @@ def _perform(op: Op, backend: Backend, compute: Callable[[], object]) -> object:
             return backend.get_or_lock(key, token, lock_ttl)
         case Lock(key, token, lock_ttl):
             return backend.lock(key, token, lock_ttl)
-        case Compute(renewal):
-            if renewal is None:
-                return compute()
-            stop = threading.Event()
-            watchdog = threading.Thread(
-                target=_renew, args=(backend, renewal, stop), daemon=True
-            )
-            watchdog.start()
-            try:
-                return compute()
-            finally:
-                stop.set()
-                watchdog.join()
-        case Set(key, entry, ttl):
-            return backend.set(key, entry, ttl)
-        case SetAndUnlock(key, entry, ttl, token):
-            return backend.set_and_unlock(key, entry, ttl, token)
+        case Compute(key, renewal):
+            with computing(backend, key):
+                if renewal is None:
+                    return compute()
+                stop = threading.Event()
+                watchdog = threading.Thread(
+                    target=_renew, args=(backend, renewal, stop), daemon=True
+                )
+                watchdog.start()
+                try:
+                    return compute()
+                finally:
+                    stop.set()
+                    watchdog.join()
+        case Set(key, entry, ttl, ticket):
+            if ticket is None:  # also what a backend written before tickets takes
+                return backend.set(key, entry, ttl)
+            return backend.set(key, entry, ttl, ticket=ticket)
+        case SetAndUnlock(key, entry, ttl, token, ticket):
+            if ticket is None:
+                return backend.set_and_unlock(key, entry, ttl, token)
+            return backend.set_and_unlock(key, entry, ttl, token, ticket=ticket)
         case Unlock(key, token):
             return backend.unlock(key, token)
         case Subscribe(key):
@@ -94,6 +112,8 @@ def _perform(op: Op, backend: Backend, compute: Callable[[], object]) -> object:
                 time.sleep(seconds)
                 return None
             return cast("Subscription", subscription).wait(seconds)
+        case AwaitFlight(flight, seconds):
+            return cast("_Flight", flight).wait(seconds)
         case Unsubscribe(subscription):
             if subscription is not None:
                 cast("Subscription", subscription).close()
@@ -103,26 +123,96 @@ def _perform(op: Op, backend: Backend, compute: Callable[[], object]) -> object:
 
 
 async def run_async(
-    plan: Plan, backend: AsyncBackend, compute: Callable[[], Awaitable[object]]
-) -> Served:
+    plan: Steps[T],
+    backend: AsyncBackend,
+    compute: Callable[[], Awaitable[object]],
+    background: set[asyncio.Task[Any]],
+) -> T:
     """Run *plan* to completion in this task and return its result.
 
     Cancellation is thrown into the plan like any error, so a cancelled leader still
-    releases its lock (see the shield below) and its waiters move on at once.
+    releases its lock (see the shield below) and its waiters move on at once. A
+    `Compute` marked *apart* runs, with the rest of the plan, in a task of its own,
+    kept in *background* until it is done: cancelling this caller does not cancel it.
     """
+    return await _drive(plan, backend, compute, background, None)
+
+
+async def _drive(
+    plan: Steps[T],
+    backend: AsyncBackend,
+    compute: Callable[[], Awaitable[object]],
+    background: set[asyncio.Task[Any]] | None,
+    pending: Op | None,
+) -> T:
+    """Carry out *pending* (if any), then the plan's operations; return its result."""
     result: object = None
     error: BaseException | None = None
     while True:
-        try:
-            op = plan.send(result) if error is None else plan.throw(error)
-        except StopIteration as stop:
-            served: Served = stop.value
-            return served
+        if pending is not None:
+            op, pending = pending, None
+        else:
+            try:
+                op = plan.send(result) if error is None else plan.throw(error)
+            except StopIteration as stop:
+                done: T = stop.value
+                return done
         result = error = None
+        if background is not None and isinstance(op, Compute) and op.apart:
+            return await _apart(plan, op, backend, compute, background)
         try:
             result = await _perform_async(op, backend, compute)
         except BaseException as exc:  # noqa: BLE001 - the plan decides what to do with it
             error = exc
+
+
+async def _apart(
+    plan: Steps[T],
+    op: Compute,
+    backend: AsyncBackend,
+    compute: Callable[[], Awaitable[object]],
+    background: set[asyncio.Task[Any]],
+) -> T:
+    """Run *op* and the rest of *plan* in a task; a cancelled caller leaves it running.
+
+    In a web server every client that disconnects cancels its request: were the
+    computation cancelled with it, a slow origin behind impatient clients would be
+    called once per request and never cached. Once orphaned, the task may run for
+    *op.bound* seconds from the start (the computation's lease), then it is cancelled,
+    which releases the lock.
+    """
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    rest = loop.create_task(_drive(plan, backend, compute, None, op))
+    background.add(rest)
+    rest.add_done_callback(background.discard)
+    try:
+        return await asyncio.shield(rest)
+    except asyncio.CancelledError:
+        if rest.done():
+            raise
+        limit = loop.call_later(max(0.0, started + op.bound - loop.time()), rest.cancel)
+        rest.add_done_callback(lambda _: limit.cancel())
+        rest.add_done_callback(_report_orphan(op.key))
+        raise
+
+
+def _report_orphan(key: str) -> Callable[[asyncio.Task[Any]], None]:
+    def report(task: asyncio.Task[Any]) -> None:
+        if task.cancelled():
+            logger.warning(
+                "the computation of %r, left running by its cancelled caller, was "
+                "cancelled in turn: it outran its lease, or its event loop stopped",
+                key,
+            )
+        elif task.exception() is not None:  # retrieved here, so asyncio stays quiet
+            logger.warning(
+                "the computation of %r, left running by its cancelled caller, failed",
+                key,
+                exc_info=task.exception(),
+            )
+
+    return report
 
 
 async def _perform_async(  # noqa: C901
@@ -135,20 +225,26 @@ async def _perform_async(  # noqa: C901
             return await backend.aget_or_lock(key, token, lock_ttl)
         case Lock(key, token, lock_ttl):
             return await backend.alock(key, token, lock_ttl)
-        case Compute(renewal):
-            if renewal is None:
-                return await compute()
-            watchdog = asyncio.get_running_loop().create_task(_arenew(backend, renewal))
-            try:
-                return await compute()
-            finally:
-                watchdog.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await watchdog
-        case Set(key, entry, ttl):
-            return await backend.aset(key, entry, ttl)
-        case SetAndUnlock(key, entry, ttl, token):
-            return await backend.aset_and_unlock(key, entry, ttl, token)
+        case Compute(key, renewal):
+            with computing(backend, key):
+                if renewal is None:
+                    return await compute()
+                loop = asyncio.get_running_loop()
+                watchdog = loop.create_task(_arenew(backend, renewal))
+                try:
+                    return await compute()
+                finally:
+                    watchdog.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await watchdog
+        case Set(key, entry, ttl, ticket):
+            if ticket is None:
+                return await backend.aset(key, entry, ttl)
+            return await backend.aset(key, entry, ttl, ticket=ticket)
+        case SetAndUnlock(key, entry, ttl, token, ticket):
+            if ticket is None:
+                return await backend.aset_and_unlock(key, entry, ttl, token)
+            return await backend.aset_and_unlock(key, entry, ttl, token, ticket=ticket)
         case Unlock(key, token):
             # Shielded: the release usually runs because this task is being cancelled,
             # and a second cancellation must not leave the lock to its lease.
@@ -162,6 +258,8 @@ async def _perform_async(  # noqa: C901
                 await asyncio.sleep(seconds)
                 return None
             return await cast("AsyncSubscription", subscription).wait(seconds)
+        case AwaitFlight(flight, seconds):
+            return await cast("_AsyncFlight", flight).wait(seconds)
         case Unsubscribe(subscription):
             if subscription is not None:  # shielded, as Unlock
                 await asyncio.shield(cast("AsyncSubscription", subscription).close())
@@ -175,7 +273,7 @@ async def _perform_async(  # noqa: C901
 # holder's lock still runs out quickly. It stops when the computation ends, when the
 # lock turns out to be lost, or at the renewal limit, so a hung computation cannot hold
 # the key for ever. A failed renewal is logged, never raised: the worst outcome is one
-# more computation elsewhere.
+# more computation elsewhere. Both twins wait first, then check the limit.
 
 
 def _renew(backend: Backend, renewal: Renewal, stop: threading.Event) -> None:
@@ -191,8 +289,10 @@ def _renew(backend: Backend, renewal: Renewal, stop: threading.Event) -> None:
 
 async def _arenew(backend: AsyncBackend, renewal: Renewal) -> None:
     started, every = time.monotonic(), renewal.lock_ttl / 3
-    while time.monotonic() - started < renewal.limit:
+    while True:
         await asyncio.sleep(every)
+        if time.monotonic() - started >= renewal.limit:
+            return
         try:
             if not await backend.aextend(renewal.key, renewal.token, renewal.lock_ttl):
                 logger.warning("lost the lock on %r while computing", renewal.key)

@@ -5,7 +5,11 @@ The tree::
     StampedeGuardError
     ├── LockTimeoutError        (also a TimeoutError) a waiter gave up on another caller's lock
     ├── BackendError            the cache backend failed; raised from the original error
-    └── SerializationError      a value could not be encoded for the backend
+    ├── SerializationError      a value could not be encoded for the backend
+    ├── ReentrantCallError      a computation called its own key, which would deadlock
+    └── InterruptedComputationError
+                                the computation a caller waited on was interrupted
+                                (KeyboardInterrupt, SystemExit...), twice in a row
 
 Misconfiguration is a plain ``ValueError`` or ``TypeError`` raised at decoration time.
 The decorated function's own exceptions pass through unchanged and are never cached.
@@ -15,7 +19,9 @@ from __future__ import annotations
 
 __all__ = [
     "BackendError",
+    "InterruptedComputationError",
     "LockTimeoutError",
+    "ReentrantCallError",
     "SerializationError",
     "StampedeGuardError",
 ]
@@ -69,4 +75,40 @@ class SerializationError(StampedeGuardError):
             f"encode {type_name} ({reason}). Return plain JSON data (dict, list, str, int, "
             "float, bool, None) from the function, or pass a serializer that handles "
             f"{value_type.__qualname__} to the backend (serializer=...)."
+        )
+
+
+class ReentrantCallError(StampedeGuardError):
+    """The computation of *key* called itself with the same key (in its thread or task).
+
+    Waiting would be a deadlock: the inner call would wait for a lock, or an in-process
+    call, that only the outer one releases. Nothing is locked or cached by the inner
+    call; the outer computation gets the error unless it catches it.
+    """
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+        super().__init__(
+            f"the computation of cache key {key!r} called itself with the same key "
+            "(directly, or through another function cached on the same key and "
+            "backend); it would wait for its own lock for ever. Give the inner call "
+            "another key, or call the undecorated function (fn.bypass(...))."
+        )
+
+
+class InterruptedComputationError(StampedeGuardError):
+    """The computation this call waited on was interrupted; ``__cause__`` says how.
+
+    A BaseException that is not an Exception (KeyboardInterrupt, SystemExit, a
+    custom one) ended the function in the caller that ran it. Callers waiting on it in
+    the same process run it once more; if that run is interrupted too, they get this
+    error instead of running it once each. Nothing was cached.
+    """
+
+    def __init__(self, key: str, cause: BaseException) -> None:
+        self.key = key
+        super().__init__(
+            f"the computation of cache key {key!r} was interrupted twice by "
+            f"{type(cause).__qualname__} in the callers running it; nothing was cached. "
+            "Call again to retry."
         )

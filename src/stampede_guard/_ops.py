@@ -9,6 +9,7 @@ from stampede_guard.backends._protocol import Entry
 
 __all__ = [
     "Await",
+    "AwaitFlight",
     "Compute",
     "Get",
     "GetOrLock",
@@ -63,31 +64,48 @@ class Renewal:
 
 @dataclass(frozen=True, slots=True)
 class Compute:
-    """Call the decorated function; sends back its value (or throws its exception).
+    """Call the decorated function for *key*; sends back its value (or its exception).
 
-    With *renewal*, the driver renews the lock's lease while the function runs.
+    With *renewal*, the driver renews the lock's lease while the function runs. While
+    it runs, a call of the same key from inside it (same thread or task chain) fails
+    at once instead of waiting for itself. With *apart* (asyncio), the computation and
+    the rest of the plan run in a task of their own: a cancelled caller returns at
+    once, and the task goes on for at most *bound* seconds to store the value.
     """
 
+    key: str
     renewal: Renewal | None = None
+    apart: bool = False
+    bound: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
 class Set:
-    """Store *entry* without holding the lock (a waiter that timed out); sends the stored Entry."""
+    """Store *entry* without holding the lock; sends back the stored Entry, or None.
+
+    *ticket* is that of the look before the computation began (None if the backend
+    gives none): the backend refuses the store (None) if a later value or an
+    invalidation came after it.
+    """
 
     key: str
     entry: Entry
     ttl: float
+    ticket: int | None
 
 
 @dataclass(frozen=True, slots=True)
 class SetAndUnlock:
-    """Store *entry* and release the lock held by *token*; sends back the stored Entry."""
+    """Store *entry* and release *token*'s lock; sends back the stored Entry, or None.
+
+    None: refused for its *ticket*, as `Set` (the lock is released all the same).
+    """
 
     key: str
     entry: Entry
     ttl: float
     token: str
+    ticket: int | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,6 +140,17 @@ class Await:
 
 
 @dataclass(frozen=True, slots=True)
+class AwaitFlight:
+    """Wait up to *seconds* for *flight* (another caller in this process) to finish.
+
+    Sends back True once it has an outcome, False if the time ran out first.
+    """
+
+    flight: object
+    seconds: float
+
+
+@dataclass(frozen=True, slots=True)
 class Unsubscribe:
     """Stop listening on *subscription* (from `Subscribe`); sends back None, never raises."""
 
@@ -138,5 +167,6 @@ Op: TypeAlias = (
     | Unlock
     | Subscribe
     | Await
+    | AwaitFlight
     | Unsubscribe
 )

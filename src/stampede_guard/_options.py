@@ -14,6 +14,7 @@ from stampede_guard.backends.memory import default_backend
 from stampede_guard.metrics import MetricsHook
 
 __all__ = [
+    "OnCancel",
     "OnTimeout",
     "check_backend",
     "check_function",
@@ -23,6 +24,7 @@ __all__ = [
 ]
 
 OnTimeout = Literal["compute", "raise"]
+OnCancel = Literal["finish", "cancel"]
 
 # The checks below take `object`: they exist for callers whose types mypy never saw.
 
@@ -73,6 +75,7 @@ def policy(
     max_retries: object,
     on_timeout: object,
     on_backend_error: object = "compute",
+    on_cancel: object = "finish",
     lock_renewal: object = False,
     stale_ttl: object = 0,
     stale_if_error: object = True,
@@ -105,6 +108,7 @@ def policy(
         max_retries=_retries(max_retries),
         on_timeout=_on_timeout(on_timeout),
         on_backend_error=_on_backend_error(on_backend_error),
+        on_cancel=_on_cancel(on_cancel),
         lock_renewal=_flag("lock_renewal", lock_renewal),
         stale_ttl=0.0 if stale_ttl == 0 else _seconds("stale_ttl", stale_ttl),
         stale_if_error=_flag("stale_if_error", stale_if_error),
@@ -158,6 +162,13 @@ def _on_backend_error(value: object) -> OnTimeout:
     if value == "compute" or value == "raise":  # noqa: PLR1714 - narrows to the Literal
         return value
     msg = f"on_backend_error={value!r} is not one of 'compute' (serve the call without the cache) or 'raise' (BackendError)"
+    raise ValueError(msg)
+
+
+def _on_cancel(value: object) -> OnCancel:
+    if value == "finish" or value == "cancel":  # noqa: PLR1714 - narrows to the Literal
+        return value
+    msg = f"on_cancel={value!r} is not one of 'finish' (a cancelled caller's computation goes on and is stored) or 'cancel' (it is cancelled with the caller)"
     raise ValueError(msg)
 
 

@@ -17,8 +17,20 @@ Steps, after the reference card:
    out. Notices make waiters wake at once; the backoff polls only catch lost ones.
    Patience is per holder: when the lock passes to a new holder, the wait starts over,
    so the waiters of a dead holder wait for its successor instead of all computing.
-5. Out of time: serve the stale value if there is one, else compute without the lock,
-   or raise `LockTimeoutError`.
+5. Out of time: compute without the lock (the value is stored unless a newer one
+   was), or raise `LockTimeoutError`.
+
+Callers of a key that another caller of the same process is already serving `join`
+it: they wait for its outcome as waiters wait for a lock, with the same deadline and
+backoff, looking at the backend now and then (a value stored from anywhere serves
+them), and give up as waiters do. Those that give up and compute do so once per
+process at a time (`take_over`).
+
+Every look that may precede a computation carries the backend's ticket (see
+`stampede_guard.backends.Claim`), and every store carries the ticket of the look
+before its computation: the backend refuses a store whose computation began before
+the stored value's or before an invalidation. So an older value never replaces a newer
+one, and nothing computed before ``invalidate()`` returned is stored after it.
 
 A value past its ``ttl`` but within ``stale_ttl`` (or fresh but due for an XFetch early
 refresh) is served at once, and `refresh` recomputes it under the same lock: whoever
@@ -27,18 +39,20 @@ takes the lock (without waiting) computes, everyone else keeps the stored value.
 
 from __future__ import annotations
 
+import enum
 import logging
 from collections.abc import Callable, Generator
-from typing import Any, cast
+from typing import Any, Final, Protocol, cast
 
 import tenacity
 from typing_extensions import override
 
-from stampede_guard._context import MISS, RENEWAL_LIMIT, Context, Plan, Policy, Served
+from stampede_guard._context import MISS, Context, Plan, Policy, Served, Via
 from stampede_guard._errors import BackendError, LockTimeoutError
 from stampede_guard._freshness import RefreshDue, refresh_reason, stale_value
 from stampede_guard._ops import (
     Await,
+    AwaitFlight,
     Compute,
     Get,
     GetOrLock,
@@ -51,7 +65,7 @@ from stampede_guard._ops import (
     Unlock,
     Unsubscribe,
 )
-from stampede_guard.backends._protocol import Entry
+from stampede_guard.backends._protocol import FENCE_SECONDS, Entry
 from stampede_guard.metrics import (
     BackendFailed,
     BackendSkipped,
@@ -63,21 +77,27 @@ from stampede_guard.metrics import (
     Miss,
     Refresh,
     RefreshFailed,
-    StaleServed,
     Timeout,
 )
 
 __all__ = [
+    "GAVE_UP",
     "MISS",
     "Context",
+    "Flight",
+    "GaveUp",
     "Plan",
     "Policy",
     "RefreshDue",
     "Served",
+    "Via",
     "first_look",
+    "join",
     "plan",
     "refresh",
+    "refresh_now",
     "stale_value",
+    "take_over",
     "without_cache",
 ]
 
@@ -85,7 +105,31 @@ logger = logging.getLogger("stampede_guard")
 
 
 class _StillLockedError(Exception):
-    """Another caller holds the lock; tenacity retries on it and re-raises it at the end."""
+    """Still waiting; tenacity retries on it and re-raises the last one at the end.
+
+    *ticket* is the backend's ticket of the last look, for a store after giving up.
+    """
+
+    def __init__(self, ticket: int | None) -> None:
+        super().__init__()
+        self.ticket = ticket
+
+
+class GaveUp(enum.Enum):
+    """What `join` returns when its caller gave up and is to compute (`take_over`)."""
+
+    GAVE_UP = "gave up"
+
+
+GAVE_UP: Final = GaveUp.GAVE_UP
+
+
+class Flight(Protocol):
+    """What the plan reads and marks of an in-process call (see `_coalesce`)."""
+
+    looked: float  # when a joiner last looked at the backend for it (ctx.clock)
+    computing: float | None  # when its leader began computing, None before
+    holder: str | None  # the leader's lock token while it computes under the lock
 
 
 def first_look(key: str, found: Entry | None, ctx: Context) -> object:
@@ -104,13 +148,14 @@ def first_look(key: str, found: Entry | None, ctx: Context) -> object:
 def refresh(key: str, due: RefreshDue, ctx: Context) -> Plan:
     """Recompute *due*'s key if its lock is free; otherwise leave it to the holder.
 
-    Never waits: whoever is refused the lock keeps serving the stored value. A failed
-    refresh keeps it too (``stale_if_error``) and is reported.
+    Never waits: whoever is refused the lock keeps serving the stored value (then
+    returned as `Via.CACHE`). A failed refresh keeps it too (``stale_if_error``) and is
+    reported.
     """
     token = ctx.new_token()
-    holder = yield Lock(key, token, ctx.policy.lock_timeout)
-    if holder != token:
-        return due.entry.value, True
+    claim = yield Lock(key, token, ctx.policy.lock_timeout)
+    if claim != token:
+        return due.entry.value, Via.CACHE
     leading = False
     try:
         # The double-check, for refreshes: another caller may have refreshed the value
@@ -118,93 +163,237 @@ def refresh(key: str, due: RefreshDue, ctx: Context) -> Plan:
         current = yield Get(key)
         if current is not None and current.created_at > due.entry.created_at:
             yield from _release(key, token)
-            return current.value, True
+            return current.value, Via.CACHE
         ctx.emit(Refresh(key, due.reason))
         leading = True
-        value = yield from _lead(key, token, ctx)  # it releases the lock itself
+        served = yield from _lead(key, token, _ticket(claim), ctx)  # releases the lock
     except Exception as exc:
         if not leading:
             yield from _release(key, token)
         ctx.emit(RefreshFailed(key, exc))
         if ctx.policy.stale_if_error:
-            return due.entry.value, True
+            return due.entry.value, Via.CACHE
         raise
-    return value, False
+    return served
+
+
+def refresh_now(key: str, ctx: Context) -> Plan:
+    """Compute *key* afresh and store it: ``refresh()``, which never waits.
+
+    The value returned began computing after this call began, never an older one: if
+    another caller holds the lock, its computation began earlier, so this call computes
+    anyway (without the lock) and stores with its own, later ticket. The holder's older
+    value can then no longer replace it.
+    """
+    ctx.emit(Refresh(key, "manual"))
+    token = ctx.new_token()
+    try:
+        claim = yield Lock(key, token, ctx.policy.lock_timeout)
+    except BackendError as exc:
+        return (yield from without_cache(key, ctx, exc))
+    if claim == token:
+        ctx.emit(LockAcquired(key))
+        return (yield from _lead(key, token, _ticket(claim), ctx))
+    entry = yield from _compute(key, ctx)
+    return (yield from _store(key, entry, _ticket(claim), ctx))
 
 
 def plan(
-    key: str, ctx: Context, *, force: bool = False, stale: Entry | None = None
+    key: str,
+    ctx: Context,
+    flight: Flight | None = None,
+    gave_up_on: str | None = None,
 ) -> Plan:
     """Serve *key* after a miss, computing it at most once among concurrent callers.
 
-    With *force* (a refresh on demand), a stored value does not count: the call takes
-    the lock to compute, or waits for the value its holder is computing. A *stale*
-    entry at hand is served if the wait runs out.
+    *flight* is this call's in-process flight, if others may join it: it is marked
+    when this call starts computing, which starts its joiners' patience. With
+    *gave_up_on* (see `take_over`), a lock still held by that token is not waited for.
     """
     policy = ctx.policy
     token = ctx.new_token()
-    look = Lock if force else GetOrLock
     try:
-        claim = yield look(key, token, policy.lock_timeout)
+        claim = yield GetOrLock(key, token, policy.lock_timeout)
     except BackendError as exc:
-        return (yield from without_cache(key, ctx, exc))
+        return (yield from without_cache(key, ctx, exc, flight))
     if isinstance(claim, Entry):  # stored between our two looks
         ctx.emit(Hit(key))
-        return claim.value, True
+        return claim.value, Via.CACHE
     ctx.emit(Miss(key))
+    if claim != token and claim == gave_up_on:
+        entry = yield from _compute(key, ctx, flight=flight)
+        return (yield from _store(key, entry, _ticket(claim), ctx))
 
     if claim != token:
         started = ctx.clock()
         try:
-            claim = yield from _wait(key, token, claim, ctx, look)
+            claim = yield from _wait(key, token, claim, ctx)
         except BackendError as exc:
-            return (yield from without_cache(key, ctx, exc))
-        except _StillLockedError:
-            return (yield from _timed_out(key, ctx, ctx.clock() - started, stale))
+            return (yield from without_cache(key, ctx, exc, flight))
+        except _StillLockedError as exc:
+            waited = ctx.clock() - started
+            return (yield from _timed_out(key, ctx, waited, exc.ticket, flight))
         waited = ctx.clock() - started
         if isinstance(claim, Entry):
             ctx.emit(LockWait(key, waited, "value"))
-            return claim.value, False
+            return claim.value, Via.COMPUTED
         ctx.emit(LockWait(key, waited, "lock"))
 
     ctx.emit(LockAcquired(key))
-    return (yield from _lead(key, token, ctx)), False
+    return (yield from _lead(key, token, _ticket(claim), ctx, flight))
 
 
-def _timed_out(key: str, ctx: Context, waited: float, stale: Entry | None) -> Plan:
-    """Step 5: the wait ran out. Serve *stale* if at hand, else apply ``on_timeout``."""
+def join(
+    key: str, ctx: Context, flight: Flight
+) -> Generator[Op, Any, Served | GaveUp | None]:
+    """Wait, as a waiter waits for a lock, for *flight*: this process's call of *key*.
+
+    Returns None once the flight has an outcome (the caller takes it from there), the
+    value if a look at the backend found one stored from anywhere (the flight's leader
+    may hang, or have lost its lease to another process), or `GAVE_UP` when
+    ``wait_timeout`` (or ``max_retries``) ran out and ``on_timeout="compute"``; with
+    ``"raise"`` it raises `LockTimeoutError` instead. A local leader never holds its
+    process's callers longer than a holder in another process would.
+
+    While the leader looks or waits for another caller's lock, it is a waiter bound by
+    its own deadline, and its joiners simply wait with it. Once it computes, they wait
+    as for any holder: ``wait_timeout`` from then (or from their arrival, if later).
+    Before the leader's lease can have run out, only a store without the lock could
+    put a value in the backend, so looks are rare: one per flight per half
+    ``max_delay``, and one at once for a caller arriving after the lease ran out.
+    """
+    policy = ctx.policy
+    while flight.computing is None:
+        if (yield AwaitFlight(flight, policy.max_delay)):
+            return None
+    arrived = ctx.clock()
+    deadline = _DeadlineStop(
+        ctx.clock, max(arrived, flight.computing) + policy.wait_timeout
+    )
+    lease_left = flight.computing + policy.lease_limit - arrived
+    first = min(policy.max_delay, max(0.0, lease_left))
+    delays: list[float] = []
+    try:
+        for attempt in _backoff(policy, deadline, delays):
+            delay = max(delays.pop(), policy.max_delay) if delays else first
+            if (yield AwaitFlight(flight, min(delay, deadline.remaining()))):
+                return None
+            now = ctx.clock()
+            # A caller arriving after the leader's lease ran out looks at once: another
+            # process may have stored the value long ago.
+            arrived_late = lease_left <= 0 and delay == first
+            if arrived_late or now - flight.looked >= policy.max_delay / 2:
+                flight.looked = now
+                try:
+                    found = yield Get(key)
+                except BackendError:
+                    found = None  # the flight's leader meets the failure and handles it
+                if found is not None:
+                    ctx.emit(LockWait(key, ctx.clock() - arrived, "value"))
+                    return found.value, Via.CACHE
+            with attempt:
+                raise _StillLockedError(None)  # noqa: TRY301 - tenacity's way to retry
+    except _StillLockedError:
+        pass
+    return _joiner_gave_up(key, ctx, ctx.clock() - arrived)
+
+
+def _joiner_gave_up(key: str, ctx: Context, waited: float) -> GaveUp:
+    """Step 5 for a joiner: report the timeout, then raise or let it compute."""
+    ctx.emit(LockWait(key, waited, "timeout"))
+    ctx.emit(Timeout(key, waited, ctx.policy.on_timeout))
+    if ctx.policy.on_timeout == "raise":
+        raise LockTimeoutError(key, waited) from None
+    return GAVE_UP
+
+
+def take_over(key: str, ctx: Context, flight: Flight, gave_up_on: Flight) -> Plan:
+    """Serve *key* for this process's callers that gave up on their local leader.
+
+    One look, as after a miss: a value stored meanwhile is served; a free lock (the
+    leader's lease ran out) is taken and the value computed under it; a lock held by
+    another holder (one that took over from the hung leader) gets patience afresh, as
+    waiters give it. A lock still held by the leader given up on is not waited for
+    again: the value is computed without it, and stored with this look's ticket, so
+    it replaces nothing newer. *flight* is the new flight this caller leads.
+    """
+    return plan(key, ctx, flight, gave_up_on.holder)
+
+
+def _timed_out(
+    key: str,
+    ctx: Context,
+    waited: float,
+    ticket: int | None,
+    flight: Flight | None,
+) -> Plan:
+    """Step 5: the wait ran out. Apply ``on_timeout``."""
     policy = ctx.policy
     ctx.emit(LockWait(key, waited, "timeout"))
-    if stale is not None:
-        ctx.emit(StaleServed(key, ctx.wall_clock() - stale.created_at - policy.ttl))
-        return stale.value, True
     ctx.emit(Timeout(key, waited, policy.on_timeout))
     if policy.on_timeout == "raise":
         raise LockTimeoutError(key, waited) from None
     # Like nginx's proxy_cache_lock_timeout: serve this caller now. The value is
-    # stored too; it is as valid as the one the slow holder will store.
-    entry = yield from _compute(key, ctx)
-    if not policy.caches(entry.value):
-        return entry.value, False
+    # stored too, unless the slow holder's (begun earlier) is stored first; then
+    # ours, begun later, replaces it. The ticket of the last look orders the two.
+    entry = yield from _compute(key, ctx, flight=flight)
+    return (yield from _store(key, entry, ticket, ctx))
+
+
+def _store(key: str, entry: Entry, ticket: int | None, ctx: Context) -> Plan:
+    """Store a value computed without the lock, unless it is not to be cached."""
+    if entry.compute_seconds >= FENCE_SECONDS:  # see _lead
+        return entry.value, Via.PRIVATE
+    if not ctx.policy.caches(entry.value):
+        return entry.value, Via.COMPUTED
     try:
-        stored = yield Set(key, entry, policy.store_ttl)
+        stored = yield Set(key, entry, ctx.policy.store_ttl, ticket)
     except BackendError as exc:
         _store_failed(key, ctx, exc)
-        return entry.value, False
-    return stored.value, False
+        return entry.value, Via.COMPUTED
+    if stored is None:
+        return entry.value, Via.PRIVATE
+    return stored.value, Via.COMPUTED
+
+
+def _ticket(claim: object) -> int | None:
+    # A backend written before tickets returns a plain str: its stores are not fenced.
+    return getattr(claim, "ticket", None)
+
+
+def _backoff(
+    policy: Policy, deadline: _DeadlineStop, delays: list[float]
+) -> tenacity.Retrying:
+    """The waiting rounds: tenacity decides each delay (recorded in *delays*) and the end.
+
+    tenacity's sleep only records the delay, which becomes the longest the next Await
+    may take; its stop is the moving *deadline*, and ``max_retries`` if set.
+    """
+    stop: tenacity.stop.stop_base = deadline
+    if policy.max_retries is not None:
+        stop = stop | tenacity.stop_after_attempt(policy.max_retries + 1)
+    return tenacity.Retrying(
+        sleep=delays.append,
+        wait=tenacity.wait_exponential_jitter(
+            multiplier=policy.base_delay, max=policy.max_delay, jitter=policy.base_delay
+        ),
+        stop=stop,
+        retry=tenacity.retry_if_exception_type(_StillLockedError),
+        reraise=True,
+    )
 
 
 def _wait(
-    key: str, token: str, holder: str, ctx: Context, look: type[GetOrLock | Lock]
+    key: str, token: str, holder: str, ctx: Context
 ) -> Generator[Op, Any, Entry | str]:
     """Wait until the value appears or the lock is ours; raise _StillLockedError at the end.
 
-    Returns the entry, or *token* once this call holds the lock. The lock is not held
-    while waiting, so waiting is safe.
+    Returns the entry, or the claim (*token*) once this call holds the lock. The lock
+    is not held while waiting, so waiting is safe.
     """
     subscription = yield Subscribe(key)
     try:
-        claim = yield from _listen(key, token, holder, subscription, ctx, look)
+        claim = yield from _listen(key, token, holder, subscription, ctx)
     except GeneratorExit:
         raise  # closed with nobody to carry out an Unsubscribe; see _lead
     except BaseException:
@@ -214,38 +403,19 @@ def _wait(
     return claim
 
 
-def _listen(  # noqa: PLR0917
-    key: str,
-    token: str,
-    holder: str,
-    subscription: object,
-    ctx: Context,
-    look: type[GetOrLock | Lock],
+def _listen(
+    key: str, token: str, holder: str, subscription: object, ctx: Context
 ) -> Generator[Op, Any, Entry | str]:
     """The waiting loop: each round waits for a notice up to a delay, then looks.
 
-    tenacity decides each delay and when to stop; its sleep only records the delay,
-    which becomes the longest an Await may take. The last one is cut short so that the
-    final look happens at the deadline.
+    The last delay is cut short so that the final look happens at the deadline.
     """
     policy = ctx.policy
     deadline = _DeadlineStop(ctx.clock, ctx.clock() + policy.wait_timeout)
     delays: list[float] = []
-    stop: tenacity.stop.stop_base = deadline
-    if policy.max_retries is not None:
-        stop = stop | tenacity.stop_after_attempt(policy.max_retries + 1)
-    retrying = tenacity.Retrying(
-        sleep=delays.append,
-        wait=tenacity.wait_exponential_jitter(
-            multiplier=policy.base_delay, max=policy.max_delay, jitter=policy.base_delay
-        ),
-        stop=stop,
-        retry=tenacity.retry_if_exception_type(_StillLockedError),
-        reraise=True,
-    )
     # Listening now: look once more, or a value stored just before would go unheard.
-    claim = yield look(key, token, policy.lock_timeout)
-    for attempt in retrying:
+    claim = yield GetOrLock(key, token, policy.lock_timeout)
+    for attempt in _backoff(policy, deadline, delays):
         if delays:
             delay = delays.pop()
             if subscription is not None:
@@ -257,7 +427,7 @@ def _listen(  # noqa: PLR0917
             if isinstance(notice, Entry):
                 claim = notice
             else:
-                claim = yield look(key, token, policy.lock_timeout)
+                claim = yield GetOrLock(key, token, policy.lock_timeout)
         if isinstance(claim, Entry) or claim == token:
             return cast("Entry | str", claim)
         if claim != holder:
@@ -266,9 +436,9 @@ def _listen(  # noqa: PLR0917
             holder = claim
             deadline.restart(policy.wait_timeout)
         with attempt:
-            raise _StillLockedError
+            raise _StillLockedError(_ticket(claim))
     # The loop ends by returning or by tenacity re-raising: this line is never reached.
-    raise _StillLockedError  # pragma: no cover
+    raise _StillLockedError(None)  # pragma: no cover
 
 
 class _DeadlineStop(tenacity.stop.stop_base):
@@ -290,25 +460,34 @@ class _DeadlineStop(tenacity.stop.stop_base):
         return self._clock() >= self._deadline
 
 
-def _lead(key: str, token: str, ctx: Context) -> Generator[Op, Any, object]:
+def _lead(
+    key: str,
+    token: str,
+    ticket: int | None,
+    ctx: Context,
+    flight: Flight | None = None,
+) -> Plan:
     """Compute and store the value while holding the lock; release it whatever happens."""
     policy = ctx.policy
     renewal = None
     if policy.lock_renewal:
-        limit = policy.lock_timeout * RENEWAL_LIMIT
-        renewal = Renewal(key, token, policy.lock_timeout, limit)
+        renewal = Renewal(key, token, policy.lock_timeout, policy.lease_limit)
     try:
-        entry = yield from _compute(key, ctx, renewal)
-        if not ctx.policy.caches(entry.value):
+        entry = yield from _compute(key, ctx, renewal, flight, token)
+        if entry.compute_seconds >= FENCE_SECONDS:
+            # Longer than an invalidation is remembered: it may have missed one.
+            yield Unlock(key, token)
+            return entry.value, Via.PRIVATE
+        if not policy.caches(entry.value):
             # Not to be stored: let go (announced, so waiters look and one computes).
             yield Unlock(key, token)
-            return entry.value
+            return entry.value, Via.COMPUTED
         try:
-            stored = yield SetAndUnlock(key, entry, ctx.policy.store_ttl, token)
+            stored = yield SetAndUnlock(key, entry, policy.store_ttl, token, ticket)
         except BackendError as exc:
             _store_failed(key, ctx, exc)  # or raise: either way, release below
             yield from _release(key, token)
-            return entry.value
+            return entry.value, Via.COMPUTED
     except GeneratorExit:
         # Closed by its owner being collected: no driver is left to release through,
         # so the lease runs out. Drivers themselves never close a plan early.
@@ -319,11 +498,17 @@ def _lead(key: str, token: str, ctx: Context) -> Generator[Op, Any, object]:
         # every waiter compute at once.
         yield from _release(key, token)
         raise
+    if stored is None:
+        # Refused: an invalidation, or a value begun later, came first. Our caller
+        # asked before either and may have it; nobody else may.
+        return entry.value, Via.PRIVATE
     # What the backend stored, as every reader will see it (see Backend.set).
-    return stored.value
+    return stored.value, Via.COMPUTED
 
 
-def without_cache(key: str, ctx: Context, error: BackendError | None) -> Plan:
+def without_cache(
+    key: str, ctx: Context, error: BackendError | None, flight: Flight | None = None
+) -> Plan:
     """Serve a call the backend cannot: compute it, store nothing.
 
     *error* is the backend's failure, or None when the circuit breaker skipped the
@@ -339,8 +524,8 @@ def without_cache(key: str, ctx: Context, error: BackendError | None) -> Plan:
         )
     else:
         ctx.emit(BackendSkipped(key))
-    entry = yield from _compute(key, ctx)
-    return entry.value, False
+    entry = yield from _compute(key, ctx, flight=flight)
+    return entry.value, Via.COMPUTED
 
 
 def _store_failed(key: str, ctx: Context, error: BackendError) -> None:
@@ -363,11 +548,21 @@ def _release(key: str, token: str) -> Generator[Op, Any, None]:
 
 
 def _compute(
-    key: str, ctx: Context, renewal: Renewal | None = None
+    key: str,
+    ctx: Context,
+    renewal: Renewal | None = None,
+    flight: Flight | None = None,
+    holder: str | None = None,
 ) -> Generator[Op, Any, Entry]:
+    """Call the function; mark *flight* (if any) as computing, under *holder*'s lock."""
+    policy = ctx.policy
     started = ctx.clock()
+    if flight is not None:
+        flight.computing, flight.holder = started, holder
     try:
-        value = yield Compute(renewal)
+        value = yield Compute(
+            key, renewal, apart=policy.on_cancel == "finish", bound=policy.lease_limit
+        )
     except Exception as exc:
         ctx.emit(ComputeError(key, ctx.clock() - started, exc))
         raise

@@ -24,15 +24,21 @@ from stampede_guard._keys import KeyMaker
 from stampede_guard._plan import (
     MISS,
     Context,
+    Flight,
+    GaveUp,
     Served,
+    Via,
     first_look,
+    join,
     plan,
     refresh,
+    refresh_now,
+    take_over,
     without_cache,
 )
+from stampede_guard._reentry import check_reentry
 from stampede_guard._types import AsyncCachedFunction, CachedFunction
 from stampede_guard.backends._protocol import AsyncBackend, Backend, Entry
-from stampede_guard.metrics import Refresh
 
 __all__ = ["make_async", "make_sync"]
 
@@ -63,39 +69,68 @@ class _Cached(Generic[P, R]):
 
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
         key = self._keys(args, kwargs)
+        check_reentry(self._backend, key)
+        flights, context = self._flights, self._context
         if not self._local:  # a remote read: concurrent callers share it
-            value = self._flights.run(key, self._serve, args, kwargs, self._context)
+            value = flights.run(
+                key, args, kwargs, context, self._serve, self._join, self._take_over
+            )
         else:
-            value = first_look(key, self._backend.get(key), self._context)
+            value = first_look(key, self._backend.get(key), context)
             if value is MISS:
-                value = self._flights.run(key, self._miss, args, kwargs, self._context)
+                value = flights.run(
+                    key, args, kwargs, context, self._miss, self._join, self._take_over
+                )
         if value.__class__ is RefreshDue:
             return cast("R", self._refresh_due(key, value, args, kwargs))
         return cast("R", value)
 
-    def _serve(self, key: str, args: Args, kwargs: Kwargs) -> Served:
+    def _serve(
+        self, key: str, args: Args, kwargs: Kwargs, flight: Flight | None = None
+    ) -> Served:
         breaker = self._context.breaker
         if not breaker.allow():
-            return self._without_cache(key, None, args, kwargs)
+            return self._without_cache(key, None, args, kwargs, flight)
         try:
             found = self._backend.get(key)
         except BackendError as exc:
-            return self._without_cache(key, exc, args, kwargs)
+            return self._without_cache(key, exc, args, kwargs, flight)
         breaker.succeeded()
         value = first_look(key, found, self._context)
-        return (value, True) if value is not MISS else self._miss(key, args, kwargs)
+        if value is not MISS:
+            return value, Via.CACHE
+        return self._miss(key, args, kwargs, flight)
 
     def _without_cache(
-        self, key: str, error: BackendError | None, args: Args, kwargs: Kwargs
+        self,
+        key: str,
+        error: BackendError | None,
+        args: Args,
+        kwargs: Kwargs,
+        flight: Flight | None = None,
     ) -> Served:
         compute = functools.partial(self._fn, *args, **kwargs)
-        return run_sync(
-            without_cache(key, self._context, error), self._backend, compute
-        )
+        steps = without_cache(key, self._context, error, flight)
+        return run_sync(steps, self._backend, compute)
 
-    def _miss(self, key: str, args: Args, kwargs: Kwargs) -> Served:
+    def _miss(
+        self, key: str, args: Args, kwargs: Kwargs, flight: Flight | None = None
+    ) -> Served:
         compute = functools.partial(self._fn, *args, **kwargs)
-        return run_sync(plan(key, self._context), self._backend, compute)
+        return run_sync(plan(key, self._context, flight), self._backend, compute)
+
+    def _join(
+        self, key: str, args: Args, kwargs: Kwargs, flight: Flight
+    ) -> Served | GaveUp | None:
+        compute = functools.partial(self._fn, *args, **kwargs)
+        return run_sync(join(key, self._context, flight), self._backend, compute)
+
+    def _take_over(
+        self, key: str, args: Args, kwargs: Kwargs, flight: Flight, gave_up_on: Flight
+    ) -> Served:
+        compute = functools.partial(self._fn, *args, **kwargs)
+        steps = take_over(key, self._context, flight, gave_up_on)
+        return run_sync(steps, self._backend, compute)
 
     def _refresh_due(
         self, key: str, due: RefreshDue, args: Args, kwargs: Kwargs
@@ -112,10 +147,10 @@ class _Cached(Generic[P, R]):
             ).start()
             return stale_value(key, due, self._context)
         try:
-            value, kept = self._refresh(key, due, args, kwargs)
+            value, via = self._refresh(key, due, args, kwargs)
         finally:
             self._refreshing.release(key)
-        return stale_value(key, due, self._context) if kept else value
+        return stale_value(key, due, self._context) if via is Via.CACHE else value
 
     def _refresh(self, key: str, due: RefreshDue, args: Args, kwargs: Kwargs) -> Served:
         compute = functools.partial(self._fn, *args, **kwargs)
@@ -132,18 +167,19 @@ class _Cached(Generic[P, R]):
             self._refreshing.release(key)
 
     def invalidate(self, *args: P.args, **kwargs: P.kwargs) -> None:
-        self._backend.delete(self._keys(args, kwargs))
+        key = self._keys(args, kwargs)
+        self._backend.delete(key)
+        self._flights.forget(key)  # later callers must not join an older computation
 
     def cache_key(self, *args: P.args, **kwargs: P.kwargs) -> str:
         return self._keys(args, kwargs)
 
     def refresh(self, *args: P.args, **kwargs: P.kwargs) -> R:
         key = self._keys(args, kwargs)
-        context = self._context
-        context.emit(Refresh(key, "manual"))
+        check_reentry(self._backend, key)
         compute = functools.partial(self._fn, *args, **kwargs)
-        forced = plan(key, context, force=True, stale=self._backend.get(key))
-        value, _ = run_sync(forced, self._backend, compute)
+        value, _ = run_sync(refresh_now(key, self._context), self._backend, compute)
+        self._flights.forget(key)  # later callers must not join an older computation
         return cast("R", value)
 
     def get_cached(self, *args: P.args, **kwargs: P.kwargs) -> Entry | None:
@@ -182,42 +218,75 @@ class _AsyncCached(Generic[P, R]):
 
     async def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
         key = self._keys(args, kwargs)
+        check_reentry(self._backend, key)
         flights, context = self._flights, self._context
         if not self._local:  # a remote read: concurrent callers share it
-            value = await flights.run(key, self._serve, args, kwargs, context)
+            value = await flights.run(
+                key, args, kwargs, context, self._serve, self._join, self._take_over
+            )
         else:
             value = first_look(key, await self._backend.aget(key), context)
             if value is MISS:
-                value = await flights.run(key, self._miss, args, kwargs, context)
+                value = await flights.run(
+                    key, args, kwargs, context, self._miss, self._join, self._take_over
+                )
         if value.__class__ is RefreshDue:
             due = value
             return cast("R", await self._refresh_due(key, due, args, kwargs))
         return cast("R", value)
 
-    async def _serve(self, key: str, args: Args, kwargs: Kwargs) -> Served:
+    async def _serve(
+        self, key: str, args: Args, kwargs: Kwargs, flight: Flight | None = None
+    ) -> Served:
         breaker = self._context.breaker
         if not breaker.allow():
-            return await self._without_cache(key, None, args, kwargs)
+            return await self._without_cache(key, None, args, kwargs, flight)
         try:
             found = await self._backend.aget(key)
         except BackendError as exc:
-            return await self._without_cache(key, exc, args, kwargs)
+            return await self._without_cache(key, exc, args, kwargs, flight)
         breaker.succeeded()
         value = first_look(key, found, self._context)
         if value is not MISS:
-            return value, True
-        return await self._miss(key, args, kwargs)
+            return value, Via.CACHE
+        return await self._miss(key, args, kwargs, flight)
+
+    async def _run(self, steps: Any, args: Args, kwargs: Kwargs) -> Any:
+        compute = functools.partial(self._fn, *args, **kwargs)
+        return await run_async(steps, self._backend, compute, self._background)
 
     async def _without_cache(
-        self, key: str, error: BackendError | None, args: Args, kwargs: Kwargs
+        self,
+        key: str,
+        error: BackendError | None,
+        args: Args,
+        kwargs: Kwargs,
+        flight: Flight | None = None,
     ) -> Served:
-        compute = functools.partial(self._fn, *args, **kwargs)
-        plan_ = without_cache(key, self._context, error)
-        return await run_async(plan_, self._backend, compute)
+        steps = without_cache(key, self._context, error, flight)
+        served: Served = await self._run(steps, args, kwargs)
+        return served
 
-    async def _miss(self, key: str, args: Args, kwargs: Kwargs) -> Served:
-        compute = functools.partial(self._fn, *args, **kwargs)
-        return await run_async(plan(key, self._context), self._backend, compute)
+    async def _miss(
+        self, key: str, args: Args, kwargs: Kwargs, flight: Flight | None = None
+    ) -> Served:
+        served: Served = await self._run(plan(key, self._context, flight), args, kwargs)
+        return served
+
+    async def _join(
+        self, key: str, args: Args, kwargs: Kwargs, flight: Flight
+    ) -> Served | GaveUp | None:
+        joined: Served | GaveUp | None = await self._run(
+            join(key, self._context, flight), args, kwargs
+        )
+        return joined
+
+    async def _take_over(
+        self, key: str, args: Args, kwargs: Kwargs, flight: Flight, gave_up_on: Flight
+    ) -> Served:
+        steps = take_over(key, self._context, flight, gave_up_on)
+        served: Served = await self._run(steps, args, kwargs)
+        return served
 
     async def _refresh_due(
         self, key: str, due: RefreshDue, args: Args, kwargs: Kwargs
@@ -233,16 +302,16 @@ class _AsyncCached(Generic[P, R]):
             task.add_done_callback(self._background.discard)
             return stale_value(key, due, self._context)
         try:
-            value, kept = await self._refresh(key, due, args, kwargs)
+            value, via = await self._refresh(key, due, args, kwargs)
         finally:
             self._refreshing.release(key)
-        return stale_value(key, due, self._context) if kept else value
+        return stale_value(key, due, self._context) if via is Via.CACHE else value
 
     async def _refresh(
         self, key: str, due: RefreshDue, args: Args, kwargs: Kwargs
     ) -> Served:
-        compute = functools.partial(self._fn, *args, **kwargs)
-        return await run_async(refresh(key, due, self._context), self._backend, compute)
+        served: Served = await self._run(refresh(key, due, self._context), args, kwargs)
+        return served
 
     async def _refresh_in_background(
         self, key: str, due: RefreshDue, args: Args, kwargs: Kwargs
@@ -255,19 +324,18 @@ class _AsyncCached(Generic[P, R]):
             self._refreshing.release(key)
 
     async def invalidate(self, *args: P.args, **kwargs: P.kwargs) -> None:
-        await self._backend.adelete(self._keys(args, kwargs))
+        key = self._keys(args, kwargs)
+        await self._backend.adelete(key)
+        self._flights.forget(key)  # later callers must not join an older computation
 
     def cache_key(self, *args: P.args, **kwargs: P.kwargs) -> str:
         return self._keys(args, kwargs)
 
     async def refresh(self, *args: P.args, **kwargs: P.kwargs) -> R:
         key = self._keys(args, kwargs)
-        context = self._context
-        context.emit(Refresh(key, "manual"))
-        compute = functools.partial(self._fn, *args, **kwargs)
-        stale = await self._backend.aget(key)
-        forced = plan(key, context, force=True, stale=stale)
-        value, _ = await run_async(forced, self._backend, compute)
+        check_reentry(self._backend, key)
+        value, _ = await self._run(refresh_now(key, self._context), args, kwargs)
+        self._flights.forget(key)  # later callers must not join an older computation
         return cast("R", value)
 
     async def get_cached(self, *args: P.args, **kwargs: P.kwargs) -> Entry | None:

@@ -25,6 +25,8 @@ import time
 import uuid
 from collections.abc import Callable
 
+import pytest
+
 from stampede_guard.backends._protocol import Backend, Entry
 
 __all__ = ["BackendContract"]
@@ -55,6 +57,14 @@ def _eventually(condition: Callable[[], bool]) -> bool:
             return False
         time.sleep(0.01)
     return True
+
+
+def _ticket_of(claim: object) -> int:
+    """Return the ticket of a look, or skip: fencing is optional in the contract."""
+    ticket = getattr(claim, "ticket", None)
+    if ticket is None:
+        pytest.skip("the backend gives no tickets (Claim): its stores are not fenced")
+    return int(ticket)
 
 
 class BackendContract:
@@ -234,15 +244,80 @@ class BackendContract:
         assert backend.get(key) is None, "the late value must not overwrite the new one"
         assert backend.unlock(key, "token-b") is True
 
-    def test_delete_drops_the_value_but_not_the_lock(self, backend: Backend) -> None:
-        """`delete` removes the entry; a held lock stays held."""
+    def test_delete_drops_the_value_and_revokes_the_lock(
+        self, backend: Backend
+    ) -> None:
+        """`delete` removes the entry and revokes a held lock: the next caller takes it."""
         key = _key()
         assert backend.get_or_lock(key, "token-a", _LONG) == "token-a"
         backend.set(key, _entry("v"), _LONG)
         backend.delete(key)
         assert backend.get(key) is None
-        assert backend.get_or_lock(key, "token-b", _LONG) == "token-a"
-        assert backend.unlock(key, "token-a") is True
+        assert backend.get_or_lock(key, "token-b", _LONG) == "token-b"
+        assert backend.unlock(key, "token-a") is False, (
+            "the revoked holder frees nothing"
+        )
+        assert backend.unlock(key, "token-b") is True
+
+    def test_tickets_of_successive_looks_increase(self, backend: Backend) -> None:
+        """Each look's ticket is later than the one before, for the same key."""
+        key = _key()
+        first = _ticket_of(backend.get_or_lock(key, "token-a", _LONG))
+        second = _ticket_of(backend.lock(key, "token-b", _LONG))
+        third = _ticket_of(backend.get_or_lock(key, "token-c", _LONG))
+        assert first < second < third
+
+    def test_a_store_begun_before_delete_is_refused(self, backend: Backend) -> None:
+        """Invalidation is final: a computation that began before it stores nothing."""
+        key = _key()
+        claim = backend.get_or_lock(key, "token-a", _LONG)
+        ticket = _ticket_of(claim)
+        backend.delete(key)
+        stored = backend.set_and_unlock(
+            key, _entry("old"), _LONG, "token-a", ticket=ticket
+        )
+        assert stored is None
+        assert backend.get(key) is None
+        assert backend.set(key, _entry("old"), _LONG, ticket=ticket) is None
+        assert backend.get(key) is None
+        after = _ticket_of(backend.get_or_lock(key, "token-b", _LONG))
+        assert backend.set_and_unlock(
+            key, _entry("new"), _LONG, "token-b", ticket=after
+        ) == _entry("new")
+        assert backend.get(key) == _entry("new")
+
+    def test_an_older_computation_never_replaces_a_newer_value(
+        self, backend: Backend
+    ) -> None:
+        """A store whose computation began before the stored value's is refused."""
+        key = _key()
+        older = _ticket_of(backend.get_or_lock(key, "token-a", _SHORT))
+        assert _eventually(
+            lambda: backend.get_or_lock(key, "token-b", _LONG) == "token-b"
+        )
+        newer = _ticket_of(backend.lock(key, "token-b", _LONG))
+        assert backend.set_and_unlock(
+            key, _entry("new"), _LONG, "token-b", ticket=newer
+        ) == _entry("new")
+        assert (
+            backend.set_and_unlock(key, _entry("old"), _LONG, "token-a", ticket=older)
+            is None
+        )
+        assert backend.set(key, _entry("old"), _LONG, ticket=older) is None
+        assert backend.get(key) == _entry("new")
+
+    def test_a_refused_store_releases_its_own_lock(self, backend: Backend) -> None:
+        """A holder whose store is refused for its ticket still lets go of its lock."""
+        key = _key()
+        ticket = _ticket_of(backend.get_or_lock(key, "token-a", _LONG))
+        newer = _ticket_of(backend.lock(key, "token-x", _LONG))
+        backend.set(key, _entry("new"), _LONG, ticket=newer)
+        assert (
+            backend.set_and_unlock(key, _entry("old"), _LONG, "token-a", ticket=ticket)
+            is None
+        )
+        assert backend.get_or_lock(key, "token-b", _LONG) == _entry("new")
+        assert backend.unlock(key, "token-a") is False
 
     def test_delete_of_a_missing_key_does_nothing(self, backend: Backend) -> None:
         """`delete` of a key never stored raises nothing and leaves it missing."""

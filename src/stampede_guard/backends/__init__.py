@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from stampede_guard.backends._protocol import (
+    FENCE_SECONDS,
     RELEASED,
     AsyncBackend,
     AsyncNotifier,
     AsyncSubscription,
     Backend,
+    Claim,
     Entry,
     Notice,
     Notifier,
@@ -19,12 +21,14 @@ from stampede_guard.backends.redis import RedisBackend
 from stampede_guard.backends.redis_asyncio import AsyncRedisBackend
 
 __all__ = [
+    "FENCE_SECONDS",
     "RELEASED",
     "AsyncBackend",
     "AsyncNotifier",
     "AsyncRedisBackend",
     "AsyncSubscription",
     "Backend",
+    "Claim",
     "Entry",
     "MemoryBackend",
     "Notice",

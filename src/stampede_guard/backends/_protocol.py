@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import Final, Protocol, TypeAlias, runtime_checkable
+from typing import Final, Protocol, Self, TypeAlias, runtime_checkable
 
 __all__ = [
+    "FENCE_SECONDS",
     "RELEASED",
     "AsyncBackend",
     "AsyncNotifier",
     "AsyncSubscription",
     "Backend",
+    "Claim",
     "Entry",
     "Notice",
     "Notifier",
@@ -35,6 +37,33 @@ class Entry:
     compute_seconds: float
 
 
+# How long an invalidation fences out computations that began before it. A computation
+# that ran longer than this is never stored (the plan keeps it to its callers), so the
+# fence never has to outlive one.
+FENCE_SECONDS: Final = 24 * 3600.0
+
+
+class Claim(str):
+    """The token holding a key's lock, with the backend's *ticket* for the look.
+
+    A ticket is the backend's clock (in microseconds) when the look ran: a computation
+    that starts after the look is newer than every computation that started before it.
+    A store carries its computation's ticket, and a backend that fences refuses it when
+    the stored value began later or an invalidation came after it. A ``str``, so that a
+    backend written before tickets (returning the plain token) still serves: its stores
+    are simply not fenced by age.
+    """
+
+    __slots__ = ("ticket",)
+
+    ticket: int
+
+    def __new__(cls, holder: str, ticket: int) -> Self:
+        claim = super().__new__(cls, holder)
+        claim.ticket = ticket
+        return claim
+
+
 @runtime_checkable
 class Backend(Protocol):
     """A store for entries and per-key locks, shared by every caller that must coordinate.
@@ -42,6 +71,12 @@ class Backend(Protocol):
     Keys are the decorator's full cache keys; a backend maps them to its own storage.
     Locks are leases: *lock_ttl* bounds how long a dead holder blocks others, and a lock
     is only ever released by the caller holding its random *token*.
+
+    Fencing (optional but what makes `delete` final): `get_or_lock` and `lock` return a
+    `Claim` carrying a ticket, and the stores take the ticket of the look that preceded
+    their computation. A store is refused (returns None) when the stored value's ticket
+    is later, or when a `delete` came after the ticket. A `delete` is remembered for
+    `FENCE_SECONDS`; the plan never stores a computation that ran longer.
     Run `stampede_guard.testing.BackendContract` against an implementation to prove it.
     """
 
@@ -53,7 +88,8 @@ class Backend(Protocol):
 
         Without an entry, returns the token that holds the lock afterwards: *token* if
         this call took it (for *lock_ttl* seconds), the holder's own token otherwise,
-        so that waiters can tell when the lock has passed to a new holder.
+        so that waiters can tell when the lock has passed to a new holder. A fencing
+        backend returns it as a `Claim`.
         This must be atomic: it is the algorithm's "check again after locking" step, so
         a caller never takes the lock while a value is stored.
         """
@@ -65,21 +101,34 @@ class Backend(Protocol):
         refresh) under the same lock as a miss, so one caller at a time computes it.
         """
 
-    def set(self, key: str, entry: Entry, ttl: float) -> Entry:
+    def set(
+        self, key: str, entry: Entry, ttl: float, *, ticket: int | None = None
+    ) -> Entry | None:
         """Store *entry* for *ttl* seconds, replacing any previous one.
 
         Returns the entry as later reads will return it: a serializing backend returns
         the decoded copy, so the caller that computed gets what every other caller gets
         (with JSON, a tuple comes back as a list for everyone, not for all but one).
+        With a *ticket* (see `Claim`), returns None and stores nothing if the stored
+        value began later or the key was deleted after the ticket.
         """
 
-    def set_and_unlock(self, key: str, entry: Entry, ttl: float, token: str) -> Entry:
+    def set_and_unlock(
+        self,
+        key: str,
+        entry: Entry,
+        ttl: float,
+        token: str,
+        *,
+        ticket: int | None = None,
+    ) -> Entry | None:
         """Store *entry* as `set` does and release *token*'s lock: a fenced write.
 
         If another token holds the lock now (this caller's lease ran out and someone
         took over), nothing is stored and that lock is left alone: the new holder is
         computing a newer value. If the lock is free, the entry is stored. Returns
-        the entry as readers would decode it, stored or not.
+        the entry as readers would decode it, stored or not, except that a store
+        refused for its *ticket* (see `set`) returns None; the lock is released then.
         """
 
     def extend(self, key: str, token: str, lock_ttl: float) -> bool:
@@ -92,7 +141,12 @@ class Backend(Protocol):
         """Release the lock on *key* if *token* holds it; return whether it did."""
 
     def delete(self, key: str) -> None:
-        """Drop the entry for *key* (its lock, if any, is left alone)."""
+        """Invalidate *key*: drop its entry, revoke its lock, fence out older stores.
+
+        Final: once it returns, no computation that began before it (by ticket) can
+        store its value, and the next caller takes the lock at once. The release is
+        announced, so waiters look again instead of waiting for the revoked holder.
+        """
 
 
 @runtime_checkable
@@ -113,12 +167,20 @@ class AsyncBackend(Protocol):
     async def alock(self, key: str, token: str, lock_ttl: float) -> str:
         """See `Backend.lock`."""
 
-    async def aset(self, key: str, entry: Entry, ttl: float) -> Entry:
+    async def aset(
+        self, key: str, entry: Entry, ttl: float, *, ticket: int | None = None
+    ) -> Entry | None:
         """See `Backend.set`."""
 
     async def aset_and_unlock(
-        self, key: str, entry: Entry, ttl: float, token: str
-    ) -> Entry:
+        self,
+        key: str,
+        entry: Entry,
+        ttl: float,
+        token: str,
+        *,
+        ticket: int | None = None,
+    ) -> Entry | None:
         """See `Backend.set_and_unlock`."""
 
     async def aextend(self, key: str, token: str, lock_ttl: float) -> bool:

@@ -12,7 +12,12 @@ from typing import Any
 
 from stampede_guard._errors import SerializationError
 from stampede_guard.backends._kept import AsyncKeptConnections, KeptConnections
-from stampede_guard.backends._protocol import RELEASED, Entry, Notice
+from stampede_guard.backends._protocol import (
+    RELEASED,
+    Claim,
+    Entry,
+    Notice,
+)
 from stampede_guard.serializers import (
     MAGIC,
     Envelope,
@@ -23,6 +28,7 @@ from stampede_guard.serializers import (
 __all__ = [
     "EXTEND",
     "GET_OR_LOCK",
+    "INVALIDATE",
     "SET_AND_NOTIFY",
     "SET_AND_UNLOCK",
     "UNLOCK",
@@ -71,15 +77,57 @@ def milliseconds(seconds: float) -> int:
     return max(1, round(seconds * 1000))
 
 
+# Tickets order computations: a ticket is the server's clock, in microseconds, at the
+# look that preceded a computation (TIME inside the script, so one clock for every
+# client). The floor key (":f:") holds the ticket of the stored value, or the time of
+# the last invalidation; a store whose ticket is below it is refused, so an older value
+# never replaces a newer one and nothing computed before an invalidation is stored
+# after it. The floor lives as long as the value, or the invalidation's fence if longer
+# (a client never stores a computation that ran longer than the fence: see _plan).
+_FENCE = """
+local function fence(floor_key, ticket)
+    if ticket == '' then
+        return false, false
+    end
+    local floor = redis.call('GET', floor_key)
+    if not floor then
+        return false, false
+    end
+    return tonumber(floor) > tonumber(ticket), true
+end
+local function raise_floor(floor_key, ticket, ttl_ms, had_floor)
+    if ticket == '' then
+        return
+    end
+    local ms = tonumber(ttl_ms)
+    if had_floor then
+        local left = redis.call('PTTL', floor_key)
+        if left > ms then
+            ms = left
+        end
+    end
+    redis.call('SET', floor_key, ticket, 'PX', ms)
+end
+"""
+
+_NOW = """
+local function now_us()
+    local t = redis.call('TIME')
+    return t[1] * 1000000 + t[2]
+end
+"""
+
 # KEYS[1] value key, KEYS[2] lock key; ARGV[1] token, ARGV[2] lock ttl (ms),
 # ARGV[3] the envelope's magic prefix, ARGV[4] "1" to ignore the value.
-# Returns {1, value} if there is a value, else {0, token of the lock's holder}, having
-# taken the lock if it was free (then the holder is ARGV[1]).
+# Returns {1, value} if there is a value, else {0, token of the lock's holder, ticket},
+# having taken the lock if it was free (then the holder is ARGV[1]).
 # Checking the value and taking the lock in one step is the double-check of the
 # classic algorithm with no window between the two. Bytes that are not an envelope
 # at all (foreign or corrupt) count as no value, so they get recomputed and replaced.
 # SET ... NX GET (Redis 7) takes a free lock or reads its holder in one command.
-GET_OR_LOCK = """
+GET_OR_LOCK = (
+    _NOW
+    + """
 if ARGV[4] ~= '1' then
     local value = redis.call('GET', KEYS[1])
     if value and string.sub(value, 1, string.len(ARGV[3])) == ARGV[3] then
@@ -87,37 +135,85 @@ if ARGV[4] ~= '1' then
     end
 end
 local holder = redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2], 'GET')
-return {0, holder or ARGV[1]}
+return {0, holder or ARGV[1], now_us()}
 """
+)
 
-# KEYS[1] value key, KEYS[2] lock key; ARGV[1] payload, ARGV[2] ttl (ms), ARGV[3] token,
-# ARGV[4] notice channel.
-# A fenced write: the value is stored only if the lock is still ours, or free (our
-# lease ran out and nobody took it). If another caller holds the lock, it is computing
-# a newer value; ours must not overwrite it, and its lock must not be deleted. The
-# value is announced either way: it is correct, and waiting callers can use it now.
-# Returns 1 if stored, 0 if fenced off.
-SET_AND_UNLOCK = """
+# KEYS[1] value key, KEYS[2] lock key, KEYS[3] floor key; ARGV[1] payload, ARGV[2] ttl
+# (ms), ARGV[3] token, ARGV[4] notice channel, ARGV[5] ticket ('' for none).
+# A fenced write. Refused for its ticket (see above): nothing stored or announced, and
+# the lock, if still ours, released (announced as such). Otherwise the value is stored
+# if the lock is still ours, or free (our lease ran out and nobody took it). If another
+# caller holds the lock, it is computing a newer value; ours must not overwrite it, and
+# its lock must not be deleted. The value is announced either way: it is no older than
+# the stored one, and waiting callers can use it now.
+# Returns 1 if stored, 0 if fenced off by another holder, -1 if refused for its ticket.
+SET_AND_UNLOCK = (
+    _FENCE
+    + """
+local refused, had_floor = fence(KEYS[3], ARGV[5])
+if refused then
+    if redis.call('GET', KEYS[2]) == ARGV[3] then
+        redis.call('DEL', KEYS[2])
+        redis.call('PUBLISH', ARGV[4], '')
+    end
+    return -1
+end
 local holder = redis.call('GET', KEYS[2])
 if holder and holder ~= ARGV[3] then
     redis.call('PUBLISH', ARGV[4], ARGV[1])
     return 0
 end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+raise_floor(KEYS[3], ARGV[5], ARGV[2], had_floor)
 if holder then
     redis.call('DEL', KEYS[2])
 end
 redis.call('PUBLISH', ARGV[4], ARGV[1])
 return 1
 """
+)
 
-# KEYS[1] value key; ARGV[1] payload, ARGV[2] ttl (ms), ARGV[3] notice channel.
-# A store without the lock (a waiter that timed out), announced like any other.
-SET_AND_NOTIFY = """
+# KEYS[1] value key, KEYS[2] floor key; ARGV[1] payload, ARGV[2] ttl (ms), ARGV[3]
+# notice channel, ARGV[4] ticket ('' for none).
+# A store without the lock (a waiter that timed out, a refresh), announced like any
+# other, and refused like any other for its ticket. Returns 1 if stored, -1 if refused.
+SET_AND_NOTIFY = (
+    _FENCE
+    + """
+local refused, had_floor = fence(KEYS[2], ARGV[4])
+if refused then
+    return -1
+end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+raise_floor(KEYS[2], ARGV[4], ARGV[2], had_floor)
 redis.call('PUBLISH', ARGV[3], ARGV[1])
 return 1
 """
+)
+
+# KEYS[1] value key, KEYS[2] lock key, KEYS[3] floor key; ARGV[1] notice channel,
+# ARGV[2] fence (ms). Invalidation, final: drop the value, revoke the lock (its holder's
+# store will be refused, and the next caller need not wait for it), and raise the floor
+# to now for the length of the fence. A revoked lock is announced as released, so its
+# waiters look again at once. Returns 1 if a lock was revoked.
+INVALIDATE = (
+    _NOW
+    + """
+redis.call('DEL', KEYS[1])
+local revoked = redis.call('DEL', KEYS[2])
+local now = now_us()
+local floor = redis.call('GET', KEYS[3])
+if floor and tonumber(floor) > now then
+    now = tonumber(floor)
+end
+redis.call('SET', KEYS[3], string.format('%.0f', now), 'PX', ARGV[2])
+if revoked == 1 then
+    redis.call('PUBLISH', ARGV[1], '')
+end
+return revoked
+"""
+)
 
 # KEYS[1] lock key; ARGV[1] token, ARGV[2] lease (ms). Compare-and-extend: renews the
 # lease of a lock we still hold, never one that passed to somebody else.
@@ -148,10 +244,18 @@ class Scripts:
     Script objects work alike, sync or asyncio; their typing does not, hence Any.
     """
 
-    __slots__ = ("extend", "get_or_lock", "set_and_notify", "set_and_unlock", "unlock")
+    __slots__ = (
+        "extend",
+        "get_or_lock",
+        "invalidate",
+        "set_and_notify",
+        "set_and_unlock",
+        "unlock",
+    )
 
     def __init__(self, client: Any) -> None:
         self.get_or_lock: Any = client.register_script(GET_OR_LOCK)
+        self.invalidate: Any = client.register_script(INVALIDATE)
         self.set_and_unlock: Any = client.register_script(SET_AND_UNLOCK)
         self.set_and_notify: Any = client.register_script(SET_AND_NOTIFY)
         self.unlock: Any = client.register_script(UNLOCK)
@@ -160,6 +264,7 @@ class Scripts:
     def send_on(self, kept: KeptConnections | AsyncKeptConnections) -> None:
         """Call every script on *kept* connections instead of through the client."""
         self.get_or_lock = kept.script(self.get_or_lock)
+        self.invalidate = kept.script(self.invalidate)
         self.set_and_unlock = kept.script(self.set_and_unlock)
         self.set_and_notify = kept.script(self.set_and_notify)
         self.unlock = kept.script(self.unlock)
@@ -187,13 +292,18 @@ class RedisCodec:
         self.prefix = validate_prefix(prefix)
         self.serializer = check_serializer(serializer)
         self._envelope = Envelope(self.serializer)
-        self._names: dict[str, tuple[str, str, str]] = {}
+        self._names: dict[str, tuple[str, str, str, str]] = {}
 
-    def _names_of(self, key: str) -> tuple[str, str, str]:
+    def _names_of(self, key: str) -> tuple[str, str, str, str]:
         names = self._names.get(key)
         if names is None:
             head = f"{self.prefix}:{{{_tag(key)}}}:"
-            names = (f"{head}v:{key}", f"{head}l:{key}", f"{head}n:{key}")
+            names = (
+                f"{head}v:{key}",
+                f"{head}l:{key}",
+                f"{head}n:{key}",
+                f"{head}f:{key}",
+            )
             if len(self._names) >= self._NAMES_KEPT:
                 self._names.clear()
             self._names[key] = names
@@ -206,8 +316,25 @@ class RedisCodec:
         return self._names_of(key)[1]
 
     def both_keys(self, key: str) -> tuple[str, str]:
-        value, lock, _ = self._names_of(key)
+        value, lock, _, _ = self._names_of(key)
         return value, lock
+
+    def fenced_keys(self, key: str) -> tuple[str, str, str]:
+        """Return the value, lock and floor keys of *key* (see the scripts' tickets)."""
+        value, lock, _, floor = self._names_of(key)
+        return value, lock, floor
+
+    @staticmethod
+    def store_args(
+        payload: bytes, ttl: float, channel: str, ticket: int | None
+    ) -> tuple[bytes, int, str, str | int]:
+        """Return the SET_AND_NOTIFY arguments (SET_AND_UNLOCK adds the token after ttl)."""
+        return payload, milliseconds(ttl), channel, "" if ticket is None else ticket
+
+    @staticmethod
+    def stored(result: object) -> bool:
+        """Read a store script's reply: False if it refused the value for its ticket."""
+        return result != -1
 
     def channel(self, key: str) -> str:
         """Return the pub/sub channel announcing stores and releases of *key*."""
@@ -229,19 +356,19 @@ class RedisCodec:
     ) -> list[bytes | str | int]:
         return [token, milliseconds(lock_ttl), MAGIC, int(ignore_value)]
 
-    def claim(self, key: str, reply: Any) -> Entry | str | None:
+    def claim(self, key: str, reply: Any) -> Entry | Claim | None:
         """Read a GET_OR_LOCK reply: the entry, the holder's token, or None to ask again.
 
         None means the script returned an envelope that does not decode (another
         serializer's, a later version's, a damaged payload): the caller repeats the
         script with ``ignore_value=True``, and its result will replace the entry.
         """
-        has_value, found = reply
-        if has_value:
-            return self.decode(key, found)
+        if reply[0]:
+            return self.decode(key, reply[1])
+        _, found, ticket = reply
         # Time stands still inside a script, so a lock that SET NX found held still
         # has its holder for the GET; the empty fallback only keeps the types honest.
-        return found.decode() if isinstance(found, bytes) else ""
+        return Claim(found.decode() if isinstance(found, bytes) else "", int(ticket))
 
     def encode(self, key: str, entry: Entry) -> tuple[bytes, Entry]:
         """Return the bytes to store and the entry readers will decode from them.

@@ -9,7 +9,13 @@ import threading
 import time
 from collections.abc import Callable
 
-from stampede_guard.backends._protocol import RELEASED, Entry, Notice
+from stampede_guard.backends._protocol import (
+    FENCE_SECONDS,
+    RELEASED,
+    Claim,
+    Entry,
+    Notice,
+)
 
 __all__ = ["MemoryBackend"]
 
@@ -39,6 +45,10 @@ class MemoryBackend:
         self._mutex = threading.Lock()
         self._entries: dict[str, tuple[Entry, float]] = {}
         self._locks: dict[str, tuple[str, float]] = {}
+        # Per key, the ticket below which stores are refused (the stored value's, or
+        # an invalidation's), and until when that holds.
+        self._floors: dict[str, tuple[int, float]] = {}
+        self._last_ticket = 0
         self._sweep_at = self._MIN_SWEEP_SIZE
         self._listeners: dict[str, set[_Listener]] = {}
 
@@ -55,7 +65,7 @@ class MemoryBackend:
         with self._mutex:
             return self._live_entry(key, self._clock())
 
-    def get_or_lock(self, key: str, token: str, lock_ttl: float) -> Entry | str:
+    def get_or_lock(self, key: str, token: str, lock_ttl: float) -> Entry | Claim:
         """Return the entry for *key*, or the lock holder's token (taking a free lock)."""
         with self._mutex:
             now = self._clock()
@@ -64,36 +74,62 @@ class MemoryBackend:
                 return entry
             return self._take(key, token, lock_ttl, now)
 
-    def lock(self, key: str, token: str, lock_ttl: float) -> str:
+    def lock(self, key: str, token: str, lock_ttl: float) -> Claim:
         """Take the lock on *key* if it is free; return its holder's token."""
         with self._mutex:
             return self._take(key, token, lock_ttl, self._clock())
 
-    def _take(self, key: str, token: str, lock_ttl: float, now: float) -> str:
+    def _take(self, key: str, token: str, lock_ttl: float, now: float) -> Claim:
         held = self._locks.get(key)
-        if held is not None and held[1] > now:
-            return held[0]
-        self._locks[key] = (token, now + lock_ttl)
-        return token
+        if held is None or held[1] <= now:
+            self._locks[key] = held = (token, now + lock_ttl)
+        return Claim(held[0], self._ticket(now))
 
-    def set(self, key: str, entry: Entry, ttl: float) -> Entry:
-        """Store *entry* for *ttl* seconds; return it (the very object)."""
+    def _ticket(self, now: float) -> int:
+        # Microseconds of the monotonic clock, strictly increasing even when it stands
+        # still (a fake clock), so two looks are always ordered.
+        self._last_ticket = max(self._last_ticket + 1, int(now * 1e6))
+        return self._last_ticket
+
+    def set(
+        self, key: str, entry: Entry, ttl: float, *, ticket: int | None = None
+    ) -> Entry | None:
+        """Store *entry* for *ttl* seconds; return it (the very object), or None if fenced."""
         with self._mutex:
-            self._store(key, entry, ttl)
+            now = self._clock()
+            if self._fenced(key, ticket, now):
+                return None
+            self._store(key, entry, ttl, ticket, now)
             listeners = self._listeners.get(key)
         _announce(listeners, entry)
         return entry
 
-    def set_and_unlock(self, key: str, entry: Entry, ttl: float, token: str) -> Entry:
+    def set_and_unlock(
+        self,
+        key: str,
+        entry: Entry,
+        ttl: float,
+        token: str,
+        *,
+        ticket: int | None = None,
+    ) -> Entry | None:
         """Store *entry* and release the lock, unless another token holds it (fenced)."""
         with self._mutex:
-            held = self._locks.get(key)
-            if held is None or held[0] == token or held[1] <= self._clock():
-                self._store(key, entry, ttl)
-                self._release(key, token)
-            listeners = self._listeners.get(key)
-        _announce(listeners, entry)
-        return entry
+            now = self._clock()
+            if self._fenced(key, ticket, now):
+                # Refused: a newer value or an invalidation came after this computation
+                # began. Neither stored nor announced; the lock, if still ours, is let go.
+                released = self._release(key, token)
+                listeners = self._listeners.get(key) if released else None
+                notice: Notice = RELEASED
+            else:
+                held = self._locks.get(key)
+                if held is None or held[0] == token or held[1] <= now:
+                    self._store(key, entry, ttl, ticket, now)
+                    self._release(key, token)
+                listeners, notice = self._listeners.get(key), entry
+        _announce(listeners, notice)
+        return None if notice is RELEASED else entry
 
     def unlock(self, key: str, token: str) -> bool:
         """Release the lock on *key* if *token* holds it."""
@@ -138,9 +174,14 @@ class MemoryBackend:
                     del self._listeners[key]
 
     def delete(self, key: str) -> None:
-        """Drop the entry for *key*."""
+        """Invalidate *key*: drop its entry, revoke its lock, refuse older stores."""
         with self._mutex:
+            now = self._clock()
             self._entries.pop(key, None)
+            revoked = self._locks.pop(key, None)
+            self._floors[key] = (self._ticket(now), now + FENCE_SECONDS)
+            listeners = self._listeners.get(key) if revoked is not None else None
+        _announce(listeners, RELEASED)  # waiters look again rather than wait for it
 
     # The asyncio face: the same operations, which never wait on I/O.
 
@@ -148,23 +189,33 @@ class MemoryBackend:
         """See `get`."""
         return self.get(key)
 
-    async def aget_or_lock(self, key: str, token: str, lock_ttl: float) -> Entry | str:
+    async def aget_or_lock(
+        self, key: str, token: str, lock_ttl: float
+    ) -> Entry | Claim:
         """See `get_or_lock`."""
         return self.get_or_lock(key, token, lock_ttl)
 
-    async def alock(self, key: str, token: str, lock_ttl: float) -> str:
+    async def alock(self, key: str, token: str, lock_ttl: float) -> Claim:
         """See `lock`."""
         return self.lock(key, token, lock_ttl)
 
-    async def aset(self, key: str, entry: Entry, ttl: float) -> Entry:
+    async def aset(
+        self, key: str, entry: Entry, ttl: float, *, ticket: int | None = None
+    ) -> Entry | None:
         """See `set`."""
-        return self.set(key, entry, ttl)
+        return self.set(key, entry, ttl, ticket=ticket)
 
     async def aset_and_unlock(
-        self, key: str, entry: Entry, ttl: float, token: str
-    ) -> Entry:
+        self,
+        key: str,
+        entry: Entry,
+        ttl: float,
+        token: str,
+        *,
+        ticket: int | None = None,
+    ) -> Entry | None:
         """See `set_and_unlock`."""
-        return self.set_and_unlock(key, entry, ttl, token)
+        return self.set_and_unlock(key, entry, ttl, token, ticket=ticket)
 
     async def aextend(self, key: str, token: str, lock_ttl: float) -> bool:
         """See `extend`."""
@@ -183,6 +234,7 @@ class MemoryBackend:
         with self._mutex:
             self._entries.clear()
             self._locks.clear()
+            self._floors.clear()
 
     def _live_entry(self, key: str, now: float) -> Entry | None:
         stored = self._entries.get(key)
@@ -193,10 +245,25 @@ class MemoryBackend:
             return None
         return stored[0]
 
-    def _store(self, key: str, entry: Entry, ttl: float) -> None:
-        now = self._clock()
+    def _fenced(self, key: str, ticket: int | None, now: float) -> bool:
+        """Whether a store of a computation that began at *ticket* must be refused."""
+        if ticket is None:
+            return False
+        floor = self._floors.get(key)
+        # A later computation stored its value, or an invalidation came after ours.
+        return floor is not None and floor[1] > now and floor[0] > ticket
+
+    def _store(
+        self, key: str, entry: Entry, ttl: float, ticket: int | None, now: float
+    ) -> None:
+        if ticket is not None:
+            floor = self._floors.get(key)
+            # The floor lives as long as the value, or as long as an invalidation's
+            # fence still has to, whichever is longer.
+            until = now + ttl if floor is None else max(now + ttl, floor[1])
+            self._floors[key] = (ticket, until)
         self._entries[key] = (entry, now + ttl)
-        if len(self._entries) + len(self._locks) >= self._sweep_at:
+        if len(self._entries) + len(self._locks) + len(self._floors) >= self._sweep_at:
             self._sweep(now)
 
     def _release(self, key: str, token: str) -> bool:
@@ -211,9 +278,9 @@ class MemoryBackend:
     def _sweep(self, now: float) -> None:
         self._entries = {k: v for k, v in self._entries.items() if v[1] > now}
         self._locks = {k: v for k, v in self._locks.items() if v[1] > now}
-        self._sweep_at = max(
-            self._MIN_SWEEP_SIZE, 2 * (len(self._entries) + len(self._locks))
-        )
+        self._floors = {k: v for k, v in self._floors.items() if v[1] > now}
+        live = len(self._entries) + len(self._locks) + len(self._floors)
+        self._sweep_at = max(self._MIN_SWEEP_SIZE, 2 * live)
 
 
 class _Listener:

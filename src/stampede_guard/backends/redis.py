@@ -8,7 +8,7 @@ from typing import Any, cast
 from stampede_guard._errors import BackendError
 from stampede_guard.backends._kept import KeptConnections
 from stampede_guard.backends._listener import Listener
-from stampede_guard.backends._protocol import Entry, Subscription
+from stampede_guard.backends._protocol import FENCE_SECONDS, Claim, Entry, Subscription
 from stampede_guard.backends._redis_clients import (
     SyncClient,
     build_client,
@@ -224,7 +224,7 @@ class RedisBackend:
             raise BackendError(key, "get") from exc
         return self._codec.decode(key, cast("bytes | None", data))
 
-    def get_or_lock(self, key: str, token: str, lock_ttl: float) -> Entry | str:
+    def get_or_lock(self, key: str, token: str, lock_ttl: float) -> Entry | Claim:
         """Return the entry for *key* or the lock holder's token: one script call."""
         codec = self._codec
         keys = codec.both_keys(key)
@@ -238,36 +238,58 @@ class RedisBackend:
                 claim = codec.claim(key, self._scripts.get_or_lock(keys, args))
         except self._errors as exc:
             raise BackendError(key, "get_or_lock") from exc
-        return cast("Entry | str", claim)
+        return cast("Entry | Claim", claim)
 
-    def lock(self, key: str, token: str, lock_ttl: float) -> str:
+    def lock(self, key: str, token: str, lock_ttl: float) -> Claim:
         """Take the lock on *key* if it is free; return its holder: one script call."""
         args = self._codec.get_or_lock_args(token, lock_ttl, ignore_value=True)
         try:
             reply = self._scripts.get_or_lock(self._codec.both_keys(key), args)
         except self._errors as exc:
             raise BackendError(key, "lock") from exc
-        return cast("str", self._codec.claim(key, reply))
+        return cast("Claim", self._codec.claim(key, reply))
 
-    def set(self, key: str, entry: Entry, ttl: float) -> Entry:
-        """Store and announce *entry*: one script call. Return it as readers decode it."""
-        data, stored = self._codec.encode(key, entry)
-        args = (data, milliseconds(ttl), self._codec.channel(key))
+    def set(
+        self, key: str, entry: Entry, ttl: float, *, ticket: int | None = None
+    ) -> Entry | None:
+        """Store and announce *entry*: one script call. Return it as readers decode it.
+
+        Returns None, storing nothing, if *ticket* is fenced off (see `Backend.set`).
+        """
+        codec = self._codec
+        data, stored = codec.encode(key, entry)
+        value, _, floor = codec.fenced_keys(key)
+        args = codec.store_args(data, ttl, codec.channel(key), ticket)
         try:
-            self._scripts.set_and_notify((self._codec.value_key(key),), args)
+            result = self._scripts.set_and_notify((value, floor), args)
         except self._errors as exc:
             raise BackendError(key, "set") from exc
-        return stored
+        return stored if codec.stored(result) else None
 
-    def set_and_unlock(self, key: str, entry: Entry, ttl: float, token: str) -> Entry:
-        """Store *entry*, release *token*'s lock, announce the entry: one script call."""
-        data, stored = self._codec.encode(key, entry)
-        args = (data, milliseconds(ttl), token, self._codec.channel(key))
+    def set_and_unlock(
+        self,
+        key: str,
+        entry: Entry,
+        ttl: float,
+        token: str,
+        *,
+        ticket: int | None = None,
+    ) -> Entry | None:
+        """Store *entry*, release *token*'s lock, announce the entry: one script call.
+
+        Returns None if *ticket* is fenced off (see `Backend.set_and_unlock`).
+        """
+        codec = self._codec
+        data, stored = codec.encode(key, entry)
+        payload, ms, channel, fence = codec.store_args(
+            data, ttl, codec.channel(key), ticket
+        )
+        args = (payload, ms, token, channel, fence)
         try:
-            self._scripts.set_and_unlock(self._codec.both_keys(key), args)
+            result = self._scripts.set_and_unlock(codec.fenced_keys(key), args)
         except self._errors as exc:
             raise BackendError(key, "set_and_unlock") from exc
-        return stored
+        return stored if codec.stored(result) else None
 
     def unlock(self, key: str, token: str) -> bool:
         """Release (and announce) the lock on *key* if *token* holds it: one script."""
@@ -290,8 +312,10 @@ class RedisBackend:
         return self._listener.subscribe(key)
 
     def delete(self, key: str) -> None:
-        """Drop the entry for *key*: one ``DEL``."""
+        """Invalidate *key* (see `Backend.delete`): one script call."""
+        codec = self._codec
+        args = (codec.channel(key), milliseconds(FENCE_SECONDS))
         try:
-            self._client.delete(self._codec.value_key(key))
+            self._scripts.invalidate(codec.fenced_keys(key), args)
         except self._errors as exc:
             raise BackendError(key, "delete") from exc

@@ -10,7 +10,12 @@ from typing import Any, TypeAlias, cast
 from stampede_guard._errors import BackendError
 from stampede_guard.backends._kept import AsyncKeptConnections
 from stampede_guard.backends._listener import AsyncListener
-from stampede_guard.backends._protocol import AsyncSubscription, Entry
+from stampede_guard.backends._protocol import (
+    FENCE_SECONDS,
+    AsyncSubscription,
+    Claim,
+    Entry,
+)
 from stampede_guard.backends._redis_clients import (
     AsyncClient,
     build_client,
@@ -267,7 +272,9 @@ class AsyncRedisBackend:
             raise BackendError(key, "get") from exc
         return self._codec.decode(key, cast("bytes | None", data))
 
-    async def aget_or_lock(self, key: str, token: str, lock_ttl: float) -> Entry | str:
+    async def aget_or_lock(
+        self, key: str, token: str, lock_ttl: float
+    ) -> Entry | Claim:
         """Return the entry for *key* or the lock holder's token: one script call."""
         codec = self._codec
         keys = codec.both_keys(key)
@@ -284,9 +291,9 @@ class AsyncRedisBackend:
                 claim = codec.claim(key, await self._scripts.get_or_lock(keys, args))
         except self._errors as exc:
             raise BackendError(key, "get_or_lock") from exc
-        return cast("Entry | str", claim)
+        return cast("Entry | Claim", claim)
 
-    async def alock(self, key: str, token: str, lock_ttl: float) -> str:
+    async def alock(self, key: str, token: str, lock_ttl: float) -> Claim:
         """Take the lock on *key* if it is free; return its holder: one script call."""
         args = self._codec.get_or_lock_args(token, lock_ttl, ignore_value=True)
         try:
@@ -296,35 +303,55 @@ class AsyncRedisBackend:
             reply = await self._scripts.get_or_lock(self._codec.both_keys(key), args)
         except self._errors as exc:
             raise BackendError(key, "lock") from exc
-        return cast("str", self._codec.claim(key, reply))
+        return cast("Claim", self._codec.claim(key, reply))
 
-    async def aset(self, key: str, entry: Entry, ttl: float) -> Entry:
-        """Store and announce *entry*: one script call. Return it as readers decode it."""
-        data, stored = self._codec.encode(key, entry)
-        args = (data, milliseconds(ttl), self._codec.channel(key))
+    async def aset(
+        self, key: str, entry: Entry, ttl: float, *, ticket: int | None = None
+    ) -> Entry | None:
+        """Store and announce *entry*: one script call. Return it as readers decode it.
+
+        Returns None, storing nothing, if *ticket* is fenced off (see `Backend.set`).
+        """
+        codec = self._codec
+        data, stored = codec.encode(key, entry)
+        value, _, floor = codec.fenced_keys(key)
+        args = codec.store_args(data, ttl, codec.channel(key), ticket)
         try:
             self._bind()
             if not self._discovered:
                 await self._discover()
-            await self._scripts.set_and_notify((self._codec.value_key(key),), args)
+            result = await self._scripts.set_and_notify((value, floor), args)
         except self._errors as exc:
             raise BackendError(key, "set") from exc
-        return stored
+        return stored if codec.stored(result) else None
 
     async def aset_and_unlock(
-        self, key: str, entry: Entry, ttl: float, token: str
-    ) -> Entry:
-        """Store *entry*, release *token*'s lock, announce the entry: one script call."""
-        data, stored = self._codec.encode(key, entry)
-        args = (data, milliseconds(ttl), token, self._codec.channel(key))
+        self,
+        key: str,
+        entry: Entry,
+        ttl: float,
+        token: str,
+        *,
+        ticket: int | None = None,
+    ) -> Entry | None:
+        """Store *entry*, release *token*'s lock, announce the entry: one script call.
+
+        Returns None if *ticket* is fenced off (see `Backend.set_and_unlock`).
+        """
+        codec = self._codec
+        data, stored = codec.encode(key, entry)
+        payload, ms, channel, fence = codec.store_args(
+            data, ttl, codec.channel(key), ticket
+        )
+        args = (payload, ms, token, channel, fence)
         try:
             self._bind()
             if not self._discovered:
                 await self._discover()
-            await self._scripts.set_and_unlock(self._codec.both_keys(key), args)
+            result = await self._scripts.set_and_unlock(codec.fenced_keys(key), args)
         except self._errors as exc:
             raise BackendError(key, "set_and_unlock") from exc
-        return stored
+        return stored if codec.stored(result) else None
 
     async def aunlock(self, key: str, token: str) -> bool:
         """Release (and announce) the lock on *key* if *token* holds it: one script."""
@@ -354,11 +381,13 @@ class AsyncRedisBackend:
         return await self._listener.subscribe(key)
 
     async def adelete(self, key: str) -> None:
-        """Drop the entry for *key*: one ``DEL``."""
+        """Invalidate *key* (see `Backend.delete`): one script call."""
+        codec = self._codec
+        args = (codec.channel(key), milliseconds(FENCE_SECONDS))
         try:
             self._bind()
             if not self._discovered:
                 await self._discover()
-            await self._client.delete(self._codec.value_key(key))
+            await self._scripts.invalidate(codec.fenced_keys(key), args)
         except self._errors as exc:
             raise BackendError(key, "delete") from exc
