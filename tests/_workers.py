@@ -165,3 +165,19 @@ def compute_forever(url: str, prefix: str, started: Event) -> None:
         return "from-killed-leader"
 
     job()
+
+
+def compute_until_told(url: str, prefix: str, started: Event, go: Event) -> None:
+    """Take the lock on "doc" and compute "old" until *go*; report what the call got."""
+    backend = RedisBackend.from_url(url, prefix=prefix)
+    counter = redis.Redis.from_url(url)
+
+    @cached_stampede_safe(key="doc", backend=backend, lock_timeout=30, ttl=60)
+    def doc() -> str:
+        started.set()
+        go.wait(30)
+        return "old"
+
+    counter.set(f"{prefix}:child-got", doc())
+    backend.close()
+    counter.close()

@@ -10,7 +10,9 @@ from importlib.metadata import PackageNotFoundError, version
 from stampede_guard._decorator import cached_stampede_safe
 from stampede_guard._errors import (
     BackendError,
+    InterruptedComputationError,
     LockTimeoutError,
+    ReentrantCallError,
     SerializationError,
     StampedeGuardError,
 )
@@ -43,11 +45,13 @@ __all__ = [
     "BackendError",
     "CachedFunction",
     "Entry",
+    "InterruptedComputationError",
     "JsonSerializer",
     "LockTimeoutError",
     "MemoryBackend",
     "MetricsHook",
     "RedisBackend",
+    "ReentrantCallError",
     "SerializationError",
     "Serializer",
     "SignedPickleSerializer",
