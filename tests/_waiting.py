@@ -13,7 +13,7 @@ import asyncio
 import threading
 import time
 
-from stampede_guard.metrics import Event, LockWait, Miss
+from stampede_guard.metrics import Event, LockAcquired, LockWait, Miss
 
 __all__ = ["Waiting"]
 
@@ -26,12 +26,15 @@ class Waiting:
     def __init__(self) -> None:
         self._changed = threading.Condition()
         self.misses = 0
+        self.acquired = 0  # locks taken
         self.waits: list[LockWait] = []
 
     def __call__(self, event: Event, /) -> None:
         with self._changed:
             if isinstance(event, Miss):
                 self.misses += 1
+            elif isinstance(event, LockAcquired):
+                self.acquired += 1
             elif isinstance(event, LockWait):
                 self.waits.append(event)
             self._changed.notify_all()

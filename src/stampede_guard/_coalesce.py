@@ -32,7 +32,7 @@ from typing import Any, Final, TypeAlias
 
 from stampede_guard._context import Context, Served, Via
 from stampede_guard._errors import InterruptedComputationError
-from stampede_guard._plan import GAVE_UP, GaveUp
+from stampede_guard._plan import GaveUp
 from stampede_guard.metrics import Hit, LockWait, Miss
 
 __all__ = ["AsyncFlights", "Refreshing", "SyncFlights"]
@@ -205,10 +205,10 @@ class SyncFlights:
                     return self._lead(key, mine, None, lead, args, kwargs)
             started = ctx.clock()
             joined = join(key, args, kwargs, flight)
-            if joined is GAVE_UP:
+            if isinstance(joined, GaveUp):
                 mine = _Flight(ctx.clock())
                 if self._replace(key, flight, mine):
-                    serve = functools.partial(take_over, gave_up_on=flight)
+                    serve = functools.partial(take_over, gave_up=joined)
                     return self._lead(key, mine, flight, serve, args, kwargs)
                 continue  # another joiner took over first: join its flight instead
             if joined is not None:  # a look found the value: it serves everyone here
@@ -303,11 +303,11 @@ class AsyncFlights:
                 return value
             started = ctx.clock()
             joined = await join(key, args, kwargs, flight)
-            if joined is GAVE_UP:
+            if isinstance(joined, GaveUp):
                 if flights.get(key) is flight:  # one loop: nobody can come in between
                     mine = _AsyncFlight(loop, ctx.clock())
                     flights[key] = mine
-                    serve = functools.partial(take_over, gave_up_on=flight)
+                    serve = functools.partial(take_over, gave_up=joined)
                     return await self._lead(key, mine, flight, serve, args, kwargs)
                 continue
             if joined is not None:

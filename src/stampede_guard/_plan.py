@@ -39,10 +39,10 @@ takes the lock (without waiting) computes, everyone else keeps the stored value.
 
 from __future__ import annotations
 
-import enum
 import logging
 from collections.abc import Callable, Generator
-from typing import Any, Final, Protocol, cast
+from dataclasses import dataclass
+from typing import Any, Protocol, cast
 
 import tenacity
 from typing_extensions import override
@@ -81,7 +81,6 @@ from stampede_guard.metrics import (
 )
 
 __all__ = [
-    "GAVE_UP",
     "MISS",
     "Context",
     "Flight",
@@ -115,13 +114,15 @@ class _StillLockedError(Exception):
         self.ticket = ticket
 
 
-class GaveUp(enum.Enum):
-    """What `join` returns when its caller gave up and is to compute (`take_over`)."""
+@dataclass(frozen=True, slots=True)
+class GaveUp:
+    """What `join` returns when its caller gave up and is to serve itself (`take_over`).
 
-    GAVE_UP = "gave up"
+    *holder* is the lock token of the leader it gave up on, if that leader was
+    computing under the lock; None if the leader was still looking or waiting.
+    """
 
-
-GAVE_UP: Final = GaveUp.GAVE_UP
+    holder: str | None
 
 
 class Flight(Protocol):
@@ -250,27 +251,32 @@ def join(
 
     Returns None once the flight has an outcome (the caller takes it from there), the
     value if a look at the backend found one stored from anywhere (the flight's leader
-    may hang, or have lost its lease to another process), or `GAVE_UP` when
+    may hang, or have lost its lease to another process), or `GaveUp` when
     ``wait_timeout`` (or ``max_retries``) ran out and ``on_timeout="compute"``; with
     ``"raise"`` it raises `LockTimeoutError` instead. A local leader never holds its
     process's callers longer than a holder in another process would.
 
     While the leader looks or waits for another caller's lock, it is a waiter bound by
-    its own deadline, and its joiners simply wait with it. Once it computes, they wait
-    as for any holder: ``wait_timeout`` from then (or from their arrival, if later).
+    its own deadline, and its joiners wait with it, for ``wait_timeout`` at most. Once
+    it computes, they wait as for any holder: ``wait_timeout`` from then (or from
+    their arrival, if later).
     Before the leader's lease can have run out, only a store without the lock could
     put a value in the backend, so looks are rare: one per flight per half
     ``max_delay``, and one at once for a caller arriving after the lease ran out.
     """
     policy = ctx.policy
-    while flight.computing is None:
-        if (yield AwaitFlight(flight, policy.max_delay)):
-            return None
     arrived = ctx.clock()
-    deadline = _DeadlineStop(
-        ctx.clock, max(arrived, flight.computing) + policy.wait_timeout
-    )
-    lease_left = flight.computing + policy.lease_limit - arrived
+    patience = arrived + policy.wait_timeout
+    while flight.computing is None and ctx.clock() < patience:
+        seconds = min(policy.max_delay, patience - ctx.clock())
+        if (yield AwaitFlight(flight, seconds)):
+            return None
+    # A leader that never started computing within our patience (a hung read, a
+    # long wait of its own) is given up on as well: `take_over` then waits for
+    # whoever holds the lock, with patience afresh, as a waiter of its own.
+    computing = arrived if flight.computing is None else flight.computing
+    deadline = _DeadlineStop(ctx.clock, max(arrived, computing) + policy.wait_timeout)
+    lease_left = computing + policy.lease_limit - ctx.clock()
     first = min(policy.max_delay, max(0.0, lease_left))
     delays: list[float] = []
     try:
@@ -295,19 +301,22 @@ def join(
                 raise _StillLockedError(None)  # noqa: TRY301 - tenacity's way to retry
     except _StillLockedError:
         pass
-    return _joiner_gave_up(key, ctx, ctx.clock() - arrived)
+    holder = flight.holder if flight.computing is not None else None
+    return _joiner_gave_up(key, ctx, ctx.clock() - arrived, holder)
 
 
-def _joiner_gave_up(key: str, ctx: Context, waited: float) -> GaveUp:
-    """Step 5 for a joiner: report the timeout, then raise or let it compute."""
+def _joiner_gave_up(
+    key: str, ctx: Context, waited: float, holder: str | None
+) -> GaveUp:
+    """Step 5 for a joiner: report the timeout, then raise or let it serve itself."""
     ctx.emit(LockWait(key, waited, "timeout"))
     ctx.emit(Timeout(key, waited, ctx.policy.on_timeout))
     if ctx.policy.on_timeout == "raise":
         raise LockTimeoutError(key, waited) from None
-    return GAVE_UP
+    return GaveUp(holder)
 
 
-def take_over(key: str, ctx: Context, flight: Flight, gave_up_on: Flight) -> Plan:
+def take_over(key: str, ctx: Context, flight: Flight, gave_up: GaveUp) -> Plan:
     """Serve *key* for this process's callers that gave up on their local leader.
 
     One look, as after a miss: a value stored meanwhile is served; a free lock (the
@@ -317,7 +326,7 @@ def take_over(key: str, ctx: Context, flight: Flight, gave_up_on: Flight) -> Pla
     again: the value is computed without it, and stored with this look's ticket, so
     it replaces nothing newer. *flight* is the new flight this caller leads.
     """
-    return plan(key, ctx, flight, gave_up_on.holder)
+    return plan(key, ctx, flight, gave_up.holder)
 
 
 def _timed_out(

@@ -126,10 +126,10 @@ class _Cached(Generic[P, R]):
         return run_sync(join(key, self._context, flight), self._backend, compute)
 
     def _take_over(
-        self, key: str, args: Args, kwargs: Kwargs, flight: Flight, gave_up_on: Flight
+        self, key: str, args: Args, kwargs: Kwargs, flight: Flight, gave_up: GaveUp
     ) -> Served:
         compute = functools.partial(self._fn, *args, **kwargs)
-        steps = take_over(key, self._context, flight, gave_up_on)
+        steps = take_over(key, self._context, flight, gave_up)
         return run_sync(steps, self._backend, compute)
 
     def _refresh_due(
@@ -282,9 +282,9 @@ class _AsyncCached(Generic[P, R]):
         return joined
 
     async def _take_over(
-        self, key: str, args: Args, kwargs: Kwargs, flight: Flight, gave_up_on: Flight
+        self, key: str, args: Args, kwargs: Kwargs, flight: Flight, gave_up: GaveUp
     ) -> Served:
-        steps = take_over(key, self._context, flight, gave_up_on)
+        steps = take_over(key, self._context, flight, gave_up)
         served: Served = await self._run(steps, args, kwargs)
         return served
 
