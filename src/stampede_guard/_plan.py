@@ -266,11 +266,8 @@ def join(
     """
     policy = ctx.policy
     arrived = ctx.clock()
-    patience = arrived + policy.wait_timeout
-    while flight.computing is None and ctx.clock() < patience:
-        seconds = min(policy.max_delay, patience - ctx.clock())
-        if (yield AwaitFlight(flight, seconds)):
-            return None
+    if (yield from _until_computing(ctx, flight, arrived + policy.wait_timeout)):
+        return None
     # A leader that never started computing within our patience (a hung read, a
     # long wait of its own) is given up on as well: `take_over` then waits for
     # whoever holds the lock, with patience afresh, as a waiter of its own.
@@ -278,16 +275,21 @@ def join(
     deadline = _DeadlineStop(ctx.clock, max(arrived, computing) + policy.wait_timeout)
     lease_left = computing + policy.lease_limit - ctx.clock()
     first = min(policy.max_delay, max(0.0, lease_left))
+    # Most leaders finish within this first wait: it comes before tenacity is set up,
+    # which would cost each of a thousand joiners more than waking does.
+    if (yield AwaitFlight(flight, min(first, deadline.remaining()))):
+        return None
     delays: list[float] = []
     try:
         for attempt in _backoff(policy, deadline, delays):
-            delay = max(delays.pop(), policy.max_delay) if delays else first
-            if (yield AwaitFlight(flight, min(delay, deadline.remaining()))):
-                return None
+            if delays:
+                delay = max(delays.pop(), policy.max_delay)
+                if (yield AwaitFlight(flight, min(delay, deadline.remaining()))):
+                    return None
             now = ctx.clock()
             # A caller arriving after the leader's lease ran out looks at once: another
             # process may have stored the value long ago.
-            arrived_late = lease_left <= 0 and delay == first
+            arrived_late = lease_left <= 0 and attempt.retry_state.attempt_number == 1
             if arrived_late or now - flight.looked >= policy.max_delay / 2:
                 flight.looked = now
                 try:
@@ -303,6 +305,17 @@ def join(
         pass
     holder = flight.holder if flight.computing is not None else None
     return _joiner_gave_up(key, ctx, ctx.clock() - arrived, holder)
+
+
+def _until_computing(
+    ctx: Context, flight: Flight, patience: float
+) -> Generator[Op, Any, bool]:
+    """Wait with a leader that looks or waits itself; True once the flight has ended."""
+    while flight.computing is None and ctx.clock() < patience:
+        seconds = min(ctx.policy.max_delay, patience - ctx.clock())
+        if (yield AwaitFlight(flight, seconds)):
+            return True
+    return False
 
 
 def _joiner_gave_up(
