@@ -14,7 +14,7 @@ import os
 import shutil
 import signal
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,7 +30,7 @@ from _servers import (
     start_data_server,
     unavailable,
 )
-from stampede_guard import RedisBackend
+from stampede_guard import Backend, MemoryBackend, RedisBackend
 
 # A test that uses any of these fixtures needs a real server: it gets the `redis` marker.
 REDIS_FIXTURES = frozenset(
@@ -138,3 +138,24 @@ def own_server(tmp_path: Path) -> Iterator[Server]:
     if server.proc.poll() is None:
         os.kill(server.proc.pid, signal.SIGCONT)
         server.stop()
+
+
+@pytest.fixture(params=["memory", "redis"])
+def make_backend(request: pytest.FixtureRequest) -> Iterator[Callable[[], Backend]]:
+    """Make backends that share one store, one per simulated process: in memory, and
+    on the session's redis-server (each a `RedisBackend` with connections of its own)."""
+    if request.param == "memory":
+        shared = MemoryBackend()
+        yield lambda: shared
+        return
+    url = request.getfixturevalue("redis_url")
+    prefix = request.getfixturevalue("redis_prefix")
+    made: list[RedisBackend] = []
+
+    def make() -> RedisBackend:
+        made.append(RedisBackend.from_url(url, prefix=prefix))
+        return made[-1]
+
+    yield make
+    for backend in made:
+        backend.close()

@@ -12,7 +12,7 @@ import itertools
 import multiprocessing
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,26 +52,6 @@ class Gate:
     def wait(self) -> None:
         self.entered.set()
         assert self.open.wait(20), "the test never opened the gate"
-
-
-@pytest.fixture(params=["memory", "redis"])
-def make_backend(request: pytest.FixtureRequest) -> Iterator[Callable[[], Backend]]:
-    """Make backends that share one store: one per simulated process."""
-    if request.param == "memory":
-        shared = MemoryBackend()
-        yield lambda: shared
-        return
-    url = request.getfixturevalue("redis_url")
-    prefix = request.getfixturevalue("redis_prefix")
-    made: list[RedisBackend] = []
-
-    def make() -> RedisBackend:
-        made.append(RedisBackend.from_url(url, prefix=prefix))
-        return made[-1]
-
-    yield make
-    for backend in made:
-        backend.close()
 
 
 def background(call: Callable[[], object]) -> tuple[threading.Thread, list[object]]:

@@ -10,7 +10,7 @@ import asyncio
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -22,7 +22,6 @@ from stampede_guard import (
     InterruptedComputationError,
     LockTimeoutError,
     MemoryBackend,
-    RedisBackend,
     ReentrantCallError,
     cached_stampede_safe,
 )
@@ -43,26 +42,6 @@ class Hang:
     def __call__(self) -> None:
         self.started.set()
         self.freed.wait(HANG)
-
-
-@pytest.fixture(params=["memory", "redis"])
-def make_backend(request: pytest.FixtureRequest) -> Iterator[Callable[[], Backend]]:
-    """Make backends that share one store: one per simulated process."""
-    if request.param == "memory":
-        shared = MemoryBackend()
-        yield lambda: shared
-        return
-    url = request.getfixturevalue("redis_url")
-    prefix = request.getfixturevalue("redis_prefix")
-    made: list[RedisBackend] = []
-
-    def make() -> RedisBackend:
-        made.append(RedisBackend.from_url(url, prefix=prefix))
-        return made[-1]
-
-    yield make
-    for backend in made:
-        backend.close()
 
 
 def in_threads(n: int, call: Callable[[], object]) -> list[object]:

@@ -166,13 +166,22 @@ class _AsyncFlight:
     async def wait(self, seconds: float) -> bool:
         """Wait up to *seconds* for the outcome; return whether there is one."""
         if self.outcome is None:
+            # A bare future and a timer: asyncio.wait() would cost each of a thousand
+            # joiners three times as much when they all wake.
             joined = self.loop.create_future()
             self.waiting.add(joined)
+            timer = self.loop.call_later(seconds, _expire, joined)
             try:
-                await asyncio.wait((joined,), timeout=seconds)
+                await joined
             finally:
+                timer.cancel()
                 self.waiting.discard(joined)
         return self.outcome is not None
+
+
+def _expire(joined: asyncio.Future[None]) -> None:
+    if not joined.done():  # a cancelled joiner's future is done
+        joined.set_result(None)
 
 
 class SyncFlights:
@@ -232,15 +241,11 @@ class SyncFlights:
     ) -> object:
         try:
             value, via = serve(key, args, kwargs, mine)
-        except Exception as exc:
+        except BaseException as exc:
             # Forget the flight before releasing its joiners: later callers start
             # afresh (and find the value cached) instead of joining.
             self.forget(key, mine)
-            mine.finish(_Outcome.ERROR, error=exc)
-            raise
-        except BaseException as exc:
-            self.forget(key, mine)
-            mine.finish(_Outcome.INTERRUPTED, error=exc)
+            mine.finish(_ended_by(exc, caller_cancelled=False), error=exc)
             raise
         self.forget(key, mine)
         _share(mine, replaces, value, via)
@@ -331,23 +336,13 @@ class AsyncFlights:
     ) -> object:
         try:
             value, via = await serve(key, args, kwargs, mine)
-        except Exception as exc:
-            self.forget(key, mine)
-            mine.finish(_Outcome.ERROR, error=exc)
-            raise
-        except asyncio.CancelledError as exc:
-            self.forget(key, mine)
-            task = asyncio.current_task()
-            if task is not None and task.cancelling():
-                # This caller was cancelled; a computation it started goes on apart and
-                # holds the lock, so joiners starting afresh wait for it, not compute.
-                mine.finish(_Outcome.AGAIN)
-            else:  # the function itself raised CancelledError
-                mine.finish(_Outcome.INTERRUPTED, error=exc)
-            raise
         except BaseException as exc:
             self.forget(key, mine)
-            mine.finish(_Outcome.INTERRUPTED, error=exc)
+            task = asyncio.current_task()
+            cancelled = isinstance(exc, asyncio.CancelledError) and (
+                task is not None and task.cancelling() > 0
+            )
+            mine.finish(_ended_by(exc, caller_cancelled=cancelled), error=exc)
             raise
         self.forget(key, mine)
         _share(mine, replaces, value, via)
@@ -361,6 +356,17 @@ class AsyncFlights:
     def clear(self) -> None:
         """Forget every flight (in a forked child, their leaders do not exist)."""
         self._flights = {}
+
+
+def _ended_by(exc: BaseException, *, caller_cancelled: bool) -> _Outcome:
+    """How a flight whose leader raised *exc* ends for its joiners."""
+    if isinstance(exc, Exception):
+        return _Outcome.ERROR  # the function's own failure: shared, as a value is
+    if caller_cancelled:
+        # The leader's caller was cancelled; a computation it started goes on apart
+        # and holds the lock, so joiners starting afresh wait for it, not compute.
+        return _Outcome.AGAIN
+    return _Outcome.INTERRUPTED  # KeyboardInterrupt, SystemExit...: run once more
 
 
 def _share(

@@ -74,7 +74,9 @@ def run_sync(plan: Steps[T], backend: Backend, compute: Callable[[], object]) ->
 
 
 def _perform(op: Op, backend: Backend, compute: Callable[[], object]) -> object:  # noqa: C901
-    match op:
+    match op:  # the commonest first: every joiner of a thousand waits on its flight
+        case AwaitFlight(flight, seconds):
+            return cast("_Flight", flight).wait(seconds)
         case Get(key):
             return backend.get(key)
         case GetOrLock(key, token, lock_ttl):
@@ -112,8 +114,6 @@ def _perform(op: Op, backend: Backend, compute: Callable[[], object]) -> object:
                 time.sleep(seconds)
                 return None
             return cast("Subscription", subscription).wait(seconds)
-        case AwaitFlight(flight, seconds):
-            return cast("_Flight", flight).wait(seconds)
         case Unsubscribe(subscription):
             if subscription is not None:
                 cast("Subscription", subscription).close()
@@ -126,7 +126,8 @@ async def run_async(
     plan: Steps[T],
     backend: AsyncBackend,
     compute: Callable[[], Awaitable[object]],
-    background: set[asyncio.Task[Any]],
+    background: set[asyncio.Task[Any]] | None,
+    pending: Op | None = None,
 ) -> T:
     """Run *plan* to completion in this task and return its result.
 
@@ -134,18 +135,8 @@ async def run_async(
     releases its lock (see the shield below) and its waiters move on at once. A
     `Compute` marked *apart* runs, with the rest of the plan, in a task of its own,
     kept in *background* until it is done: cancelling this caller does not cancel it.
+    That task runs this same loop, from the *pending* `Compute`, with no *background*.
     """
-    return await _drive(plan, backend, compute, background, None)
-
-
-async def _drive(
-    plan: Steps[T],
-    backend: AsyncBackend,
-    compute: Callable[[], Awaitable[object]],
-    background: set[asyncio.Task[Any]] | None,
-    pending: Op | None,
-) -> T:
-    """Carry out *pending* (if any), then the plan's operations; return its result."""
     result: object = None
     error: BaseException | None = None
     while True:
@@ -183,7 +174,7 @@ async def _apart(
     """
     loop = asyncio.get_running_loop()
     started = loop.time()
-    rest = loop.create_task(_drive(plan, backend, compute, None, op))
+    rest = loop.create_task(run_async(plan, backend, compute, None, op))
     background.add(rest)
     rest.add_done_callback(background.discard)
     try:
@@ -218,7 +209,9 @@ def _report_orphan(key: str) -> Callable[[asyncio.Task[Any]], None]:
 async def _perform_async(  # noqa: C901
     op: Op, backend: AsyncBackend, compute: Callable[[], Awaitable[object]]
 ) -> object:
-    match op:
+    match op:  # the commonest first: every joiner of a thousand waits on its flight
+        case AwaitFlight(flight, seconds):
+            return await cast("_AsyncFlight", flight).wait(seconds)
         case Get(key):
             return await backend.aget(key)
         case GetOrLock(key, token, lock_ttl):
@@ -258,8 +251,6 @@ async def _perform_async(  # noqa: C901
                 await asyncio.sleep(seconds)
                 return None
             return await cast("AsyncSubscription", subscription).wait(seconds)
-        case AwaitFlight(flight, seconds):
-            return await cast("_AsyncFlight", flight).wait(seconds)
         case Unsubscribe(subscription):
             if subscription is not None:  # shielded, as Unlock
                 await asyncio.shield(cast("AsyncSubscription", subscription).close())

@@ -266,19 +266,22 @@ def join(
     """
     policy = ctx.policy
     arrived = ctx.clock()
-    if (yield from _until_computing(ctx, flight, arrived + policy.wait_timeout)):
+    if flight.computing is None and (
+        yield from _until_computing(ctx, flight, arrived + policy.wait_timeout)
+    ):
         return None
     # A leader that never started computing within our patience (a hung read, a
     # long wait of its own) is given up on as well: `take_over` then waits for
     # whoever holds the lock, with patience afresh, as a waiter of its own.
     computing = arrived if flight.computing is None else flight.computing
-    deadline = _DeadlineStop(ctx.clock, max(arrived, computing) + policy.wait_timeout)
+    give_up_at = max(arrived, computing) + policy.wait_timeout
     lease_left = computing + policy.lease_limit - ctx.clock()
     first = min(policy.max_delay, max(0.0, lease_left))
-    # Most leaders finish within this first wait: it comes before tenacity is set up,
-    # which would cost each of a thousand joiners more than waking does.
-    if (yield AwaitFlight(flight, min(first, deadline.remaining()))):
+    # Most leaders finish within this first wait: it comes before anything else is
+    # set up, since a thousand joiners wake one after another and each pays for it.
+    if (yield AwaitFlight(flight, max(0.0, min(first, give_up_at - ctx.clock())))):
         return None
+    deadline = _DeadlineStop(ctx.clock, give_up_at)
     delays: list[float] = []
     try:
         for attempt in _backoff(policy, deadline, delays):

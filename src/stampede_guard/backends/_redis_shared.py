@@ -324,12 +324,27 @@ class RedisCodec:
         value, lock, _, floor = self._names_of(key)
         return value, lock, floor
 
-    @staticmethod
-    def store_args(
-        payload: bytes, ttl: float, channel: str, ticket: int | None
-    ) -> tuple[bytes, int, str, str | int]:
-        """Return the SET_AND_NOTIFY arguments (SET_AND_UNLOCK adds the token after ttl)."""
-        return payload, milliseconds(ttl), channel, "" if ticket is None else ticket
+    def store(
+        self, key: str, entry: Entry, ttl: float, ticket: int | None
+    ) -> tuple[tuple[str, str], tuple[bytes, int, str, str | int], Entry]:
+        """Return SET_AND_NOTIFY's keys and arguments, and the entry readers will get."""
+        data, stored = self.encode(key, entry)
+        value, _, _, floor = self._names_of(key)
+        fence = "" if ticket is None else ticket
+        return (
+            (value, floor),
+            (data, milliseconds(ttl), self.channel(key), fence),
+            stored,
+        )
+
+    def store_and_unlock(
+        self, key: str, entry: Entry, ttl: float, token: str, ticket: int | None
+    ) -> tuple[tuple[str, str, str], tuple[bytes, int, str, str, str | int], Entry]:
+        """Return SET_AND_UNLOCK's keys and arguments, and the entry readers will get."""
+        data, stored = self.encode(key, entry)
+        fence = "" if ticket is None else ticket
+        args = (data, milliseconds(ttl), token, self.channel(key), fence)
+        return self.fenced_keys(key), args, stored
 
     @staticmethod
     def stored(result: object) -> bool:

@@ -256,15 +256,12 @@ class RedisBackend:
 
         Returns None, storing nothing, if *ticket* is fenced off (see `Backend.set`).
         """
-        codec = self._codec
-        data, stored = codec.encode(key, entry)
-        value, _, floor = codec.fenced_keys(key)
-        args = codec.store_args(data, ttl, codec.channel(key), ticket)
+        keys, args, stored = self._codec.store(key, entry, ttl, ticket)
         try:
-            result = self._scripts.set_and_notify((value, floor), args)
+            result = self._scripts.set_and_notify(keys, args)
         except self._errors as exc:
             raise BackendError(key, "set") from exc
-        return stored if codec.stored(result) else None
+        return stored if self._codec.stored(result) else None
 
     def set_and_unlock(
         self,
@@ -279,17 +276,14 @@ class RedisBackend:
 
         Returns None if *ticket* is fenced off (see `Backend.set_and_unlock`).
         """
-        codec = self._codec
-        data, stored = codec.encode(key, entry)
-        payload, ms, channel, fence = codec.store_args(
-            data, ttl, codec.channel(key), ticket
+        keys, args, stored = self._codec.store_and_unlock(
+            key, entry, ttl, token, ticket
         )
-        args = (payload, ms, token, channel, fence)
         try:
-            result = self._scripts.set_and_unlock(codec.fenced_keys(key), args)
+            result = self._scripts.set_and_unlock(keys, args)
         except self._errors as exc:
             raise BackendError(key, "set_and_unlock") from exc
-        return stored if codec.stored(result) else None
+        return stored if self._codec.stored(result) else None
 
     def unlock(self, key: str, token: str) -> bool:
         """Release (and announce) the lock on *key* if *token* holds it: one script."""
