@@ -32,7 +32,7 @@ from typing import Any, Final, TypeAlias
 
 from stampede_guard._context import Context, Served, Via
 from stampede_guard._errors import InterruptedComputationError
-from stampede_guard._plan import GaveUp
+from stampede_guard._plan import GaveUp, first_wait
 from stampede_guard.metrics import Hit, LockWait, Miss
 
 __all__ = ["AsyncFlights", "Refreshing", "SyncFlights"]
@@ -45,10 +45,11 @@ AsyncServe: TypeAlias = Callable[[str, Args, Kwargs, Any], Awaitable[Served]]
 # How callers that gave up on a flight serve: as Serve, and the flight given up on.
 TakeOver: TypeAlias = Callable[..., Served]
 AsyncTakeOver: TypeAlias = Callable[..., Awaitable[Served]]
-# How a joiner waits (runs the plan's `join`): None once the flight has an outcome.
-Join: TypeAlias = Callable[[str, Args, Kwargs, Any], Served | GaveUp | None]
+# How a joiner waits on after its first wait (runs the plan's `join`), given the
+# flight and when it arrived: None once the flight has an outcome.
+Join: TypeAlias = Callable[[str, Args, Kwargs, Any, float], Served | GaveUp | None]
 AsyncJoin: TypeAlias = Callable[
-    [str, Args, Kwargs, Any], Awaitable[Served | GaveUp | None]
+    [str, Args, Kwargs, Any, float], Awaitable[Served | GaveUp | None]
 ]
 
 
@@ -213,7 +214,10 @@ class SyncFlights:
                 if flight is mine:  # lead (inline: this is every remote hit's path)
                     return self._lead(key, mine, None, lead, args, kwargs)
             started = ctx.clock()
-            joined = join(key, args, kwargs, flight)
+            if flight.wait(first_wait(ctx, flight)):
+                joined = None
+            else:
+                joined = join(key, args, kwargs, flight, started)
             if isinstance(joined, GaveUp):
                 mine = _Flight(ctx.clock())
                 if self._replace(key, flight, mine):
@@ -307,9 +311,14 @@ class AsyncFlights:
                 value, _ = await lead(key, args, kwargs, None)
                 return value
             started = ctx.clock()
-            joined = await join(key, args, kwargs, flight)
+            if await flight.wait(first_wait(ctx, flight)):
+                joined = None
+            else:
+                joined = await join(key, args, kwargs, flight, started)
             if isinstance(joined, GaveUp):
-                if flights.get(key) is flight:  # one loop: nobody can come in between
+                # No task of this loop can come in between, and callers in other
+                # loops never replace a flight of this one.
+                if flights.get(key) is flight:
                     mine = _AsyncFlight(loop, ctx.clock())
                     flights[key] = mine
                     serve = functools.partial(take_over, gave_up=joined)

@@ -91,6 +91,7 @@ __all__ = [
     "Served",
     "Via",
     "first_look",
+    "first_wait",
     "join",
     "plan",
     "refresh",
@@ -244,17 +245,34 @@ def plan(
     return (yield from _lead(key, token, _ticket(claim), ctx, flight))
 
 
+def first_wait(ctx: Context, flight: Flight) -> float:
+    """Return how long a caller joining *flight* now first waits, doing nothing else.
+
+    Most flights end within it, and then that is all a joiner costs (a thousand of
+    them wake one after another, each paying for what it set up). Only a joiner still
+    waiting after it runs `join`. Up to ``max_delay``, and less: no longer than the
+    leader's lease has left (0 if it ran out: `join` then looks at once).
+    """
+    policy = ctx.policy
+    first = min(policy.max_delay, policy.wait_timeout)
+    if flight.computing is None:
+        return first
+    lease_left = flight.computing + policy.lease_limit - ctx.clock()
+    return min(first, max(0.0, lease_left))
+
+
 def join(
-    key: str, ctx: Context, flight: Flight
+    key: str, ctx: Context, flight: Flight, arrived: float
 ) -> Generator[Op, Any, Served | GaveUp | None]:
     """Wait, as a waiter waits for a lock, for *flight*: this process's call of *key*.
 
-    Returns None once the flight has an outcome (the caller takes it from there), the
-    value if a look at the backend found one stored from anywhere (the flight's leader
-    may hang, or have lost its lease to another process), or `GaveUp` when
-    ``wait_timeout`` (or ``max_retries``) ran out and ``on_timeout="compute"``; with
-    ``"raise"`` it raises `LockTimeoutError` instead. A local leader never holds its
-    process's callers longer than a holder in another process would.
+    For a caller that arrived at *arrived* and has waited `first_wait` since. Returns
+    None once the flight has an outcome (the caller takes it from there), the value if
+    a look at the backend found one stored from anywhere (the flight's leader may hang,
+    or have lost its lease to another process), or `GaveUp` when ``wait_timeout`` (or
+    ``max_retries``) ran out and ``on_timeout="compute"``; with ``"raise"`` it raises
+    `LockTimeoutError` instead. A local leader never holds its process's callers
+    longer than a holder in another process would.
 
     While the leader looks or waits for another caller's lock, it is a waiter bound by
     its own deadline, and its joiners wait with it, for ``wait_timeout`` at most. Once
@@ -265,7 +283,6 @@ def join(
     ``max_delay``, and one at once for a caller arriving after the lease ran out.
     """
     policy = ctx.policy
-    arrived = ctx.clock()
     if flight.computing is None and (
         yield from _until_computing(ctx, flight, arrived + policy.wait_timeout)
     ):
@@ -274,14 +291,8 @@ def join(
     # long wait of its own) is given up on as well: `take_over` then waits for
     # whoever holds the lock, with patience afresh, as a waiter of its own.
     computing = arrived if flight.computing is None else flight.computing
-    give_up_at = max(arrived, computing) + policy.wait_timeout
-    lease_left = computing + policy.lease_limit - ctx.clock()
-    first = min(policy.max_delay, max(0.0, lease_left))
-    # Most leaders finish within this first wait: it comes before anything else is
-    # set up, since a thousand joiners wake one after another and each pays for it.
-    if (yield AwaitFlight(flight, max(0.0, min(first, give_up_at - ctx.clock())))):
-        return None
-    deadline = _DeadlineStop(ctx.clock, give_up_at)
+    deadline = _DeadlineStop(ctx.clock, max(arrived, computing) + policy.wait_timeout)
+    late = computing + policy.lease_limit <= arrived  # its lease ran out before we came
     delays: list[float] = []
     try:
         for attempt in _backoff(policy, deadline, delays):
@@ -292,7 +303,7 @@ def join(
             now = ctx.clock()
             # A caller arriving after the leader's lease ran out looks at once: another
             # process may have stored the value long ago.
-            arrived_late = lease_left <= 0 and attempt.retry_state.attempt_number == 1
+            arrived_late = late and attempt.retry_state.attempt_number == 1
             if arrived_late or now - flight.looked >= policy.max_delay / 2:
                 flight.looked = now
                 try:

@@ -120,10 +120,11 @@ class _Cached(Generic[P, R]):
         return run_sync(plan(key, self._context, flight), self._backend, compute)
 
     def _join(
-        self, key: str, args: Args, kwargs: Kwargs, flight: Flight
+        self, key: str, args: Args, kwargs: Kwargs, flight: Flight, arrived: float
     ) -> Served | GaveUp | None:
         compute = functools.partial(self._fn, *args, **kwargs)
-        return run_sync(join(key, self._context, flight), self._backend, compute)
+        steps = join(key, self._context, flight, arrived)
+        return run_sync(steps, self._backend, compute)
 
     def _take_over(
         self, key: str, args: Args, kwargs: Kwargs, flight: Flight, gave_up: GaveUp
@@ -274,11 +275,10 @@ class _AsyncCached(Generic[P, R]):
         return served
 
     async def _join(
-        self, key: str, args: Args, kwargs: Kwargs, flight: Flight
+        self, key: str, args: Args, kwargs: Kwargs, flight: Flight, arrived: float
     ) -> Served | GaveUp | None:
-        joined: Served | GaveUp | None = await self._run(
-            join(key, self._context, flight), args, kwargs
-        )
+        steps = join(key, self._context, flight, arrived)
+        joined: Served | GaveUp | None = await self._run(steps, args, kwargs)
         return joined
 
     async def _take_over(
