@@ -23,6 +23,7 @@ from stampede_guard import (
     LockTimeoutError,
     MemoryBackend,
     ReentrantCallError,
+    StampedeStats,
     cached_stampede_safe,
 )
 
@@ -33,15 +34,16 @@ JOINERS = 6
 
 
 class Hang:
-    """A computation that hangs until the test frees it (or HANG runs out)."""
+    """A computation that hangs until the test frees it (or *cap* seconds run out)."""
 
-    def __init__(self) -> None:
+    def __init__(self, cap: float = HANG) -> None:
+        self.cap = cap
         self.started = threading.Event()
         self.freed = threading.Event()
 
     def __call__(self) -> None:
         self.started.set()
-        self.freed.wait(HANG)
+        self.freed.wait(self.cap)
 
 
 def in_threads(n: int, call: Callable[[], object]) -> list[object]:
@@ -166,6 +168,46 @@ def test_a_value_stored_elsewhere_serves_the_joiners_of_a_hung_leader(
     hang.freed.set()
     leader.join(10)
     assert here() == "from-elsewhere", "the late leader's older value was refused"
+
+
+def test_callers_arriving_after_a_hung_leaders_lease_look_at_once(
+    make_backend: Callable[[], Backend],
+) -> None:
+    """Nobody waited when another process stored: new callers look once and hit.
+
+    The leader hangs for 5 s at most; without that look they would be served only
+    when it ends (their periodic looks come every 15 s), after the leader's thread.
+    (On the memory backend a hit is read before any flight is joined.)
+    """
+    hang = Hang(cap=5)
+    calls = Counter[str]()
+
+    def compute() -> str:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            hang()
+            return "late"
+        return "from-elsewhere"
+
+    options: dict[str, Any] = {
+        "key": "k",
+        "lock_timeout": 0.3,
+        "wait_timeout": 60,
+        "base_delay": 0.02,
+        "max_delay": 30,  # a periodic look only every 15 s
+    }
+    here = cached_stampede_safe(backend=make_backend(), **options)(compute)
+    options["max_delay"] = 0.05  # the other process takes over soon after the lease
+    elsewhere = cached_stampede_safe(backend=make_backend(), **options)(compute)
+    leader = threading.Thread(target=here)
+    leader.start()
+    assert hang.started.wait(10)
+    assert elsewhere() == "from-elsewhere"
+    assert in_threads(3, here) == ["from-elsewhere"] * 3
+    assert leader.is_alive(), "served while the leader still hung"
+    assert calls["n"] == 2
+    hang.freed.set()
+    leader.join(10)
 
 
 @pytest.mark.parametrize("kind", ["memory", "redis"])
@@ -408,3 +450,37 @@ def test_a_computation_left_running_is_cancelled_when_its_lease_runs_out() -> No
         assert backend.get_or_lock("k", "probe", 1) == "probe"
 
     asyncio.run(scenario())
+
+
+def test_joiners_that_give_up_are_counted_once_each() -> None:
+    """StampedeStats: every caller is one request, a hung leader's joiners included."""
+    stats = StampedeStats()
+    hang = Hang()
+
+    @cached_stampede_safe(
+        key="k",
+        backend=MemoryBackend(),
+        metrics=stats,
+        lock_timeout=0.3,
+        wait_timeout=0.3,
+        on_timeout="raise",
+        base_delay=0.02,
+        max_delay=0.05,
+    )
+    def f() -> str:
+        hang()
+        return "v"
+
+    leader = threading.Thread(target=f)
+    leader.start()
+    assert hang.started.wait(10)
+    results = in_threads(JOINERS, f)
+    hang.freed.set()
+    leader.join(10)
+    snap = stats.snapshot()
+    assert [type(r) for r in results] == [LockTimeoutError] * JOINERS
+    assert (snap.requests, snap.timeouts, snap.computations) == (
+        JOINERS + 1,
+        JOINERS,
+        1,
+    )

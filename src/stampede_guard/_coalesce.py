@@ -76,6 +76,7 @@ class _Flight:
         "outcome",
         "value",
         "via",
+        "watched",
     )
 
     def __init__(self, now: float) -> None:
@@ -83,6 +84,7 @@ class _Flight:
         self._done.acquire()  # released once the flight has its outcome
         self._mutex = _thread.allocate_lock()
         self.looked = now
+        self.watched = False
         self.computing: float | None = None
         self.holder: str | None = None
         self.outcome: _Outcome | None = None
@@ -119,6 +121,10 @@ class _Flight:
             done.release()  # let the next joiner through
         return True
 
+    def outcome_known(self) -> bool:
+        """Whether the flight has its outcome."""
+        return self.outcome is not None
+
 
 class _AsyncFlight:
     """One call in progress, for one event loop's tasks."""
@@ -133,6 +139,7 @@ class _AsyncFlight:
         "value",
         "via",
         "waiting",
+        "watched",
     )
 
     def __init__(self, loop: asyncio.AbstractEventLoop, now: float) -> None:
@@ -140,6 +147,7 @@ class _AsyncFlight:
         # One future per waiting joiner: cancelling a joiner cancels its own only.
         self.waiting: set[asyncio.Future[None]] = set()
         self.looked = now
+        self.watched = False
         self.computing: float | None = None
         self.holder: str | None = None
         self.outcome: _Outcome | None = None
@@ -177,6 +185,10 @@ class _AsyncFlight:
             finally:
                 timer.cancel()
                 self.waiting.discard(joined)
+        return self.outcome is not None
+
+    def outcome_known(self) -> bool:
+        """Whether the flight has its outcome."""
         return self.outcome is not None
 
 

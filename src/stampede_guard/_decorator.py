@@ -179,15 +179,17 @@ def cached_stampede_safe(
         lock_timeout: Seconds the lock outlives a holder that died. Must exceed the
             computation time, or one more caller starts computing while the first
             still runs.
-        wait_timeout: Seconds a caller waits for another's computation before
-            *on_timeout* applies; counted afresh when the lock passes to a new holder.
+        wait_timeout: Seconds a caller waits for another's computation, in another
+            process or its own, before *on_timeout* applies; counted afresh when the
+            lock passes to a new holder.
             Defaults to *lock_timeout* (ten times it with *lock_renewal*).
         base_delay: First backoff delay, in seconds; each next one doubles.
         max_delay: Longest backoff delay, in seconds.
         max_retries: If given, a waiter also gives up after this many retries.
         on_timeout: What a waiter does when its wait runs out: ``"compute"`` the value
-            itself (and store it), or ``"raise"`` `LockTimeoutError`. A waiter with a
-            stale value at hand serves that instead.
+            itself (and store it, unless a newer value was stored), or ``"raise"``
+            `LockTimeoutError`. Callers waiting for another caller of their own
+            process give up the same way, and then compute once for the process.
         on_backend_error: When the backend fails (down, timing out): ``"compute"``
             serves the call without the cache (computed once per key per process at
             a time; a circuit breaker skips a backend that keeps failing for 5 s), or

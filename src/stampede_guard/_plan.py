@@ -130,8 +130,12 @@ class Flight(Protocol):
     """What the plan reads and marks of an in-process call (see `_coalesce`)."""
 
     looked: float  # when a joiner last looked at the backend for it (ctx.clock)
+    watched: bool  # whether a joiner is looking at the backend for the others
     computing: float | None  # when its leader began computing, None before
     holder: str | None  # the leader's lock token while it computes under the lock
+
+    def outcome_known(self) -> bool:
+        """Whether the call has ended (with a value, an error, or "start afresh")."""
 
 
 def first_look(key: str, found: Entry | None, ctx: Context) -> object:
@@ -250,15 +254,16 @@ def first_wait(ctx: Context, flight: Flight) -> float:
 
     Most flights end within it, and then that is all a joiner costs (a thousand of
     them wake one after another, each paying for what it set up). Only a joiner still
-    waiting after it runs `join`. Up to ``max_delay``, and less: no longer than the
-    leader's lease has left (0 if it ran out: `join` then looks at once).
+    waiting after it runs `join`. While the leader looks or waits for another caller's
+    lock, it is a waiter bound by its own deadline: its joiners wait with it, for
+    ``wait_timeout``. Once it computes: up to ``max_delay``, and no longer than its
+    lease has left (0 if it ran out: `join` then looks at once).
     """
     policy = ctx.policy
-    first = min(policy.max_delay, policy.wait_timeout)
     if flight.computing is None:
-        return first
+        return policy.wait_timeout
     lease_left = flight.computing + policy.lease_limit - ctx.clock()
-    return min(first, max(0.0, lease_left))
+    return min(policy.max_delay, policy.wait_timeout, max(0.0, lease_left))
 
 
 def join(
@@ -269,30 +274,49 @@ def join(
     For a caller that arrived at *arrived* and has waited `first_wait` since. Returns
     None once the flight has an outcome (the caller takes it from there), the value if
     a look at the backend found one stored from anywhere (the flight's leader may hang,
-    or have lost its lease to another process), or `GaveUp` when ``wait_timeout`` (or
-    ``max_retries``) ran out and ``on_timeout="compute"``; with ``"raise"`` it raises
-    `LockTimeoutError` instead. A local leader never holds its process's callers
-    longer than a holder in another process would.
+    or have lost its lease to another process), or `GaveUp` when ``wait_timeout`` ran
+    out and ``on_timeout="compute"``; with ``"raise"`` it raises `LockTimeoutError`
+    instead. A local leader never holds its process's callers longer than a holder in
+    another process would: ``wait_timeout`` from when it began computing (or from their
+    arrival, if later).
 
-    While the leader looks or waits for another caller's lock, it is a waiter bound by
-    its own deadline, and its joiners wait with it, for ``wait_timeout`` at most. Once
-    it computes, they wait as for any holder: ``wait_timeout`` from then (or from
-    their arrival, if later).
-    Before the leader's lease can have run out, only a store without the lock could
-    put a value in the backend, so looks are rare: one per flight per half
-    ``max_delay``, and one at once for a caller arriving after the lease ran out.
+    One joiner at a time (the watcher) looks at the backend, with the waiters' backoff
+    (and ``max_retries``); a value it finds ends the flight for all. The others sleep
+    until the flight ends or their patience does: a thousand joiners that polled would
+    starve their own leader of the GIL. A caller arriving after the leader's lease ran
+    out looks once at once: another process may have stored the value long ago.
     """
     policy = ctx.policy
-    if flight.computing is None and (
-        yield from _until_computing(ctx, flight, arrived + policy.wait_timeout)
-    ):
-        return None
-    # A leader that never started computing within our patience (a hung read, a
-    # long wait of its own) is given up on as well: `take_over` then waits for
-    # whoever holds the lock, with patience afresh, as a waiter of its own.
     computing = arrived if flight.computing is None else flight.computing
     deadline = _DeadlineStop(ctx.clock, max(arrived, computing) + policy.wait_timeout)
-    late = computing + policy.lease_limit <= arrived  # its lease ran out before we came
+    if computing + policy.lease_limit <= arrived:
+        found = yield from _look(key, ctx, flight, arrived)
+        if found is not None:
+            return found
+    if flight.watched:
+        if (yield AwaitFlight(flight, deadline.remaining())):
+            return None
+        return _joiner_gave_up(key, ctx, ctx.clock() - arrived, _holder(flight))
+    flight.watched = True
+    try:
+        served = yield from _watch(key, ctx, flight, arrived, deadline)
+    finally:
+        flight.watched = False
+    if served is not None or flight.outcome_known():
+        return served
+    return _joiner_gave_up(key, ctx, ctx.clock() - arrived, _holder(flight))
+
+
+def _watch(
+    key: str, ctx: Context, flight: Flight, arrived: float, deadline: _DeadlineStop
+) -> Generator[Op, Any, Served | None]:
+    """Run the watcher's rounds: wait up to a backoff delay, then look.
+
+    At most one look per half ``max_delay``. Returns the value found, or None when the
+    flight ended or the patience (or ``max_retries``) ran out: `Flight.outcome_known`
+    tells which.
+    """
+    policy = ctx.policy
     delays: list[float] = []
     try:
         for attempt in _backoff(policy, deadline, delays):
@@ -300,36 +324,35 @@ def join(
                 delay = max(delays.pop(), policy.max_delay)
                 if (yield AwaitFlight(flight, min(delay, deadline.remaining()))):
                     return None
-            now = ctx.clock()
-            # A caller arriving after the leader's lease ran out looks at once: another
-            # process may have stored the value long ago.
-            arrived_late = late and attempt.retry_state.attempt_number == 1
-            if arrived_late or now - flight.looked >= policy.max_delay / 2:
-                flight.looked = now
-                try:
-                    found = yield Get(key)
-                except BackendError:
-                    found = None  # the flight's leader meets the failure and handles it
+            if ctx.clock() - flight.looked >= policy.max_delay / 2:
+                found = yield from _look(key, ctx, flight, arrived)
                 if found is not None:
-                    ctx.emit(LockWait(key, ctx.clock() - arrived, "value"))
-                    return found.value, Via.CACHE
+                    return found
             with attempt:
                 raise _StillLockedError(None)  # noqa: TRY301 - tenacity's way to retry
     except _StillLockedError:
         pass
-    holder = flight.holder if flight.computing is not None else None
-    return _joiner_gave_up(key, ctx, ctx.clock() - arrived, holder)
+    return None
 
 
-def _until_computing(
-    ctx: Context, flight: Flight, patience: float
-) -> Generator[Op, Any, bool]:
-    """Wait with a leader that looks or waits itself; True once the flight has ended."""
-    while flight.computing is None and ctx.clock() < patience:
-        seconds = min(ctx.policy.max_delay, patience - ctx.clock())
-        if (yield AwaitFlight(flight, seconds)):
-            return True
-    return False
+def _look(
+    key: str, ctx: Context, flight: Flight, arrived: float
+) -> Generator[Op, Any, Served | None]:
+    """Look at the backend for a joiner: the value if stored from anywhere, else None."""
+    flight.looked = ctx.clock()
+    try:
+        found = yield Get(key)
+    except BackendError:
+        return None  # the flight's leader meets the failure and handles it
+    if found is None:
+        return None
+    ctx.emit(Miss(key))  # it waited, and a computation served it
+    ctx.emit(LockWait(key, ctx.clock() - arrived, "value"))
+    return found.value, Via.COMPUTED
+
+
+def _holder(flight: Flight) -> str | None:
+    return flight.holder if flight.computing is not None else None
 
 
 def _joiner_gave_up(
@@ -339,6 +362,7 @@ def _joiner_gave_up(
     ctx.emit(LockWait(key, waited, "timeout"))
     ctx.emit(Timeout(key, waited, ctx.policy.on_timeout))
     if ctx.policy.on_timeout == "raise":
+        ctx.emit(Miss(key))  # with "compute", `take_over` reports the hit or miss
         raise LockTimeoutError(key, waited) from None
     return GaveUp(holder)
 
@@ -370,8 +394,8 @@ def _timed_out(
     if policy.on_timeout == "raise":
         raise LockTimeoutError(key, waited) from None
     # Like nginx's proxy_cache_lock_timeout: serve this caller now. The value is
-    # stored too, unless the slow holder's (begun earlier) is stored first; then
-    # ours, begun later, replaces it. The ticket of the last look orders the two.
+    # stored too, with the ticket of our last look, so the slow holder's value (begun
+    # earlier) can no longer replace it, and it replaces the holder's if that came first.
     entry = yield from _compute(key, ctx, flight=flight)
     return (yield from _store(key, entry, ticket, ctx))
 
