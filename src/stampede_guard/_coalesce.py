@@ -3,10 +3,10 @@
 Only the first caller of a key in this process (per event loop, for asyncio) leads: it
 runs the plan and so talks to the backend. Callers arriving meanwhile join its flight
 and wait in memory, but as waiters, not as hostages: the plan's `join` gives each its
-own deadline (``wait_timeout``, ``max_retries``, ``on_timeout``) and lets it look at
-the backend now and then, so a leader that hangs never holds its process's callers
-longer than a leader in another process would, and a value stored from anywhere
-serves them. Joiners that give up and compute do it once per process at a time: the
+own deadline (``wait_timeout``, ``on_timeout``), and one of them at a time looks at
+the backend now and then for all, so a leader that hangs never holds its process's
+callers longer than a leader in another process would, and a value stored from
+anywhere serves them. Joiners that give up and compute do it once per process at a time: the
 first replaces the flight it gave up on and the others join the replacement.
 
 A flight ends with one outcome, which its joiners share: a value, the function's
