@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pickle
 import secrets
+import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -102,3 +104,41 @@ def test_rotated_secret_still_reads_old_entries() -> None:
     assert SignedPickleSerializer(new, previous=(old,)).loads(data) == {"a": 1}
     with pytest.raises(ValueError, match="signature"):
         SignedPickleSerializer(new).loads(data)
+
+
+def test_a_pickle_of_a_class_that_is_gone_reads_as_a_miss_and_is_replaced(
+    redis_url: str, redis_prefix: str, redis_client: redis.Redis
+) -> None:
+    """A signed entry whose class no longer imports is a poison entry: a miss, replaced."""
+    gone = types.ModuleType("stampede_guard_gone_module")
+
+    class Old:
+        pass
+
+    Old.__module__ = gone.__name__
+    Old.__qualname__ = "Old"
+    gone.Old = Old  # type: ignore[attr-defined]
+    sys.modules[gone.__name__] = gone
+    backend = RedisBackend.from_url(
+        redis_url, prefix=redis_prefix, serializer=SignedPickleSerializer(SECRET)
+    )
+    calls = [0]
+
+    @cached_stampede_safe(key="profile", backend=backend)
+    def profile() -> object:
+        calls[0] += 1
+        return Old() if calls[0] == 1 else {"fresh": True}
+
+    try:
+        assert isinstance(profile(), Old)
+    finally:
+        del sys.modules[gone.__name__]  # the class's module is gone, as after a deploy
+    try:
+        assert profile() == {"fresh": True}
+        assert profile() == {"fresh": True}
+        assert calls[0] == 2, "recomputed once, then a hit"
+        entry = profile.get_cached()
+        assert entry is not None
+        assert entry.value == {"fresh": True}
+    finally:
+        backend.close()

@@ -298,8 +298,17 @@ _TIMES = struct.pack("!dd", 1.0, 2.0)
         b"SG\x01\x06pickle" + _TIMES + b"\x80\x04N.",
         b"SG\x01\x04json" + _TIMES + b"{not json",
         b"SG\x01\x04json" + b"\x00" * 3,
+        b"SG\x01\x04json" + _TIMES + b"[" * 100_000 + b"]" * 100_000,
     ],
-    ids=["garbage", "empty", "truncated", "other-serializer", "bad-json", "bad-length"],
+    ids=[
+        "garbage",
+        "empty",
+        "truncated",
+        "other-serializer",
+        "bad-json",
+        "bad-length",
+        "json-nested-100k-deep",
+    ],
 )
 def test_corrupt_value_reads_as_a_miss_and_is_overwritten(
     redis_backend: RedisBackend,

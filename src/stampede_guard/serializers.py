@@ -155,7 +155,8 @@ class Envelope:
 
         Raises:
             ValueError: The bytes are not such an envelope (corrupt, foreign, another
-                serializer's or a future version's); callers treat them as a miss.
+                serializer's or a future version's), or its payload makes the
+                serializer raise anything at all; callers treat them as a miss.
         """
         # One prefix check covers the magic, the version and the serializer.
         if not data.startswith(self._prefix) or len(data) < self._start:
@@ -163,8 +164,15 @@ class Envelope:
         created_at, compute_seconds = _HEADER.unpack_from(data, len(self._prefix))
         try:
             value = self.serializer.loads(data[self._start :])
-        except (ValueError, TypeError) as exc:
-            msg = f"payload does not decode with the {self.serializer.name} serializer"
+        except Exception as exc:
+            # Whatever the payload makes the serializer raise (a RecursionError from
+            # JSON nested 100,000 deep, a ModuleNotFoundError from a pickle of a class
+            # that is gone) is a poison entry: a miss, recomputed and replaced. Only
+            # the exception's type is told: its message may quote the bytes.
+            msg = (
+                f"payload does not decode with the {self.serializer.name} serializer "
+                f"({type(exc).__name__})"
+            )
             raise ValueError(msg) from exc
         return Entry(value, created_at, compute_seconds)
 
