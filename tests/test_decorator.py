@@ -401,3 +401,14 @@ def test_lease_shorter_than_the_computation_costs_two_computations_not_one_per_w
         t.join(15)
     assert results == ["v"] * 20
     assert computations == 2
+
+
+@pytest.mark.parametrize("option", ["ttl", "lock_timeout", "wait_timeout", "stale_ttl"])
+def test_a_duration_no_backend_can_hold_is_refused_at_decoration(option: str) -> None:
+    """1e16 s overflowed Redis's expiry, so every store failed: refused, naming the limit."""
+    century = 100 * 365 * 24 * 3600
+    with pytest.raises(
+        ValueError, match=rf"{option}=1e\+16 is out of range.*100 years"
+    ):
+        cached_stampede_safe(**{"ttl": century, option: 1e16})  # type: ignore[call-overload]
+    cached_stampede_safe(**{"ttl": century, option: century})  # type: ignore[call-overload]

@@ -97,6 +97,8 @@ class KeyMaker:
     def __call__(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> str:
         """Return the cache key for a call with *args* and *kwargs*."""
         key = self._make(args, kwargs)
+        if not key.isascii():  # rare, so the check is almost free
+            _check_encodable(key, self._function_id)
         return key if len(key) <= MAX_KEY_LENGTH else _shorten(key)
 
     def _make(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> str:
@@ -122,6 +124,19 @@ class KeyMaker:
         )
         # Stable across processes and runs, unlike the salted builtin hash().
         return hashlib.blake2b(encoded, digest_size=16).hexdigest()
+
+
+def _check_encodable(key: str, function_id: str) -> None:
+    """Refuse a key that no backend byte string can carry (a lone surrogate)."""
+    try:
+        key.encode()
+    except UnicodeEncodeError as exc:
+        msg = (
+            f"the cache key {key!r} of {function_id} is not valid Unicode text "
+            f"({exc.reason} at position {exc.start}); pass arguments that are, or "
+            "give key= a callable that cleans them"
+        )
+        raise ValueError(msg) from None
 
 
 # Keys longer than this (a template filled with a long argument) are shortened to a

@@ -172,12 +172,21 @@ def _on_cancel(value: object) -> OnCancel:
     raise ValueError(msg)
 
 
+# The longest duration any option takes: a hundred years. Every backend holds it
+# (Redis's PX takes up to 2**63 ms, about 292 million years, minus the clock); a
+# larger one, such as 1e16, overflowed Redis's expiry and every store failed.
+MAX_SECONDS = 100 * 365 * 24 * 3600
+
+
 def _seconds(name: str, value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         msg = f"{name} must be a number of seconds, not {type(value).__qualname__}"
         raise TypeError(msg)
-    if not math.isfinite(value) or value < 0.001:  # noqa: PLR2004
-        msg = f"{name}={value!r} is out of range: give a finite number of seconds, at least 0.001"
+    if not math.isfinite(value) or not 0.001 <= value <= MAX_SECONDS:  # noqa: PLR2004
+        msg = (
+            f"{name}={value!r} is out of range: give a finite number of seconds, at "
+            f"least 0.001 and at most {MAX_SECONDS:,} (100 years)"
+        )
         raise ValueError(msg)
     return float(value)
 
