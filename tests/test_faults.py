@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import multiprocessing
 import os
 import signal
@@ -272,3 +273,32 @@ def test_an_acl_user_with_a_password_works(own_server: Server) -> None:
     assert admin.exists(backend._codec.value_key("k:1")) == 1
     backend.close()
     admin.close()
+
+
+def test_a_backend_failure_says_why_and_where(
+    own_server: Server, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The log line and BackendError name the client's error and the server's address."""
+    backend = RedisBackend.from_url(own_server.url, socket_timeout=0.2)
+    port = own_server.port
+    own_server.stop()
+
+    @cached_stampede_safe(key="w:{city}", backend=backend)
+    def weather(city: str) -> str:
+        return city
+
+    @cached_stampede_safe(key="w:{city}", backend=backend, on_backend_error="raise")
+    def strict(city: str) -> str:
+        return city
+
+    try:
+        with caplog.at_level(logging.WARNING, logger="stampede_guard"):
+            assert weather("oslo") == "oslo"
+        assert "ConnectionError" in caplog.text
+        assert f"127.0.0.1:{port}" in caplog.text
+        with pytest.raises(BackendError) as raised:
+            strict("oslo")
+        assert f"127.0.0.1:{port}" in str(raised.value)
+        assert "ConnectionError" in str(raised.value)
+    finally:
+        backend.close()

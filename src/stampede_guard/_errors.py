@@ -48,12 +48,25 @@ class LockTimeoutError(StampedeGuardError, TimeoutError):
 
 
 class BackendError(StampedeGuardError):
-    """The cache backend failed while handling *key*; ``__cause__`` holds the original."""
+    """The cache backend failed while handling *key*; ``__cause__`` holds the original.
+
+    Its message names the cause (the client's exception type and message, which for
+    a connection names the server's host and port, never a password), so a log line
+    says why without a traceback.
+    """
 
     def __init__(self, key: str, operation: str) -> None:
         self.key = key
         self.operation = operation
         super().__init__(f"cache backend failed during {operation} of key {key!r}")
+
+    def __str__(self) -> str:
+        # Read when shown, since `raise ... from` sets the cause after __init__.
+        message = super().__str__()
+        cause = self.__cause__
+        if cause is None:
+            return message
+        return f"{message}: {type(cause).__name__}: {cause}"
 
 
 class SerializationError(StampedeGuardError):
