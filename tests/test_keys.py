@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import enum
+import functools
 import subprocess
 import sys
 import textwrap
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -282,3 +285,53 @@ def test_a_key_with_a_lone_surrogate_is_a_value_error_alike_on_every_backend(
     finally:
         if isinstance(backend, RedisBackend):
             backend.close()
+
+
+def test_partials_of_one_function_never_share_a_default_key() -> None:
+    """partial(price, rate=0.8) and partial(price, rate=0.9) keep their own values."""
+    backend = MemoryBackend()
+
+    def price(amount: float, rate: float) -> float:
+        return amount * rate
+
+    gbp = cached_stampede_safe(backend=backend)(functools.partial(price, rate=0.8))
+    eur = cached_stampede_safe(backend=backend)(functools.partial(price, rate=0.9))
+    assert eur(100) == 90.0
+    assert gbp(100) == 80.0
+    assert gbp.cache_key(100) != eur.cache_key(100)
+
+
+def test_a_callable_object_needs_a_key_or_a_namespace() -> None:
+    """Its instances have no stable identity: TypeError naming key= and namespace=."""
+
+    class Rate:
+        def __init__(self, rate: float) -> None:
+            self.rate = rate
+
+        def __call__(self, amount: float) -> float:
+            return amount * self.rate
+
+    backend = MemoryBackend()
+    with pytest.raises(TypeError, match=r"Rate default cache keys.*key=.*namespace="):
+        cached_stampede_safe(backend=backend)(Rate(0.8))
+    gbp = cached_stampede_safe(backend=backend, namespace="gbp")(Rate(0.8))
+    eur = cached_stampede_safe(backend=backend, key="eur:{amount}")(Rate(0.9))
+    assert (gbp(100), eur(100)) == (80.0, 90.0)
+
+
+def test_an_async_callable_object_is_awaited_and_a_generator_one_refused() -> None:
+    """A callable object is judged by its __call__: async is awaited, a generator refused."""
+
+    class Double:
+        async def __call__(self, x: int) -> int:
+            await asyncio.sleep(0)
+            return 2 * x
+
+    class Numbers:
+        def __call__(self) -> Iterator[int]:
+            yield 1
+
+    double = cached_stampede_safe(backend=MemoryBackend(), key="d:{x}")(Double())
+    assert asyncio.run(double(4)) == 8
+    with pytest.raises(TypeError, match="generator"):
+        cached_stampede_safe(backend=MemoryBackend(), key="n")(Numbers())

@@ -6,6 +6,7 @@ import dataclasses
 import datetime as dt
 import decimal
 import enum
+import functools
 import hashlib
 import inspect
 import pathlib
@@ -80,7 +81,7 @@ class KeyMaker:
         self._positional: str | None = None
         self._arity = len(signature.parameters)
         self._key_fn: Callable[..., str] | None = None
-        self._function_id = f"{_module_of(fn)}:{fn.__qualname__}"
+        self._function_id = _function_id(fn, default_key=key is None and not namespace)
         params = list(signature.parameters)
         # A method's receiver is left out of default keys, as dogpile.cache does:
         # instances share entries unless the key names an attribute ({self.id}).
@@ -148,6 +149,40 @@ MAX_KEY_LENGTH = 256
 def _shorten(key: str) -> str:
     digest = hashlib.blake2b(key.encode("utf-8", "surrogatepass"), digest_size=16)
     return f"{key[:96]}...#{digest.hexdigest()}"
+
+
+def _function_id(fn: Callable[..., Any], *, default_key: bool) -> str:
+    """Name *fn* in default keys and messages: ``module:qualname``.
+
+    A ``functools.partial`` is its function's name and, when it gets default keys, a
+    digest of its bound arguments: two partials of one function must not share keys.
+    A callable object has no identity that is stable across processes and tells its
+    instances apart, so it gets default keys only under a namespace.
+    """
+    if isinstance(fn, functools.partial):
+        inner = _function_id(fn.func, default_key=default_key)
+        if not default_key:
+            return f"{inner}:partial"
+        bound = b"".join(_encode(value, "partial", inner) for value in fn.args)
+        bound += b"".join(
+            _encode(name, name, inner) + _encode(value, name, inner)
+            for name, value in sorted(fn.keywords.items())
+        )
+        return f"{inner}:partial-{hashlib.blake2b(bound, digest_size=8).hexdigest()}"
+    qualname = getattr(fn, "__qualname__", None)
+    if isinstance(qualname, str):
+        return f"{_module_of(fn)}:{qualname}"
+    kind = type(fn)
+    name = f"{_module_of(kind)}:{kind.__qualname__}"
+    if default_key:
+        msg = (
+            f"cannot give an instance of {name} default cache keys: a callable object "
+            "has no identity that tells its instances apart in every process. Pass "
+            "key= (a template such as 'rate:{x}', or a callable), or namespace= to "
+            "name this instance."
+        )
+        raise TypeError(msg)
+    return f"{name}()"
 
 
 def _module_of(fn: Callable[..., Any]) -> str:

@@ -6,6 +6,7 @@ import inspect
 import math
 import warnings
 from collections.abc import Callable
+from functools import partial
 from typing import Any, Literal, cast
 
 from stampede_guard._context import RENEWAL_LIMIT, Policy
@@ -200,10 +201,12 @@ def check_pairing(fn: Callable[..., object], backend: Backend | AsyncBackend) ->
             `AsyncRedisBackend`).
     """
     name = getattr(fn, "__qualname__", repr(fn))
-    if inspect.isgeneratorfunction(fn) or inspect.isasyncgenfunction(fn):
+    # A callable object is judged by its __call__ (partials are unwrapped by inspect).
+    call = fn if inspect.isroutine(fn) or isinstance(fn, partial) else type(fn).__call__
+    if inspect.isgeneratorfunction(call) or inspect.isasyncgenfunction(call):
         msg = f"{name} is a generator function: its generator cannot be cached; return a list instead"
         raise TypeError(msg)
-    is_async = inspect.iscoroutinefunction(fn)
+    is_async = inspect.iscoroutinefunction(call)
     if is_async and not isinstance(backend, AsyncBackend):
         msg = f"{name} is async, but backend={backend!r} has no async methods; use AsyncRedisBackend (or MemoryBackend, which serves both)"
         raise TypeError(msg)
