@@ -21,6 +21,7 @@ import redis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from _waiting import Waiting
 from stampede_guard import Backend, MemoryBackend, RedisBackend, cached_stampede_safe
 from stampede_guard._context import Context, Policy
 from stampede_guard._ops import (
@@ -103,17 +104,20 @@ def test_invalidate_revokes_the_lock_so_waiters_are_not_stranded(
             gate.wait()
         return value
 
+    waiting = Waiting()
     holder_process = cached_stampede_safe(backend=make_backend(), **options)(compute)
-    waiter_process = cached_stampede_safe(backend=make_backend(), **options)(compute)
+    waiter_process = cached_stampede_safe(
+        backend=make_backend(), metrics=waiting, **options
+    )(compute)
     holder, _ = background(holder_process)
     assert gate.entered.wait(10)
     waiter, waited = background(waiter_process)
-    time.sleep(0.1)  # let it reach its wait (it cannot finish before the gate opens)
+    waiting.until_missed()  # it found the lock held: it waits for the holder
     source[0] = "new"
     waiter_process.invalidate()
     waiter.join(10)
-    assert waited == ["new"], "served before the revoked holder finished"
-    assert not gate.open.is_set()
+    assert waited == ["new"]
+    assert holder.is_alive(), "served before the revoked holder finished"
     gate.open.set()
     holder.join(10)
     assert holder_process() == "new"

@@ -46,6 +46,16 @@ class Hang:
         self.freed.wait(self.cap)
 
 
+def async_backend(kind: str, request: pytest.FixtureRequest) -> AsyncBackend:
+    """The in-memory backend, or an AsyncRedisBackend on the session's redis-server."""
+    if kind == "memory":
+        return MemoryBackend()
+    return AsyncRedisBackend.from_url(
+        request.getfixturevalue("redis_url"),
+        prefix=request.getfixturevalue("redis_prefix"),
+    )
+
+
 def in_threads(n: int, call: Callable[[], object]) -> list[object]:
     """Run *call* in *n* threads at once; return each result or exception, in order."""
     results: list[object] = [None] * n
@@ -69,12 +79,17 @@ def in_threads(n: int, call: Callable[[], object]) -> list[object]:
 def test_a_hung_leader_holds_its_joiners_no_longer_than_wait_timeout(
     make_backend: Callable[[], Backend],
 ) -> None:
-    """on_timeout="raise": each joiner gets LockTimeoutError while the leader still hangs."""
+    """on_timeout="raise": each joiner gets LockTimeoutError while the leader still hangs.
+
+    Each is counted once in StampedeStats: a request, a timeout.
+    """
     hang = Hang()
+    stats = StampedeStats()
 
     @cached_stampede_safe(
         key="k",
         backend=make_backend(),
+        metrics=stats,
         lock_timeout=0.5,
         wait_timeout=0.5,
         on_timeout="raise",
@@ -89,10 +104,16 @@ def test_a_hung_leader_holds_its_joiners_no_longer_than_wait_timeout(
     leader.start()
     assert hang.started.wait(10)
     results = in_threads(JOINERS, f)
-    assert not hang.freed.is_set(), "the joiners returned while the leader hung"
+    assert leader.is_alive(), "the joiners returned while the leader hung"
     assert [type(r) for r in results] == [LockTimeoutError] * JOINERS
     hang.freed.set()
     leader.join(10)
+    snap = stats.snapshot()
+    assert (snap.requests, snap.timeouts, snap.computations) == (
+        JOINERS + 1,
+        JOINERS,
+        1,
+    )
 
 
 def test_joiners_that_give_up_compute_once_per_process(
@@ -123,6 +144,7 @@ def test_joiners_that_give_up_compute_once_per_process(
     assert hang.started.wait(10)
     results = in_threads(JOINERS, f)
     assert not hang.freed.is_set()
+    assert leader.is_alive(), "they gave up while the leader hung"
     assert results == ["second"] * JOINERS
     assert calls["n"] == 2
     hang.freed.set()
@@ -164,7 +186,7 @@ def test_a_value_stored_elsewhere_serves_the_joiners_of_a_hung_leader(
     joining.join(15)
     assert joiners == ["from-elsewhere"] * 3
     assert in_threads(3, here) == ["from-elsewhere"] * 3
-    assert not hang.freed.is_set(), "all served while the leader still hung"
+    assert leader.is_alive(), "all served while the leader still hung"
     hang.freed.set()
     leader.join(10)
     assert here() == "from-elsewhere", "the late leader's older value was refused"
@@ -215,13 +237,8 @@ def test_a_hung_leader_holds_its_asyncio_joiners_no_longer_than_wait_timeout(
     kind: str, request: pytest.FixtureRequest
 ) -> None:
     """The same for tasks: LockTimeoutError for each joiner while the leader hangs."""
-    backend: AsyncBackend = MemoryBackend()
-    if kind == "redis":
-        backend = AsyncRedisBackend.from_url(
-            request.getfixturevalue("redis_url"),
-            prefix=request.getfixturevalue("redis_prefix"),
-        )
-    freed = asyncio.Event()
+    backend = async_backend(kind, request)
+    freed, computing = asyncio.Event(), asyncio.Event()
 
     @cached_stampede_safe(
         key="k",
@@ -233,12 +250,13 @@ def test_a_hung_leader_holds_its_asyncio_joiners_no_longer_than_wait_timeout(
         max_delay=0.1,
     )
     async def f() -> str:
+        computing.set()
         await asyncio.wait_for(freed.wait(), HANG)
         return "v"
 
     async def scenario() -> list[object]:
         leader = asyncio.create_task(f())
-        await asyncio.sleep(0.05)
+        await asyncio.wait_for(computing.wait(), 10)
         results = await asyncio.gather(
             *(f() for _ in range(JOINERS)), return_exceptions=True
         )
@@ -368,12 +386,7 @@ def test_impatient_asyncio_callers_do_not_waste_the_computation(
     The first caller is cancelled mid-computation; the computation goes on apart, is
     stored, and the requests after it are served.
     """
-    backend: AsyncBackend = MemoryBackend()
-    if kind == "redis":
-        backend = AsyncRedisBackend.from_url(
-            request.getfixturevalue("redis_url"),
-            prefix=request.getfixturevalue("redis_prefix"),
-        )
+    backend = async_backend(kind, request)
     calls = Counter[str]()
 
     @cached_stampede_safe(key="slow", backend=backend, lock_timeout=10)
@@ -450,37 +463,3 @@ def test_a_computation_left_running_is_cancelled_when_its_lease_runs_out() -> No
         assert backend.get_or_lock("k", "probe", 1) == "probe"
 
     asyncio.run(scenario())
-
-
-def test_joiners_that_give_up_are_counted_once_each() -> None:
-    """StampedeStats: every caller is one request, a hung leader's joiners included."""
-    stats = StampedeStats()
-    hang = Hang()
-
-    @cached_stampede_safe(
-        key="k",
-        backend=MemoryBackend(),
-        metrics=stats,
-        lock_timeout=0.3,
-        wait_timeout=0.3,
-        on_timeout="raise",
-        base_delay=0.02,
-        max_delay=0.05,
-    )
-    def f() -> str:
-        hang()
-        return "v"
-
-    leader = threading.Thread(target=f)
-    leader.start()
-    assert hang.started.wait(10)
-    results = in_threads(JOINERS, f)
-    hang.freed.set()
-    leader.join(10)
-    snap = stats.snapshot()
-    assert [type(r) for r in results] == [LockTimeoutError] * JOINERS
-    assert (snap.requests, snap.timeouts, snap.computations) == (
-        JOINERS + 1,
-        JOINERS,
-        1,
-    )
