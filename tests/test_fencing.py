@@ -39,6 +39,7 @@ from stampede_guard._ops import (
     Unsubscribe,
 )
 from stampede_guard._plan import Plan, plan, refresh_now
+from stampede_guard.backends._redis_shared import _tag
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -357,4 +358,40 @@ def test_no_value_older_than_the_last_invalidation_on_a_real_server(
         client = backend.client
         for key in client.scan_iter(match=f"{prefix}:*"):
             client.delete(key)
+        backend.close()
+
+
+@pytest.mark.parametrize(
+    "write",
+    [
+        lambda client, key: client.set(key, b"not a number"),
+        lambda client, key: client.rpush(key, b"a list"),
+    ],
+    ids=["garbage-string", "wrong-type"],
+)
+def test_a_floor_key_written_by_someone_else_is_replaced_not_fatal(
+    redis_url: str,
+    redis_prefix: str,
+    redis_client: redis.Redis,
+    write: Callable[[redis.Redis, str], object],
+) -> None:
+    """Hostile data at the floor key: stores and invalidations still work, and fix it."""
+    backend = RedisBackend.from_url(redis_url, prefix=redis_prefix)
+    calls = itertools.count(1)
+
+    @cached_stampede_safe(key="doc", backend=backend, on_backend_error="raise")
+    def doc() -> int:
+        return next(calls)
+
+    floor = f"{redis_prefix}:{{{_tag('doc')}}}:f:doc"
+    try:
+        write(redis_client, floor)
+        assert doc() == 1
+        assert doc() == 1, "stored despite the foreign floor"
+        redis_client.delete(floor)
+        write(redis_client, floor)
+        doc.invalidate()
+        assert doc() == 2
+        assert doc() == 2
+    finally:
         backend.close()

@@ -84,16 +84,31 @@ def milliseconds(seconds: float) -> int:
 # never replaces a newer one and nothing computed before an invalidation is stored
 # after it. The floor lives as long as the value, or the invalidation's fence if longer
 # (a client never stores a computation that ran longer than the fence: see _plan).
-_FENCE = """
+# Anything at the floor key that is not a number (written by someone else, a key of
+# another type) counts as no floor and is replaced: hostile data there must not make
+# every store and invalidation fail.
+_FLOOR = """
+local function read_floor(floor_key)
+    local floor = redis.pcall('GET', floor_key)
+    if type(floor) ~= 'string' then
+        return nil
+    end
+    return tonumber(floor)
+end
+"""
+
+_FENCE = (
+    _FLOOR
+    + """
 local function fence(floor_key, ticket)
     if ticket == '' then
         return false, false
     end
-    local floor = redis.call('GET', floor_key)
+    local floor = read_floor(floor_key)
     if not floor then
         return false, false
     end
-    return tonumber(floor) > tonumber(ticket), true
+    return floor > tonumber(ticket), true
 end
 local function raise_floor(floor_key, ticket, ttl_ms, had_floor)
     if ticket == '' then
@@ -109,6 +124,7 @@ local function raise_floor(floor_key, ticket, ttl_ms, had_floor)
     redis.call('SET', floor_key, ticket, 'PX', ms)
 end
 """
+)
 
 _NOW = """
 local function now_us()
@@ -199,13 +215,14 @@ return 1
 # waiters look again at once. Returns 1 if a lock was revoked.
 INVALIDATE = (
     _NOW
+    + _FLOOR
     + """
 redis.call('DEL', KEYS[1])
 local revoked = redis.call('DEL', KEYS[2])
 local now = now_us()
-local floor = redis.call('GET', KEYS[3])
-if floor and tonumber(floor) > now then
-    now = tonumber(floor)
+local floor = read_floor(KEYS[3])
+if floor and floor > now then
+    now = floor
 end
 redis.call('SET', KEYS[3], string.format('%.0f', now), 'PX', ARGV[2])
 if revoked == 1 then
