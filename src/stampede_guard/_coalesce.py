@@ -60,7 +60,15 @@ class _Outcome(enum.Enum):
     AGAIN = "again"  # start afresh: the leader's caller left, or its value was refused
 
 
-_AGAIN: Final = object()  # what `_joined` returns for "start afresh"
+class _Again(enum.Enum):
+    """What `_joined` returns for "start afresh" (after a BaseException: the one retry)."""
+
+    AGAIN = "again"
+    AGAIN_INTERRUPTED = "again after an interruption"
+
+
+_AGAIN: Final = _Again.AGAIN
+_AGAIN_INTERRUPTED: Final = _Again.AGAIN_INTERRUPTED
 
 
 class _Flight:
@@ -120,10 +128,6 @@ class _Flight:
                 return False
             done.release()  # let the next joiner through
         return True
-
-    def outcome_known(self) -> bool:
-        """Whether the flight has its outcome."""
-        return self.outcome is not None
 
 
 class _AsyncFlight:
@@ -187,10 +191,6 @@ class _AsyncFlight:
                 self.waiting.discard(joined)
         return self.outcome is not None
 
-    def outcome_known(self) -> bool:
-        """Whether the flight has its outcome."""
-        return self.outcome is not None
-
 
 def _expire(joined: asyncio.Future[None]) -> None:
     if not joined.done():  # a cancelled joiner's future is done
@@ -236,15 +236,12 @@ class SyncFlights:
                     serve = functools.partial(take_over, gave_up=joined)
                     return self._lead(key, mine, flight, serve, args, kwargs)
                 continue  # another joiner took over first: join its flight instead
-            if joined is not None:  # a look found the value: it serves everyone here
-                value, via = joined
-                flight.finish(_Outcome.VALUE, value, via)
-                self.forget(key, flight)
-                return value
-            outcome = _joined(key, flight, ctx.clock() - started, ctx, retried=retried)
-            if outcome is not _AGAIN:
+            waited = ctx.clock() - started
+            outcome = _joined(key, flight, joined, waited, ctx, self.forget, retried)
+            if outcome is _AGAIN_INTERRUPTED:
+                retried = True
+            elif outcome is not _AGAIN:
                 return outcome
-            retried = retried or flight.outcome is _Outcome.INTERRUPTED
 
     def _lead(  # noqa: PLR0917
         self,
@@ -336,15 +333,12 @@ class AsyncFlights:
                     serve = functools.partial(take_over, gave_up=joined)
                     return await self._lead(key, mine, flight, serve, args, kwargs)
                 continue
-            if joined is not None:
-                value, via = joined
-                flight.finish(_Outcome.VALUE, value, via)
-                self.forget(key, flight)
-                return value
-            outcome = _joined(key, flight, ctx.clock() - started, ctx, retried=retried)
-            if outcome is not _AGAIN:
+            waited = ctx.clock() - started
+            outcome = _joined(key, flight, joined, waited, ctx, self.forget, retried)
+            if outcome is _AGAIN_INTERRUPTED:
+                retried = True
+            elif outcome is not _AGAIN:
                 return outcome
-            retried = retried or flight.outcome is _Outcome.INTERRUPTED
 
     async def _lead(  # noqa: PLR0917
         self,
@@ -405,21 +399,33 @@ def _share(
         replaces.finish(_Outcome.VALUE, value, via)
 
 
-def _joined(
+def _joined(  # noqa: PLR0917
     key: str,
     flight: _Flight | _AsyncFlight,
+    joined: Served | None,
     waited: float,
     ctx: Context,
-    *,
-    retried: bool,
+    forget: Callable[[str, Any], None],
+    retried: bool,  # noqa: FBT001
 ) -> Any:
-    """Return (or raise) a finished flight's outcome to a caller that joined it."""
+    """Return (or raise) what a caller gets whose wait on *flight* has ended.
+
+    *joined* is the value a look at the backend found (it then ends the flight for
+    every joiner, and later callers no longer join it), or None when the flight ended
+    by itself. `_AGAIN` asks the caller to start afresh; `_AGAIN_INTERRUPTED` too, after
+    a BaseException, which a caller lets happen once (*retried* says it did).
+    """
+    if joined is not None:
+        value, via = joined
+        flight.finish(_Outcome.VALUE, value, via)
+        forget(key, flight)
+        return value
     outcome = flight.outcome
     if outcome is _Outcome.AGAIN:
         return _AGAIN
     if outcome is _Outcome.INTERRUPTED:
         if not retried:
-            return _AGAIN  # one more run, led by one of the joiners
+            return _AGAIN_INTERRUPTED  # one more run, led by one of the joiners
         assert flight.error is not None  # noqa: S101 - set with the outcome
         raise InterruptedComputationError(key, flight.error) from flight.error
     if flight.via is Via.CACHE:

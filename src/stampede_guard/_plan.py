@@ -134,9 +134,6 @@ class Flight(Protocol):
     computing: float | None  # when its leader began computing, None before
     holder: str | None  # the leader's lock token while it computes under the lock
 
-    def outcome_known(self) -> bool:
-        """Whether the call has ended (with a value, an error, or "start afresh")."""
-
 
 def first_look(key: str, found: Entry | None, ctx: Context) -> object:
     """Decide step 1: return the cached value (a hit), a `RefreshDue`, or MISS."""
@@ -299,22 +296,17 @@ def join(
         return _joiner_gave_up(key, ctx, ctx.clock() - arrived, _holder(flight))
     flight.watched = True
     try:
-        served = yield from _watch(key, ctx, flight, arrived, deadline)
+        return (yield from _watch(key, ctx, flight, arrived, deadline))
     finally:
         flight.watched = False
-    if served is not None or flight.outcome_known():
-        return served
-    return _joiner_gave_up(key, ctx, ctx.clock() - arrived, _holder(flight))
 
 
 def _watch(
     key: str, ctx: Context, flight: Flight, arrived: float, deadline: _DeadlineStop
-) -> Generator[Op, Any, Served | None]:
+) -> Generator[Op, Any, Served | GaveUp | None]:
     """Run the watcher's rounds: wait up to a backoff delay, then look.
 
-    At most one look per half ``max_delay``. Returns the value found, or None when the
-    flight ended or the patience (or ``max_retries``) ran out: `Flight.outcome_known`
-    tells which.
+    At most one look per half ``max_delay``. Returns as `join` does.
     """
     policy = ctx.policy
     delays: list[float] = []
@@ -332,7 +324,7 @@ def _watch(
                 raise _StillLockedError(None)  # noqa: TRY301 - tenacity's way to retry
     except _StillLockedError:
         pass
-    return None
+    return _joiner_gave_up(key, ctx, ctx.clock() - arrived, _holder(flight))
 
 
 def _look(
