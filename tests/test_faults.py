@@ -302,3 +302,33 @@ def test_a_backend_failure_says_why_and_where(
         assert "ConnectionError" in str(raised.value)
     finally:
         backend.close()
+
+
+def test_an_invalidate_the_server_never_answers_raises_and_can_be_repeated(
+    own_server: Server,
+) -> None:
+    """SIGSTOP during invalidate(): BackendError while the server is still stopped.
+
+    The script may still run once the server wakes (its bytes were sent), so the error
+    means "unknown"; invalidate() is idempotent, and repeating it is final.
+    """
+    backend = RedisBackend.from_url(own_server.url, socket_timeout=0.3)
+    source = ["old"]
+
+    @cached_stampede_safe(key="doc", backend=backend, on_backend_error="raise")
+    def doc() -> str:
+        return source[0]
+
+    try:
+        assert doc() == "old"
+        source[0] = "new"
+        os.kill(own_server.proc.pid, signal.SIGSTOP)
+        try:
+            with pytest.raises(BackendError, match="during delete of key 'doc'"):
+                doc.invalidate()
+        finally:
+            os.kill(own_server.proc.pid, signal.SIGCONT)
+        doc.invalidate()
+        assert doc() == "new"
+    finally:
+        backend.close()

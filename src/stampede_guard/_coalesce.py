@@ -76,7 +76,7 @@ class _Flight:
 
     __slots__ = (
         "_done",
-        "_mutex",
+        "_guard",
         "computing",
         "error",
         "holder",
@@ -87,11 +87,13 @@ class _Flight:
         "watched",
     )
 
-    def __init__(self, now: float) -> None:
+    def __init__(self, guard: _thread.LockType) -> None:
         self._done = _thread.allocate_lock()
         self._done.acquire()  # released once the flight has its outcome
-        self._mutex = _thread.allocate_lock()
-        self.looked = now
+        # Its registry's mutex, held for a moment by whoever ends it: a flight is
+        # made on every remote hit, so it allocates no lock of its own for this.
+        self._guard = guard
+        self.looked = 0.0  # no look yet
         self.watched = False
         self.computing: float | None = None
         self.holder: str | None = None
@@ -105,10 +107,21 @@ class _Flight:
         outcome: _Outcome,
         value: object = None,
         via: Via = Via.COMPUTED,
+        *,
         error: BaseException | None = None,
+        registry: dict[str, Any] | None = None,
+        key: str = "",
     ) -> bool:
-        """Give the flight its outcome, unless it has one; return whether this did."""
-        with self._mutex:
+        """Give the flight its outcome, unless it has one; return whether this did.
+
+        With *registry*, also take the flight out of it (if it is still there under
+        *key*) before its joiners are released: later callers then start afresh, and
+        find the value stored, instead of joining. One mutex section for both: this
+        runs on every remote hit.
+        """
+        with self._guard:
+            if registry is not None and registry.get(key) is self:
+                del registry[key]
             if self.outcome is not None:
                 return False
             self.value, self.via, self.error = value, via, error
@@ -146,11 +159,11 @@ class _AsyncFlight:
         "watched",
     )
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, now: float) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
         # One future per waiting joiner: cancelling a joiner cancels its own only.
         self.waiting: set[asyncio.Future[None]] = set()
-        self.looked = now
+        self.looked = 0.0  # no look yet
         self.watched = False
         self.computing: float | None = None
         self.holder: str | None = None
@@ -164,9 +177,14 @@ class _AsyncFlight:
         outcome: _Outcome,
         value: object = None,
         via: Via = Via.COMPUTED,
+        *,
         error: BaseException | None = None,
+        registry: dict[str, Any] | None = None,
+        key: str = "",
     ) -> bool:
-        """Give the flight its outcome, unless it has one; return whether this did."""
+        """See `_Flight.finish` (one event loop: no mutex)."""
+        if registry is not None and registry.get(key) is self:
+            del registry[key]
         if self.outcome is not None:
             return False
         self.value, self.via, self.error = value, via, error
@@ -202,7 +220,8 @@ class SyncFlights:
 
     def __init__(self) -> None:
         self._flights: dict[str, _Flight] = {}
-        self._mutex = threading.Lock()  # for replacing and forgetting, not for joining
+        # For replacing, forgetting and ending flights, never held while waiting.
+        self._mutex = _thread.allocate_lock()
         _registries.add(self)
 
     def run(  # noqa: PLR0917
@@ -221,7 +240,7 @@ class SyncFlights:
         while True:
             flight = flights.get(key)
             if flight is None:
-                mine = _Flight(ctx.clock())
+                mine = _Flight(self._mutex)
                 flight = flights.setdefault(key, mine)  # atomic: one leader per key
                 if flight is mine:  # lead (inline: this is every remote hit's path)
                     return self._lead(key, mine, None, lead, args, kwargs)
@@ -231,13 +250,13 @@ class SyncFlights:
             else:
                 joined = join(key, args, kwargs, flight, started)
             if isinstance(joined, GaveUp):
-                mine = _Flight(ctx.clock())
+                mine = _Flight(self._mutex)
                 if self._replace(key, flight, mine):
                     serve = functools.partial(take_over, gave_up=joined)
                     return self._lead(key, mine, flight, serve, args, kwargs)
                 continue  # another joiner took over first: join its flight instead
             waited = ctx.clock() - started
-            outcome = _joined(key, flight, joined, waited, ctx, self.forget, retried)
+            outcome = _joined(key, flight, joined, waited, ctx, flights, retried)
             if outcome is _AGAIN_INTERRUPTED:
                 retried = True
             elif outcome is not _AGAIN:
@@ -255,13 +274,10 @@ class SyncFlights:
         try:
             value, via = serve(key, args, kwargs, mine)
         except BaseException as exc:
-            # Forget the flight before releasing its joiners: later callers start
-            # afresh (and find the value cached) instead of joining.
-            self.forget(key, mine)
-            mine.finish(_ended_by(exc, caller_cancelled=False), error=exc)
+            ended = _ended_by(exc, caller_cancelled=False)
+            mine.finish(ended, error=exc, registry=self._flights, key=key)
             raise
-        self.forget(key, mine)
-        _share(mine, replaces, value, via)
+        _share(mine, replaces, value, via, self._flights, key)
         return value
 
     def _replace(self, key: str, old: _Flight, new: _Flight) -> bool:
@@ -284,7 +300,7 @@ class SyncFlights:
     def clear(self) -> None:
         """Forget every flight (in a forked child, their leaders do not exist)."""
         self._flights = {}
-        self._mutex = threading.Lock()
+        self._mutex = _thread.allocate_lock()
 
 
 class AsyncFlights:
@@ -311,7 +327,7 @@ class AsyncFlights:
         while True:
             flight = flights.get(key)
             if flight is None:
-                mine = _AsyncFlight(loop, ctx.clock())
+                mine = _AsyncFlight(loop)
                 flight = flights.setdefault(key, mine)
                 if flight is mine:
                     return await self._lead(key, mine, None, lead, args, kwargs)
@@ -328,13 +344,13 @@ class AsyncFlights:
                 # No task of this loop can come in between, and callers in other
                 # loops never replace a flight of this one.
                 if flights.get(key) is flight:
-                    mine = _AsyncFlight(loop, ctx.clock())
+                    mine = _AsyncFlight(loop)
                     flights[key] = mine
                     serve = functools.partial(take_over, gave_up=joined)
                     return await self._lead(key, mine, flight, serve, args, kwargs)
                 continue
             waited = ctx.clock() - started
-            outcome = _joined(key, flight, joined, waited, ctx, self.forget, retried)
+            outcome = _joined(key, flight, joined, waited, ctx, flights, retried)
             if outcome is _AGAIN_INTERRUPTED:
                 retried = True
             elif outcome is not _AGAIN:
@@ -352,15 +368,14 @@ class AsyncFlights:
         try:
             value, via = await serve(key, args, kwargs, mine)
         except BaseException as exc:
-            self.forget(key, mine)
             task = asyncio.current_task()
             cancelled = isinstance(exc, asyncio.CancelledError) and (
                 task is not None and task.cancelling() > 0
             )
-            mine.finish(_ended_by(exc, caller_cancelled=cancelled), error=exc)
+            ended = _ended_by(exc, caller_cancelled=cancelled)
+            mine.finish(ended, error=exc, registry=self._flights, key=key)
             raise
-        self.forget(key, mine)
-        _share(mine, replaces, value, via)
+        _share(mine, replaces, value, via, self._flights, key)
         return value
 
     def forget(self, key: str, flight: _AsyncFlight | None = None) -> None:
@@ -384,17 +399,19 @@ def _ended_by(exc: BaseException, *, caller_cancelled: bool) -> _Outcome:
     return _Outcome.INTERRUPTED  # KeyboardInterrupt, SystemExit...: run once more
 
 
-def _share(
+def _share(  # noqa: PLR0917
     mine: _Flight | _AsyncFlight,
     replaces: _Flight | _AsyncFlight | None,
     value: object,
     via: Via,
+    registry: dict[str, Any],
+    key: str,
 ) -> None:
-    """Give a led flight's value to its joiners (and to those of the flight it replaced)."""
-    if via is Via.PRIVATE:
-        mine.finish(_Outcome.AGAIN)  # refused by the store: not for anyone else
+    """End a led flight: its value to its joiners (and the flight's it replaced)."""
+    if via is Via.PRIVATE:  # refused by the store: not for anyone else
+        mine.finish(_Outcome.AGAIN, registry=registry, key=key)
         return
-    mine.finish(_Outcome.VALUE, value, via)
+    mine.finish(_Outcome.VALUE, value, via, registry=registry, key=key)
     if replaces is not None:  # joiners still waiting on the hung flight take it too
         replaces.finish(_Outcome.VALUE, value, via)
 
@@ -405,20 +422,20 @@ def _joined(  # noqa: PLR0917
     joined: Served | None,
     waited: float,
     ctx: Context,
-    forget: Callable[[str, Any], None],
+    registry: dict[str, Any],
     retried: bool,  # noqa: FBT001
 ) -> Any:
     """Return (or raise) what a caller gets whose wait on *flight* has ended.
 
     *joined* is the value a look at the backend found (it then ends the flight for
-    every joiner, and later callers no longer join it), or None when the flight ended
+    every joiner, and takes it out of *registry*: later callers no longer join it), or
+    None when the flight ended
     by itself. `_AGAIN` asks the caller to start afresh; `_AGAIN_INTERRUPTED` too, after
     a BaseException, which a caller lets happen once (*retried* says it did).
     """
     if joined is not None:
         value, via = joined
-        flight.finish(_Outcome.VALUE, value, via)
-        forget(key, flight)
+        flight.finish(_Outcome.VALUE, value, via, registry=registry, key=key)
         return value
     outcome = flight.outcome
     if outcome is _Outcome.AGAIN:
