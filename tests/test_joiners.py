@@ -338,13 +338,12 @@ def test_a_base_exception_runs_the_function_once_more_per_process_not_once_each(
     """8 callers, the function aborts every time: 2 runs, the rest get a clear error."""
     backend = make_backend()
     calls = Counter[str]()
-    started = threading.Event()
 
     @cached_stampede_safe(key="k", backend=backend, lock_timeout=30)
     def f() -> str:
         calls["n"] += 1
-        started.set()
-        time.sleep(0.3)  # the other callers join meanwhile
+        # A computation long enough for the others, released together, to join it.
+        time.sleep(0.3)
         raise Abort
 
     results = in_threads(8, f)
