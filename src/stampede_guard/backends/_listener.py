@@ -5,6 +5,20 @@ A waiter subscribes to its key's channel; the listener (a daemon thread for
 subscribe and unsubscribe requests between reads, and hands each message, decoded once,
 to every subscription of its channel. Notices only make waiting faster: when any of
 this fails, waiters still poll, so errors here are logged and retried, never raised.
+
+A connection can also die without an error: half-open, black-holed by a firewall or a
+NAT that forgot it, it accepts what is sent and answers nothing. So the listener keeps
+each connection honest. After `_QUIET` seconds without a word from the server it sends
+a PING (answered in subscribed mode by a "pong" message); when a PING or a (un)SUBSCRIBE
+has gone `_DEAD` seconds without any reply, the connection counts as dead, and is
+replaced like one that failed: a silent connection is given up within
+``_QUIET + _DEAD`` (3 s). One warning per outage; an info line once it is over.
+
+While the listener has no connection it trusts (since a failure, or since a waiter's
+SUBSCRIBE went unconfirmed, until the server is heard from again), new waiters do not
+wait for a confirmation that is unlikely to come: they poll at once, and are woken by
+notices again as soon as the channels are resubscribed. These decisions live in
+`_Hub`, which does no I/O; the thread and the task only carry them out.
 """
 
 from __future__ import annotations
@@ -15,6 +29,7 @@ import logging
 import os
 import queue
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -29,23 +44,51 @@ _POLL = 0.05  # seconds between applying (un)subscribe requests while messages a
 _IDLE = 30.0  # seconds without subscriptions after which the listener stops
 _CONFIRM = 1.0  # seconds a new subscriber waits for the server to confirm SUBSCRIBE
 _RETRY = 0.5  # seconds before reconnecting after a pub/sub connection error
+_QUIET = 1.0  # seconds of silence on a subscribed connection before it is PINGed
+_DEAD = 2.0  # seconds a PING or (un)SUBSCRIBE may go unanswered: then it is dead
+_CLOSE = 1.0  # seconds closing a dead asyncio connection may take; then it is left
+# Not redis-py's own health-check payload: its reply would be swallowed, unseen.
+_PING = "stampede_guard"
+
+
+class _SilentError(ConnectionError):
+    """The pub/sub connection answered nothing for `_DEAD` seconds."""
 
 
 class _Hub:
-    """Who listens to which channel; the I/O-free part both listeners share."""
+    """Who listens to which channel, and how the connection is; no I/O, both listeners'.
 
-    def __init__(self, codec: RedisCodec) -> None:
+    The health fields (*heard*, *asked*) are the listener's alone; the rest is shared
+    with the waiters, under *mutex*.
+    """
+
+    def __init__(self, codec: RedisCodec, clock: Callable[[], float]) -> None:
         self.codec = codec
+        self.clock = clock
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget everything (a new process: another thread may have held the mutex)."""
         self.mutex = threading.Lock()
         self.subscribers: dict[str, set[Any]] = {}
         self.confirmed: set[str] = set()
+        self.heard = self.clock()  # when the server last said anything
+        self.asked: float | None = None  # first request sent since, still unanswered
+        self.trusted = True  # False: new subscribers do not wait for a confirmation
+        self.outage: float | None = None  # when the current outage began
+        self.reconnects = 0  # outages ended by a connection that answered
+        self.unconfirmed = 0  # subscribers that waited out `_CONFIRM`
 
     def add(self, subscription: Any) -> bool:
-        """Register *subscription*; return whether its channel needs a SUBSCRIBE."""
+        """Register *subscription*; return whether its channel needs a SUBSCRIBE.
+
+        It is settled at once (its subscriber need not wait) if its channel is
+        confirmed already, or if no confirmation is to be expected.
+        """
         with self.mutex:
             subscribers = self.subscribers.setdefault(subscription.channel, set())
             subscribers.add(subscription)
-            if subscription.channel in self.confirmed:
+            if subscription.channel in self.confirmed or not self.trusted:
                 subscription.confirm()
             return len(subscribers) == 1
 
@@ -62,14 +105,36 @@ class _Hub:
             self.confirmed.discard(subscription.channel)
             return True
 
+    def waited_out(self) -> None:
+        """A subscriber's SUBSCRIBE went unconfirmed: later ones do not wait for theirs.
+
+        Until the server is heard from again; meanwhile the listener's own check
+        decides whether the connection is dead.
+        """
+        with self.mutex:
+            self.trusted = False
+            self.unconfirmed += 1
+
     def route(self, message: dict[str, Any]) -> None:
         """Act on one pub/sub message: a confirmation, or a notice to deliver."""
-        kind, raw = message["type"], message["channel"]
-        channel = raw.decode() if isinstance(raw, bytes) else str(raw)
+        self.heard, self.asked = self.clock(), None  # whatever it is, it is an answer
         with self.mutex:
+            self.trusted = True
+            outage, self.outage = self.outage, None
+            if outage is not None:
+                self.reconnects += 1
+            kind, raw = message["type"], message["channel"]
+            channel = raw.decode() if isinstance(raw, bytes) else str(raw)
             subscribers = list(self.subscribers.get(channel, ()))
             if kind == "subscribe":
                 self.confirmed.add(channel)
+            renewed = len(self.subscribers)
+        if outage is not None:
+            logger.info(
+                "pub/sub listener reconnected after %.1f s; %d channel(s) resubscribed",
+                self.heard - outage,
+                renewed,
+            )
         if kind == "subscribe":
             for subscription in subscribers:
                 subscription.confirm()
@@ -78,11 +143,52 @@ class _Hub:
             for subscription in subscribers:
                 subscription.deliver(notice)
 
-    def lost_connection(self) -> list[str]:
-        """Forget confirmations (the server forgot them) and return channels to renew."""
+    def sent(self, *, anew: bool = False) -> None:
+        """Note a request that the server must answer; *anew* after an idle spell."""
+        if anew or self.asked is None:
+            self.asked = self.clock()
+
+    def ping_due(self) -> bool:
+        """Return whether to PING the connection now.
+
+        Raises:
+            _SilentError: A request has gone `_DEAD` seconds unanswered.
+        """
+        now = self.clock()
+        if self.asked is None:
+            return now - self.heard >= _QUIET
+        if now - self.asked >= _DEAD:
+            raise _SilentError
+        return False
+
+    def lost(self, error: Exception) -> list[str]:
+        """The connection failed or fell silent: log, and return the channels to renew.
+
+        Warns once per outage (a server that stays away fails every retry). The
+        subscribers still waiting for a confirmation are let go: it will not come.
+        """
         with self.mutex:
             self.confirmed.clear()
-            return list(self.subscribers)
+            self.trusted = False
+            first = self.outage is None
+            if first:
+                self.outage = self.clock()
+            waiting = [s for subs in self.subscribers.values() for s in subs]
+            channels = list(self.subscribers)
+        for subscription in waiting:
+            subscription.confirm()
+        silent = isinstance(error, _SilentError)
+        logger.log(
+            logging.WARNING if first else logging.DEBUG,
+            "pub/sub listener %s; reconnecting, waiters poll meanwhile",
+            f"heard nothing for {_DEAD} s" if silent else "lost its connection",
+            exc_info=None if silent else error,
+        )
+        return channels
+
+    def opened(self) -> None:
+        """A new connection: nothing asked on it yet."""
+        self.heard, self.asked = self.clock(), None
 
 
 class _Subscription:
@@ -91,10 +197,10 @@ class _Subscription:
     def __init__(self, listener: Listener, key: str, channel: str) -> None:
         self.listener, self.key, self.channel = listener, key, channel
         self.notices: queue.SimpleQueue[Notice] = queue.SimpleQueue()
-        self.confirmed = threading.Event()
+        self.settled = threading.Event()  # confirmed, or not worth waiting for
 
     def confirm(self) -> None:
-        self.confirmed.set()
+        self.settled.set()
 
     def deliver(self, notice: Notice) -> None:
         self.notices.put(notice)
@@ -112,9 +218,14 @@ class _Subscription:
 class Listener:
     """The pub/sub listener of one `RedisBackend`: a daemon thread, started on demand."""
 
-    def __init__(self, pubsub: Callable[[], Any] | None, codec: RedisCodec) -> None:
+    def __init__(
+        self,
+        pubsub: Callable[[], Any] | None,
+        codec: RedisCodec,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._pubsub = pubsub
-        self._hub = _Hub(codec)
+        self._hub = _Hub(codec, clock)
         self._start = threading.Lock()
         self._reset()
 
@@ -122,11 +233,15 @@ class Listener:
         self._pid = os.getpid()
         self._requests: queue.SimpleQueue[tuple[bool, str] | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
-        self._hub.subscribers.clear()
-        self._hub.confirmed.clear()
+        self._hub.reset()
 
     def subscribe(self, key: str) -> _Subscription:
-        """Subscribe to notices about *key*; wait (briefly) until the server confirms."""
+        """Subscribe to notices about *key*; wait (briefly) until the server confirms.
+
+        The wait ends after `_CONFIRM` seconds, or at once while the listener has no
+        connection it trusts; the subscriber then polls, and hears notices again
+        once the listener has (re)subscribed the channel.
+        """
         if self._pid != os.getpid():
             self._reset()  # a forked child: the parent's thread and connection are not ours
         subscription = _Subscription(self, key, self._hub.codec.channel(key))
@@ -135,7 +250,8 @@ class Listener:
         if self._hub.add(subscription):
             self._requests.put((True, subscription.channel))
         self._ensure_running()
-        subscription.confirmed.wait(_CONFIRM)
+        if not subscription.settled.wait(_CONFIRM):
+            self._hub.waited_out()
         return subscription
 
     def unsubscribe(self, subscription: _Subscription) -> None:
@@ -160,38 +276,36 @@ class Listener:
                 self._thread.start()
 
     def _run(self) -> None:
+        assert self._pubsub is not None  # noqa: S101 - no thread without it
         while True:
-            assert self._pubsub is not None  # noqa: S101 - no thread without it
-            pubsub = self._pubsub()
+            pubsub = None
             try:
+                pubsub = self._pubsub()
+                self._hub.opened()
                 if not self._serve(pubsub):
                     return
-            except Exception:
-                logger.warning(
-                    "pub/sub listener lost its connection; waiters poll meanwhile",
-                    exc_info=True,
-                )
-                for channel in self._hub.lost_connection():
+            except Exception as exc:  # noqa: BLE001 - any failure: reconnect, waiters poll
+                for channel in self._hub.lost(exc):
                     self._requests.put((True, channel))
-                threading.Event().wait(_RETRY)
             finally:
-                with contextlib.suppress(Exception):
-                    pubsub.close()
+                if pubsub is not None:
+                    with contextlib.suppress(Exception):
+                        pubsub.close()
+            threading.Event().wait(_RETRY)
 
     def _serve(self, pubsub: Any) -> bool:
         """Route messages and apply requests; return False when it is time to stop."""
+        hub = self._hub
         while True:
             if pubsub.subscribed:
-                while True:
-                    try:
-                        request = self._requests.get_nowait()
-                    except queue.Empty:
-                        break
-                    if not _apply(pubsub, request):
-                        return self._stopped()
+                if not self._drain(pubsub):
+                    return self._stopped()
                 message = pubsub.get_message(timeout=_POLL)
                 if message is not None:
-                    self._hub.route(message)
+                    hub.route(message)
+                if hub.ping_due():
+                    pubsub.ping(_PING)
+                    hub.sent()
                 continue
             try:
                 request = self._requests.get(timeout=_IDLE)
@@ -203,6 +317,18 @@ class Listener:
                 continue
             if not _apply(pubsub, request):
                 return self._stopped()
+            hub.sent(anew=True)  # replies owed from before the idle spell do not count
+
+    def _drain(self, pubsub: Any) -> bool:
+        """Apply the requests that came meanwhile; False for the request to stop."""
+        while True:
+            try:
+                request = self._requests.get_nowait()
+            except queue.Empty:
+                return True
+            if not _apply(pubsub, request):
+                return False
+            self._hub.sent()
 
     def _stopped(self) -> bool:
         with self._start:
@@ -225,10 +351,10 @@ class _AsyncSubscription:
     def __init__(self, listener: AsyncListener, key: str, channel: str) -> None:
         self.listener, self.key, self.channel = listener, key, channel
         self.notices: asyncio.Queue[Notice] = asyncio.Queue()
-        self.confirmed = asyncio.Event()
+        self.settled = asyncio.Event()  # confirmed, or not worth waiting for
 
     def confirm(self) -> None:
-        self.confirmed.set()
+        self.settled.set()
 
     def deliver(self, notice: Notice) -> None:
         self.notices.put_nowait(notice)
@@ -250,14 +376,22 @@ class AsyncListener:
     subscriptions hear nothing and waiters poll.
     """
 
-    def __init__(self, pubsub: Callable[[], Any] | None, codec: RedisCodec) -> None:
+    def __init__(
+        self,
+        pubsub: Callable[[], Any] | None,
+        codec: RedisCodec,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._pubsub = pubsub
-        self._hub = _Hub(codec)
+        self._hub = _Hub(codec, clock)
         self._requests: asyncio.Queue[tuple[bool, str] | None] | None = None
         self._task: asyncio.Task[None] | None = None
 
     async def subscribe(self, key: str) -> _AsyncSubscription:
-        """Subscribe to notices about *key*; wait (briefly) until the server confirms."""
+        """Subscribe to notices about *key*; wait (briefly) until the server confirms.
+
+        See `Listener.subscribe`.
+        """
         subscription = _AsyncSubscription(self, key, self._hub.codec.channel(key))
         if self._pubsub is None:
             return subscription  # nothing to listen with: it hears nothing, so it polls
@@ -267,8 +401,10 @@ class AsyncListener:
         assert self._requests is not None  # noqa: S101 - made with the task
         if self._hub.add(subscription):
             self._requests.put_nowait((True, subscription.channel))
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(subscription.confirmed.wait(), _CONFIRM)
+        try:
+            await asyncio.wait_for(subscription.settled.wait(), _CONFIRM)
+        except TimeoutError:
+            self._hub.waited_out()
         return subscription
 
     def unsubscribe(self, subscription: _AsyncSubscription) -> None:
@@ -287,39 +423,44 @@ class AsyncListener:
     async def _run(self) -> None:
         requests = self._requests
         assert requests is not None  # noqa: S101 - made with the task
+        assert self._pubsub is not None  # noqa: S101 - no task without it
         while True:
-            assert self._pubsub is not None  # noqa: S101 - no task without it
-            pubsub = self._pubsub()
+            pubsub, serving = None, True
             try:
+                pubsub = self._pubsub()
+                self._hub.opened()
                 serving = await self._serve(pubsub, requests)
-            except Exception:
-                logger.warning(
-                    "pub/sub listener lost its connection; waiters poll meanwhile",
-                    exc_info=True,
-                )
-                for channel in self._hub.lost_connection():
+            except Exception as exc:  # noqa: BLE001 - any failure: reconnect, waiters poll
+                for channel in self._hub.lost(exc):
                     requests.put_nowait((True, channel))
-                await asyncio.sleep(_RETRY)
-                serving = True
             finally:
-                with contextlib.suppress(Exception):
-                    await asyncio.shield(pubsub.aclose())
+                if pubsub is not None:
+                    # Bounded: closing must not hang on the connection it gives up.
+                    with contextlib.suppress(Exception):
+                        await asyncio.wait_for(asyncio.shield(pubsub.aclose()), _CLOSE)
+            if serving:
+                await asyncio.sleep(_RETRY)
             # A subscriber may have come while the connection was closing.
-            if not serving and requests.empty() and not self._hub.subscribers:
+            elif requests.empty() and not self._hub.subscribers:
                 return
 
     async def _serve(
         self, pubsub: Any, requests: asyncio.Queue[tuple[bool, str] | None]
     ) -> bool:
         """Route messages and apply requests; return False when it is time to stop."""
+        hub = self._hub
         while True:
             if pubsub.subscribed:
                 while not requests.empty():
                     if not await _apply_async(pubsub, requests.get_nowait()):
                         return False
+                    hub.sent()
                 message = await pubsub.get_message(timeout=_POLL)
                 if message is not None:
-                    self._hub.route(message)
+                    hub.route(message)
+                if hub.ping_due():
+                    await pubsub.ping(_PING)
+                    hub.sent()
                 continue
             try:
                 request = await asyncio.wait_for(requests.get(), _IDLE)
@@ -329,6 +470,7 @@ class AsyncListener:
                 continue
             if not await _apply_async(pubsub, request):
                 return False
+            hub.sent(anew=True)  # replies owed from before the idle spell do not count
 
 
 async def _apply_async(pubsub: Any, request: tuple[bool, str] | None) -> bool:
