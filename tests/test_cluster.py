@@ -302,6 +302,31 @@ def test_seed_nodes_let_from_url_find_the_cluster_past_a_dead_node(
         backend.close()
 
 
+def test_each_node_has_its_own_circuit_breaker(
+    cluster: Cluster, backends: Callable[[], RedisBackend]
+) -> None:
+    """Keys on one master share its breaker; a master's failures open no other's."""
+    backend = backends()
+    codec = RedisCodec(backend._codec.prefix, None)
+    by_node: dict[int, list[str]] = {}
+    n = 0
+    while len(by_node) < len(cluster.masters) or min(map(len, by_node.values())) < 2:
+        key = f"k{n}"
+        n += 1
+        by_node.setdefault(owner(cluster, codec.value_key(key)).port, []).append(key)
+    groups = [keys[:2] for keys in by_node.values()]
+    for first, second in groups:
+        assert backend.breaker_for(first) is backend.breaker_for(second)
+    breakers = [backend.breaker_for(keys[0]) for keys in groups]
+    assert len({id(b) for b in breakers}) == len(cluster.masters)
+    for port, keys in by_node.items():
+        assert f":{port}" in str(backend.breaker_for(keys[0])._server)
+    for _ in range(5):
+        breakers[0].failed()
+    assert breakers[0].open
+    assert not any(b.open for b in breakers[1:])
+
+
 def test_a_user_made_cluster_client_is_accepted(cluster: Cluster, prefix: str) -> None:
     """RedisBackend takes a RedisCluster built by the user, AsyncRedisBackend its twin."""
     client = redis.cluster.RedisCluster.from_url(cluster.url)

@@ -93,7 +93,7 @@ def test_a_forged_pickle_is_never_unpickled(
     assert not marker.exists()
     stored = redis_client.get(value_key)
     assert isinstance(stored, bytes)
-    assert decode_entry(stored, serializer).value == "honest"
+    assert decode_entry(stored, serializer, key=value_key.decode()).value == "honest"
     backend.close()
 
 

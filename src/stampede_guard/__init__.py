@@ -27,6 +27,7 @@ from stampede_guard.backends import (
 )
 from stampede_guard.metrics import MetricsHook, StampedeStats, StatsSnapshot
 from stampede_guard.serializers import (
+    BoundSerializer,
     JsonSerializer,
     Serializer,
     SignedPickleSerializer,
@@ -43,6 +44,7 @@ __all__ = [
     "AsyncRedisBackend",
     "Backend",
     "BackendError",
+    "BoundSerializer",
     "CachedFunction",
     "Entry",
     "InterruptedComputationError",

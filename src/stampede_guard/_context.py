@@ -14,7 +14,16 @@ from stampede_guard._breaker import CircuitBreaker
 from stampede_guard._ops import Op
 from stampede_guard.metrics import _Emit
 
-__all__ = ["MISS", "RENEWAL_LIMIT", "Context", "Plan", "Policy", "Served", "Via"]
+__all__ = [
+    "MISS",
+    "RENEWAL_LIMIT",
+    "Context",
+    "Plan",
+    "Policy",
+    "Served",
+    "Via",
+    "own_breaker",
+]
 
 # With lock_renewal, a lock is renewed for at most this many leases: a computation
 # that hangs cannot keep the key from everyone else for ever.
@@ -86,6 +95,12 @@ class Policy:
         return self.should_cache is None or bool(self.should_cache(value))
 
 
+def own_breaker() -> Callable[[str], CircuitBreaker]:
+    """One breaker for every key: for a backend that brings none (see `Context`)."""
+    breaker = CircuitBreaker()
+    return lambda _key: breaker
+
+
 def _new_token() -> str:
     # 128 random bits per acquisition; unlike uuid1 it leaks no MAC address or time.
     return secrets.token_hex(16)
@@ -96,6 +111,9 @@ class Context:
     """What a plan needs besides its key: the policy, where events go, and clocks.
 
     The clocks and the token source are parameters so a test can step a plan exactly.
+    *breaker_for* returns the circuit breaker of the server a key's commands go to:
+    the backend's own (shared by every function on it, one per node of a cluster),
+    or, for a backend that brings none, one of this function's.
     """
 
     policy: Policy
@@ -105,4 +123,4 @@ class Context:
     wall_clock: Callable[[], float] = time.time
     new_token: Callable[[], str] = field(default=_new_token)
     random: Callable[[], float] = random.random
-    breaker: CircuitBreaker = field(default_factory=CircuitBreaker)
+    breaker_for: Callable[[str], CircuitBreaker] = field(default_factory=own_breaker)

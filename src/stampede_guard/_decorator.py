@@ -12,11 +12,13 @@ from stampede_guard._keys import KeyMaker, validate_namespace
 from stampede_guard._options import (
     OnCancel,
     OnTimeout,
+    breakers_of,
     check_backend,
     check_function,
     check_key,
     check_metrics,
     check_pairing,
+    clock_of,
     policy,
 )
 from stampede_guard._types import AsyncCachedFunction, CachedFunction
@@ -239,6 +241,7 @@ def cached_stampede_safe(
             function, or the backend cannot serve the function (an ``async def`` on
             `RedisBackend`, a plain function on `AsyncRedisBackend`).
     """
+    checked_backend = check_backend(backend)
     context = Context(
         policy(
             ttl=ttl,
@@ -261,8 +264,9 @@ def cached_stampede_safe(
         ),
         safe_emitter(check_metrics(metrics)),
         observed=metrics is not None,
+        breaker_for=breakers_of(checked_backend),
+        wall_clock=clock_of(checked_backend),
     )
-    checked_backend = check_backend(backend)
     checked_key = check_key(key)
     checked_namespace = validate_namespace(namespace)
 

@@ -14,6 +14,7 @@ import time
 from collections.abc import Awaitable, Callable, Generator
 from typing import Any, Protocol, TypeVar, assert_never, cast
 
+from stampede_guard import _reporting
 from stampede_guard._ops import (
     Await,
     AwaitFlight,
@@ -56,8 +57,28 @@ class _AsyncFlight(Protocol):
     async def wait(self, seconds: float) -> bool: ...
 
 
-def run_sync(plan: Steps[T], backend: Backend, compute: Callable[[], object]) -> T:
-    """Run *plan* to completion in this thread and return its result."""
+def run_sync(
+    plan: Steps[T],
+    backend: Backend,
+    compute: Callable[[], object],
+    *,
+    ctx: _reporting.Observed | None = None,
+) -> T:
+    """Run *plan* to completion in this thread and return its result.
+
+    With *ctx*, the backend reports the unreadable entries it meets meanwhile to
+    *ctx*'s metrics hook, if it has one; *compute* never does (see `_reporting`).
+    """
+    scope = None if ctx is None else _reporting.begin(ctx)
+    if scope is not None:
+        compute = _reporting.unobserved(compute)
+    try:
+        return _drive(plan, backend, compute)
+    finally:
+        _reporting.end(scope)
+
+
+def _drive(plan: Steps[T], backend: Backend, compute: Callable[[], object]) -> T:
     result: object = None
     error: BaseException | None = None
     while True:
@@ -105,7 +126,12 @@ def _perform(op: Op, backend: Backend, compute: Callable[[], object]) -> object:
             if ticket is None:
                 return backend.set_and_unlock(key, entry, ttl, token)
             return backend.set_and_unlock(key, entry, ttl, token, ticket=ticket)
-        case Unlock(key, token):
+        case Unlock(key, token, apart):
+            if apart:
+                threading.Thread(
+                    target=_unlock_quietly, args=(backend, key, token), daemon=True
+                ).start()
+                return None
             return backend.unlock(key, token)
         case Subscribe(key):
             return backend.subscribe(key) if isinstance(backend, Notifier) else None
@@ -126,7 +152,30 @@ async def run_async(
     plan: Steps[T],
     backend: AsyncBackend,
     compute: Callable[[], Awaitable[object]],
-    background: set[asyncio.Task[Any]] | None,
+    background: set[asyncio.Task[Any]],
+    pending: Op | None = None,
+    *,
+    ctx: _reporting.Observed | None = None,
+) -> T:
+    """Run *plan* to completion in this task and return its result (see `_drive_async`).
+
+    With *ctx*, as `run_sync`. The task an apart `Compute` starts copies this task's
+    context, so it reports to the same hook.
+    """
+    scope = None if ctx is None else _reporting.begin(ctx)
+    if scope is not None:
+        compute = _reporting.unobserved_async(compute)
+    try:
+        return await _drive_async(plan, backend, compute, background, pending)
+    finally:
+        _reporting.end(scope)
+
+
+async def _drive_async(
+    plan: Steps[T],
+    backend: AsyncBackend,
+    compute: Callable[[], Awaitable[object]],
+    background: set[asyncio.Task[Any]],
     pending: Op | None = None,
 ) -> T:
     """Run *plan* to completion in this task and return its result.
@@ -135,8 +184,10 @@ async def run_async(
     releases its lock (see the shield below) and its waiters move on at once. A
     `Compute` marked *apart* runs, with the rest of the plan, in a task of its own,
     kept in *background* until it is done: cancelling this caller does not cancel it.
-    That task runs this same loop, from the *pending* `Compute`, with no *background*.
+    That task runs this same loop, from the *pending* `Compute`. An `Unlock` marked
+    *apart* also runs in a task kept in *background*.
     """
+    nested = pending is not None  # the task of an apart Compute: it runs it here
     result: object = None
     error: BaseException | None = None
     while True:
@@ -149,10 +200,10 @@ async def run_async(
                 done: T = stop.value
                 return done
         result = error = None
-        if background is not None and isinstance(op, Compute) and op.apart:
+        if not nested and isinstance(op, Compute) and op.apart:
             return await _apart(plan, op, backend, compute, background)
         try:
-            result = await _perform_async(op, backend, compute)
+            result = await _perform_async(op, backend, compute, background)
         except BaseException as exc:  # noqa: BLE001 - the plan decides what to do with it
             error = exc
 
@@ -174,7 +225,7 @@ async def _apart(
     """
     loop = asyncio.get_running_loop()
     started = loop.time()
-    rest = loop.create_task(run_async(plan, backend, compute, None, op))
+    rest = loop.create_task(run_async(plan, backend, compute, background, op))
     background.add(rest)
     rest.add_done_callback(background.discard)
     try:
@@ -207,7 +258,10 @@ def _report_orphan(key: str) -> Callable[[asyncio.Task[Any]], None]:
 
 
 async def _perform_async(  # noqa: C901
-    op: Op, backend: AsyncBackend, compute: Callable[[], Awaitable[object]]
+    op: Op,
+    backend: AsyncBackend,
+    compute: Callable[[], Awaitable[object]],
+    background: set[asyncio.Task[Any]],
 ) -> object:
     match op:  # the commonest first: every joiner of a thousand waits on its flight
         case AwaitFlight(flight, seconds):
@@ -238,7 +292,14 @@ async def _perform_async(  # noqa: C901
             if ticket is None:
                 return await backend.aset_and_unlock(key, entry, ttl, token)
             return await backend.aset_and_unlock(key, entry, ttl, token, ticket=ticket)
-        case Unlock(key, token):
+        case Unlock(key, token, apart):
+            if apart:
+                task = asyncio.get_running_loop().create_task(
+                    _aunlock_quietly(backend, key, token)
+                )
+                background.add(task)
+                task.add_done_callback(background.discard)
+                return None
             # Shielded: the release usually runs because this task is being cancelled,
             # and a second cancellation must not leave the lock to its lease.
             return await asyncio.shield(backend.aunlock(key, token))
@@ -257,6 +318,24 @@ async def _perform_async(  # noqa: C901
             return None
         case _:
             assert_never(op)
+
+
+def _unlock_quietly(backend: Backend, key: str, token: str) -> None:
+    try:
+        backend.unlock(key, token)
+    except Exception:
+        logger.warning(
+            "could not release the lock on %r; it expires by itself", key, exc_info=True
+        )
+
+
+async def _aunlock_quietly(backend: AsyncBackend, key: str, token: str) -> None:
+    try:
+        await backend.aunlock(key, token)
+    except Exception:
+        logger.warning(
+            "could not release the lock on %r; it expires by itself", key, exc_info=True
+        )
 
 
 # Lease renewal while the function runs (a watchdog, as Redisson's): every third of the

@@ -50,15 +50,35 @@ class LockTimeoutError(StampedeGuardError, TimeoutError):
 class BackendError(StampedeGuardError):
     """The cache backend failed while handling *key*; ``__cause__`` holds the original.
 
-    Its message names the cause (the client's exception type and message, which for
-    a connection names the server's host and port, never a password), so a log line
-    says why without a traceback.
+    Its message names the server (*server*, ``host:port``, never a password) and the
+    cause (the client's exception type and message), so a log line says why without
+    a traceback: a reply such as ``READONLY`` or ``OOM`` names no server by itself.
+
+    Attributes:
+        key: The cache key the call was for.
+        operation: The backend method that failed (``get``, ``set_and_unlock``...).
+        server: Where the command went, if the backend knows.
+        refused: The server's reason when it refused a write it can still be asked to
+            read (``READONLY``, ``OOM``...): reads keep working, so such failures are
+            counted apart (see the circuit breaker) and logged once.
     """
 
-    def __init__(self, key: str, operation: str) -> None:
+    def __init__(
+        self,
+        key: str,
+        operation: str,
+        *,
+        server: str | None = None,
+        refused: str | None = None,
+    ) -> None:
         self.key = key
         self.operation = operation
-        super().__init__(f"cache backend failed during {operation} of key {key!r}")
+        self.server = server
+        self.refused = refused
+        where = f" on {server}" if server else ""
+        super().__init__(
+            f"cache backend failed during {operation} of key {key!r}{where}"
+        )
 
     def __str__(self) -> str:
         # Read when shown, since `raise ... from` sets the cause after __init__.

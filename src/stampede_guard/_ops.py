@@ -110,10 +110,16 @@ class SetAndUnlock:
 
 @dataclass(frozen=True, slots=True)
 class Unlock:
-    """Release the lock held by *token* without storing anything; sends back a bool."""
+    """Release the lock held by *token* without storing anything; sends back a bool.
+
+    With *apart*, the driver releases it without the caller waiting (in a thread or a
+    task of its own, failures logged) and sends back None: for a release after a
+    failed store, which has already cost the caller its one socket timeout.
+    """
 
     key: str
     token: str
+    apart: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,7 +9,9 @@ from collections.abc import Callable
 from functools import partial
 from typing import Any, Literal, cast
 
-from stampede_guard._context import RENEWAL_LIMIT, Policy
+from stampede_guard._breaker import CircuitBreaker
+from stampede_guard._clock import StepFreeClock
+from stampede_guard._context import RENEWAL_LIMIT, Policy, own_breaker
 from stampede_guard.backends._protocol import AsyncBackend, Backend
 from stampede_guard.backends.memory import default_backend
 from stampede_guard.metrics import MetricsHook
@@ -17,10 +19,12 @@ from stampede_guard.metrics import MetricsHook
 __all__ = [
     "OnCancel",
     "OnTimeout",
+    "breakers_of",
     "check_backend",
     "check_function",
     "check_key",
     "check_metrics",
+    "clock_of",
     "policy",
 ]
 
@@ -42,6 +46,30 @@ def check_backend(backend: object) -> Backend | AsyncBackend:
         )
         raise TypeError(msg)
     return backend
+
+
+def breakers_of(backend: Backend | AsyncBackend) -> Callable[[str], CircuitBreaker]:
+    """Return the backend's circuit breakers (shared by its functions), or our own.
+
+    A backend offers them as a ``breaker_for(key)`` method; one that offers none (an
+    in-memory or third-party backend) gets one breaker for this function.
+    """
+    breaker_for = getattr(backend, "breaker_for", None)
+    if callable(breaker_for):
+        return cast("Callable[[str], CircuitBreaker]", breaker_for)
+    return own_breaker()
+
+
+def clock_of(backend: Backend | AsyncBackend) -> Callable[[], float]:
+    """Return the clock entries on *backend* are stamped and judged fresh by.
+
+    The backend's ``now()`` if it has one (Redis: the server's clock), else a clock of
+    this function's that never steps with the host's.
+    """
+    now = getattr(backend, "now", None)
+    if callable(now):
+        return cast("Callable[[], float]", now)
+    return StepFreeClock()
 
 
 def check_function(fn: object) -> None:

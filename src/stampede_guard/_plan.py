@@ -219,9 +219,16 @@ def plan(
         claim = yield GetOrLock(key, token, policy.lock_timeout)
     except BackendError as exc:
         return (yield from without_cache(key, ctx, exc, flight))
+    breaker = ctx.breaker_for(key)
     if isinstance(claim, Entry):  # stored between our two looks
+        breaker.succeeded()
         ctx.emit(Hit(key))
         return claim.value, Via.CACHE
+    # A lock taken is a write the server accepted; a lock found held, a read.
+    if claim == token:
+        breaker.stored()
+    else:
+        breaker.succeeded()
     ctx.emit(Miss(key))
     if claim != token and claim == gave_up_on:
         entry = yield from _compute(key, ctx, flight=flight)
@@ -403,6 +410,7 @@ def _store(key: str, entry: Entry, ticket: int | None, ctx: Context) -> Plan:
     except BackendError as exc:
         _store_failed(key, ctx, exc)
         return entry.value, Via.COMPUTED
+    ctx.breaker_for(key).stored()
     if stored is None:
         return entry.value, Via.PRIVATE
     return stored.value, Via.COMPUTED
@@ -534,12 +542,12 @@ def _lead(
             # Not to be stored: let go (announced, so waiters look and one computes).
             yield Unlock(key, token)
             return entry.value, Via.COMPUTED
+        stored: Entry | None = None
+        failed: BackendError | None = None
         try:
             stored = yield SetAndUnlock(key, entry, policy.store_ttl, token, ticket)
         except BackendError as exc:
-            _store_failed(key, ctx, exc)  # or raise: either way, release below
-            yield from _release(key, token)
-            return entry.value, Via.COMPUTED
+            failed = exc
     except GeneratorExit:
         # Closed by its owner being collected: no driver is left to release through,
         # so the lease runs out. Drivers themselves never close a plan early.
@@ -550,6 +558,13 @@ def _lead(
         # every waiter compute at once.
         yield from _release(key, token)
         raise
+    if failed is not None:
+        # The store already cost its callers up to a socket timeout: the release goes
+        # on without them (it may have happened with the store, or the lease ends it).
+        yield Unlock(key, token, apart=True)
+        _store_failed(key, ctx, failed)  # or raise
+        return entry.value, Via.COMPUTED
+    ctx.breaker_for(key).stored()
     if stored is None:
         # Refused: an invalidation, or a value begun later, came first. Our caller
         # asked before either and may have it; nobody else may.
@@ -567,12 +582,15 @@ def without_cache(
     backend. With ``on_backend_error="raise"`` the failure is raised instead.
     """
     if error is not None:
-        ctx.breaker.failed()
+        news = ctx.breaker_for(key).failed(error)
         if ctx.policy.on_backend_error == "raise":
             raise error
         ctx.emit(BackendFailed(key, error))
-        logger.warning(
-            "cache backend failed for %r; computing without it: %s", key, error
+        logger.log(
+            logging.WARNING if news else logging.DEBUG,
+            "cache backend failed for %r; computing without it: %s",
+            key,
+            error,
         )
     else:
         ctx.emit(BackendSkipped(key))
@@ -582,11 +600,16 @@ def without_cache(
 
 def _store_failed(key: str, ctx: Context, error: BackendError) -> None:
     """The value was computed but could not be stored: keep it, or raise."""
-    ctx.breaker.failed()
+    news = ctx.breaker_for(key).failed(error)
     if ctx.policy.on_backend_error == "raise":
         raise error
     ctx.emit(BackendFailed(key, error))
-    logger.warning("cache backend failed for %r; value not stored: %s", key, error)
+    logger.log(
+        logging.WARNING if news else logging.DEBUG,
+        "cache backend failed for %r; value not stored: %s",
+        key,
+        error,
+    )
 
 
 def _release(key: str, token: str) -> Generator[Op, Any, None]:

@@ -88,14 +88,15 @@ class _Cached(Generic[P, R]):
     def _serve(
         self, key: str, args: Args, kwargs: Kwargs, flight: Flight | None = None
     ) -> Served:
-        breaker = self._context.breaker
+        breaker = self._context.breaker_for(key)
         if not breaker.allow():
             return self._without_cache(key, None, args, kwargs, flight)
         try:
             found = self._backend.get(key)
         except BackendError as exc:
             return self._without_cache(key, exc, args, kwargs, flight)
-        breaker.succeeded()
+        if found is not None:  # a read that found nothing proves no write works
+            breaker.succeeded()
         value = first_look(key, found, self._context)
         if value is not MISS:
             return value, Via.CACHE
@@ -111,27 +112,28 @@ class _Cached(Generic[P, R]):
     ) -> Served:
         compute = functools.partial(self._fn, *args, **kwargs)
         steps = without_cache(key, self._context, error, flight)
-        return run_sync(steps, self._backend, compute)
+        return run_sync(steps, self._backend, compute, ctx=self._context)
 
     def _miss(
         self, key: str, args: Args, kwargs: Kwargs, flight: Flight | None = None
     ) -> Served:
         compute = functools.partial(self._fn, *args, **kwargs)
-        return run_sync(plan(key, self._context, flight), self._backend, compute)
+        steps = plan(key, self._context, flight)
+        return run_sync(steps, self._backend, compute, ctx=self._context)
 
     def _join(
         self, key: str, args: Args, kwargs: Kwargs, flight: Flight, arrived: float
     ) -> Served | GaveUp | None:
         compute = functools.partial(self._fn, *args, **kwargs)
         steps = join(key, self._context, flight, arrived)
-        return run_sync(steps, self._backend, compute)
+        return run_sync(steps, self._backend, compute, ctx=self._context)
 
     def _take_over(
         self, key: str, args: Args, kwargs: Kwargs, flight: Flight, gave_up: GaveUp
     ) -> Served:
         compute = functools.partial(self._fn, *args, **kwargs)
         steps = take_over(key, self._context, flight, gave_up)
-        return run_sync(steps, self._backend, compute)
+        return run_sync(steps, self._backend, compute, ctx=self._context)
 
     def _refresh_due(
         self, key: str, due: RefreshDue, args: Args, kwargs: Kwargs
@@ -155,7 +157,8 @@ class _Cached(Generic[P, R]):
 
     def _refresh(self, key: str, due: RefreshDue, args: Args, kwargs: Kwargs) -> Served:
         compute = functools.partial(self._fn, *args, **kwargs)
-        return run_sync(refresh(key, due, self._context), self._backend, compute)
+        steps = refresh(key, due, self._context)
+        return run_sync(steps, self._backend, compute, ctx=self._context)
 
     def _refresh_in_background(
         self, key: str, due: RefreshDue, args: Args, kwargs: Kwargs
@@ -179,7 +182,8 @@ class _Cached(Generic[P, R]):
         key = self._keys(args, kwargs)
         check_reentry(self._backend, key)
         compute = functools.partial(self._fn, *args, **kwargs)
-        value, _ = run_sync(refresh_now(key, self._context), self._backend, compute)
+        steps = refresh_now(key, self._context)
+        value, _ = run_sync(steps, self._backend, compute, ctx=self._context)
         self._flights.forget(key)  # later callers must not join an older computation
         return cast("R", value)
 
@@ -214,7 +218,7 @@ class _AsyncCached(Generic[P, R]):
         self._context = context
         self._flights = AsyncFlights()
         self._refreshing = Refreshing()
-        self._background: set[asyncio.Task[None]] = set()  # strong refs until done
+        self._background: set[asyncio.Task[Any]] = set()  # strong refs until done
         self._local = bool(getattr(backend, "local", False))
 
     async def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
@@ -239,14 +243,15 @@ class _AsyncCached(Generic[P, R]):
     async def _serve(
         self, key: str, args: Args, kwargs: Kwargs, flight: Flight | None = None
     ) -> Served:
-        breaker = self._context.breaker
+        breaker = self._context.breaker_for(key)
         if not breaker.allow():
             return await self._without_cache(key, None, args, kwargs, flight)
         try:
             found = await self._backend.aget(key)
         except BackendError as exc:
             return await self._without_cache(key, exc, args, kwargs, flight)
-        breaker.succeeded()
+        if found is not None:  # a read that found nothing proves no write works
+            breaker.succeeded()
         value = first_look(key, found, self._context)
         if value is not MISS:
             return value, Via.CACHE
@@ -254,7 +259,9 @@ class _AsyncCached(Generic[P, R]):
 
     async def _run(self, steps: Any, args: Args, kwargs: Kwargs) -> Any:
         compute = functools.partial(self._fn, *args, **kwargs)
-        return await run_async(steps, self._backend, compute, self._background)
+        return await run_async(
+            steps, self._backend, compute, self._background, ctx=self._context
+        )
 
     async def _without_cache(
         self,

@@ -1,7 +1,8 @@
 """Metrics: the events a cached call emits, the hook Protocol, and StampedeStats.
 
 Every call emits exactly one of `Hit` or `Miss` first, so ``requests = hits + misses``
-at the first lookup. A miss then either takes the lock (`LockAcquired`, `Computed` or
+at the first lookup; only an `UnreadableEntry` met at that lookup comes before its
+`Miss`. A miss then either takes the lock (`LockAcquired`, `Computed` or
 `ComputeError`) or waits for another caller (`LockWait`, then possibly `Timeout`).
 Hooks receive one frozen event object; new fields can be added without breaking them.
 """
@@ -30,6 +31,7 @@ __all__ = [
     "StampedeStats",
     "StatsSnapshot",
     "Timeout",
+    "UnreadableEntry",
 ]
 
 logger = logging.getLogger("stampede_guard")
@@ -143,6 +145,24 @@ class BackendSkipped:
     key: str
 
 
+@dataclass(frozen=True, slots=True)
+class UnreadableEntry:
+    """The stored entry could not be read: it counts as a miss, and is replaced.
+
+    Corrupt or foreign bytes, a payload the serializer chokes on (JSON nested too
+    deep, a pickle of a class that is gone), a signature that does not match (a forged
+    or moved entry, an unknown secret, an older signing format), or times that make no
+    sense. *reason* names the exception type (``"RecursionError"``,
+    ``"BadSignatureError"``, ``"ValueError"`` for an envelope that is not one); never
+    the bytes. Reported by the backends that store bytes (Redis), once per call that
+    meets the entry: by the look that follows the first lookup's miss (the first
+    lookup, the hot path, does not report), or by a refresh's look.
+    """
+
+    key: str
+    reason: str
+
+
 Event: TypeAlias = (
     Hit
     | Miss
@@ -156,6 +176,7 @@ Event: TypeAlias = (
     | RefreshFailed
     | BackendFailed
     | BackendSkipped
+    | UnreadableEntry
 )
 
 
@@ -193,6 +214,7 @@ class StatsSnapshot:
     refresh_failures: int = 0
     backend_errors: int = 0
     backend_skipped: int = 0
+    unreadable_entries: int = 0
 
     @property
     def average_wait_seconds(self) -> float:
@@ -241,6 +263,7 @@ class StampedeStats:
         self._refresh_failures = 0
         self._backend_errors = 0
         self._backend_skipped = 0
+        self._unreadable_entries = 0
 
     def __call__(self, event: Event, /) -> None:  # noqa: C901 - a case per event
         """Count *event*."""
@@ -272,6 +295,8 @@ class StampedeStats:
                     self._backend_errors += 1
                 case BackendSkipped():
                     self._backend_skipped += 1
+                case UnreadableEntry():
+                    self._unreadable_entries += 1
                 case LockAcquired():
                     pass
 
@@ -293,6 +318,7 @@ class StampedeStats:
                 refresh_failures=self._refresh_failures,
                 backend_errors=self._backend_errors,
                 backend_skipped=self._backend_skipped,
+                unreadable_entries=self._unreadable_entries,
             )
 
     def reset(self) -> None:

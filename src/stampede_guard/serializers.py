@@ -10,6 +10,14 @@ b"SG" | version (1 byte) | len(serializer name) (1 byte) | serializer name
 The serializer's name is stored so that bytes written by another serializer (or by
 anything else) read as a miss instead of as garbage; it comes first so that one prefix
 check covers the magic, the version and the serializer. New metadata gets a new version.
+
+Every entry is bound to where it is stored. A serializer that authenticates its payload
+(a `BoundSerializer`, such as `SignedPickleSerializer`) is handed a context to
+authenticate with it: the stored key's name and every header byte above, so that an
+entry copied to another key or prefix, or with its times edited, reads as a miss. The
+times are checked for every serializer: one that is not finite, or a negative
+computation time, makes the entry unreadable, since an unsigned entry can be written by
+anyone who can write to Redis.
 """
 
 from __future__ import annotations
@@ -17,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import math
 import pickle
 import struct
 from typing import Protocol, runtime_checkable
@@ -25,6 +34,8 @@ from stampede_guard.backends._protocol import Entry
 
 __all__ = [
     "MAGIC",
+    "BadSignatureError",
+    "BoundSerializer",
     "Envelope",
     "JsonSerializer",
     "Serializer",
@@ -47,6 +58,31 @@ class Serializer(Protocol):
 
     def loads(self, data: bytes) -> object:
         """Decode what `dumps` produced; raise ValueError on bytes it did not produce."""
+
+
+@runtime_checkable
+class BoundSerializer(Serializer, Protocol):
+    """A Serializer that authenticates each payload together with where it is stored.
+
+    The envelope calls these instead of `dumps` and `loads` when a serializer has them.
+    *context* is associated data: authenticated with the payload but not stored in it
+    (the stored key's name and the envelope's header), so a payload read back with any
+    other context must be refused, as if forged.
+    """
+
+    def dumps_bound(self, value: object, context: bytes) -> bytes:
+        """Encode *value* bound to *context*; raise TypeError or ValueError as `dumps`."""
+
+    def loads_bound(self, data: bytes, context: bytes) -> object:
+        """Decode what `dumps_bound` produced with the same *context*, else ValueError."""
+
+
+class BadSignatureError(ValueError):
+    """An entry's signature does not match: forged, moved, or signed otherwise.
+
+    Otherwise: with a secret that is not accepted, or in an older signing format. The
+    entry is refused before it is decoded, and read as a miss.
+    """
 
 
 class JsonSerializer:
@@ -75,9 +111,14 @@ class SignedPickleSerializer:
 
     Unpickling runs code chosen by whoever wrote the bytes, so a plain pickle cache
     lets anyone who can write to Redis run code in every reader. Here every entry
-    carries an HMAC-SHA256 of its payload under *secret*, checked in constant time
-    before anything is unpickled; an entry that fails the check is a miss. The
-    algorithm is fixed here, never read from the entry.
+    carries an HMAC-SHA256 under *secret*, checked in constant time before anything is
+    unpickled; an entry that fails the check is a miss. The MAC covers the payload and
+    the context the envelope binds it to: the stored key's full name (prefix included)
+    and every header field (magic, version, serializer name, created_at,
+    compute_seconds). So an entry moved to another key or another prefix sharing the
+    secret, or with forged times, is refused like a forged payload. The algorithm is
+    fixed here, never read from the entry, and the signing format's version is part of
+    the MAC: entries signed in an older format read as a miss and are recomputed.
 
     Args:
         secret: At least 32 random bytes, the same in every process sharing the cache
@@ -86,7 +127,8 @@ class SignedPickleSerializer:
     """
 
     name = "pickle-hmac-sha256"
-    _DOMAIN = b"stampede_guard/pickle-hmac-sha256/v1\x00"
+    # v1 signed the payload only; v2 binds the context too (see the class docstring).
+    _DOMAIN = b"stampede_guard/pickle-hmac-sha256/v2\x00"
     _MAC_SIZE = 32
 
     def __init__(self, secret: bytes, *, previous: tuple[bytes, ...] = ()) -> None:
@@ -101,26 +143,45 @@ class SignedPickleSerializer:
         self._secret = secret
         self._accepted = (secret, *previous)
 
-    def _mac(self, secret: bytes, payload: bytes) -> bytes:
-        return hmac.new(secret, self._DOMAIN + payload, hashlib.sha256).digest()
+    def _mac(self, secret: bytes, context: bytes, payload: bytes) -> bytes:
+        # The context's length goes first, so no split of context and payload other
+        # than the one signed can give the same MAC.
+        mac = hmac.new(secret, self._DOMAIN, hashlib.sha256)
+        mac.update(_LENGTH.pack(len(context)))
+        mac.update(context)
+        mac.update(payload)
+        return mac.digest()
 
-    def dumps(self, value: object) -> bytes:
-        """Pickle *value* and sign it."""
+    def dumps_bound(self, value: object, context: bytes) -> bytes:
+        """Pickle *value* and sign it together with *context*."""
         try:
             payload = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
         except (pickle.PicklingError, AttributeError) as exc:
             raise TypeError(str(exc)) from exc
-        return self._mac(self._secret, payload) + payload
+        return self._mac(self._secret, context, payload) + payload
 
-    def loads(self, data: bytes) -> object:
-        """Check the signature, then unpickle; ValueError if the check fails."""
+    def loads_bound(self, data: bytes, context: bytes) -> object:
+        """Check the signature over *data* and *context*, then unpickle.
+
+        Raises:
+            BadSignatureError: The check failed; nothing was unpickled.
+        """
         mac, payload = data[: self._MAC_SIZE], data[self._MAC_SIZE :]
         if not any(
-            hmac.compare_digest(mac, self._mac(s, payload)) for s in self._accepted
+            hmac.compare_digest(mac, self._mac(s, context, payload))
+            for s in self._accepted
         ):
             msg = "the entry's signature does not match: refused without unpickling"
-            raise ValueError(msg)
+            raise BadSignatureError(msg)
         return pickle.loads(payload)  # noqa: S301 - authenticated above
+
+    def dumps(self, value: object) -> bytes:
+        """Pickle *value* and sign it, bound to no context (for use without an envelope)."""
+        return self.dumps_bound(value, b"")
+
+    def loads(self, data: bytes) -> object:
+        """Check the signature of what `dumps` produced, then unpickle; else ValueError."""
+        return self.loads_bound(data, b"")
 
     def __repr__(self) -> str:
         return "SignedPickleSerializer(secret=<hidden>)"
@@ -128,6 +189,7 @@ class SignedPickleSerializer:
 
 MAGIC = b"SG\x01"  # the Redis get_or_lock script checks it server-side too
 _HEADER = struct.Struct("!dd")
+_LENGTH = struct.Struct("!Q")
 
 
 class Envelope:
@@ -137,38 +199,69 @@ class Envelope:
         serializer: What encodes the payload; its name is part of every envelope.
     """
 
-    __slots__ = ("_prefix", "_start", "serializer")
+    __slots__ = ("_bound", "_prefix", "_start", "serializer")
 
     def __init__(self, serializer: Serializer) -> None:
         name = serializer.name.encode("ascii")
         self.serializer = serializer
+        # Asked once: a runtime Protocol check costs microseconds, every hit reads.
+        self._bound = serializer if isinstance(serializer, BoundSerializer) else None
         self._prefix = MAGIC + bytes((len(name),)) + name  # magic, version, name
         self._start = len(self._prefix) + _HEADER.size
 
-    def encode(self, entry: Entry) -> bytes:
-        """Wrap *entry*; serializer errors propagate."""
-        times = _HEADER.pack(entry.created_at, entry.compute_seconds)
-        return b"".join((self._prefix, times, self.serializer.dumps(entry.value)))
+    def encode(self, entry: Entry, *, key: str = "") -> bytes:
+        """Wrap *entry*, bound to *key*; serializer errors propagate.
 
-    def decode(self, data: bytes) -> Entry:
-        """Unwrap an envelope made by `encode`.
+        Args:
+            entry: What to wrap.
+            key: Where it will be stored (for Redis, the value key's full name); an
+                authenticating serializer's entry then reads back under this key only.
+        """
+        header = self._prefix + _HEADER.pack(entry.created_at, entry.compute_seconds)
+        if self._bound is not None:
+            payload = self._bound.dumps_bound(entry.value, _context(key, header))
+        else:
+            payload = self.serializer.dumps(entry.value)
+        return header + payload
+
+    def decode(self, data: bytes, *, key: str = "") -> Entry:
+        """Unwrap an envelope made by `encode` with the same *key*.
 
         Raises:
             ValueError: The bytes are not such an envelope (corrupt, foreign, another
-                serializer's or a future version's), or its payload makes the
-                serializer raise anything at all; callers treat them as a miss.
+                serializer's or a future version's), its times are not finite or its
+                computation time is negative, or its payload makes the serializer
+                raise anything at all (an authenticating serializer's included, for
+                an entry made under another key, or with other header bytes);
+                callers treat them all as a miss.
         """
         # One prefix check covers the magic, the version and the serializer.
         if not data.startswith(self._prefix) or len(data) < self._start:
             raise ValueError(self._why_not(data))
         created_at, compute_seconds = _HEADER.unpack_from(data, len(self._prefix))
+        # For every serializer, signed or not: a NaN or infinite time would poison the
+        # freshness arithmetic, and a huge computation time makes XFetch refresh on
+        # every call; a negative one means nothing honest wrote it.
+        if not (
+            math.isfinite(created_at)
+            and math.isfinite(compute_seconds)
+            and compute_seconds >= 0
+        ):
+            msg = "entry has a time that is not finite, or a negative computation time"
+            raise ValueError(msg)
+        payload = data[self._start :]
         try:
-            value = self.serializer.loads(data[self._start :])
+            if self._bound is not None:
+                context = _context(key, data[: self._start])
+                value = self._bound.loads_bound(payload, context)
+            else:
+                value = self.serializer.loads(payload)
         except Exception as exc:
             # Whatever the payload makes the serializer raise (a RecursionError from
             # JSON nested 100,000 deep, a ModuleNotFoundError from a pickle of a class
-            # that is gone) is a poison entry: a miss, recomputed and replaced. Only
-            # the exception's type is told: its message may quote the bytes.
+            # that is gone, a BadSignatureError) is a poison entry: a miss, recomputed
+            # and replaced. Only the exception's type is told: its message may quote
+            # the bytes.
             msg = (
                 f"payload does not decode with the {self.serializer.name} serializer "
                 f"({type(exc).__name__})"
@@ -184,11 +277,21 @@ class Envelope:
         return f"entry was not written by the {self.serializer.name} serializer"
 
 
-def encode_entry(entry: Entry, serializer: Serializer) -> bytes:
-    """Wrap *entry* in a version-1 envelope; serializer errors propagate."""
-    return Envelope(serializer).encode(entry)
+def _context(key: str, header: bytes) -> bytes:
+    """Return what a bound payload is authenticated with: *key*, then the header.
+
+    The key's length goes first; the header delimits itself (a name length, then
+    fixed-size times), and the serializer length-prefixes the whole.
+    """
+    name = key.encode("utf-8", "surrogatepass")
+    return _LENGTH.pack(len(name)) + name + header
 
 
-def decode_entry(data: bytes, serializer: Serializer) -> Entry:
-    """Unwrap an envelope made by `encode_entry` with the same serializer (see `Envelope`)."""
-    return Envelope(serializer).decode(data)
+def encode_entry(entry: Entry, serializer: Serializer, *, key: str = "") -> bytes:
+    """Wrap *entry* in a version-1 envelope bound to *key* (see `Envelope.encode`)."""
+    return Envelope(serializer).encode(entry, key=key)
+
+
+def decode_entry(data: bytes, serializer: Serializer, *, key: str = "") -> Entry:
+    """Unwrap an envelope made by `encode_entry` with the same serializer and *key*."""
+    return Envelope(serializer).decode(data, key=key)

@@ -10,7 +10,9 @@ import logging
 import re
 from typing import Any
 
+from stampede_guard._clock import StepFreeClock
 from stampede_guard._errors import SerializationError
+from stampede_guard._reporting import report_unreadable
 from stampede_guard.backends._kept import AsyncKeptConnections, KeptConnections
 from stampede_guard.backends._protocol import (
     RELEASED,
@@ -310,6 +312,8 @@ class RedisCodec:
         self.serializer = check_serializer(serializer)
         self._envelope = Envelope(self.serializer)
         self._names: dict[str, tuple[str, str, str, str]] = {}
+        # Stamps and judges entries by the server's clock, learned from the tickets.
+        self.clock = StepFreeClock()
 
     def _names_of(self, key: str) -> tuple[str, str, str, str]:
         names = self._names.get(key)
@@ -375,11 +379,13 @@ class RedisCodec:
     def notice(self, key: str, payload: bytes) -> Notice:
         """Read a message from `channel`: the announced entry, or RELEASED.
 
-        An unreadable payload counts as RELEASED: the waiter looks for itself.
+        An unreadable payload counts as RELEASED: the waiter looks for itself. A
+        notice carries the very bytes stored, so it is read bound to the value key.
+        It is not reported: it is read by the listener, on behalf of no one call.
         """
         if not payload:
             return RELEASED
-        entry = self.decode(key, payload)
+        entry = self.decode(key, payload, report=False)
         return RELEASED if entry is None else entry
 
     @staticmethod
@@ -392,7 +398,8 @@ class RedisCodec:
         """Read a GET_OR_LOCK reply: the entry, the holder's token, or None to ask again.
 
         None means the script returned an envelope that does not decode (another
-        serializer's, a later version's, a damaged payload): the caller repeats the
+        serializer's, a later version's, a damaged payload, a signed one forged or
+        moved from another key): the caller repeats the
         script with ``ignore_value=True``, and its result will replace the entry.
         """
         if reply[0]:
@@ -400,6 +407,7 @@ class RedisCodec:
         _, found, ticket = reply
         # Time stands still inside a script, so a lock that SET NX found held still
         # has its holder for the GET; the empty fallback only keeps the types honest.
+        self.clock.learn(int(ticket))
         return Claim(found.decode() if isinstance(found, bytes) else "", int(ticket))
 
     def encode(self, key: str, entry: Entry) -> tuple[bytes, Entry]:
@@ -407,24 +415,37 @@ class RedisCodec:
 
         Decoding here too means a value the serializer cannot read back is refused
         before it is stored, and the computing caller gets what everyone else gets.
+        The entry is bound to the value key's full name, prefix included: a signing
+        serializer then refuses it anywhere else (copied to another key or prefix).
         """
+        name = self.value_key(key)
         try:
-            data = self._envelope.encode(entry)
-            return data, self._envelope.decode(data)
+            data = self._envelope.encode(entry, key=name)
+            return data, self._envelope.decode(data, key=name)
         except (TypeError, ValueError, OverflowError, RecursionError) as exc:
             raise SerializationError(
                 key, type(entry.value), self.serializer.name, str(exc)
             ) from exc
 
-    def decode(self, key: str, data: bytes | None) -> Entry | None:
-        """Return the entry in *data*, or None if there is none or it is unreadable."""
+    def decode(
+        self, key: str, data: bytes | None, *, report: bool = True
+    ) -> Entry | None:
+        """Return the entry in *data*, or None if there is none or it is unreadable.
+
+        An unreadable entry is logged and, with *report*, reported to the metrics hook
+        of the call reading it (see `_reporting`).
+        """
         if data is None:
             return None
         try:
-            return self._envelope.decode(data)
+            return self._envelope.decode(data, key=self.value_key(key))
         except ValueError as exc:
             # Never log the bytes: they may hold someone's data.
             logger.warning(
                 "unreadable cache entry for key %r treated as a miss: %s", key, exc
             )
+            # The type of what the serializer raised, if it raised (see Envelope).
+            if report:
+                cause = exc if exc.__cause__ is None else exc.__cause__
+                report_unreadable(key, type(cause).__name__)
             return None

@@ -9,6 +9,7 @@ import threading
 import time
 from collections.abc import Callable
 
+from stampede_guard._clock import StepFreeClock
 from stampede_guard.backends._protocol import (
     FENCE_SECONDS,
     RELEASED,
@@ -42,6 +43,7 @@ class MemoryBackend:
 
     def __init__(self, *, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
+        self._wall = StepFreeClock()
         self._mutex = threading.Lock()
         self._entries: dict[str, tuple[Entry, float]] = {}
         self._locks: dict[str, tuple[str, float]] = {}
@@ -54,6 +56,14 @@ class MemoryBackend:
 
     def __repr__(self) -> str:
         return f"MemoryBackend(entries={len(self._entries)}, locks={len(self._locks)})"
+
+    def now(self) -> float:
+        """Return the time (Unix seconds) entries are stamped and judged fresh by.
+
+        The wall clock when the backend was made, advanced by a clock that never
+        steps: a step of the host's clock changes no freshness decision.
+        """
+        return self._wall()
 
     def get(self, key: str) -> Entry | None:
         """Return the live entry for *key*, or None."""

@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any, cast
 
-from stampede_guard._errors import BackendError
+from stampede_guard._breaker import CircuitBreaker
+from stampede_guard.backends._faults import Faults
 from stampede_guard.backends._kept import KeptConnections
 from stampede_guard.backends._listener import Listener
 from stampede_guard.backends._protocol import FENCE_SECONDS, Claim, Entry, Subscription
@@ -53,6 +54,12 @@ class RedisBackend:
             for values, ``...:l:<key>`` for locks, ``...:n:<key>`` for the notice
             channel). The ``{<tag>}`` is a digest of the cache key: a Redis Cluster
             hash tag, which puts all three in one slot.
+        breaker_failures: Failures in a row after which the circuit breaker opens:
+            calls skip the server (and compute) instead of paying its timeout. One
+            breaker per server (per node of a cluster), shared by every function on
+            this backend. Refused writes (``READONLY``, ``OOM``) count as failures.
+        breaker_reset: Seconds an open circuit skips its server; then one call at a
+            time probes it, and success closes the circuit.
     """
 
     def __init__(
@@ -61,6 +68,8 @@ class RedisBackend:
         *,
         serializer: Serializer | None = None,
         prefix: str = "sg",
+        breaker_failures: int = 5,
+        breaker_reset: float = 5.0,
     ) -> None:
         self._errors = check_client(client, asyncio=False, builder="RedisBackend")
         self._client = client
@@ -68,6 +77,12 @@ class RedisBackend:
         self._kept: KeptConnections | None = None  # if from_url built the pool
         self._read: Callable[[str], object] = client.get
         self._codec = RedisCodec(prefix, serializer)
+        self._faults = Faults(
+            client,
+            self._codec.value_key,
+            failures=breaker_failures,
+            reset_after=breaker_reset,
+        )
         self._scripts = Scripts(client)
         self._listener = Listener(pubsub_factory(client, asyncio=False), self._codec)
 
@@ -78,6 +93,8 @@ class RedisBackend:
         *,
         serializer: Serializer | None = None,
         prefix: str = "sg",
+        breaker_failures: int = 5,
+        breaker_reset: float = 5.0,
         cluster: bool = False,
         seed_nodes: Sequence[str] = (),
         socket_timeout: float = 1.0,
@@ -98,6 +115,8 @@ class RedisBackend:
                 any node of the cluster: the client discovers the others.
             serializer: See the class.
             prefix: See the class.
+            breaker_failures: See the class.
+            breaker_reset: See the class.
             cluster: Build a Redis Cluster client. It routes each call to the node
                 that owns the key's slot and follows slot moves and failovers,
                 retrying a failed call 3 times (after 0.1, 0.2 and 0.4 s) with a
@@ -132,7 +151,13 @@ class RedisBackend:
             options=options,
             client_kwargs=client_kwargs,
         )
-        backend = cls(client, serializer=serializer, prefix=prefix)
+        backend = cls(
+            client,
+            serializer=serializer,
+            prefix=prefix,
+            breaker_failures=breaker_failures,
+            breaker_reset=breaker_reset,
+        )
         kept = kept_connections(client, asyncio=False, max_connections=max_connections)
         if kept is not None:
             backend._use(kept)
@@ -152,6 +177,8 @@ class RedisBackend:
         *,
         serializer: Serializer | None = None,
         prefix: str = "sg",
+        breaker_failures: int = 5,
+        breaker_reset: float = 5.0,
         socket_timeout: float = 1.0,
         connect_timeout: float = 1.0,
         max_connections: int = 100,
@@ -171,6 +198,8 @@ class RedisBackend:
             service_name: The master's name in the sentinels' configuration.
             serializer: See the class.
             prefix: See the class.
+            breaker_failures: See the class.
+            breaker_reset: See the class.
             socket_timeout: Seconds to wait for a reply, from a sentinel or the
                 master; then the call fails (see `from_url`).
             connect_timeout: Seconds to wait for a TCP connection.
@@ -194,7 +223,13 @@ class RedisBackend:
             sentinel_kwargs=sentinel_kwargs,
             client_kwargs=client_kwargs,
         )
-        backend = cls(client, serializer=serializer, prefix=prefix)
+        backend = cls(
+            client,
+            serializer=serializer,
+            prefix=prefix,
+            breaker_failures=breaker_failures,
+            breaker_reset=breaker_reset,
+        )
         backend._sentinels = asking
         return backend
 
@@ -216,12 +251,24 @@ class RedisBackend:
         # redis-py's own repr redacts credentials.
         return f"RedisBackend({self._client!r}, serializer={self._codec.serializer!r}, prefix={self._codec.prefix!r})"
 
+    def breaker_for(self, key: str) -> CircuitBreaker:
+        """Return the circuit breaker of the server that serves *key* (see the class)."""
+        return self._faults.breaker_for(key)
+
+    def now(self) -> float:
+        """Return the server's time (Unix seconds), learned from its replies.
+
+        Entries are stamped and judged fresh by it, so a host's clock step or skew
+        changes no freshness decision (see ``stampede_guard._clock``).
+        """
+        return self._codec.clock()
+
     def get(self, key: str) -> Entry | None:
         """Return the entry for *key*: one ``GET``."""
         try:
             data = self._read(self._codec.value_key(key))
         except self._errors as exc:
-            raise BackendError(key, "get") from exc
+            raise self._faults.error(key, "get", exc) from exc
         return self._codec.decode(key, cast("bytes | None", data))
 
     def get_or_lock(self, key: str, token: str, lock_ttl: float) -> Entry | Claim:
@@ -237,7 +284,7 @@ class RedisBackend:
                 args = codec.get_or_lock_args(token, lock_ttl, ignore_value=True)
                 claim = codec.claim(key, self._scripts.get_or_lock(keys, args))
         except self._errors as exc:
-            raise BackendError(key, "get_or_lock") from exc
+            raise self._faults.error(key, "get_or_lock", exc) from exc
         return cast("Entry | Claim", claim)
 
     def lock(self, key: str, token: str, lock_ttl: float) -> Claim:
@@ -246,7 +293,7 @@ class RedisBackend:
         try:
             reply = self._scripts.get_or_lock(self._codec.both_keys(key), args)
         except self._errors as exc:
-            raise BackendError(key, "lock") from exc
+            raise self._faults.error(key, "lock", exc) from exc
         return cast("Claim", self._codec.claim(key, reply))
 
     def set(
@@ -260,7 +307,7 @@ class RedisBackend:
         try:
             result = self._scripts.set_and_notify(keys, args)
         except self._errors as exc:
-            raise BackendError(key, "set") from exc
+            raise self._faults.error(key, "set", exc) from exc
         return stored if self._codec.stored(result) else None
 
     def set_and_unlock(
@@ -282,7 +329,7 @@ class RedisBackend:
         try:
             result = self._scripts.set_and_unlock(keys, args)
         except self._errors as exc:
-            raise BackendError(key, "set_and_unlock") from exc
+            raise self._faults.error(key, "set_and_unlock", exc) from exc
         return stored if self._codec.stored(result) else None
 
     def unlock(self, key: str, token: str) -> bool:
@@ -291,7 +338,7 @@ class RedisBackend:
         try:
             return bool(self._scripts.unlock((self._codec.lock_key(key),), args))
         except self._errors as exc:
-            raise BackendError(key, "unlock") from exc
+            raise self._faults.error(key, "unlock", exc) from exc
 
     def extend(self, key: str, token: str, lock_ttl: float) -> bool:
         """Renew *token*'s lock on *key* for *lock_ttl* s if it still holds it: one script."""
@@ -299,7 +346,7 @@ class RedisBackend:
         try:
             return bool(self._scripts.extend((self._codec.lock_key(key),), args))
         except self._errors as exc:
-            raise BackendError(key, "extend") from exc
+            raise self._faults.error(key, "extend", exc) from exc
 
     def subscribe(self, key: str) -> Subscription:
         """Hear of stores and releases of *key*, through this process's one listener."""
@@ -312,4 +359,4 @@ class RedisBackend:
         try:
             self._scripts.invalidate(codec.fenced_keys(key), args)
         except self._errors as exc:
-            raise BackendError(key, "delete") from exc
+            raise self._faults.error(key, "delete", exc) from exc

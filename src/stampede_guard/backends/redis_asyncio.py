@@ -7,7 +7,8 @@ import threading
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeAlias, cast
 
-from stampede_guard._errors import BackendError
+from stampede_guard._breaker import CircuitBreaker
+from stampede_guard.backends._faults import Faults
 from stampede_guard.backends._kept import AsyncKeptConnections
 from stampede_guard.backends._listener import AsyncListener
 from stampede_guard.backends._protocol import (
@@ -57,6 +58,8 @@ class AsyncRedisBackend:
             is.
         serializer: See `RedisBackend`.
         prefix: See `RedisBackend`.
+        breaker_failures: See `RedisBackend`.
+        breaker_reset: See `RedisBackend`.
     """
 
     def __init__(
@@ -65,9 +68,18 @@ class AsyncRedisBackend:
         *,
         serializer: Serializer | None = None,
         prefix: str = "sg",
+        breaker_failures: int = 5,
+        breaker_reset: float = 5.0,
     ) -> None:
         self._errors = check_client(client, asyncio=True, builder="AsyncRedisBackend")
         self._codec = RedisCodec(prefix, serializer)
+        # Outlives the clients made per event loop: the servers stay the same.
+        self._faults = Faults(
+            client,
+            self._codec.value_key,
+            failures=breaker_failures,
+            reset_after=breaker_reset,
+        )
         # How from_url and from_sentinel make the client again, for a new event loop.
         self._connect: Callable[[], _Connection] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None  # where the client runs
@@ -77,6 +89,7 @@ class AsyncRedisBackend:
     def _attach(self, client: AsyncClient) -> None:
         """Talk through *client* (the one given, or one made for a new event loop)."""
         self._client = client
+        self._faults.use(client)
         self._sentinels: list[Any] = []  # clients of the sentinels, if from_sentinel
         self._kept: AsyncKeptConnections | None = None  # if from_url built the pool
         # redis-py's asyncio cluster client discovers the cluster on its first call;
@@ -111,10 +124,17 @@ class AsyncRedisBackend:
         connect: Callable[[], _Connection],
         serializer: Serializer | None,
         prefix: str,
+        breakers: tuple[int, float],
     ) -> AsyncRedisBackend:
         """Return a backend on what *connect* makes, which it calls again per loop."""
         connection = connect()
-        backend = cls(connection[0], serializer=serializer, prefix=prefix)
+        backend = cls(
+            connection[0],
+            serializer=serializer,
+            prefix=prefix,
+            breaker_failures=breakers[0],
+            breaker_reset=breakers[1],
+        )
         backend._connect = connect
         backend._adopt(connection)
         return backend
@@ -155,6 +175,8 @@ class AsyncRedisBackend:
         *,
         serializer: Serializer | None = None,
         prefix: str = "sg",
+        breaker_failures: int = 5,
+        breaker_reset: float = 5.0,
         cluster: bool = False,
         seed_nodes: Sequence[str] = (),
         socket_timeout: float = 1.0,
@@ -190,7 +212,9 @@ class AsyncRedisBackend:
             )
             return client, [], kept
 
-        return cls._connected(connect, serializer, prefix)
+        return cls._connected(
+            connect, serializer, prefix, (breaker_failures, breaker_reset)
+        )
 
     @classmethod
     def from_sentinel(
@@ -200,6 +224,8 @@ class AsyncRedisBackend:
         *,
         serializer: Serializer | None = None,
         prefix: str = "sg",
+        breaker_failures: int = 5,
+        breaker_reset: float = 5.0,
         socket_timeout: float = 1.0,
         connect_timeout: float = 1.0,
         max_connections: int = 100,
@@ -225,7 +251,9 @@ class AsyncRedisBackend:
             )
             return client, asking, None
 
-        return cls._connected(connect, serializer, prefix)
+        return cls._connected(
+            connect, serializer, prefix, (breaker_failures, breaker_reset)
+        )
 
     @property
     def client(self) -> AsyncClient:
@@ -261,6 +289,18 @@ class AsyncRedisBackend:
                 await self._client.initialize()
                 self._discovered = True
 
+    def breaker_for(self, key: str) -> CircuitBreaker:
+        """Return the circuit breaker of the server that serves *key* (see the class)."""
+        return self._faults.breaker_for(key)
+
+    def now(self) -> float:
+        """Return the server's time (Unix seconds), learned from its replies.
+
+        Entries are stamped and judged fresh by it, so a host's clock step or skew
+        changes no freshness decision (see ``stampede_guard._clock``).
+        """
+        return self._codec.clock()
+
     async def aget(self, key: str) -> Entry | None:
         """Return the entry for *key*: one ``GET``."""
         try:
@@ -269,7 +309,7 @@ class AsyncRedisBackend:
                 await self._discover()
             data = await self._read(self._codec.value_key(key))
         except self._errors as exc:
-            raise BackendError(key, "get") from exc
+            raise self._faults.error(key, "get", exc) from exc
         return self._codec.decode(key, cast("bytes | None", data))
 
     async def aget_or_lock(
@@ -290,7 +330,7 @@ class AsyncRedisBackend:
                 args = codec.get_or_lock_args(token, lock_ttl, ignore_value=True)
                 claim = codec.claim(key, await self._scripts.get_or_lock(keys, args))
         except self._errors as exc:
-            raise BackendError(key, "get_or_lock") from exc
+            raise self._faults.error(key, "get_or_lock", exc) from exc
         return cast("Entry | Claim", claim)
 
     async def alock(self, key: str, token: str, lock_ttl: float) -> Claim:
@@ -302,7 +342,7 @@ class AsyncRedisBackend:
                 await self._discover()
             reply = await self._scripts.get_or_lock(self._codec.both_keys(key), args)
         except self._errors as exc:
-            raise BackendError(key, "lock") from exc
+            raise self._faults.error(key, "lock", exc) from exc
         return cast("Claim", self._codec.claim(key, reply))
 
     async def aset(
@@ -319,7 +359,7 @@ class AsyncRedisBackend:
                 await self._discover()
             result = await self._scripts.set_and_notify(keys, args)
         except self._errors as exc:
-            raise BackendError(key, "set") from exc
+            raise self._faults.error(key, "set", exc) from exc
         return stored if self._codec.stored(result) else None
 
     async def aset_and_unlock(
@@ -344,7 +384,7 @@ class AsyncRedisBackend:
                 await self._discover()
             result = await self._scripts.set_and_unlock(keys, args)
         except self._errors as exc:
-            raise BackendError(key, "set_and_unlock") from exc
+            raise self._faults.error(key, "set_and_unlock", exc) from exc
         return stored if self._codec.stored(result) else None
 
     async def aunlock(self, key: str, token: str) -> bool:
@@ -356,7 +396,7 @@ class AsyncRedisBackend:
                 await self._discover()
             return bool(await self._scripts.unlock((self._codec.lock_key(key),), args))
         except self._errors as exc:
-            raise BackendError(key, "unlock") from exc
+            raise self._faults.error(key, "unlock", exc) from exc
 
     async def aextend(self, key: str, token: str, lock_ttl: float) -> bool:
         """Renew *token*'s lock on *key* for *lock_ttl* s if it still holds it: one script."""
@@ -367,7 +407,7 @@ class AsyncRedisBackend:
                 await self._discover()
             return bool(await self._scripts.extend((self._codec.lock_key(key),), args))
         except self._errors as exc:
-            raise BackendError(key, "extend") from exc
+            raise self._faults.error(key, "extend", exc) from exc
 
     async def asubscribe(self, key: str) -> AsyncSubscription:
         """Hear of stores and releases of *key*, through this backend's one listener."""
@@ -384,4 +424,4 @@ class AsyncRedisBackend:
                 await self._discover()
             await self._scripts.invalidate(codec.fenced_keys(key), args)
         except self._errors as exc:
-            raise BackendError(key, "delete") from exc
+            raise self._faults.error(key, "delete", exc) from exc

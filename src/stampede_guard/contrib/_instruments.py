@@ -30,6 +30,7 @@ __all__ = [
     "REFRESH_FAILURES",
     "STALE_SERVED",
     "TIMEOUTS",
+    "UNREADABLE_ENTRIES",
     "Instrument",
     "check_buckets",
     "check_name",
@@ -155,6 +156,13 @@ BACKEND_SKIPPED: Final = Instrument(
     "backend_skipped",
     "Calls that computed without trying the backend (circuit breaker open).",
     "{call}",
+)
+# Not labelled by reason: exception type names are an open set.
+UNREADABLE_ENTRIES: Final = Instrument(
+    "unreadable_entries",
+    "unreadable_entries",
+    "Stored entries that could not be read (corrupt, forged, poison): each a miss.",
+    "{entry}",
 )
 
 

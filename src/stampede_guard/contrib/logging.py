@@ -48,6 +48,7 @@ from stampede_guard.metrics import (
     RefreshFailed,
     StaleServed,
     Timeout,
+    UnreadableEntry,
 )
 
 __all__ = ["LoggingHook", "key_digest"]
@@ -65,6 +66,7 @@ _EVENT_NAMES: dict[type[object], str] = {
     RefreshFailed: "refresh_failed",
     BackendFailed: "backend_failed",
     BackendSkipped: "backend_skipped",
+    UnreadableEntry: "unreadable_entry",
 }
 
 
@@ -102,6 +104,8 @@ def _fields(event: Event) -> str:
             return f" reason={reason}"
         case RefreshFailed(error=error) | BackendFailed(error=error):
             return f" error={_error_type(error)}"
+        case UnreadableEntry(reason=reason):
+            return f" reason={reason}"
 
 
 class LoggingHook:

@@ -28,6 +28,7 @@ instruments as `stampede_guard.contrib.prometheus`, named with dots:
 | `stampede_guard.refresh_failures` | counter | `{refresh}` | `name` | `RefreshFailed` events |
 | `stampede_guard.backend_errors` | counter | `{error}` | `name` | `BackendFailed` events |
 | `stampede_guard.backend_skipped` | counter | `{call}` | `name` | `BackendSkipped` events |
+| `stampede_guard.unreadable_entries` | counter | `{entry}` | `name` | `UnreadableEntry` events |
 
 Nothing is recorded with the cache key: keys are unbounded, and every key would be a
 new time series. The ``name`` attribute, set only when the hook is given a *name*,
@@ -54,6 +55,7 @@ from stampede_guard.metrics import (
     RefreshFailed,
     StaleServed,
     Timeout,
+    UnreadableEntry,
 )
 
 try:
@@ -152,6 +154,7 @@ class OpenTelemetryMetrics:
         self._refresh_failures = counter(spec.REFRESH_FAILURES)
         self._backend_errors = counter(spec.BACKEND_ERRORS)
         self._backend_skipped = counter(spec.BACKEND_SKIPPED)
+        self._unreadable_entries = counter(spec.UNREADABLE_ENTRIES)
 
     def __repr__(self) -> str:
         return (
@@ -189,3 +192,5 @@ class OpenTelemetryMetrics:
                 self._backend_errors.add(1, base)
             case BackendSkipped():
                 self._backend_skipped.add(1, base)
+            case UnreadableEntry():
+                self._unreadable_entries.add(1, base)

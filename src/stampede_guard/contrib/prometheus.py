@@ -26,6 +26,7 @@ With the default ``namespace``, the registry gets these metrics:
 | `stampede_guard_refresh_failures_total` | counter | `name` | `RefreshFailed` events |
 | `stampede_guard_backend_errors_total` | counter | `name` | `BackendFailed` events |
 | `stampede_guard_backend_skipped_total` | counter | `name` | `BackendSkipped` events |
+| `stampede_guard_unreadable_entries_total` | counter | `name` | `UnreadableEntry` events |
 
 Nothing is labelled by cache key: keys are unbounded, and every key would be a new
 time series. The ``name`` label tells hooks apart instead: give each decorated function
@@ -59,6 +60,7 @@ from stampede_guard.metrics import (
     RefreshFailed,
     StaleServed,
     Timeout,
+    UnreadableEntry,
 )
 
 try:
@@ -97,6 +99,7 @@ class _Metrics:
     refresh_failures: Counter
     backend_errors: Counter
     backend_skipped: Counter
+    unreadable_entries: Counter
 
 
 # Prometheus refuses a second metric of the same name in one registry, so hooks made
@@ -187,6 +190,7 @@ def _make(
         refresh_failures=counter(spec.REFRESH_FAILURES),
         backend_errors=counter(spec.BACKEND_ERRORS),
         backend_skipped=counter(spec.BACKEND_SKIPPED),
+        unreadable_entries=counter(spec.UNREADABLE_ENTRIES),
     )
 
 
@@ -251,6 +255,7 @@ class PrometheusMetrics:
         self._refresh_failures = m.refresh_failures.labels(label)
         self._backend_errors = m.backend_errors.labels(label)
         self._backend_skipped = m.backend_skipped.labels(label)
+        self._unreadable_entries = m.unreadable_entries.labels(label)
 
     def __repr__(self) -> str:
         return f"PrometheusMetrics(namespace={self._namespace!r}, name={self._name!r})"
@@ -285,3 +290,5 @@ class PrometheusMetrics:
                 self._backend_errors.inc()
             case BackendSkipped():
                 self._backend_skipped.inc()
+            case UnreadableEntry():
+                self._unreadable_entries.inc()
