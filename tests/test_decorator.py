@@ -193,7 +193,8 @@ def test_function_error_reaches_caller_unchanged_and_is_not_cached() -> None:
     attempts = []
     boom = RuntimeError("upstream 503")
 
-    @cached_stampede_safe(backend=MemoryBackend())
+    # It captures an exception object, which has no stable form: it needs a key.
+    @cached_stampede_safe(key="flaky:{x}", backend=MemoryBackend())
     def flaky(x: int) -> int:
         attempts.append(x)
         if len(attempts) == 1:

@@ -27,13 +27,15 @@ def keyed(**options: Any) -> Any:
 
 
 def test_default_key_names_the_function() -> None:
-    """Without key=, the key is 'module:qualname:<32 hex digits>'."""
+    """Without key=, the key is 'module:qualname#<definition>:<32 hex digits>' for a nested function."""
     key = keyed().cache_key(1)
     module, qualname, digest = key.split(":")
+    name, definition = qualname.split("#")
     assert module == __name__
-    assert qualname == "keyed.<locals>.f"
+    assert name == "keyed.<locals>.f"
+    assert len(definition) == 16
     assert len(digest) == 32
-    assert int(digest, 16) >= 0
+    assert int(definition + digest, 16) >= 0
 
 
 def test_positional_keyword_and_default_spellings_share_a_key() -> None:

@@ -115,7 +115,7 @@ def test_compute_error_event_carries_the_exception() -> None:
     events: list[Event] = []
     boom = KeyError("x")
 
-    @cached_stampede_safe(backend=MemoryBackend(), metrics=events.append)
+    @cached_stampede_safe(key="f", backend=MemoryBackend(), metrics=events.append)
     def f() -> int:
         raise boom
 

@@ -2,19 +2,15 @@
 
 from __future__ import annotations
 
-import dataclasses
-import datetime as dt
-import decimal
-import enum
-import functools
 import hashlib
 import inspect
-import pathlib
 import string
-import uuid
 import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
+
+from stampede_guard._encoding import encode
+from stampede_guard._identity import Mode, function_id
 
 __all__ = ["KeyMaker", "validate_namespace"]
 
@@ -81,7 +77,8 @@ class KeyMaker:
         self._positional: str | None = None
         self._arity = len(signature.parameters)
         self._key_fn: Callable[..., str] | None = None
-        self._function_id = _function_id(fn, default_key=key is None and not namespace)
+        mode: Mode = "name" if key is not None else "named" if namespace else "strict"
+        self._function_id = function_id(fn, mode=mode)
         params = list(signature.parameters)
         # A method's receiver is left out of default keys, as dogpile.cache does:
         # instances share entries unless the key names an attribute ({self.id}).
@@ -118,8 +115,8 @@ class KeyMaker:
 
     def _digest(self, bound: dict[str, Any]) -> str:
         encoded = b"".join(
-            _encode(name, name, self._function_id)
-            + _encode(value, name, self._function_id)
+            encode(name, name, self._function_id)
+            + encode(value, name, self._function_id)
             for name, value in bound.items()
             if name != self._skip
         )
@@ -149,46 +146,6 @@ MAX_KEY_LENGTH = 256
 def _shorten(key: str) -> str:
     digest = hashlib.blake2b(key.encode("utf-8", "surrogatepass"), digest_size=16)
     return f"{key[:96]}...#{digest.hexdigest()}"
-
-
-def _function_id(fn: Callable[..., Any], *, default_key: bool) -> str:
-    """Name *fn* in default keys and messages: ``module:qualname``.
-
-    A ``functools.partial`` is its function's name and, when it gets default keys, a
-    digest of its bound arguments: two partials of one function must not share keys.
-    A callable object has no identity that is stable across processes and tells its
-    instances apart, so it gets default keys only under a namespace.
-    """
-    if isinstance(fn, functools.partial):
-        inner = _function_id(fn.func, default_key=default_key)
-        if not default_key:
-            return f"{inner}:partial"
-        bound = b"".join(_encode(value, "partial", inner) for value in fn.args)
-        bound += b"".join(
-            _encode(name, name, inner) + _encode(value, name, inner)
-            for name, value in sorted(fn.keywords.items())
-        )
-        return f"{inner}:partial-{hashlib.blake2b(bound, digest_size=8).hexdigest()}"
-    qualname = getattr(fn, "__qualname__", None)
-    if isinstance(qualname, str):
-        return f"{_module_of(fn)}:{qualname}"
-    kind = type(fn)
-    name = f"{_module_of(kind)}:{kind.__qualname__}"
-    if default_key:
-        msg = (
-            f"cannot give an instance of {name} default cache keys: a callable object "
-            "has no identity that tells its instances apart in every process. Pass "
-            "key= (a template such as 'rate:{x}', or a callable), or namespace= to "
-            "name this instance."
-        )
-        raise TypeError(msg)
-    return f"{name}()"
-
-
-def _module_of(fn: Callable[..., Any]) -> str:
-    module = getattr(fn, "__module__", None) or "?"
-    # multiprocessing's spawn re-imports a script as __mp_main__; keys must not change.
-    return "__main__" if module == "__mp_main__" else module
 
 
 def validate_namespace(namespace: object) -> str | None:
@@ -279,62 +236,3 @@ def _check_key_callable(
             f"{function_id}{signature}: {exc}. Give it the same parameters."
         )
         raise TypeError(msg) from None
-
-
-def _frame(tag: bytes, data: bytes) -> bytes:
-    return tag + len(data).to_bytes(8, "big") + data
-
-
-def _encode(value: object, param: str, function_id: str) -> bytes:  # noqa: C901
-    """Return an injective, type-tagged, length-prefixed encoding of *value*.
-
-    Equal arguments give equal bytes in every process; ``1``, ``1.0``, ``True`` and
-    ``"1"`` differ, and no two different argument lists can run together.
-    """
-
-    def sub(item: object) -> bytes:
-        return _encode(item, param, function_id)
-
-    def qualified(cls: type) -> bytes:
-        return f"{cls.__module__}.{cls.__qualname__}".encode()
-
-    match value:
-        case None:
-            return b"N"
-        case bool():
-            return b"T" if value else b"F"
-        case enum.Enum():  # before int and str: IntEnum and StrEnum are both
-            return _frame(b"E", qualified(type(value)) + sub(value.value))
-        case int() | float() | decimal.Decimal() | uuid.UUID():
-            return _frame(b"n", f"{type(value).__name__}:{value!r}".encode())
-        case str():
-            return _frame(b"s", value.encode("utf-8", "surrogatepass"))
-        case bytes() | bytearray() | memoryview():
-            return _frame(b"b", bytes(value))
-        case dt.date() | dt.time() | dt.timedelta() | pathlib.PurePath():
-            return _frame(b"o", repr(value).encode())
-        case tuple() | list():
-            return _frame(
-                b"t" if isinstance(value, tuple) else b"l", b"".join(map(sub, value))
-            )
-        case dict():
-            # Sorted so that insertion order does not matter: {a, b} == {b, a}.
-            pairs = sorted(_frame(b"p", sub(k) + sub(v)) for k, v in value.items())
-            return _frame(b"d", b"".join(pairs))
-        case set() | frozenset():
-            return _frame(b"S", b"".join(sorted(map(sub, value))))
-        case _ if dataclasses.is_dataclass(value) and not isinstance(value, type):
-            fields = (
-                sub(f.name) + sub(getattr(value, f.name))
-                for f in dataclasses.fields(value)
-            )
-            return _frame(b"D", qualified(type(value)) + b"".join(fields))
-        case _:
-            kind = type(value)
-            msg = (
-                f"cannot build a default cache key for {function_id}: argument {param!r} is "
-                f"a {kind.__module__}.{kind.__qualname__}, which has no stable text form "
-                f"(its repr may hold a memory address). Name what identifies it in a key "
-                f"template, e.g. key='...{{{param}.id}}', or pass key=callable."
-            )
-            raise TypeError(msg)
