@@ -26,7 +26,7 @@ import redis
 
 from _waiting import Waiting
 from stampede_guard import AsyncRedisBackend, RedisBackend, cached_stampede_safe
-from stampede_guard.backends import _listener
+from stampede_guard.backends import _hub, _listener
 from stampede_guard.backends._listener import AsyncListener, Listener
 from stampede_guard.backends._redis_shared import RedisCodec
 
@@ -408,7 +408,7 @@ def test_a_quiet_healthy_connection_is_pinged_and_kept(clock: FakeClock) -> None
         assert subscription.settled.is_set()
         conn = connections.opened[0]
         for n in range(1, 6):  # 5 s in all: more than _QUIET + _DEAD
-            clock.advance(_listener._QUIET)
+            clock.advance(_hub.QUIET)
             until(f"ping {n}", lambda: conn.pings() >= n)  # noqa: B023 - called at once
             until(f"pong {n}", lambda: listener._hub.asked is None)
         assert len(connections.opened) == 1
@@ -423,17 +423,17 @@ def test_a_connection_that_stops_answering_is_replaced_within_five_seconds(
 ) -> None:
     """Silent after _QUIET (PING) plus _DEAD (no pong): replaced, resubscribed, one warning; 3 s < 5 s."""
     caplog.set_level(logging.INFO, logger="stampede_guard")
-    assert _listener._QUIET + _listener._DEAD < 5
+    assert _hub.QUIET + _hub.DEAD < 5
     connections = Connections(silent=0)
     listener = make_listener(connections, clock)
     try:
         subscribe_in_thread(listener, ["a", "b"])
         first = connections.opened[0]
         first.silent = True  # black-holed from now on
-        clock.advance(_listener._QUIET)
+        clock.advance(_hub.QUIET)
         until("a ping", lambda: first.pings() == 1)
         assert not first.is_closed()  # the pong has _DEAD seconds yet
-        clock.advance(_listener._DEAD)
+        clock.advance(_hub.DEAD)
         until("a new connection", lambda: len(connections.opened) == 2)
         until("a reconnection", lambda: listener._hub.reconnects == 1)
         assert first.is_closed()
@@ -456,7 +456,7 @@ def test_an_unanswered_subscribe_gives_the_connection_up(clock: FakeClock) -> No
         until(
             "the SUBSCRIBE", lambda: connections.opened and connections.opened[0].sent
         )
-        clock.advance(_listener._DEAD)
+        clock.advance(_hub.DEAD)
         until("a reconnection", lambda: listener._hub.reconnects == 1)
         thread.join(BOUND)
         assert connections.opened[0].pings() == 0
@@ -483,7 +483,7 @@ def test_waiters_arriving_while_the_connection_is_dead_do_not_wait_for_a_confirm
         until(
             "the SUBSCRIBE", lambda: connections.opened and connections.opened[0].sent
         )
-        clock.advance(_listener._DEAD)  # the listener gives the connection up ...
+        clock.advance(_hub.DEAD)  # the listener gives the connection up ...
         first.join(BOUND)
         assert not first.is_alive()  # ... and lets its waiting subscriber go
         until("the second connection", lambda: len(connections.opened) == 2)
@@ -492,9 +492,7 @@ def test_waiters_arriving_while_the_connection_is_dead_do_not_wait_for_a_confirm
         assert hub.unconfirmed == 0
         assert hub.reconnects == 0
         until("the SUBSCRIBEs", lambda: len(connections.opened[1].subscribes()) == 21)
-        clock.advance(
-            _listener._DEAD
-        )  # the second one is silent too; the third answers
+        clock.advance(_hub.DEAD)  # the second one is silent too; the third answers
         until("a reconnection", lambda: hub.reconnects == 1)
         assert len(connections.opened[2].subscribes()) == 21
         assert len(warnings_of(caplog)) == 1  # one outage, two dead connections
@@ -538,7 +536,7 @@ def test_asyncio_waiters_arriving_while_the_connection_is_dead_do_not_wait(
         while not (connections.opened and connections.opened[0].sent):
             assert time.monotonic() < deadline, "no SUBSCRIBE"
             await asyncio.sleep(0.01)
-        clock.advance(_listener._DEAD)
+        clock.advance(_hub.DEAD)
         await asyncio.wait_for(first, BOUND)
         later = await asyncio.wait_for(
             asyncio.gather(*(listener.subscribe(f"k{i}") for i in range(20))), BOUND

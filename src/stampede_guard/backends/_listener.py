@@ -8,17 +8,17 @@ this fails, waiters still poll, so errors here are logged and retried, never rai
 
 A connection can also die without an error: half-open, black-holed by a firewall or a
 NAT that forgot it, it accepts what is sent and answers nothing. So the listener keeps
-each connection honest. After `_QUIET` seconds without a word from the server it sends
+each connection honest. After `QUIET` seconds without a word from the server it sends
 a PING (answered in subscribed mode by a "pong" message); when a PING or a (un)SUBSCRIBE
-has gone `_DEAD` seconds without any reply, the connection counts as dead, and is
+has gone `DEAD` seconds without any reply, the connection counts as dead, and is
 replaced like one that failed: a silent connection is given up within
-``_QUIET + _DEAD`` (3 s). One warning per outage; an info line once it is over.
+``QUIET + DEAD`` (3 s). One warning per outage; an info line once it is over.
 
 While the listener has no connection it trusts (since a failure, or since a waiter's
 SUBSCRIBE went unconfirmed, until the server is heard from again), new waiters do not
 wait for a confirmation that is unlikely to come: they poll at once, and are woken by
 notices again as soon as the channels are resubscribed. These decisions live in
-`_Hub`, which does no I/O; the thread and the task only carry them out.
+`Hub`, which does no I/O; the thread and the task only carry them out.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from stampede_guard.backends._hub import Hub
 from stampede_guard.backends._protocol import Notice
 from stampede_guard.backends._redis_shared import RedisCodec
 
@@ -44,151 +45,9 @@ _POLL = 0.05  # seconds between applying (un)subscribe requests while messages a
 _IDLE = 30.0  # seconds without subscriptions after which the listener stops
 _CONFIRM = 1.0  # seconds a new subscriber waits for the server to confirm SUBSCRIBE
 _RETRY = 0.5  # seconds before reconnecting after a pub/sub connection error
-_QUIET = 1.0  # seconds of silence on a subscribed connection before it is PINGed
-_DEAD = 2.0  # seconds a PING or (un)SUBSCRIBE may go unanswered: then it is dead
 _CLOSE = 1.0  # seconds closing a dead asyncio connection may take; then it is left
 # Not redis-py's own health-check payload: its reply would be swallowed, unseen.
 _PING = "stampede_guard"
-
-
-class _SilentError(ConnectionError):
-    """The pub/sub connection answered nothing for `_DEAD` seconds."""
-
-
-class _Hub:
-    """Who listens to which channel, and how the connection is; no I/O, both listeners'.
-
-    The health fields (*heard*, *asked*) are the listener's alone; the rest is shared
-    with the waiters, under *mutex*.
-    """
-
-    def __init__(self, codec: RedisCodec, clock: Callable[[], float]) -> None:
-        self.codec = codec
-        self.clock = clock
-        self.reset()
-
-    def reset(self) -> None:
-        """Forget everything (a new process: another thread may have held the mutex)."""
-        self.mutex = threading.Lock()
-        self.subscribers: dict[str, set[Any]] = {}
-        self.confirmed: set[str] = set()
-        self.heard = self.clock()  # when the server last said anything
-        self.asked: float | None = None  # first request sent since, still unanswered
-        self.trusted = True  # False: new subscribers do not wait for a confirmation
-        self.outage: float | None = None  # when the current outage began
-        self.reconnects = 0  # outages ended by a connection that answered
-        self.unconfirmed = 0  # subscribers that waited out `_CONFIRM`
-
-    def add(self, subscription: Any) -> bool:
-        """Register *subscription*; return whether its channel needs a SUBSCRIBE.
-
-        It is settled at once (its subscriber need not wait) if its channel is
-        confirmed already, or if no confirmation is to be expected.
-        """
-        with self.mutex:
-            subscribers = self.subscribers.setdefault(subscription.channel, set())
-            subscribers.add(subscription)
-            if subscription.channel in self.confirmed or not self.trusted:
-                subscription.confirm()
-            return len(subscribers) == 1
-
-    def remove(self, subscription: Any) -> bool:
-        """Forget *subscription*; return whether its channel needs an UNSUBSCRIBE."""
-        with self.mutex:
-            subscribers = self.subscribers.get(subscription.channel)
-            if subscribers is None or subscription not in subscribers:
-                return False
-            subscribers.discard(subscription)
-            if subscribers:
-                return False
-            del self.subscribers[subscription.channel]
-            self.confirmed.discard(subscription.channel)
-            return True
-
-    def waited_out(self) -> None:
-        """A subscriber's SUBSCRIBE went unconfirmed: later ones do not wait for theirs.
-
-        Until the server is heard from again; meanwhile the listener's own check
-        decides whether the connection is dead.
-        """
-        with self.mutex:
-            self.trusted = False
-            self.unconfirmed += 1
-
-    def route(self, message: dict[str, Any]) -> None:
-        """Act on one pub/sub message: a confirmation, or a notice to deliver."""
-        self.heard, self.asked = self.clock(), None  # whatever it is, it is an answer
-        with self.mutex:
-            self.trusted = True
-            outage, self.outage = self.outage, None
-            if outage is not None:
-                self.reconnects += 1
-            kind, raw = message["type"], message["channel"]
-            channel = raw.decode() if isinstance(raw, bytes) else str(raw)
-            subscribers = list(self.subscribers.get(channel, ()))
-            if kind == "subscribe":
-                self.confirmed.add(channel)
-            renewed = len(self.subscribers)
-        if outage is not None:
-            logger.info(
-                "pub/sub listener reconnected after %.1f s; %d channel(s) resubscribed",
-                self.heard - outage,
-                renewed,
-            )
-        if kind == "subscribe":
-            for subscription in subscribers:
-                subscription.confirm()
-        elif kind == "message" and subscribers:
-            notice = self.codec.notice(subscribers[0].key, message["data"])
-            for subscription in subscribers:
-                subscription.deliver(notice)
-
-    def sent(self, *, anew: bool = False) -> None:
-        """Note a request that the server must answer; *anew* after an idle spell."""
-        if anew or self.asked is None:
-            self.asked = self.clock()
-
-    def ping_due(self) -> bool:
-        """Return whether to PING the connection now.
-
-        Raises:
-            _SilentError: A request has gone `_DEAD` seconds unanswered.
-        """
-        now = self.clock()
-        if self.asked is None:
-            return now - self.heard >= _QUIET
-        if now - self.asked >= _DEAD:
-            raise _SilentError
-        return False
-
-    def lost(self, error: Exception) -> list[str]:
-        """The connection failed or fell silent: log, and return the channels to renew.
-
-        Warns once per outage (a server that stays away fails every retry). The
-        subscribers still waiting for a confirmation are let go: it will not come.
-        """
-        with self.mutex:
-            self.confirmed.clear()
-            self.trusted = False
-            first = self.outage is None
-            if first:
-                self.outage = self.clock()
-            waiting = [s for subs in self.subscribers.values() for s in subs]
-            channels = list(self.subscribers)
-        for subscription in waiting:
-            subscription.confirm()
-        silent = isinstance(error, _SilentError)
-        logger.log(
-            logging.WARNING if first else logging.DEBUG,
-            "pub/sub listener %s; reconnecting, waiters poll meanwhile",
-            f"heard nothing for {_DEAD} s" if silent else "lost its connection",
-            exc_info=None if silent else error,
-        )
-        return channels
-
-    def opened(self) -> None:
-        """A new connection: nothing asked on it yet."""
-        self.heard, self.asked = self.clock(), None
 
 
 class _Subscription:
@@ -225,7 +84,7 @@ class Listener:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._pubsub = pubsub
-        self._hub = _Hub(codec, clock)
+        self._hub = Hub(codec, clock)
         self._start = threading.Lock()
         self._reset()
 
@@ -383,7 +242,7 @@ class AsyncListener:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._pubsub = pubsub
-        self._hub = _Hub(codec, clock)
+        self._hub = Hub(codec, clock)
         self._requests: asyncio.Queue[tuple[bool, str] | None] | None = None
         self._task: asyncio.Task[None] | None = None
 
