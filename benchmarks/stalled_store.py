@@ -47,20 +47,23 @@ def main() -> None:
             compute()
             after.append(time.perf_counter() - computed_at[-1])
             admin.client_unpause()
-            print(f"round {n + 1}/{args.rounds}", file=sys.stderr, end="\r")
+            sys.stderr.write(f"round {n + 1}/{args.rounds}\r")
         backend.close()
         admin.close()
-    print(file=sys.stderr)
+    sys.stderr.write("\n")
     rows = [
         ("socket timeout", f"{timeout:.3f}"),
         ("caller after the computation, median", f"{statistics.median(after):.3f}"),
         ("caller after the computation, max", f"{max(after):.3f}"),
-        ("ratio of the median to the socket timeout", f"{statistics.median(after) / timeout:.2f}"),
+        (
+            "ratio of the median to the socket timeout",
+            f"{statistics.median(after) / timeout:.2f}",
+        ),
     ]
     width = max(len(name) for name, _ in rows)
-    print(f"{'seconds':<{width}}  value")
+    sys.stdout.write(f"{'seconds':<{width}}  value\n")
     for name, value in rows:
-        print(f"{name:<{width}}  {value:>6}")
+        sys.stdout.write(f"{name:<{width}}  {value:>6}\n")
 
 
 if __name__ == "__main__":
