@@ -122,6 +122,19 @@ def test_a_half_open_breaker_lets_one_probe_through_at_a_time() -> None:
     assert not breaker.open
 
 
+def test_a_probe_that_never_reports_does_not_keep_the_circuit_open() -> None:
+    """A probing call cancelled before it learned anything: another probes later."""
+    now = [0.0]
+    breaker = CircuitBreaker(failures=1, reset_after=5.0, clock=lambda: now[0])
+    breaker.failed()
+    now[0] = 5.0
+    assert breaker.allow()  # the probe, which is then cancelled: no report
+    now[0] = 9.9
+    assert not breaker.allow()
+    now[0] = 10.0
+    assert breaker.allow(), "a new probe after another pause"
+
+
 @pytest.mark.parametrize("server_fixture", ["replica", "full_server"])
 def test_refused_writes_open_the_breaker_and_are_logged_once_with_the_reason(
     server_fixture: str,

@@ -56,8 +56,13 @@ class CircuitBreaker:
         with self._mutex:
             if self._open_until is None:  # closed meanwhile
                 return True
-            if self._probing or self._clock() < self._open_until:
+            now = self._clock()
+            if now < self._open_until:
                 return False
+            # This call probes. Until it reports, the others keep skipping; if it
+            # never does (cancelled, or it found nothing to tell), another call
+            # probes after another pause, so the circuit cannot stay open for ever.
+            self._open_until = now + self._reset_after
             self._probing = True
             return True
 
