@@ -1,11 +1,14 @@
 """stampede_guard: N concurrent misses of one cache key, one computation.
 
 Put `cached_stampede_safe` on an expensive function; see its docstring for the options.
+`RedisBackend` and `AsyncRedisBackend` are imported on first use (PEP 562): importing
+this package imports no Redis client package.
 """
 
 from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError, version
+from typing import TYPE_CHECKING
 
 from stampede_guard._decorator import cached_stampede_safe
 from stampede_guard._errors import (
@@ -17,14 +20,7 @@ from stampede_guard._errors import (
     StampedeGuardError,
 )
 from stampede_guard._types import AsyncCachedFunction, CachedFunction
-from stampede_guard.backends import (
-    AsyncBackend,
-    AsyncRedisBackend,
-    Backend,
-    Entry,
-    MemoryBackend,
-    RedisBackend,
-)
+from stampede_guard.backends import AsyncBackend, Backend, Entry, MemoryBackend
 from stampede_guard.metrics import MetricsHook, StampedeStats, StatsSnapshot
 from stampede_guard.serializers import (
     BoundSerializer,
@@ -32,6 +28,9 @@ from stampede_guard.serializers import (
     Serializer,
     SignedPickleSerializer,
 )
+
+if TYPE_CHECKING:
+    from stampede_guard.backends.redis import AsyncRedisBackend, RedisBackend
 
 try:
     __version__ = version("stampede-guard")
@@ -63,3 +62,21 @@ __all__ = [
     "__version__",
     "cached_stampede_safe",
 ]
+
+_REDIS = frozenset({"AsyncRedisBackend", "RedisBackend"})
+
+
+def __getattr__(name: str) -> object:
+    """Import the Redis backends when one of them is first asked for."""
+    if name in _REDIS:
+        from stampede_guard.backends import redis  # noqa: PLC0415 - on first use
+
+        value = getattr(redis, name)
+        globals()[name] = value  # later lookups find it without this function
+        return value
+    msg = f"module {__name__!r} has no attribute {name!r}"
+    raise AttributeError(msg)
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

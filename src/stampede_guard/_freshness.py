@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from stampede_guard._context import Context
-from stampede_guard.backends._protocol import Entry
+from stampede_guard._entry import Entry
 from stampede_guard.metrics import StaleServed
 
 __all__ = ["RefreshDue", "refresh_reason", "stale_value"]

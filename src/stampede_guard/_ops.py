@@ -2,23 +2,28 @@
 
 from __future__ import annotations
 
+from collections.abc import Generator
 from dataclasses import dataclass
-from typing import TypeAlias
+from typing import Any, TypeAlias
 
-from stampede_guard.backends._protocol import Entry
+from stampede_guard._entry import Entry
 
 __all__ = [
-    "Await",
     "AwaitFlight",
+    "AwaitNotice",
+    "Bypass",
     "Compute",
+    "Delete",
+    "Extend",
     "Get",
     "GetOrLock",
-    "Lock",
     "Op",
-    "Renewal",
     "Set",
     "SetAndUnlock",
+    "Spawn",
     "Subscribe",
+    "TakeLock",
+    "Tick",
     "Unlock",
     "Unsubscribe",
 ]
@@ -41,8 +46,12 @@ class GetOrLock:
 
 
 @dataclass(frozen=True, slots=True)
-class Lock:
-    """Take the lock with *token* if it is free, whatever is stored; sends back the holder."""
+class TakeLock:
+    """Take the lock with *token* if it is free, whatever is stored; sends back the holder.
+
+    Unlike `GetOrLock` it does not look at the value: a refresh locks a key that
+    holds one.
+    """
 
     key: str
     token: str
@@ -50,33 +59,46 @@ class Lock:
 
 
 @dataclass(frozen=True, slots=True)
-class Renewal:
-    """Keep *token*'s lock on *key* alive while computing.
-
-    Every third of *lock_ttl*, extend it to *lock_ttl*, for *limit* seconds at most.
-    """
+class Extend:
+    """Extend *token*'s lock on *key* to *lock_ttl*; sends back whether it still held it."""
 
     key: str
     token: str
     lock_ttl: float
-    limit: float
+
+
+@dataclass(frozen=True, slots=True)
+class Tick:
+    """Wait *seconds* beside a running computation (see `Compute.watchdog`).
+
+    Sends back True, or False once the computation has ended (then the watchdog
+    stops). An asyncio driver may instead cancel the watchdog, which ends it too.
+    """
+
+    seconds: float
 
 
 @dataclass(frozen=True, slots=True)
 class Compute:
     """Call the decorated function for *key*; sends back its value (or its exception).
 
-    With *renewal*, the driver renews the lock's lease while the function runs. While
-    it runs, a call of the same key from inside it (same thread or task chain) fails
-    at once instead of waiting for itself. With *apart* (asyncio), the computation and
+    With *watchdog* (a plan of `Tick` and `Extend`: lease renewal), the driver runs it
+    beside the function and stops it when the function returns. While the function
+    runs, a call of the same key from inside it (same thread or task chain) fails at
+    once instead of waiting for itself. With *apart* (asyncio), the computation and
     the rest of the plan run in a task of their own: a cancelled caller returns at
     once, and the task goes on for at most *bound* seconds to store the value.
     """
 
     key: str
-    renewal: Renewal | None = None
+    watchdog: Generator[Op, Any, None] | None = None
     apart: bool = False
     bound: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Bypass:
+    """Call the decorated function as it is, outside the cache; sends back its value."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,19 +145,26 @@ class Unlock:
 
 
 @dataclass(frozen=True, slots=True)
+class Delete:
+    """Delete *key*'s value (an invalidation); sends back None."""
+
+    key: str
+
+
+@dataclass(frozen=True, slots=True)
 class Subscribe:
     """Ask to hear when *key* is stored or unlocked; sends back a subscription handle.
 
     The handle is opaque to the plan. It is None where the backend cannot notify;
-    `Await` then simply sleeps.
+    `AwaitNotice` then simply sleeps.
     """
 
     key: str
 
 
 @dataclass(frozen=True, slots=True)
-class Await:
-    """Wait up to *seconds* for news on *subscription*.
+class AwaitNotice:
+    """Wait up to *seconds* for a notice on *subscription* (from `Subscribe`).
 
     Sends back the stored `Entry` if one was announced, `RELEASED` if the lock was let
     go without a value, or None when the time ran out (or nothing can be heard).
@@ -163,16 +192,33 @@ class Unsubscribe:
     subscription: object
 
 
+@dataclass(frozen=True, slots=True)
+class Spawn:
+    """Run *steps* (a plan) in the background; sends back None at once.
+
+    The sync driver runs it in a daemon thread, the asyncio driver in a task that the
+    caller's wrapper keeps until it is done. Nobody awaits it: *steps* handles its
+    own failures.
+    """
+
+    steps: Generator[Op, Any, None]
+
+
 Op: TypeAlias = (
     Get
     | GetOrLock
-    | Lock
+    | TakeLock
+    | Extend
+    | Tick
     | Compute
+    | Bypass
     | Set
     | SetAndUnlock
     | Unlock
+    | Delete
     | Subscribe
-    | Await
+    | AwaitNotice
     | AwaitFlight
     | Unsubscribe
+    | Spawn
 )

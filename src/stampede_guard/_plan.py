@@ -48,6 +48,7 @@ import tenacity
 from typing_extensions import override
 
 from stampede_guard._context import MISS, Context, Plan, Policy, Served, Via
+from stampede_guard._entry import FENCE_SECONDS, Entry
 from stampede_guard._errors import BackendError, LockTimeoutError
 from stampede_guard._freshness import RefreshDue, refresh_reason, stale_value
 from stampede_guard._ops import (
@@ -65,7 +66,6 @@ from stampede_guard._ops import (
     Unlock,
     Unsubscribe,
 )
-from stampede_guard.backends._protocol import FENCE_SECONDS, Entry
 from stampede_guard.metrics import (
     BackendFailed,
     BackendSkipped,

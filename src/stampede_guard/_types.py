@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Coroutine
 from typing import Any, Concatenate, ParamSpec, Protocol, Self, TypeVar, overload
 
-from stampede_guard.backends._protocol import Entry
+from stampede_guard._entry import Entry
 
 __all__ = ["AsyncCachedFunction", "CachedFunction"]
 

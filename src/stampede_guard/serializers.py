@@ -30,7 +30,7 @@ import pickle
 import struct
 from typing import Protocol, runtime_checkable
 
-from stampede_guard.backends._protocol import Entry
+from stampede_guard._entry import Entry
 
 __all__ = [
     "MAGIC",

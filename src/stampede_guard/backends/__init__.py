@@ -1,6 +1,12 @@
-"""Backends: where values and locks live. Any object satisfying `Backend` will do."""
+"""Backends: where values and locks live. Any object satisfying `Backend` will do.
+
+The Redis backends are imported on first use (PEP 562), so that code using only the
+memory backend never pays for importing a Redis client package.
+"""
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 from stampede_guard.backends._protocol import (
     FENCE_SECONDS,
@@ -17,8 +23,9 @@ from stampede_guard.backends._protocol import (
     Subscription,
 )
 from stampede_guard.backends.memory import MemoryBackend
-from stampede_guard.backends.redis import RedisBackend
-from stampede_guard.backends.redis_asyncio import AsyncRedisBackend
+
+if TYPE_CHECKING:
+    from stampede_guard.backends.redis import AsyncRedisBackend, RedisBackend
 
 __all__ = [
     "FENCE_SECONDS",
@@ -37,3 +44,21 @@ __all__ = [
     "Released",
     "Subscription",
 ]
+
+_REDIS = frozenset({"AsyncRedisBackend", "RedisBackend"})
+
+
+def __getattr__(name: str) -> object:
+    """Import the Redis backends when one of them is first asked for."""
+    if name in _REDIS:
+        from stampede_guard.backends import redis  # noqa: PLC0415 - on first use
+
+        value = getattr(redis, name)
+        globals()[name] = value  # later lookups find it without this function
+        return value
+    msg = f"module {__name__!r} has no attribute {name!r}"
+    raise AttributeError(msg)
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

@@ -1,10 +1,19 @@
-"""What a backend stores and the Protocol it implements."""
+"""The Protocols a backend implements (and, re-exported, the data it stores)."""
 
 from __future__ import annotations
 
-import enum
-from dataclasses import dataclass
-from typing import Final, Protocol, Self, TypeAlias, runtime_checkable
+from typing import Protocol, runtime_checkable
+
+# The data a backend exchanges with the plan lives in a core module, so the plan needs
+# no backend code; re-exported here, where backends and their users have found them.
+from stampede_guard._entry import (
+    FENCE_SECONDS,
+    RELEASED,
+    Claim,
+    Entry,
+    Notice,
+    Released,
+)
 
 __all__ = [
     "FENCE_SECONDS",
@@ -20,48 +29,6 @@ __all__ = [
     "Released",
     "Subscription",
 ]
-
-
-@dataclass(frozen=True, slots=True)
-class Entry:
-    """A cached value with what is known about how it was made.
-
-    Attributes:
-        value: What the decorated function returned.
-        created_at: Wall-clock time (Unix seconds) when the value was stored.
-        compute_seconds: How long computing it took; later used to refresh early.
-    """
-
-    value: object
-    created_at: float
-    compute_seconds: float
-
-
-# How long an invalidation fences out computations that began before it. A computation
-# that ran longer than this is never stored (the plan keeps it to its callers), so the
-# fence never has to outlive one.
-FENCE_SECONDS: Final = 24 * 3600.0
-
-
-class Claim(str):
-    """The token holding a key's lock, with the backend's *ticket* for the look.
-
-    A ticket is the backend's clock (in microseconds) when the look ran: a computation
-    that starts after the look is newer than every computation that started before it.
-    A store carries its computation's ticket, and a backend that fences refuses it when
-    the stored value began later or an invalidation came after it. A ``str``, so that a
-    backend written before tickets (returning the plain token) still serves: its stores
-    are simply not fenced by age.
-    """
-
-    __slots__ = ("ticket",)
-
-    ticket: int
-
-    def __new__(cls, holder: str, ticket: int) -> Self:
-        claim = super().__new__(cls, holder)
-        claim.ticket = ticket
-        return claim
 
 
 @runtime_checkable
@@ -196,17 +163,6 @@ class AsyncBackend(Protocol):
 # Notifications: an optional capability. A backend that has it wakes waiters the moment
 # a value is stored (or a lock let go) instead of at their next poll; without it,
 # waiters poll with backoff, which stays the safety net for lost notifications anyway.
-
-
-class Released(enum.Enum):
-    """The notice that a lock was let go without a value (its holder failed)."""
-
-    RELEASED = "released"
-
-
-RELEASED: Final = Released.RELEASED
-
-Notice: TypeAlias = Entry | Released
 
 
 class Subscription(Protocol):
