@@ -3,17 +3,27 @@
 from __future__ import annotations
 
 import functools
+import inspect
+import re
 import threading
+from dataclasses import MISSING, fields
+from pathlib import Path
 from typing import Any
 
 import pytest
+from typing_extensions import Unpack
 
 from stampede_guard import (
+    CacheOptions,
     LockTimeoutError,
     MemoryBackend,
     StampedeStats,
     cached_stampede_safe,
 )
+from stampede_guard._cache_options import DEFAULTS
+from stampede_guard._context import Policy
+from stampede_guard._decorator import Decorator
+from stampede_guard._options import validated_policy
 
 
 def counting(backend: MemoryBackend, **options: Any) -> tuple[Any, list[str]]:
@@ -413,3 +423,94 @@ def test_a_duration_no_backend_can_hold_is_refused_at_decoration(option: str) ->
     ):
         cached_stampede_safe(**{"ttl": century, option: 1e16})  # type: ignore[call-overload]
     cached_stampede_safe(**{"ttl": century, option: century})  # type: ignore[call-overload]
+
+
+# --- The options, declared once -------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def shown(value: object) -> str:
+    """How the docs write a default: ``"compute"``, ``900``, ``None``."""
+    return f'"{value}"' if isinstance(value, str) else repr(value)
+
+
+def declared() -> dict[str, str]:
+    """Every option in declaration order with its default as the docs show it."""
+    return {"backend": "None"} | {
+        name: shown(DEFAULTS[name])  # type: ignore[literal-required]
+        for name in CacheOptions.__annotations__
+    }
+
+
+def test_every_option_has_exactly_one_default() -> None:
+    """DEFAULTS has each key of CacheOptions, no other, and every option is optional."""
+    assert list(DEFAULTS) == list(CacheOptions.__annotations__)
+    assert CacheOptions.__required_keys__ == frozenset()
+
+
+def test_readme_table_lists_exactly_the_options_with_their_defaults() -> None:
+    """The README's option table has one row per option, in order, with its default."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    table = readme.split("| Option | Default | Meaning |\n|---|---|---|\n", 1)[1]
+    rows = table.split("\n\n", 1)[0].splitlines()
+    found = dict(
+        re.findall(r"^\| `(\w+)` \| `([^`]*)` \|", "\n".join(rows), re.MULTILINE)
+    )
+    assert len(found) == len(rows)
+    assert list(found.items()) == list(declared().items())
+
+
+def test_docstring_lists_exactly_the_options_with_their_defaults() -> None:
+    """The decorator's Args: one entry per option, in order, ending with its default."""
+    doc = inspect.getdoc(cached_stampede_safe) or ""
+    args = doc.split("Args:\n", 1)[1].split("\n\n", 1)[0]
+    entries = re.split(r"^    (?=\w+: )", args, flags=re.MULTILINE)[1:]
+    found = {}
+    for entry in entries:
+        name, text = entry.split(": ", 1)
+        default = re.search(r"Defaults to ``([^`]*)``", text)
+        assert default, f"{name}'s entry does not give its default"
+        found[name] = default[1]
+    assert list(found.items()) == list(declared().items())
+
+
+def test_policy_defaults_are_the_decorators() -> None:
+    """A Policy built with only the required fields is what the decorator's defaults make."""
+    made = validated_policy({})
+    required = {
+        f.name: getattr(made, f.name) for f in fields(Policy) if f.default is MISSING
+    }
+    assert Policy(**required) == made
+
+
+def test_misspelled_option_fails_at_decoration_time_naming_the_nearest() -> None:
+    """tll=60 would be swallowed by **options and ttl left at 900: refused, with the fix."""
+    with pytest.raises(TypeError, match=r"argument 'tll'; did you mean ttl=\?"):
+        cached_stampede_safe(tll=60)  # type: ignore[call-overload]
+    with pytest.raises(TypeError, match=r"argument 'colour'; its options are backend,"):
+        cached_stampede_safe(**dict[str, Any]({"colour": 1}))
+
+
+def test_options_are_keyword_only() -> None:
+    """A positional argument (a key template, say) is a TypeError, as it always was."""
+    with pytest.raises(TypeError, match="positional"):
+        cached_stampede_safe("k:{x}")  # type: ignore[call-overload]
+
+
+def test_a_wrapper_passes_typed_options_on() -> None:
+    """Code that wraps the decorator types its options with CacheOptions and passes them on."""
+
+    def my_cache(**options: Unpack[CacheOptions]) -> Decorator:
+        return cached_stampede_safe(**options)
+
+    calls: list[int] = []
+
+    @my_cache(key="sq:{x}", ttl=60, namespace="wrapper-test")
+    def square(x: int) -> int:
+        calls.append(x)
+        return x * x
+
+    assert (square(3), square(3), calls) == (9, 9, [3])
+    assert square.cache_key(3) == "wrapper-test:sq:3"
+    square.invalidate(3)

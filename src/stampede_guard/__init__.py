@@ -10,6 +10,7 @@ from __future__ import annotations
 from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING
 
+from stampede_guard._cache_options import CacheOptions
 from stampede_guard._decorator import cached_stampede_safe
 from stampede_guard._errors import (
     BackendError,
@@ -44,6 +45,7 @@ __all__ = [
     "Backend",
     "BackendError",
     "BoundSerializer",
+    "CacheOptions",
     "CachedFunction",
     "Entry",
     "InterruptedComputationError",

@@ -5,26 +5,26 @@ from __future__ import annotations
 from collections.abc import Callable, Coroutine
 from typing import Any, NoReturn, ParamSpec, Protocol, TypeVar, overload
 
-from typing_extensions import deprecated
+from typing_extensions import Unpack, deprecated
 
+from stampede_guard._cache_options import CacheOptions
 from stampede_guard._context import Context
 from stampede_guard._keys import KeyMaker, validate_namespace
 from stampede_guard._options import (
-    OnCancel,
-    OnTimeout,
     breakers_of,
     check_backend,
     check_function,
     check_key,
     check_metrics,
+    check_option_names,
     check_pairing,
     clock_of,
-    policy,
+    validated_policy,
 )
 from stampede_guard._types import AsyncCachedFunction, CachedFunction
 from stampede_guard._wrappers import make_async, make_sync
 from stampede_guard.backends._protocol import AsyncBackend, Backend
-from stampede_guard.metrics import MetricsHook, safe_emitter
+from stampede_guard.metrics import safe_emitter
 
 __all__ = ["cached_stampede_safe"]
 
@@ -69,102 +69,20 @@ class AsyncDecorator(Protocol):
 
 @overload
 def cached_stampede_safe(  # type: ignore[overload-overlap]
-    *,
-    key: str | Callable[..., str] | None = None,
-    ttl: float = 900,
-    lock_timeout: float = 10,
-    wait_timeout: float | None = None,
-    base_delay: float = 0.1,
-    max_delay: float = 1.6,
-    max_retries: int | None = None,
-    on_timeout: OnTimeout = "compute",
-    on_backend_error: OnTimeout = "compute",
-    on_cancel: OnCancel = "finish",
-    lock_renewal: bool = False,
-    stale_ttl: float = 0,
-    stale_if_error: bool = True,
-    background_refresh: bool = True,
-    early_refresh: bool = False,
-    beta: float = 1.0,
-    cache_none: bool = True,
-    should_cache: Callable[[Any], bool] | None = None,
-    backend: DualBackend | None = None,
-    metrics: MetricsHook | None = None,
-    namespace: str | None = None,
+    *, backend: DualBackend | None = None, **options: Unpack[CacheOptions]
 ) -> Decorator: ...
 @overload
 def cached_stampede_safe(
-    *,
-    key: str | Callable[..., str] | None = None,
-    ttl: float = 900,
-    lock_timeout: float = 10,
-    wait_timeout: float | None = None,
-    base_delay: float = 0.1,
-    max_delay: float = 1.6,
-    max_retries: int | None = None,
-    on_timeout: OnTimeout = "compute",
-    on_backend_error: OnTimeout = "compute",
-    on_cancel: OnCancel = "finish",
-    lock_renewal: bool = False,
-    stale_ttl: float = 0,
-    stale_if_error: bool = True,
-    background_refresh: bool = True,
-    early_refresh: bool = False,
-    beta: float = 1.0,
-    cache_none: bool = True,
-    should_cache: Callable[[Any], bool] | None = None,
-    backend: Backend,
-    metrics: MetricsHook | None = None,
-    namespace: str | None = None,
+    *, backend: Backend, **options: Unpack[CacheOptions]
 ) -> SyncDecorator: ...
 @overload
 def cached_stampede_safe(
-    *,
-    key: str | Callable[..., str] | None = None,
-    ttl: float = 900,
-    lock_timeout: float = 10,
-    wait_timeout: float | None = None,
-    base_delay: float = 0.1,
-    max_delay: float = 1.6,
-    max_retries: int | None = None,
-    on_timeout: OnTimeout = "compute",
-    on_backend_error: OnTimeout = "compute",
-    on_cancel: OnCancel = "finish",
-    lock_renewal: bool = False,
-    stale_ttl: float = 0,
-    stale_if_error: bool = True,
-    background_refresh: bool = True,
-    early_refresh: bool = False,
-    beta: float = 1.0,
-    cache_none: bool = True,
-    should_cache: Callable[[Any], bool] | None = None,
-    backend: AsyncBackend,
-    metrics: MetricsHook | None = None,
-    namespace: str | None = None,
+    *, backend: AsyncBackend, **options: Unpack[CacheOptions]
 ) -> AsyncDecorator: ...
 def cached_stampede_safe(
     *,
-    key: str | Callable[..., str] | None = None,
-    ttl: float = 900,
-    lock_timeout: float = 10,
-    wait_timeout: float | None = None,
-    base_delay: float = 0.1,
-    max_delay: float = 1.6,
-    max_retries: int | None = None,
-    on_timeout: OnTimeout = "compute",
-    on_backend_error: OnTimeout = "compute",
-    on_cancel: OnCancel = "finish",
-    lock_renewal: bool = False,
-    stale_ttl: float = 0,
-    stale_if_error: bool = True,
-    background_refresh: bool = True,
-    early_refresh: bool = False,
-    beta: float = 1.0,
-    cache_none: bool = True,
-    should_cache: Callable[[Any], bool] | None = None,
     backend: Backend | AsyncBackend | None = None,
-    metrics: MetricsHook | None = None,
-    namespace: str | None = None,
+    **options: Unpack[CacheOptions],
 ) -> Decorator | SyncDecorator | AsyncDecorator:
     """Cache a function so that concurrent misses of one key compute it only once.
 
@@ -173,60 +91,74 @@ def cached_stampede_safe(
     the stored value. Works on plain functions, ``async def`` functions and methods.
 
     Args:
+        backend: Where values and locks live: one in-memory backend per process by
+            default; `RedisBackend` (sync) or `AsyncRedisBackend` (asyncio) to
+            coordinate processes and hosts. Defaults to ``None``.
         key: How a call's arguments become its cache key: a ``str.format`` template
             over parameter names (``"weather:{city}"``, ``"user:{user.id}"``), a
             callable taking the function's arguments and returning a str, or None for
             ``module:qualname:<digest of the arguments>``, the same in every process.
+            Defaults to ``None``.
         ttl: Seconds a value stays cached; then the next call computes it again.
+            Defaults to ``900``.
         lock_timeout: Seconds the lock outlives a holder that died. Must exceed the
             computation time, or one more caller starts computing while the first
-            still runs.
+            still runs. Defaults to ``10``.
         wait_timeout: Seconds a caller waits for another's computation, in another
             process or its own, before *on_timeout* applies; counted afresh when the
-            lock passes to a new holder.
-            Defaults to *lock_timeout* (ten times it with *lock_renewal*).
+            lock passes to a new holder. Defaults to ``None``: *lock_timeout* (ten
+            times it with *lock_renewal*).
         base_delay: First backoff delay, in seconds; each next one doubles.
-        max_delay: Longest backoff delay, in seconds.
+            Defaults to ``0.1``.
+        max_delay: Longest backoff delay, in seconds. Defaults to ``1.6``.
         max_retries: If given, a waiter also gives up after this many retries.
+            Defaults to ``None``.
         on_timeout: What a waiter does when its wait runs out: ``"compute"`` the value
             itself (and store it, unless a newer value was stored), or ``"raise"``
             `LockTimeoutError`. Callers waiting for another caller of their own
             process give up the same way, and then compute once for the process.
+            Defaults to ``"compute"``.
         on_backend_error: When the backend fails (down, timing out): ``"compute"``
             serves the call without the cache (computed once per key per process at
             a time; a circuit breaker skips a backend that keeps failing for 5 s), or
-            ``"raise"`` `BackendError`.
+            ``"raise"`` `BackendError`. Defaults to ``"compute"``.
         on_cancel: When an asyncio caller that is computing the value is cancelled
             (a client disconnected, a ``wait_for`` ran out): ``"finish"`` lets the
             computation go on in a task of its own, for at most its lease, and store
             the value for everyone else, while the caller returns at once;
             ``"cancel"`` cancels the computation with the caller (the lock is
-            released). Sync functions cannot be cancelled.
+            released). Sync functions cannot be cancelled. Defaults to ``"finish"``.
         lock_renewal: Renew the lock's lease every third of *lock_timeout* while the
             function runs (for at most 10 leases), so a computation longer than
             *lock_timeout* keeps its lock, while a crashed holder's still runs out
-            after *lock_timeout*.
+            after *lock_timeout*. Defaults to ``False``.
         stale_ttl: Seconds a value may still be served after *ttl* (stale while
             revalidate): the caller gets it at once and one caller refreshes it. After
             ``ttl + stale_ttl`` it is gone and the next call is a miss. 0: never stale.
+            Defaults to ``0``.
         stale_if_error: If a refresh raises, keep serving the stale value (and report
             it) instead of raising to the caller that refreshed inline.
+            Defaults to ``True``.
         background_refresh: Refresh a stale or early value in a background thread (or
             task), so every caller gets the stored value at once. False: the first
             caller in each process that sees it refreshes inline and gets the new value.
+            Defaults to ``True``.
         early_refresh: Refresh hot values before *ttl* with XFetch's probability,
             which grows as expiry nears and with the stored computation time, so a hot
             key is recomputed (once, under the lock) before anyone misses it.
-        beta: XFetch's eagerness (only with *early_refresh*): above 1 refreshes earlier.
-        cache_none: Store a None result like any other (True), or not at all.
+            Defaults to ``False``.
+        beta: XFetch's eagerness (only with *early_refresh*): above 1 refreshes
+            earlier, below 1 later. A factor, not seconds. Defaults to ``1.0``.
+        cache_none: Store a None result like any other (True), or not at all; applies
+            before *should_cache*. Defaults to ``True``.
         should_cache: Called with each computed value; store it only if it returns
             True (e.g. ``lambda r: r.ok``). Values not stored are still returned.
-        backend: Where values and locks live. Defaults to one in-memory backend per
-            process; use `RedisBackend` (sync) or `AsyncRedisBackend` (asyncio) to
-            coordinate processes and hosts.
+            Defaults to ``None``.
         metrics: Called with every `stampede_guard.metrics` event, e.g. `StampedeStats`.
+            Defaults to ``None``.
         namespace: Put before every key (``"<namespace>:<key>"``), e.g. a version
-            or tenant.
+            or tenant. Defaults to ``None``.
+        **options: The options above but *backend*, typed by `CacheOptions`.
 
     Returns:
         A decorator; the decorated function keeps its signature (an ``async def``
@@ -237,38 +169,23 @@ def cached_stampede_safe(
     Raises:
         ValueError: A number is out of range, *on_timeout* is unknown, or *key* names a
             parameter the function lacks.
-        TypeError: An argument has the wrong type, the function is a generator
+        TypeError: An option is misspelled or unknown (the message names the nearest
+            one), an argument has the wrong type, the function is a generator
             function, or the backend cannot serve the function (an ``async def`` on
             `RedisBackend`, a plain function on `AsyncRedisBackend`).
     """
+    check_option_names(options)
     checked_backend = check_backend(backend)
+    metrics = options.get("metrics")
     context = Context(
-        policy(
-            ttl=ttl,
-            lock_timeout=lock_timeout,
-            wait_timeout=wait_timeout,
-            base_delay=base_delay,
-            max_delay=max_delay,
-            max_retries=max_retries,
-            on_timeout=on_timeout,
-            on_backend_error=on_backend_error,
-            on_cancel=on_cancel,
-            lock_renewal=lock_renewal,
-            stale_ttl=stale_ttl,
-            stale_if_error=stale_if_error,
-            background_refresh=background_refresh,
-            early_refresh=early_refresh,
-            beta=beta,
-            cache_none=cache_none,
-            should_cache=should_cache,
-        ),
+        validated_policy(options),
         safe_emitter(check_metrics(metrics)),
         observed=metrics is not None,
         breaker_for=breakers_of(checked_backend),
         wall_clock=clock_of(checked_backend),
     )
-    checked_key = check_key(key)
-    checked_namespace = validate_namespace(namespace)
+    checked_key = check_key(options.get("key"))
+    checked_namespace = validate_namespace(options.get("namespace"))
 
     def decorate(fn: Callable[..., Any]) -> Any:
         check_function(fn)

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import difflib
 import inspect
 import math
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from functools import partial
-from typing import Any, Literal, cast
+from typing import Any, cast
 
 from stampede_guard._breaker import CircuitBreaker
+from stampede_guard._cache_options import DEFAULTS, OnBackendError, OnCancel, OnTimeout
 from stampede_guard._clock import StepFreeClock
 from stampede_guard._context import RENEWAL_LIMIT, Policy, own_breaker
 from stampede_guard.backends._protocol import AsyncBackend, Backend
@@ -17,19 +19,16 @@ from stampede_guard.backends.memory import default_backend
 from stampede_guard.metrics import MetricsHook
 
 __all__ = [
-    "OnCancel",
-    "OnTimeout",
     "breakers_of",
     "check_backend",
     "check_function",
     "check_key",
     "check_metrics",
+    "check_option_names",
+    "check_pairing",
     "clock_of",
-    "policy",
+    "validated_policy",
 ]
-
-OnTimeout = Literal["compute", "raise"]
-OnCancel = Literal["finish", "cancel"]
 
 # The checks below take `object`: they exist for callers whose types mypy never saw.
 
@@ -94,71 +93,81 @@ def check_key(key: object) -> str | Callable[..., str] | None:
     raise TypeError(msg)
 
 
-def policy(
-    *,
-    ttl: object,
-    lock_timeout: object,
-    wait_timeout: object,
-    base_delay: object,
-    max_delay: object,
-    max_retries: object,
-    on_timeout: object,
-    on_backend_error: object = "compute",
-    on_cancel: object = "finish",
-    lock_renewal: object = False,
-    stale_ttl: object = 0,
-    stale_if_error: object = True,
-    background_refresh: object = True,
-    early_refresh: object = False,
-    beta: object = 1.0,
-    cache_none: object = True,
-    should_cache: object = None,
-) -> Policy:
-    """Validate the decorator's options into a `Policy`; raise with the fix on bad ones."""
-    lock = _seconds("lock_timeout", lock_timeout)
+def check_option_names(options: Mapping[str, object]) -> None:
+    """Refuse an option the decorator does not have, naming the nearest one.
+
+    ``**options`` would otherwise swallow a misspelling such as ``tll=60``, and the
+    function would be cached with the default instead.
+    """
+    unknown = sorted(options.keys() - DEFAULTS.keys())
+    if not unknown:
+        return
+    name = unknown[0]
+    known = sorted([*DEFAULTS, "backend"])
+    close = difflib.get_close_matches(name, known, n=1)
+    fix = (
+        f"did you mean {close[0]}=?" if close else f"its options are {', '.join(known)}"
+    )
+    msg = f"cached_stampede_safe() got an unexpected keyword argument {name!r}; {fix}"
+    raise TypeError(msg)
+
+
+def validated_policy(options: Mapping[str, object]) -> Policy:
+    """Validate the decorator's options into a `Policy`; raise with the fix on bad ones.
+
+    An option left out takes its value from `DEFAULTS`; *key*, *metrics* and
+    *namespace* are not the policy's and are checked elsewhere.
+    """
+    given: dict[str, object] = {**DEFAULTS, **options}
+    lock = _seconds("lock_timeout", given["lock_timeout"])
+    renewal = _flag("lock_renewal", given["lock_renewal"])
     # A renewed lock can stay alive for RENEWAL_LIMIT leases; waiters wait as long.
-    patience = lock * RENEWAL_LIMIT if _flag("lock_renewal", lock_renewal) else lock
-    beta = _seconds("beta", beta)
-    if beta != 1.0 and not _flag("early_refresh", early_refresh):
+    patience = lock * RENEWAL_LIMIT if renewal else lock
+    wait_timeout = given["wait_timeout"]
+    beta = _seconds("beta", given["beta"])
+    early = _flag("early_refresh", given["early_refresh"])
+    if beta != 1.0 and not early:
         warnings.warn(
             f"beta={beta} has no effect without early_refresh=True", stacklevel=3
         )
+    should_cache = given["should_cache"]
     if should_cache is not None and not callable(should_cache):
         msg = f"should_cache must be a callable taking the value and returning a bool, not {type(should_cache).__qualname__}"
         raise TypeError(msg)
-    policy = Policy(
-        ttl=_seconds("ttl", ttl),
+    stale_ttl = given["stale_ttl"]
+    validated = Policy(
+        ttl=_seconds("ttl", given["ttl"]),
         lock_timeout=lock,
         wait_timeout=patience
         if wait_timeout is None
         else _seconds("wait_timeout", wait_timeout),
-        base_delay=_seconds("base_delay", base_delay),
-        max_delay=_seconds("max_delay", max_delay),
-        max_retries=_retries(max_retries),
-        on_timeout=_on_timeout(on_timeout),
-        on_backend_error=_on_backend_error(on_backend_error),
-        on_cancel=_on_cancel(on_cancel),
-        lock_renewal=_flag("lock_renewal", lock_renewal),
+        base_delay=_seconds("base_delay", given["base_delay"]),
+        max_delay=_seconds("max_delay", given["max_delay"]),
+        max_retries=_retries(given["max_retries"]),
+        on_timeout=_on_timeout(given["on_timeout"]),
+        on_backend_error=_on_backend_error(given["on_backend_error"]),
+        on_cancel=_on_cancel(given["on_cancel"]),
+        lock_renewal=renewal,
         stale_ttl=0.0 if stale_ttl == 0 else _seconds("stale_ttl", stale_ttl),
-        stale_if_error=_flag("stale_if_error", stale_if_error),
-        background_refresh=_flag("background_refresh", background_refresh),
-        beta=beta if _flag("early_refresh", early_refresh) else None,
-        cache_none=_flag("cache_none", cache_none),
+        stale_if_error=_flag("stale_if_error", given["stale_if_error"]),
+        background_refresh=_flag("background_refresh", given["background_refresh"]),
+        beta=beta if early else None,
+        cache_none=_flag("cache_none", given["cache_none"]),
         should_cache=cast("Callable[[Any], bool] | None", should_cache),
     )
-    if policy.max_delay < policy.base_delay:
+    if validated.max_delay < validated.base_delay:
         msg = (
-            f"max_delay={policy.max_delay} is shorter than base_delay={policy.base_delay}; "
+            f"max_delay={validated.max_delay} is shorter than base_delay={validated.base_delay}; "
             "max_delay caps the backoff, so make it at least base_delay"
         )
         raise ValueError(msg)
-    if policy.ttl < policy.lock_timeout:
+    if validated.ttl < validated.lock_timeout:
         warnings.warn(
-            f"ttl={policy.ttl} is shorter than lock_timeout={policy.lock_timeout}: a value "
+            f"ttl={validated.ttl} is shorter than lock_timeout={validated.lock_timeout}: a value "
             "may expire before a crashed holder's lock does; usually ttl is much longer",
             stacklevel=3,
         )
-    return policy
+    return validated
 
 
 def _flag(name: str, value: object) -> bool:
@@ -187,7 +196,7 @@ def _on_timeout(value: object) -> OnTimeout:
     raise ValueError(msg)
 
 
-def _on_backend_error(value: object) -> OnTimeout:
+def _on_backend_error(value: object) -> OnBackendError:
     if value == "compute" or value == "raise":  # noqa: PLR1714 - narrows to the Literal
         return value
     msg = f"on_backend_error={value!r} is not one of 'compute' (serve the call without the cache) or 'raise' (BackendError)"

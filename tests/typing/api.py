@@ -5,16 +5,20 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import assert_type
 
+from typing_extensions import Unpack
+
 from stampede_guard import (
     AsyncCachedFunction,
     AsyncRedisBackend,
     CachedFunction,
+    CacheOptions,
     Entry,
     MemoryBackend,
     RedisBackend,
     StampedeStats,
     cached_stampede_safe,
 )
+from stampede_guard._decorator import Decorator
 
 
 @cached_stampede_safe(key="weather:{city}", ttl=900, lock_timeout=10)
@@ -59,6 +63,9 @@ def load_user(user_id: int) -> list[str]:
 assert_type(load_user(1), list[str])
 
 cached_stampede_safe(on_timeout="wait")  # type: ignore[call-overload]
+cached_stampede_safe(on_backend_error="retry")  # type: ignore[call-overload]
+cached_stampede_safe(tll=900)  # type: ignore[call-overload]  # misspelled option
+cached_stampede_safe("weather:{city}")  # type: ignore[call-overload]  # keyword-only
 cached_stampede_safe(ttl="900")  # type: ignore[call-overload]
 cached_stampede_safe(backend=object())  # type: ignore[call-overload]
 
@@ -140,4 +147,19 @@ def search(q: str) -> list[str]:
 
 
 assert_type(search("x"), list[str])
+
+
+def my_cache(**options: Unpack[CacheOptions]) -> Decorator:
+    """A wrapper that passes the options on keeps them typed."""
+    return cached_stampede_safe(**options)
+
+
+@my_cache(key="n:{n}", ttl=60)
+def wrapped(n: int) -> str:
+    return str(n)
+
+
+assert_type(wrapped(1), str)
+my_cache(ttl="60")  # type: ignore[arg-type]
+my_cache(tll=60)  # type: ignore[call-arg]
 cached_stampede_safe(stale_ttl="5")  # type: ignore[call-overload]
