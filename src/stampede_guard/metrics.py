@@ -193,11 +193,12 @@ class MetricsHook(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class StatsSnapshot:
-    """Counters at one moment, with the reference card's derived figures.
+    """Counters at one moment, with the usual stampede figures derived from them.
 
     *hits* counts calls served from the cache, whether at once or after waiting for
-    another caller's computation (the card's "cache hits"); *computations* counts calls
-    of the decorated function, failed ones included (the card's "API calls").
+    another caller's computation ("cache hits" in the hit rate); *computations* counts
+    calls of the decorated function, failed ones included ("API calls" in the API call
+    reduction).
     """
 
     requests: int
