@@ -449,10 +449,19 @@ def test_every_option_has_exactly_one_default() -> None:
     assert CacheOptions.__required_keys__ == frozenset()
 
 
-def test_readme_table_lists_exactly_the_options_with_their_defaults() -> None:
-    """The README's option table has one row per option, in order, with its default."""
-    readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    table = readme.split("| Option | Default | Meaning |\n|---|---|---|\n", 1)[1]
+@pytest.mark.parametrize(
+    ("page", "header"),
+    [
+        ("README.md", "| Option | Default | Meaning |"),
+        ("docs/quick-reference.md", "| Option | Default | What it does |"),
+    ],
+)
+def test_option_tables_list_exactly_the_options_with_their_defaults(
+    page: str, header: str
+) -> None:
+    """The README's and the quick reference's option tables: one row per option, in order, with its default."""
+    text = (ROOT / page).read_text(encoding="utf-8")
+    table = text.split(f"{header}\n|---|---|---|\n", 1)[1]
     rows = table.split("\n\n", 1)[0].splitlines()
     found = dict(
         re.findall(r"^\| `(\w+)` \| `([^`]*)` \|", "\n".join(rows), re.MULTILINE)
