@@ -1,7 +1,7 @@
 """Wake-up latency of a waiter before, during and after its connections are black-holed.
 
-Issue 14: once existing connections were black-holed (new ones still pass), waiters'
-wake-up went from ~2 ms to ~750 ms and never recovered. This script has one waiter
+The fault: once existing connections were black-holed (new ones still pass), waiters'
+wake-up used to go from ~2 ms to ~750 ms and never recover. This script has one waiter
 process (a `RedisBackend` through a TCP proxy) wait on a key that a leader (a backend
 straight to the server) holds, again and again, and times from the leader's store to
 the waiter's return. Halfway, every connection the proxy carries is black-holed: it

@@ -70,7 +70,7 @@ PEERS: dict[str, PeerInfo] = {
             "sync",
             (),
             uses_redis=True,
-            summary="quick-reference card: SET NX PX lock, double-check, CAS release; waiters poll 0.1*2^n x5",
+            summary="textbook lock-and-poll: SET NX PX lock, double-check, CAS release; waiters poll 0.1*2^n x5",
         ),
         PeerInfo(
             "dogpile",
@@ -285,7 +285,7 @@ class Naive:
 
 
 class Reference(Naive):
-    """The quick-reference card's algorithm (the project's seed), sync.
+    """The textbook lock-and-poll algorithm, sync: what most hand-written guards do.
 
     GET; on a miss ``SET lock token NX PX``; the holder double-checks with GET,
     computes, SETs and releases with a compare-and-delete script. A caller that

@@ -261,7 +261,7 @@ def excess_key_table(rows: Sequence[Agg]) -> str | None:
 
 @dataclass(frozen=True, slots=True)
 class Target:
-    """One of issue 5's targets and what this run measured."""
+    """One of stampede_guard's performance targets and what this run measured."""
 
     name: str
     goal: str
@@ -280,7 +280,7 @@ def _find(rows: Sequence[Agg], scenario: str, peer: str, callers: int) -> list[A
 def targets(
     rows: Sequence[Agg], hot: Sequence[HotResult], mem: Sequence[MemResult]
 ) -> list[Target]:
-    """Check issue 5's targets against this run."""
+    """Check stampede_guard's performance targets (benchmarks/README.md) against this run."""
     out: list[Target] = []
     comp_checks = [
         ("1,000 threads, 1 process: computations", "A", "stampede_guard", 1000),
@@ -504,7 +504,7 @@ def markdown(
             "ll",
         ),
         "",
-        "## Issue 5 targets (stampede_guard)",
+        "## Targets (stampede_guard)",
         "",
         table(
             ["target", "goal", "measured", "result"],

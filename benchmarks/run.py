@@ -1,4 +1,4 @@
-"""Benchmark stampede_guard against its peers on a private Redis (issue 5).
+"""Benchmark stampede_guard against its peers on a private Redis.
 
 Run from the repository root::
 

@@ -1,7 +1,7 @@
 """What a store that stalls costs the leader's caller, after its computation.
 
-Issue 14: with writes paused (`CLIENT PAUSE <ms> WRITE`, as during a failover) while
-the leader computed, its caller waited the computation plus two socket timeouts: the
+The fault: with writes paused (`CLIENT PAUSE <ms> WRITE`, as during a failover) while
+the leader computed, its caller used to wait the computation plus two socket timeouts: the
 store's, then the lock release's. This script pauses writes from inside the
 computation, for longer than the socket timeout, and times the caller from the end of
 the computation to its return; the release now goes on apart, so the figure should sit
