@@ -253,7 +253,7 @@ def _weather_function(
         )(call_api)
 
     def cache_aside(city: str) -> Weather:
-        # The card's "without stampede prevention": every caller that misses calls
+        # Plain cache-aside, without stampede prevention: every caller that misses calls
         # the API, so N concurrent misses make N calls.
         key = f"{UNPROTECTED_NAMESPACE}:weather:{city}"
         found = backend.get(key)

@@ -1,4 +1,4 @@
-"""The demo's report: the reference card's figures, its targets and its cost estimate.
+"""The demo's report: the stampede figures, their targets and a cost estimate.
 
 A helper of ``demo_stampede_prevention.py``; it has no command line of its own.
 """
@@ -28,9 +28,9 @@ __all__ = [
     "summarize",
 ]
 
-# The card's cost example: a weather API at $0.001 a call, 100,000 requests a day.
-CARD_COST_PER_CALL = 0.001
-CARD_REQUESTS_PER_DAY = 100_000
+# The cost example: a metered weather API at $0.001 a call, 100,000 requests a day.
+EXAMPLE_COST_PER_CALL = 0.001
+EXAMPLE_REQUESTS_PER_DAY = 100_000
 DAYS_PER_YEAR = 365
 # An API call that takes this much longer than twice the API's latency, from the
 # caller's side, means the callers were starved of CPU, not that the API was slow.
@@ -41,7 +41,7 @@ SHOWN_PER_CITY = 8
 
 @dataclass(frozen=True, slots=True)
 class Summary:
-    """The card's figures for one run.
+    """The stampede figures for one run.
 
     API calls are the weather server's own count. For a protected run, hits, lock
     waits, timeouts and the average wait come from `StampedeStats`; the p99 wait and
@@ -88,7 +88,7 @@ class Summary:
 
     @property
     def success(self) -> bool:
-        """Return whether no city got more than one API call: the card's success."""
+        """Return whether no city got more than one API call: the stampede was prevented."""
         return self.most_calls_for_a_city <= 1
 
 
@@ -102,7 +102,7 @@ def percentile(values: Sequence[float], pct: float) -> float:
 def summarize(
     result: RunResult, calls_per_city: dict[str, int], latency: float
 ) -> Summary:
-    """Return the card's figures for *result*.
+    """Return the stampede figures for *result*.
 
     *calls_per_city* is the server's count, and *latency* how long it takes to answer.
     """
@@ -151,7 +151,7 @@ def ms(seconds: float | None) -> str:
 
 @dataclass(frozen=True, slots=True)
 class _Row:
-    """A row of the table: how to show a run's figure, and the card's target if any."""
+    """A row of the table: how to show a run's figure, and its target if any."""
 
     name: str
     show: Callable[[Summary], str]
@@ -211,7 +211,7 @@ def _mark(console: Console, *, passed: bool | None) -> Text:
 
 
 def render_table(console: Console, summaries: Sequence[Summary]) -> None:
-    """Print the card's figures of each run side by side, the last one checked."""
+    """Print the stampede figures of each run side by side, the last one checked."""
     checked = summaries[-1]
     table = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False)
     table.add_column("")
@@ -297,36 +297,36 @@ def _notes(summaries: Sequence[Summary]) -> list[str]:
 
 
 def render_cost(console: Console, summaries: Sequence[Summary]) -> None:
-    """Print the card's cost example, priced with the protected run's reduction."""
+    """Print the cost example, priced with the protected run's reduction."""
     protected = [s for s in summaries if s.stats is not None]
     if not protected:
         console.print(
-            "Cost estimate: run with protection to price the card's example "
-            f"({CARD_REQUESTS_PER_DAY:,} requests a day at ${CARD_COST_PER_CALL} an "
+            "Cost estimate: run with protection to price the example "
+            f"({EXAMPLE_REQUESTS_PER_DAY:,} requests a day at ${EXAMPLE_COST_PER_CALL} an "
             "API call)."
         )
         return
     cut = protected[-1].reduction_pct
     console.print(
-        f"Cost estimate, the card's example: {CARD_REQUESTS_PER_DAY:,} requests a day "
-        f"at ${CARD_COST_PER_CALL} an API call, with this run's reduction ({cut:.1f} %):"
+        f"Cost estimate, for example: {EXAMPLE_REQUESTS_PER_DAY:,} requests a day "
+        f"at ${EXAMPLE_COST_PER_CALL} an API call, with this run's reduction ({cut:.1f} %):"
     )
-    # As on the card: without protection, every request is an API call.
-    without = CARD_REQUESTS_PER_DAY
-    with_ = CARD_REQUESTS_PER_DAY * (1 - cut / 100)
+    # Without protection, every request is an API call.
+    without = EXAMPLE_REQUESTS_PER_DAY
+    with_ = EXAMPLE_REQUESTS_PER_DAY * (1 - cut / 100)
     table = Table(box=None, show_header=False, pad_edge=False)
     table.add_column()
     for _ in range(3):
         table.add_column(justify="right")
     for name, calls in (("without protection", without), ("with protection", with_)):
-        cost = calls * CARD_COST_PER_CALL
+        cost = calls * EXAMPLE_COST_PER_CALL
         table.add_row(
             f"  {name}",
             f"{calls:,.0f} calls a day",
             f"${cost:,.2f} a day",
             f"${cost * DAYS_PER_YEAR:,.0f} a year",
         )
-    saved = (without - with_) * CARD_COST_PER_CALL
+    saved = (without - with_) * EXAMPLE_COST_PER_CALL
     table.add_row(
         "  savings",
         f"{without - with_:,.0f} fewer calls",

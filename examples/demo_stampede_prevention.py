@@ -7,9 +7,10 @@ request misses the cache at the same moment. Unprotected (plain cache-aside: get
 miss call the API and set), each one calls the API. Protected by @cached_stampede_safe,
 one caller per city calls it and the others wait and are served its value.
 
-The report gives the reference card's figures (API calls as counted by the server,
-cache hits, lock waits and timeouts from StampedeStats, waits from both), checks them
-against the card's targets and prices them with the card's cost example.
+The report gives the stampede figures (API calls as counted by the server, cache hits,
+lock waits and timeouts from StampedeStats, waits from both), checks them against the
+targets in docs/quick-reference.md and prices the reduction with a cost example (a
+$0.001 API call, 100,000 requests a day).
 
 Exit status: 0 when protection held (no city's API called more than once) and every
 request was answered; 1 otherwise; 2 for a bad command line or an unreachable Redis.
@@ -70,11 +71,11 @@ from stampede_guard import Backend, MemoryBackend, RedisBackend
 
 MAX_REQUESTS = 10_000
 MAX_PROCESSES = 32
-MAX_LATENCY = 5.0  # seconds; well below the 10 s lock_timeout, as the card requires
+MAX_LATENCY = 5.0  # seconds; well below the 10 s lock_timeout, which must outlast it
 DEFAULT_REQUESTS = 1000
 DEFAULT_CITIES = 3
 # A metered weather API answers in about this long. It also lets the default run meet
-# the card's targets honestly with the library's default backoff: waiters look again
+# the targets honestly with the library's default backoff: waiters look again
 # 0.1-0.2 s and 0.3-0.5 s after missing, so most see the value at their second look.
 DEFAULT_LATENCY = 0.2
 PIPED_WIDTH = 100
@@ -491,10 +492,10 @@ def _explain_run(settings: Settings, *, protected: bool) -> str:
 
 
 _EXPLAIN_REPORT = (
-    "The report gives the reference card's figures for each run: API calls as the "
+    "The report gives the stampede figures for each run: API calls as the "
     "server counted them, cache hits, lock waits and timeouts from StampedeStats, "
     "and waits from StampedeStats and from each request's own clock. The last "
-    "column checks the card's targets; then the card's cost example is priced with "
+    "column checks the targets; then a cost example is priced with "
     "the measured reduction."
 )
 

@@ -32,7 +32,7 @@ def make_pricer(rate: float, backend: MemoryBackend) -> Callable[[float], float]
 
 
 def test_closures_of_one_factory_keep_their_own_values() -> None:
-    """make_pricer(0.9) and make_pricer(0.8) on one backend: each serves its own price (issue 14)."""
+    """make_pricer(0.9) and make_pricer(0.8) on one backend: each serves its own price."""
     backend = MemoryBackend()
     eur, gbp = make_pricer(0.9, backend), make_pricer(0.8, backend)
     assert eur(100) == 90.0
@@ -41,7 +41,7 @@ def test_closures_of_one_factory_keep_their_own_values() -> None:
 
 
 def test_two_lambdas_on_one_backend_keep_their_own_values() -> None:
-    """Two lambdas share the qualname '<lambda>' but not their cache entries (issue 14)."""
+    """Two lambdas share the qualname '<lambda>' but not their cache entries."""
     backend = MemoryBackend()
     double = cached_stampede_safe(backend=backend)(lambda x: 2 * x)
     triple = cached_stampede_safe(backend=backend)(lambda x: 3 * x)

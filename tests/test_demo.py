@@ -64,7 +64,7 @@ def test_in_memory_run_calls_the_api_once_per_city(
     for figure in ("API call reduction", "cache hit rate", "average wait", "p99 wait"):
         assert figure in out
     assert "99.0 %" in out  # (300 - 3) / 300
-    assert "$36,500 a year" in out  # the card's cost without protection
+    assert "$36,500 a year" in out  # the cost example without protection
     assert "OK: with protection" in out
 
 
@@ -198,7 +198,7 @@ def test_unreachable_redis_exits_with_status_2(
 def test_help_exits_with_status_0(
     demo: ModuleType, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """--help lists the reference card's options and returns 0."""
+    """--help lists the demo's options and returns 0."""
     assert demo.main(["--help"]) == 0
     out = capsys.readouterr().out
     for option in ("--requests", "--cities", "--threads", "--verbose", "--flush"):

@@ -54,8 +54,8 @@ def test_failed_computation_is_an_error_and_a_computation() -> None:
     )
 
 
-def test_snapshot_derives_the_reference_card_figures() -> None:
-    """Reduction, hit rate, timeout rate and average wait follow the card's formulas."""
+def test_snapshot_derives_the_stampede_figures() -> None:
+    """Reduction, hit rate, timeout rate and average wait follow the usual stampede formulas."""
     stats = StampedeStats()
     leader: list[Event] = [Miss("k"), LockAcquired("k"), Computed("k", 1.0)]
     waiter: list[Event] = [Miss("k"), LockWait("k", 0.2, "value")]
