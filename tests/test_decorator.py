@@ -470,18 +470,32 @@ def test_option_tables_list_exactly_the_options_with_their_defaults(
     assert list(found.items()) == list(declared().items())
 
 
-def test_docstring_lists_exactly_the_options_with_their_defaults() -> None:
-    """The decorator's Args: one entry per option, in order, ending with its default."""
+def test_docstring_lists_exactly_the_options_with_their_types_and_defaults() -> None:
+    """The docstring: one entry per option, in order, with CacheOptions' type and the default."""
     doc = inspect.getdoc(cached_stampede_safe) or ""
-    args = doc.split("Args:\n", 1)[1].split("\n\n", 1)[0]
-    entries = re.split(r"^    (?=\w+: )", args, flags=re.MULTILINE)[1:]
-    found = {}
-    for entry in entries:
-        name, text = entry.split(": ", 1)
-        default = re.search(r"Defaults to ``([^`]*)``", text)
-        assert default, f"{name}'s entry does not give its default"
-        found[name] = default[1]
+    sections = doc.split("\n\n")
+    args = next(s for s in sections if s.startswith("Args:\n"))
+    keyword = next(s for s in sections if s.startswith("Keyword Args:\n"))
+    found: dict[str, str] = {}
+    types: dict[str, str] = {}
+    for section in (args, keyword):
+        entries = re.split(
+            r"^    (?=\w+(?: \([^\n]*\))?: )", section, flags=re.MULTILINE
+        )
+        for entry in entries[1:]:
+            head, text = entry.split(": ", 1)
+            name, _, annotation = head.partition(" (")
+            default = re.search(r"Defaults\s+to\s+``([^`]*)``", text)
+            assert default, f"{name}'s entry does not give its default"
+            found[name] = default[1]
+            if annotation:
+                types[name] = annotation.removesuffix(")")
     assert list(found.items()) == list(declared().items())
+    declared_types = {  # ForwardRefs: CacheOptions' module has postponed annotations
+        name: getattr(hint, "__forward_arg__", hint)
+        for name, hint in CacheOptions.__annotations__.items()
+    }
+    assert types == declared_types
 
 
 def test_policy_defaults_are_the_decorators() -> None:

@@ -94,71 +94,73 @@ def cached_stampede_safe(
         backend: Where values and locks live: one in-memory backend per process by
             default; `RedisBackend` (sync) or `AsyncRedisBackend` (asyncio) to
             coordinate processes and hosts. Defaults to ``None``.
-        key: How a call's arguments become its cache key: a ``str.format`` template
-            over parameter names (``"weather:{city}"``, ``"user:{user.id}"``), a
-            callable taking the function's arguments and returning a str, or None for
-            ``module:qualname:<digest of the arguments>``, the same in every process.
-            Defaults to ``None``.
-        ttl: Seconds a value stays cached; then the next call computes it again.
+        **options: The keyword options below, all optional, typed by `CacheOptions`.
+
+    Keyword Args:
+        key (str | Callable[..., str] | None): How a call's arguments become its cache
+            key: a ``str.format`` template over parameter names (``"weather:{city}"``,
+            ``"user:{user.id}"``), a callable taking the function's arguments and
+            returning a str, or None for ``module:qualname:<digest of the arguments>``,
+            the same in every process. Defaults to ``None``.
+        ttl (float): Seconds a value stays cached; then the next call computes it again.
             Defaults to ``900``.
-        lock_timeout: Seconds the lock outlives a holder that died. Must exceed the
-            computation time, or one more caller starts computing while the first
+        lock_timeout (float): Seconds the lock outlives a holder that died. Must exceed
+            the computation time, or one more caller starts computing while the first
             still runs. Defaults to ``10``.
-        wait_timeout: Seconds a caller waits for another's computation, in another
-            process or its own, before *on_timeout* applies; counted afresh when the
-            lock passes to a new holder. Defaults to ``None``: *lock_timeout* (ten
-            times it with *lock_renewal*).
-        base_delay: First backoff delay, in seconds; each next one doubles.
+        wait_timeout (float | None): Seconds a caller waits for another's computation,
+            in another process or its own, before *on_timeout* applies; counted afresh
+            when the lock passes to a new holder. Defaults to ``None``: *lock_timeout*
+            (ten times it with *lock_renewal*).
+        base_delay (float): First backoff delay, in seconds; each next one doubles.
             Defaults to ``0.1``.
-        max_delay: Longest backoff delay, in seconds. Defaults to ``1.6``.
-        max_retries: If given, a waiter also gives up after this many retries.
-            Defaults to ``None``.
-        on_timeout: What a waiter does when its wait runs out: ``"compute"`` the value
-            itself (and store it, unless a newer value was stored), or ``"raise"``
-            `LockTimeoutError`. Callers waiting for another caller of their own
-            process give up the same way, and then compute once for the process.
+        max_delay (float): Longest backoff delay, in seconds. Defaults to ``1.6``.
+        max_retries (int | None): If given, a waiter also gives up after this many
+            retries. Defaults to ``None``.
+        on_timeout (OnTimeout): What a waiter does when its wait runs out: ``"compute"``
+            the value itself (and store it, unless a newer value was stored), or
+            ``"raise"`` `LockTimeoutError`. Callers waiting for another caller of their
+            own process give up the same way, and then compute once for the process.
             Defaults to ``"compute"``.
-        on_backend_error: When the backend fails (down, timing out): ``"compute"``
-            serves the call without the cache (computed once per key per process at
-            a time; a circuit breaker skips a backend that keeps failing for 5 s), or
-            ``"raise"`` `BackendError`. Defaults to ``"compute"``.
-        on_cancel: When an asyncio caller that is computing the value is cancelled
-            (a client disconnected, a ``wait_for`` ran out): ``"finish"`` lets the
-            computation go on in a task of its own, for at most its lease, and store
-            the value for everyone else, while the caller returns at once;
-            ``"cancel"`` cancels the computation with the caller (the lock is
-            released). Sync functions cannot be cancelled. Defaults to ``"finish"``.
-        lock_renewal: Renew the lock's lease every third of *lock_timeout* while the
-            function runs (for at most 10 leases), so a computation longer than
-            *lock_timeout* keeps its lock, while a crashed holder's still runs out
-            after *lock_timeout*. Defaults to ``False``.
-        stale_ttl: Seconds a value may still be served after *ttl* (stale while
+        on_backend_error (OnBackendError): When the backend fails (down, timing out):
+            ``"compute"`` serves the call without the cache (computed once per key per
+            process at a time; a circuit breaker skips a backend that keeps failing for
+            5 s), or ``"raise"`` `BackendError`. Defaults to ``"compute"``.
+        on_cancel (OnCancel): When an asyncio caller that is computing the value is
+            cancelled (a client disconnected, a ``wait_for`` ran out): ``"finish"`` lets
+            the computation go on in a task of its own, for at most its lease, and store
+            the value for everyone else, while the caller returns at once; ``"cancel"``
+            cancels the computation with the caller (the lock is released). Sync
+            functions cannot be cancelled. Defaults to ``"finish"``.
+        lock_renewal (bool): Renew the lock's lease every third of *lock_timeout* while
+            the function runs (for at most 10 leases), so a computation longer than
+            *lock_timeout* keeps its lock, while a crashed holder's still runs out after
+            *lock_timeout*. Defaults to ``False``.
+        stale_ttl (float): Seconds a value may still be served after *ttl* (stale while
             revalidate): the caller gets it at once and one caller refreshes it. After
             ``ttl + stale_ttl`` it is gone and the next call is a miss. 0: never stale.
             Defaults to ``0``.
-        stale_if_error: If a refresh raises, keep serving the stale value (and report
-            it) instead of raising to the caller that refreshed inline.
-            Defaults to ``True``.
-        background_refresh: Refresh a stale or early value in a background thread (or
-            task), so every caller gets the stored value at once. False: the first
+        stale_if_error (bool): If a refresh raises, keep serving the stale value (and
+            report it) instead of raising to the caller that refreshed inline. Defaults
+            to ``True``.
+        background_refresh (bool): Refresh a stale or early value in a background thread
+            (or task), so every caller gets the stored value at once. False: the first
             caller in each process that sees it refreshes inline and gets the new value.
             Defaults to ``True``.
-        early_refresh: Refresh hot values before *ttl* with XFetch's probability,
+        early_refresh (bool): Refresh hot values before *ttl* with XFetch's probability,
             which grows as expiry nears and with the stored computation time, so a hot
-            key is recomputed (once, under the lock) before anyone misses it.
-            Defaults to ``False``.
-        beta: XFetch's eagerness (only with *early_refresh*): above 1 refreshes
+            key is recomputed (once, under the lock) before anyone misses it. Defaults
+            to ``False``.
+        beta (float): XFetch's eagerness (only with *early_refresh*): above 1 refreshes
             earlier, below 1 later. A factor, not seconds. Defaults to ``1.0``.
-        cache_none: Store a None result like any other (True), or not at all; applies
-            before *should_cache*. Defaults to ``True``.
-        should_cache: Called with each computed value; store it only if it returns
-            True (e.g. ``lambda r: r.ok``). Values not stored are still returned.
-            Defaults to ``None``.
-        metrics: Called with every `stampede_guard.metrics` event, e.g. `StampedeStats`.
-            Defaults to ``None``.
-        namespace: Put before every key (``"<namespace>:<key>"``), e.g. a version
-            or tenant. Defaults to ``None``.
-        **options: The options above but *backend*, typed by `CacheOptions`.
+        cache_none (bool): Store a None result like any other (True), or not at all;
+            applies before *should_cache*. Defaults to ``True``.
+        should_cache (Callable[[Any], bool] | None): Called with each computed value;
+            store it only if it returns True (e.g. ``lambda r: r.ok``). Values not
+            stored are still returned. Defaults to ``None``.
+        metrics (MetricsHook | None): Called with every `stampede_guard.metrics` event,
+            e.g. `StampedeStats`. Defaults to ``None``.
+        namespace (str | None): Put before every key (``"<namespace>:<key>"``), e.g. a
+            version or tenant. Defaults to ``None``.
 
     Returns:
         A decorator; the decorated function keeps its signature (an ``async def``
