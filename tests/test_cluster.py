@@ -34,7 +34,7 @@ from _servers import (
 )
 from _waiting import Waiting
 from stampede_guard import AsyncRedisBackend, RedisBackend, cached_stampede_safe
-from stampede_guard.backends._redis_shared import RedisCodec
+from stampede_guard.backends.redis._codec import RedisCodec
 from stampede_guard.testing import BackendContract
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow, pytest.mark.timeout(60)]

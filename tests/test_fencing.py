@@ -39,7 +39,7 @@ from stampede_guard._ops import (
     Unsubscribe,
 )
 from stampede_guard._plan import Plan, plan, refresh_now
-from stampede_guard.backends._redis_shared import _tag
+from stampede_guard.backends.redis._codec import _tag
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -26,9 +26,9 @@ import redis
 
 from _waiting import Waiting
 from stampede_guard import AsyncRedisBackend, RedisBackend, cached_stampede_safe
-from stampede_guard.backends import _hub, _listener
-from stampede_guard.backends._listener import AsyncListener, Listener
-from stampede_guard.backends._redis_shared import RedisCodec
+from stampede_guard.backends.redis import _hub, _listener
+from stampede_guard.backends.redis._codec import RedisCodec
+from stampede_guard.backends.redis._listener import AsyncListener, Listener
 
 pytestmark = pytest.mark.timeout(30)
 

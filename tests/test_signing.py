@@ -27,7 +27,7 @@ from stampede_guard import (
     SignedPickleSerializer,
     cached_stampede_safe,
 )
-from stampede_guard.backends._redis_shared import lock_key, value_key
+from stampede_guard.backends.redis._codec import lock_key, value_key
 from stampede_guard.metrics import Event, UnreadableEntry
 from stampede_guard.serializers import (
     MAGIC,

@@ -31,7 +31,7 @@ from stampede_guard import (
     cached_stampede_safe,
 )
 from stampede_guard.backends import Claim
-from stampede_guard.backends._redis_shared import lock_key, value_key
+from stampede_guard.backends.redis._codec import lock_key, value_key
 from stampede_guard.contrib.logging import LoggingHook
 from stampede_guard.contrib.opentelemetry import OpenTelemetryMetrics
 from stampede_guard.contrib.prometheus import PrometheusMetrics

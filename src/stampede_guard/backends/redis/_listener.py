@@ -33,9 +33,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from stampede_guard.backends._hub import Hub
-from stampede_guard.backends._protocol import Notice
-from stampede_guard.backends._redis_shared import RedisCodec
+from stampede_guard._entry import Notice
+from stampede_guard.backends.redis._codec import RedisCodec
+from stampede_guard.backends.redis._hub import Hub
 
 __all__ = ["AsyncListener", "Listener"]
 

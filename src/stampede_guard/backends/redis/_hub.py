@@ -11,7 +11,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from stampede_guard.backends._redis_shared import RedisCodec
+from stampede_guard.backends.redis._codec import RedisCodec
 
 __all__ = ["DEAD", "QUIET", "Hub", "SilentError"]
 

@@ -1,0 +1,312 @@
+"""How the Redis backends name keys and encode what they send and read; no I/O.
+
+Every backend method but a hit's ``GET`` is one script `Call` that the codec prepares
+(keys, arguments, and how to read the reply); the sync and asyncio backends only send
+it, each its own way (see ``_backend``), so a decision is never written twice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar, cast
+
+from stampede_guard._clock import StepFreeClock
+from stampede_guard._entry import FENCE_SECONDS, RELEASED, Claim, Entry, Notice
+from stampede_guard._errors import SerializationError
+from stampede_guard._reporting import report_unreadable
+from stampede_guard.backends.redis._scripts import ScriptName
+from stampede_guard.serializers import (
+    MAGIC,
+    Envelope,
+    JsonSerializer,
+    Serializer,
+)
+
+__all__ = [
+    "Call",
+    "RedisCodec",
+    "check_serializer",
+    "lock_key",
+    "milliseconds",
+    "value_key",
+]
+
+T = TypeVar("T")
+
+logger = logging.getLogger("stampede_guard")
+
+# Both keys of one cache key carry the same hash tag, a digest of the cache key, so a
+# script touching both stays inside one Redis Cluster slot whatever the key contains
+# (a raw "{" or "}" in user text could otherwise make the tag empty or differ).
+
+
+def _tag(key: str) -> str:
+    return hashlib.blake2b(key.encode(), digest_size=8).hexdigest()
+
+
+def _head(prefix: str, key: str) -> str:
+    """Return what every Redis name of *key* starts with, its hash tag included."""
+    return f"{prefix}:{{{_tag(key)}}}:"
+
+
+def value_key(prefix: str, key: str) -> str:
+    """Return the Redis key holding the value of cache key *key*."""
+    return f"{_head(prefix, key)}v:{key}"
+
+
+def lock_key(prefix: str, key: str) -> str:
+    """Return the Redis key holding the lock of cache key *key*."""
+    return f"{_head(prefix, key)}l:{key}"
+
+
+_PREFIX = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
+
+
+def validate_prefix(prefix: object) -> str:
+    """Return *prefix* if it is safe to put before every key, else raise ValueError."""
+    if not isinstance(prefix, str) or not _PREFIX.fullmatch(prefix):
+        msg = (
+            f"prefix={prefix!r} is not a valid key prefix: use 1 to 64 characters "
+            "from A-Z a-z 0-9 _ . : - (no braces: they would change Redis Cluster slots)"
+        )
+        raise ValueError(msg)
+    return prefix
+
+
+def milliseconds(seconds: float) -> int:
+    """Convert a positive duration to whole milliseconds, never 0 (PX 0 is an error)."""
+    return max(1, round(seconds * 1000))
+
+
+def check_serializer(serializer: object) -> Serializer:
+    """Return *serializer*, JSON if None; raise TypeError if it is not a Serializer."""
+    if serializer is None:
+        return JsonSerializer()
+    if not isinstance(serializer, Serializer):
+        msg = f"serializer={serializer!r} needs a name and dumps() and loads() methods (see stampede_guard.Serializer)"
+        raise TypeError(msg)
+    return serializer
+
+
+@dataclass(frozen=True, slots=True)
+class Call(Generic[T]):
+    """One script call of a backend method, and how to read its reply.
+
+    Attributes:
+        key: The cache key, named in a `BackendError` if the call fails.
+        operation: The backend method, named in that error.
+        script: Which script to run (see ``_scripts``).
+        keys: The script's KEYS.
+        args: The script's ARGV.
+        read: Turns the script's reply into the method's result.
+    """
+
+    key: str
+    operation: str
+    script: ScriptName
+    keys: tuple[str, ...]
+    args: tuple[Any, ...]
+    read: Callable[[Any], T]
+
+
+class RedisCodec:
+    """Key names, script calls and value encoding for one prefix and serializer."""
+
+    # Redis names of recently used cache keys: hashing the tag on every hit costs more
+    # than a lookup. Cleared when full, so it never outgrows the working set much.
+    _NAMES_KEPT = 4096
+
+    def __init__(self, prefix: object, serializer: object) -> None:
+        self.prefix = validate_prefix(prefix)
+        self.serializer = check_serializer(serializer)
+        self._envelope = Envelope(self.serializer)
+        self._names: dict[str, tuple[str, str, str, str]] = {}
+        # Stamps and judges entries by the server's clock, learned from the tickets.
+        self.clock = StepFreeClock()
+
+    def _names_of(self, key: str) -> tuple[str, str, str, str]:
+        names = self._names.get(key)
+        if names is None:
+            head = _head(self.prefix, key)
+            names = (
+                f"{head}v:{key}",
+                f"{head}l:{key}",
+                f"{head}n:{key}",
+                f"{head}f:{key}",
+            )
+            if len(self._names) >= self._NAMES_KEPT:
+                self._names.clear()
+            self._names[key] = names
+        return names
+
+    def value_key(self, key: str) -> str:
+        """Return the Redis key holding the value of *key* (a hit's one ``GET``)."""
+        return self._names_of(key)[0]
+
+    def both_keys(self, key: str) -> tuple[str, str]:
+        """Return the value and lock keys of *key*."""
+        value, lock, _, _ = self._names_of(key)
+        return value, lock
+
+    def channel(self, key: str) -> str:
+        """Return the pub/sub channel announcing stores and releases of *key*."""
+        return self._names_of(key)[2]
+
+    def get_or_lock(
+        self,
+        key: str,
+        token: str,
+        lock_ttl: float,
+        *,
+        ignore_value: bool = False,
+        operation: str = "get_or_lock",
+    ) -> Call[Entry | Claim | None]:
+        """Return the GET_OR_LOCK call: the entry, the holder's token, or None.
+
+        None means the script returned an envelope that does not decode (another
+        serializer's, a later version's, a damaged payload, a signed one forged or
+        moved from another key): the caller repeats the call with
+        ``ignore_value=True``, and its result will replace the entry.
+        """
+        args = (token, milliseconds(lock_ttl), MAGIC, int(ignore_value))
+
+        def read(reply: Any) -> Entry | Claim | None:
+            if reply[0]:
+                return self.decode(key, reply[1])
+            _, found, ticket = reply
+            # Time stands still inside a script, so a lock that SET NX found held
+            # still has its holder for the GET; the empty fallback only keeps the
+            # types honest.
+            self.clock.learn(int(ticket))
+            holder = found.decode() if isinstance(found, bytes) else ""
+            return Claim(holder, int(ticket))
+
+        return Call(key, operation, "get_or_lock", self.both_keys(key), args, read)
+
+    def lock(
+        self, key: str, token: str, lock_ttl: float, operation: str = "lock"
+    ) -> Call[Claim]:
+        """Return the call that takes the lock whatever is stored (GET_OR_LOCK)."""
+        call = self.get_or_lock(
+            key, token, lock_ttl, ignore_value=True, operation=operation
+        )
+        # Ignoring the value, the script can only answer with the lock's holder.
+        return Call(key, operation, call.script, call.keys, call.args, _claim(call))
+
+    def store(
+        self, key: str, entry: Entry, ttl: float, ticket: int | None
+    ) -> Call[Entry | None]:
+        """Return the SET_AND_NOTIFY call: the entry as readers decode it, or None.
+
+        None if the script refused the value for its *ticket* (see ``_scripts``).
+        """
+        data, stored = self.encode(key, entry)
+        value, _, channel, floor = self._names_of(key)
+        args = (data, milliseconds(ttl), channel, _fence(ticket))
+        return Call(
+            key, "set", "set_and_notify", (value, floor), args, _store_reader(stored)
+        )
+
+    def store_and_unlock(
+        self, key: str, entry: Entry, ttl: float, token: str, ticket: int | None
+    ) -> Call[Entry | None]:
+        """Return the SET_AND_UNLOCK call; it reads as `store`'s."""
+        data, stored = self.encode(key, entry)
+        value, lock, channel, floor = self._names_of(key)
+        args = (data, milliseconds(ttl), token, channel, _fence(ticket))
+        keys = (value, lock, floor)
+        return Call(
+            key, "set_and_unlock", "set_and_unlock", keys, args, _store_reader(stored)
+        )
+
+    def unlock(self, key: str, token: str) -> Call[bool]:
+        """Return the UNLOCK call: whether *token* held the lock (now released)."""
+        _, lock, channel, _ = self._names_of(key)
+        return Call(key, "unlock", "unlock", (lock,), (token, channel), bool)
+
+    def extend(self, key: str, token: str, lock_ttl: float) -> Call[bool]:
+        """Return the EXTEND call: whether *token* still held the lock (now renewed)."""
+        _, lock, _, _ = self._names_of(key)
+        args = (token, milliseconds(lock_ttl))
+        return Call(key, "extend", "extend", (lock,), args, bool)
+
+    def invalidate(self, key: str) -> Call[object]:
+        """Return the INVALIDATE call (see `Backend.delete`)."""
+        value, lock, channel, floor = self._names_of(key)
+        args = (channel, milliseconds(FENCE_SECONDS))
+        return Call(key, "delete", "invalidate", (value, lock, floor), args, _ignore)
+
+    def notice(self, key: str, payload: bytes) -> Notice:
+        """Read a message from `channel`: the announced entry, or RELEASED.
+
+        An unreadable payload counts as RELEASED: the waiter looks for itself. A
+        notice carries the very bytes stored, so it is read bound to the value key.
+        It is not reported: it is read by the listener, on behalf of no one call.
+        """
+        if not payload:
+            return RELEASED
+        entry = self.decode(key, payload, report=False)
+        return RELEASED if entry is None else entry
+
+    def encode(self, key: str, entry: Entry) -> tuple[bytes, Entry]:
+        """Return the bytes to store and the entry readers will decode from them.
+
+        Decoding here too means a value the serializer cannot read back is refused
+        before it is stored, and the computing caller gets what everyone else gets.
+        The entry is bound to the value key's full name, prefix included: a signing
+        serializer then refuses it anywhere else (copied to another key or prefix).
+        """
+        name = self.value_key(key)
+        try:
+            data = self._envelope.encode(entry, key=name)
+            return data, self._envelope.decode(data, key=name)
+        except (TypeError, ValueError, OverflowError, RecursionError) as exc:
+            raise SerializationError(
+                key, type(entry.value), self.serializer.name, str(exc)
+            ) from exc
+
+    def decode(
+        self, key: str, data: bytes | None, *, report: bool = True
+    ) -> Entry | None:
+        """Return the entry in *data*, or None if there is none or it is unreadable.
+
+        An unreadable entry is logged and, with *report*, reported to the metrics hook
+        of the call reading it (see `_reporting`).
+        """
+        if data is None:
+            return None
+        try:
+            return self._envelope.decode(data, key=self.value_key(key))
+        except ValueError as exc:
+            # Never log the bytes: they may hold someone's data.
+            logger.warning(
+                "unreadable cache entry for key %r treated as a miss: %s", key, exc
+            )
+            # The type of what the serializer raised, if it raised (see Envelope).
+            if report:
+                cause = exc if exc.__cause__ is None else exc.__cause__
+                report_unreadable(key, type(cause).__name__)
+            return None
+
+
+def _fence(ticket: int | None) -> str | int:
+    """Return a store's ticket argument: '' for none (see ``_scripts``)."""
+    return "" if ticket is None else ticket
+
+
+def _store_reader(stored: Entry) -> Callable[[Any], Entry | None]:
+    """Return the reader of a store script's reply: -1 means refused for its ticket."""
+    return lambda result: None if result == -1 else stored
+
+
+def _claim(call: Call[Entry | Claim | None]) -> Callable[[Any], Claim]:
+    """Return the reader of a GET_OR_LOCK reply that can only name the lock's holder."""
+    return lambda reply: cast("Claim", call.read(reply))
+
+
+def _ignore(_reply: Any) -> object:
+    return None

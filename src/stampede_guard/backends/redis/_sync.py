@@ -1,0 +1,132 @@
+"""The Redis backend: coordinates every process and host that shares one Redis."""
+
+from __future__ import annotations
+
+from typing import TypeVar
+
+from stampede_guard._entry import Claim, Entry
+from stampede_guard.backends._protocol import Subscription
+from stampede_guard.backends.redis._backend import RedisBase
+from stampede_guard.backends.redis._clients import SyncClient, pubsub_factory
+from stampede_guard.backends.redis._codec import Call
+from stampede_guard.backends.redis._listener import Listener
+
+__all__ = ["RedisBackend"]
+
+T = TypeVar("T")
+
+
+class RedisBackend(RedisBase["SyncClient"]):
+    """Store entries and locks in Redis.
+
+    Each method is one Redis command or one server-side script: a hit is one ``GET``;
+    a miss is one script that returns the value or takes the lock (``SET NX PX`` with
+    a random token); storing the value and releasing the lock is one more script.
+    Scripts are sent once and then called by their SHA1 digest (``EVALSHA``).
+    `AsyncRedisBackend` is the same for asyncio code.
+
+    Every script touches only keys of one Redis Cluster slot (see `prefix`), so the
+    backend works the same on one server, behind Sentinel and on a cluster.
+
+    Args:
+        client: A ``redis.Redis`` or ``redis.cluster.RedisCluster`` (or valkey-py's
+            ``valkey.Valkey`` or ``valkey.cluster.ValkeyCluster``), with
+            ``decode_responses=False``, used as given. A client made by a
+            ``Sentinel``'s ``master_for`` is a ``Redis`` and will do. Prefer
+            `from_url` or `from_sentinel`, which set timeouts and a pool suited to
+            many threads.
+        serializer: How values become bytes. JSON by default: never unpickle what
+            anyone with write access to Redis could have put there.
+        prefix: Put before every key this backend writes (``<prefix>:{<tag>}:v:<key>``
+            for values, ``...:l:<key>`` for locks, ``...:n:<key>`` for the notice
+            channel). The ``{<tag>}`` is a digest of the cache key: a Redis Cluster
+            hash tag, which puts all three in one slot.
+        breaker_failures: Failures in a row after which the circuit breaker opens:
+            calls skip the server (and compute) instead of paying its timeout. One
+            breaker per server (per node of a cluster), shared by every function on
+            this backend. Refused writes (``READONLY``, ``OOM``) count as failures.
+        breaker_reset: Seconds an open circuit skips its server; then one call at a
+            time probes it, and success closes the circuit.
+    """
+
+    _asyncio = False
+
+    def _listen(self, client: SyncClient) -> None:
+        self._listener = Listener(pubsub_factory(client, asyncio=False), self._codec)
+
+    def close(self) -> None:
+        """Stop the notice listener; close the client (and a pool `from_url` made)."""
+        self._listener.stop()
+        if self._kept is not None:
+            self._kept.close()
+        self._client.close()
+        for sentinel in self._sentinels:
+            sentinel.close()
+
+    def _send(self, call: Call[T]) -> T:
+        """Run *call*'s script and read its reply; a client's error is a BackendError."""
+        try:
+            reply = self._scripts.run(call.script, call.keys, call.args)
+        except self._errors as exc:
+            raise self._faults.error(call.key, call.operation, exc) from exc
+        return call.read(reply)
+
+    def get(self, key: str) -> Entry | None:
+        """Return the entry for *key*: one ``GET``."""
+        # A hit: the one call not made through `_send`, to spare it building a Call.
+        try:
+            data = self._read(self._codec.value_key(key))
+        except self._errors as exc:
+            raise self._faults.error(key, "get", exc) from exc
+        return self._codec.decode(key, data)
+
+    def get_or_lock(self, key: str, token: str, lock_ttl: float) -> Entry | Claim:
+        """Return the entry for *key* or the lock holder's token: one script call."""
+        found = self._send(self._codec.get_or_lock(key, token, lock_ttl))
+        if found is None:  # an unreadable entry: lock as if there were none
+            return self._send(self._codec.lock(key, token, lock_ttl, "get_or_lock"))
+        return found
+
+    def lock(self, key: str, token: str, lock_ttl: float) -> Claim:
+        """Take the lock on *key* if it is free; return its holder: one script call."""
+        return self._send(self._codec.lock(key, token, lock_ttl))
+
+    def set(
+        self, key: str, entry: Entry, ttl: float, *, ticket: int | None = None
+    ) -> Entry | None:
+        """Store and announce *entry*: one script call. Return it as readers decode it.
+
+        Returns None, storing nothing, if *ticket* is fenced off (see `Backend.set`).
+        """
+        return self._send(self._codec.store(key, entry, ttl, ticket))
+
+    def set_and_unlock(
+        self,
+        key: str,
+        entry: Entry,
+        ttl: float,
+        token: str,
+        *,
+        ticket: int | None = None,
+    ) -> Entry | None:
+        """Store *entry*, release *token*'s lock, announce the entry: one script call.
+
+        Returns None if *ticket* is fenced off (see `Backend.set_and_unlock`).
+        """
+        return self._send(self._codec.store_and_unlock(key, entry, ttl, token, ticket))
+
+    def unlock(self, key: str, token: str) -> bool:
+        """Release (and announce) the lock on *key* if *token* holds it: one script."""
+        return self._send(self._codec.unlock(key, token))
+
+    def extend(self, key: str, token: str, lock_ttl: float) -> bool:
+        """Renew *token*'s lock on *key* for *lock_ttl* s if it still holds it: one script."""
+        return self._send(self._codec.extend(key, token, lock_ttl))
+
+    def subscribe(self, key: str) -> Subscription:
+        """Hear of stores and releases of *key*, through this process's one listener."""
+        return self._listener.subscribe(key)
+
+    def delete(self, key: str) -> None:
+        """Invalidate *key* (see `Backend.delete`): one script call."""
+        self._send(self._codec.invalidate(key))
