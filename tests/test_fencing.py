@@ -23,22 +23,27 @@ from hypothesis import strategies as st
 
 from _waiting import Waiting
 from stampede_guard import Backend, MemoryBackend, RedisBackend, cached_stampede_safe
-from stampede_guard._context import Context, Policy
+from stampede_guard._context import Context, Plan, Policy
 from stampede_guard._ops import (
-    Await,
     AwaitFlight,
+    AwaitNotice,
+    Bypass,
     Compute,
+    Delete,
+    Extend,
     Get,
     GetOrLock,
-    Lock,
     Op,
     Set,
     SetAndUnlock,
+    Spawn,
     Subscribe,
+    TakeLock,
+    Tick,
     Unlock,
     Unsubscribe,
 )
-from stampede_guard._plan import Plan, plan, refresh_now
+from stampede_guard._plan import plan, refresh_now
 from stampede_guard.backends.redis._codec import _tag
 
 pytestmark = pytest.mark.timeout(60)
@@ -259,7 +264,7 @@ def perform(backend: Any, op: Op, world: World) -> object:  # noqa: C901 - one c
             return backend.get(key)
         case GetOrLock(key, token, ttl):
             return backend.get_or_lock(key, token, ttl)
-        case Lock(key, token, ttl):
+        case TakeLock(key, token, ttl):
             return backend.lock(key, token, ttl)
         case Compute():
             return world.version  # the value is the source as it is now
@@ -269,12 +274,12 @@ def perform(backend: Any, op: Op, world: World) -> object:  # noqa: C901 - one c
             return backend.set_and_unlock(key, entry, ttl, token, ticket=ticket)
         case Unlock(key, token):
             return backend.unlock(key, token)
-        case Await(seconds=seconds):
+        case AwaitNotice(seconds=seconds):
             world.clock += seconds  # nobody announces anything: the wait runs out
             return None
         case Subscribe() | Unsubscribe():
             return None
-        case AwaitFlight():
+        case AwaitFlight() | Extend() | Tick() | Bypass() | Delete() | Spawn():
             raise AssertionError(op)
 
 

@@ -13,20 +13,22 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from stampede_guard import Entry, MemoryBackend, StampedeStats, cached_stampede_safe
+from stampede_guard._context import Context, Policy, Via
+from stampede_guard._freshness import RefreshDue
 from stampede_guard._ops import (
-    Await,
+    AwaitNotice,
     Compute,
     Get,
     GetOrLock,
-    Lock,
     Op,
     Set,
     SetAndUnlock,
     Subscribe,
+    TakeLock,
     Unlock,
     Unsubscribe,
 )
-from stampede_guard._plan import Context, Policy, RefreshDue, Via, plan, refresh
+from stampede_guard._plan import plan, refresh
 from stampede_guard.metrics import Event, Refresh, RefreshFailed, StaleServed
 
 pytestmark = pytest.mark.timeout(20)
@@ -413,7 +415,7 @@ def test_at_most_one_computation_runs_under_any_interleaving(
             assert i in computing
             computing.discard(i)
             result = f"computed-by-{i}"
-        elif isinstance(op, Await):
+        elif isinstance(op, AwaitNotice):
             result = None  # no notice: look again
         else:
             result = perform(backend, op)
@@ -434,7 +436,7 @@ def perform(backend: MemoryBackend, op: Op | None) -> object:
             return backend.get(key)
         case GetOrLock(key, token, ttl):
             return backend.get_or_lock(key, token, ttl)
-        case Lock(key, token, ttl):
+        case TakeLock(key, token, ttl):
             return backend.lock(key, token, ttl)
         case Set(key, entry, ttl, ticket):
             return backend.set(key, entry, ttl, ticket=ticket)
@@ -460,7 +462,7 @@ def test_a_refresh_whose_double_check_fails_releases_the_lock_and_keeps_the_valu
         ctx.policy, events.append, wall_clock=ctx.wall_clock, new_token=lambda: "tok"
     )
     gen = refresh("k", RefreshDue(Entry("old", 0.0, 0.1), "stale"), ctx)
-    assert next(gen) == Lock("k", "tok", 600)
+    assert next(gen) == TakeLock("k", "tok", 600)
     assert gen.send("tok") == Get("k")
     assert gen.throw(BackendError("k", "get")) == Unlock("k", "tok")
     with pytest.raises(StopIteration) as stop:

@@ -37,11 +37,13 @@ class CircuitBreaker:
         clock: Callable[[], float] = time.monotonic,
         *,
         server: str = "the backend",
+        logger: logging.Logger = logger,
     ) -> None:
         self._threshold = failures
         self._reset_after = reset_after
         self._clock = clock
         self._server = server
+        self._logger = logger
         self._mutex = threading.Lock()
         self.failures = 0  # in a row; read without the mutex on the hot path
         self._open_until: float | None = None
@@ -71,7 +73,7 @@ class CircuitBreaker:
         if self.failures or self._open_until is not None:
             with self._mutex:
                 if self._open_until is not None:
-                    logger.info("%s answers again: circuit closed", self._server)
+                    self._logger.info("%s answers again: circuit closed", self._server)
                 self.failures = 0
                 self._open_until = None
                 self._probing = False
@@ -82,7 +84,7 @@ class CircuitBreaker:
         if self.refusing is not None:
             with self._mutex:
                 if self.refusing is not None:
-                    logger.warning("%s accepts writes again", self._server)
+                    self._logger.warning("%s accepts writes again", self._server)
                     self.refusing = None
 
     def failed(self, error: BackendError | None = None) -> bool:
@@ -95,7 +97,7 @@ class CircuitBreaker:
             self.failures += 1
             if self._probing or self.failures >= self._threshold:
                 if self._open_until is None:
-                    logger.warning(
+                    self._logger.warning(
                         "%s failed %d times in a row: calls skip it for %g s, then "
                         "one call probes it (last failure: %s)",
                         self._server,
@@ -111,7 +113,7 @@ class CircuitBreaker:
             if self.refusing is not None:
                 return False
             self.refusing = reason
-        logger.warning(
+        self._logger.warning(
             "%s refuses writes (%s): values are computed but not cached until it "
             "accepts them",
             self._server,

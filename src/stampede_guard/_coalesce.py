@@ -23,34 +23,37 @@ from __future__ import annotations
 import _thread
 import asyncio
 import enum
-import functools
 import os
 import threading
 import weakref
-from collections.abc import Awaitable, Callable, Mapping
-from typing import Any, Final, TypeAlias
+from collections.abc import Awaitable, Callable, Generator
+from typing import Any, Final, Protocol, TypeAlias, TypeVar
 
-from stampede_guard._context import Context, Served, Via
+from stampede_guard._context import Context, Plan, Served, Via
 from stampede_guard._errors import InterruptedComputationError
-from stampede_guard._plan import GaveUp, first_wait
+from stampede_guard._joining import GaveUp, first_wait, join, take_over
+from stampede_guard._ops import Op
+from stampede_guard._plan import Flight
 from stampede_guard.metrics import Hit, LockWait, Miss
 
-__all__ = ["AsyncFlights", "Refreshing", "SyncFlights"]
+__all__ = ["AsyncFlights", "Lead", "Refreshing", "Run", "RunAsync", "SyncFlights"]
 
-Args: TypeAlias = tuple[Any, ...]
-Kwargs: TypeAlias = Mapping[str, Any]
-# How a flight's leader serves: (key, args, kwargs, its flight) -> (value, how).
-Serve: TypeAlias = Callable[[str, Args, Kwargs, Any], Served]
-AsyncServe: TypeAlias = Callable[[str, Args, Kwargs, Any], Awaitable[Served]]
-# How callers that gave up on a flight serve: as Serve, and the flight given up on.
-TakeOver: TypeAlias = Callable[..., Served]
-AsyncTakeOver: TypeAlias = Callable[..., Awaitable[Served]]
-# How a joiner waits on after its first wait (runs the plan's `join`), given the
-# flight and when it arrived: None once the flight has an outcome.
-Join: TypeAlias = Callable[[str, Args, Kwargs, Any, float], Served | GaveUp | None]
-AsyncJoin: TypeAlias = Callable[
-    [str, Args, Kwargs, Any, float], Awaitable[Served | GaveUp | None]
-]
+T = TypeVar("T")
+
+# The plan a flight's leader runs: `_call.serve` (step 1 first) or `_plan.plan`.
+Lead: TypeAlias = Callable[[str, Context, Flight | None], Plan]
+
+
+class Run(Protocol):
+    """Run a plan for this caller (its function and arguments) with the sync driver."""
+
+    def __call__(self, steps: Generator[Op, Any, T], /) -> T: ...
+
+
+class RunAsync(Protocol):
+    """Run a plan for this caller with the asyncio driver."""
+
+    def __call__(self, steps: Generator[Op, Any, T], /) -> Awaitable[T]: ...
 
 
 class _Outcome(enum.Enum):
@@ -71,12 +74,10 @@ _AGAIN: Final = _Again.AGAIN
 _AGAIN_INTERRUPTED: Final = _Again.AGAIN_INTERRUPTED
 
 
-class _Flight:
-    """One call in progress, for threads."""
+class _Call:
+    """What a flight of either kind holds: how far its leader got, then its outcome."""
 
     __slots__ = (
-        "_done",
-        "_guard",
         "computing",
         "error",
         "holder",
@@ -87,12 +88,7 @@ class _Flight:
         "watched",
     )
 
-    def __init__(self, guard: _thread.LockType) -> None:
-        self._done = _thread.allocate_lock()
-        self._done.acquire()  # released once the flight has its outcome
-        # Its registry's mutex, held for a moment by whoever ends it: a flight is
-        # made on every remote hit, so it allocates no lock of its own for this.
-        self._guard = guard
+    def __init__(self) -> None:
         self.looked = 0.0  # no look yet
         self.watched = False
         self.computing: float | None = None
@@ -101,6 +97,43 @@ class _Flight:
         self.value: object = None
         self.via = Via.COMPUTED
         self.error: BaseException | None = None
+
+    def _settle(  # noqa: PLR0917
+        self,
+        outcome: _Outcome,
+        value: object,
+        via: Via,
+        error: BaseException | None,
+        registry: dict[str, Any] | None,
+        key: str,
+    ) -> bool:
+        """Record the outcome unless there is one; return whether this did (see finish).
+
+        With *registry*, first take the flight out of it (if it is still there under
+        *key*): later callers then start afresh, and find the value stored, instead
+        of joining.
+        """
+        if registry is not None and registry.get(key) is self:
+            del registry[key]
+        if self.outcome is not None:
+            return False
+        self.value, self.via, self.error = value, via, error
+        self.outcome = outcome
+        return True
+
+
+class _Flight(_Call):
+    """One call in progress, for threads."""
+
+    __slots__ = ("_done", "_guard")
+
+    def __init__(self, guard: _thread.LockType) -> None:
+        super().__init__()
+        self._done = _thread.allocate_lock()
+        self._done.acquire()  # released once the flight has its outcome
+        # Its registry's mutex, held for a moment by whoever ends it: a flight is
+        # made on every remote hit, so it allocates no lock of its own for this.
+        self._guard = guard
 
     def finish(
         self,
@@ -114,18 +147,13 @@ class _Flight:
     ) -> bool:
         """Give the flight its outcome, unless it has one; return whether this did.
 
-        With *registry*, also take the flight out of it (if it is still there under
-        *key*) before its joiners are released: later callers then start afresh, and
-        find the value stored, instead of joining. One mutex section for both: this
-        runs on every remote hit.
+        With *registry*, also take the flight out of it before its joiners are
+        released (see `_Call._settle`); one mutex section for both: this runs on
+        every remote hit.
         """
         with self._guard:
-            if registry is not None and registry.get(key) is self:
-                del registry[key]
-            if self.outcome is not None:
+            if not self._settle(outcome, value, via, error, registry, key):
                 return False
-            self.value, self.via, self.error = value, via, error
-            self.outcome = outcome
         self._done.release()
         return True
 
@@ -143,34 +171,16 @@ class _Flight:
         return True
 
 
-class _AsyncFlight:
+class _AsyncFlight(_Call):
     """One call in progress, for one event loop's tasks."""
 
-    __slots__ = (
-        "computing",
-        "error",
-        "holder",
-        "looked",
-        "loop",
-        "outcome",
-        "value",
-        "via",
-        "waiting",
-        "watched",
-    )
+    __slots__ = ("loop", "waiting")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__()
         self.loop = loop
         # One future per waiting joiner: cancelling a joiner cancels its own only.
         self.waiting: set[asyncio.Future[None]] = set()
-        self.looked = 0.0  # no look yet
-        self.watched = False
-        self.computing: float | None = None
-        self.holder: str | None = None
-        self.outcome: _Outcome | None = None
-        self.value: object = None
-        self.via = Via.COMPUTED
-        self.error: BaseException | None = None
 
     def finish(
         self,
@@ -183,12 +193,8 @@ class _AsyncFlight:
         key: str = "",
     ) -> bool:
         """See `_Flight.finish` (one event loop: no mutex)."""
-        if registry is not None and registry.get(key) is self:
-            del registry[key]
-        if self.outcome is not None:
+        if not self._settle(outcome, value, via, error, registry, key):
             return False
-        self.value, self.via, self.error = value, via, error
-        self.outcome = outcome
         for joined in self.waiting:
             if not joined.done():
                 joined.set_result(None)
@@ -224,17 +230,12 @@ class SyncFlights:
         self._mutex = _thread.allocate_lock()
         _registries.add(self)
 
-    def run(  # noqa: PLR0917
-        self,
-        key: str,
-        args: Args,
-        kwargs: Kwargs,
-        ctx: Context,
-        lead: Serve,
-        join: Join,
-        take_over: TakeOver,
-    ) -> object:
-        """Serve *key*: lead with *lead* if nobody in this process is, else *join*."""
+    def run(self, key: str, ctx: Context, run: Run, lead: Lead) -> object:
+        """Serve *key*: lead with *lead* if nobody in this process is, else join.
+
+        Every step is a plan run by *run*: the leader's (*lead*), a joiner's wait
+        (`join`), a take-over (`take_over`); between them, `_joined` decides.
+        """
         flights = self._flights
         retried = False
         while True:
@@ -243,17 +244,17 @@ class SyncFlights:
                 mine = _Flight(self._mutex)
                 flight = flights.setdefault(key, mine)  # atomic: one leader per key
                 if flight is mine:  # lead (inline: this is every remote hit's path)
-                    return self._lead(key, mine, None, lead, args, kwargs)
+                    return self._lead(key, mine, None, lead(key, ctx, mine), run)
             started = ctx.clock()
             if flight.wait(first_wait(ctx, flight)):
                 joined = None
             else:
-                joined = join(key, args, kwargs, flight, started)
+                joined = run(join(key, ctx, flight, started))
             if isinstance(joined, GaveUp):
                 mine = _Flight(self._mutex)
                 if self._replace(key, flight, mine):
-                    serve = functools.partial(take_over, gave_up=joined)
-                    return self._lead(key, mine, flight, serve, args, kwargs)
+                    steps = take_over(key, ctx, mine, joined)
+                    return self._lead(key, mine, flight, steps, run)
                 continue  # another joiner took over first: join its flight instead
             waited = ctx.clock() - started
             outcome = _joined(key, flight, joined, waited, ctx, flights, retried)
@@ -262,17 +263,11 @@ class SyncFlights:
             elif outcome is not _AGAIN:
                 return outcome
 
-    def _lead(  # noqa: PLR0917
-        self,
-        key: str,
-        mine: _Flight,
-        replaces: _Flight | None,
-        serve: Serve,
-        args: Args,
-        kwargs: Kwargs,
+    def _lead(
+        self, key: str, mine: _Flight, replaces: _Flight | None, steps: Plan, run: Run
     ) -> object:
         try:
-            value, via = serve(key, args, kwargs, mine)
+            value, via = run(steps)
         except BaseException as exc:
             ended = _ended_by(exc, caller_cancelled=False)
             mine.finish(ended, error=exc, registry=self._flights, key=key)
@@ -282,10 +277,7 @@ class SyncFlights:
 
     def _replace(self, key: str, old: _Flight, new: _Flight) -> bool:
         with self._mutex:
-            if self._flights.get(key) is not old:
-                return False
-            self._flights[key] = new
-            return True
+            return _replace(self._flights, key, old, new)
 
     def forget(self, key: str, flight: _Flight | None = None) -> None:
         """Stop new callers of *key* from joining *flight* (any flight, if None).
@@ -294,8 +286,7 @@ class SyncFlights:
         be served by a computation that began before it.
         """
         with self._mutex:
-            if flight is None or self._flights.get(key) is flight:
-                self._flights.pop(key, None)
+            _forget(self._flights, key, flight)
 
     def clear(self) -> None:
         """Forget every flight (in a forked child, their leaders do not exist)."""
@@ -310,17 +301,8 @@ class AsyncFlights:
         self._flights: dict[str, _AsyncFlight] = {}
         _registries.add(self)
 
-    async def run(  # noqa: PLR0917
-        self,
-        key: str,
-        args: Args,
-        kwargs: Kwargs,
-        ctx: Context,
-        lead: AsyncServe,
-        join: AsyncJoin,
-        take_over: AsyncTakeOver,
-    ) -> object:
-        """Serve *key*: lead with *lead* if no task of this loop is, else *join*."""
+    async def run(self, key: str, ctx: Context, run: RunAsync, lead: Lead) -> object:
+        """See `SyncFlights.run`: the same steps, awaited, for one event loop's tasks."""
         loop = asyncio.get_running_loop()
         flights = self._flights
         retried = False
@@ -330,24 +312,23 @@ class AsyncFlights:
                 mine = _AsyncFlight(loop)
                 flight = flights.setdefault(key, mine)
                 if flight is mine:
-                    return await self._lead(key, mine, None, lead, args, kwargs)
+                    return await self._lead(key, mine, None, lead(key, ctx, mine), run)
             if flight.loop is not loop:
                 # Another thread's event loop leads; its futures are not ours to await.
-                value, _ = await lead(key, args, kwargs, None)
+                value, _ = await run(lead(key, ctx, None))
                 return value
             started = ctx.clock()
             if await flight.wait(first_wait(ctx, flight)):
                 joined = None
             else:
-                joined = await join(key, args, kwargs, flight, started)
+                joined = await run(join(key, ctx, flight, started))
             if isinstance(joined, GaveUp):
                 # No task of this loop can come in between, and callers in other
-                # loops never replace a flight of this one.
-                if flights.get(key) is flight:
-                    mine = _AsyncFlight(loop)
-                    flights[key] = mine
-                    serve = functools.partial(take_over, gave_up=joined)
-                    return await self._lead(key, mine, flight, serve, args, kwargs)
+                # loops never replace a flight of this one: no mutex.
+                mine = _AsyncFlight(loop)
+                if _replace(flights, key, flight, mine):
+                    steps = take_over(key, ctx, mine, joined)
+                    return await self._lead(key, mine, flight, steps, run)
                 continue
             waited = ctx.clock() - started
             outcome = _joined(key, flight, joined, waited, ctx, flights, retried)
@@ -356,17 +337,16 @@ class AsyncFlights:
             elif outcome is not _AGAIN:
                 return outcome
 
-    async def _lead(  # noqa: PLR0917
+    async def _lead(
         self,
         key: str,
         mine: _AsyncFlight,
         replaces: _AsyncFlight | None,
-        serve: AsyncServe,
-        args: Args,
-        kwargs: Kwargs,
+        steps: Plan,
+        run: RunAsync,
     ) -> object:
         try:
-            value, via = await serve(key, args, kwargs, mine)
+            value, via = await run(steps)
         except BaseException as exc:
             task = asyncio.current_task()
             cancelled = isinstance(exc, asyncio.CancelledError) and (
@@ -380,12 +360,24 @@ class AsyncFlights:
 
     def forget(self, key: str, flight: _AsyncFlight | None = None) -> None:
         """See `SyncFlights.forget`."""
-        if flight is None or self._flights.get(key) is flight:
-            self._flights.pop(key, None)
+        _forget(self._flights, key, flight)
 
     def clear(self) -> None:
         """Forget every flight (in a forked child, their leaders do not exist)."""
         self._flights = {}
+
+
+def _replace(registry: dict[str, Any], key: str, old: _Call, new: _Call) -> bool:
+    """Put *new* in *old*'s place, unless another caller replaced or ended it first."""
+    if registry.get(key) is not old:
+        return False
+    registry[key] = new
+    return True
+
+
+def _forget(registry: dict[str, Any], key: str, flight: _Call | None) -> None:
+    if flight is None or registry.get(key) is flight:
+        registry.pop(key, None)
 
 
 def _ended_by(exc: BaseException, *, caller_cancelled: bool) -> _Outcome:

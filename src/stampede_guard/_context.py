@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import enum
+import logging
 import random
 import secrets
 import time
 from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
-from typing import Any, Final, Literal
+from typing import Any, Final
 
 from stampede_guard._breaker import CircuitBreaker
+from stampede_guard._cache_options import DEFAULTS, OnBackendError, OnCancel, OnTimeout
 from stampede_guard._ops import Op
 from stampede_guard.metrics import _Emit
 
@@ -54,24 +56,28 @@ MISS: Final = _Miss.MISS
 
 @dataclass(frozen=True, slots=True)
 class Policy:
-    """The decorator's validated parameters (durations in seconds)."""
+    """The decorator's validated options (durations in seconds), as the plan reads them.
+
+    Built by `validated_policy` from `CacheOptions`; the defaults are the decorator's
+    own (`DEFAULTS`), so a test's ``Policy(...)`` behaves as the decorator would.
+    """
 
     ttl: float
     lock_timeout: float
-    wait_timeout: float
+    wait_timeout: float  # resolved: never None
     base_delay: float
     max_delay: float
     max_retries: int | None
-    on_timeout: Literal["compute", "raise"]
-    on_backend_error: Literal["compute", "raise"] = "compute"
-    on_cancel: Literal["finish", "cancel"] = "finish"
-    lock_renewal: bool = False
-    stale_ttl: float = 0.0
-    stale_if_error: bool = True
-    background_refresh: bool = True
-    beta: float | None = None  # XFetch's beta when early refresh is on
-    cache_none: bool = True
-    should_cache: Callable[[Any], bool] | None = None
+    on_timeout: OnTimeout
+    on_backend_error: OnBackendError = DEFAULTS["on_backend_error"]
+    on_cancel: OnCancel = DEFAULTS["on_cancel"]
+    lock_renewal: bool = DEFAULTS["lock_renewal"]
+    stale_ttl: float = DEFAULTS["stale_ttl"]
+    stale_if_error: bool = DEFAULTS["stale_if_error"]
+    background_refresh: bool = DEFAULTS["background_refresh"]
+    beta: float | None = None  # early_refresh and beta in one: XFetch's beta, or None
+    cache_none: bool = DEFAULTS["cache_none"]
+    should_cache: Callable[[Any], bool] | None = DEFAULTS["should_cache"]
 
     @property
     def refreshes(self) -> bool:
@@ -95,9 +101,16 @@ class Policy:
         return self.should_cache is None or bool(self.should_cache(value))
 
 
-def own_breaker() -> Callable[[str], CircuitBreaker]:
-    """One breaker for every key: for a backend that brings none (see `Context`)."""
-    breaker = CircuitBreaker()
+def own_breaker(
+    clock: Callable[[], float] = time.monotonic,
+    logger: logging.Logger = logging.getLogger("stampede_guard"),  # noqa: B008 - one, shared
+) -> Callable[[str], CircuitBreaker]:
+    """One breaker for every key: for a backend that brings none (see `Context`).
+
+    A test passes the plan's *clock* (and *logger*), so the breaker opens and closes
+    on the same fake time as the plan that feeds it.
+    """
+    breaker = CircuitBreaker(clock=clock, logger=logger)
     return lambda _key: breaker
 
 
@@ -110,7 +123,9 @@ def _new_token() -> str:
 class Context:
     """What a plan needs besides its key: the policy, where events go, and clocks.
 
-    The clocks and the token source are parameters so a test can step a plan exactly.
+    Everything a plan would otherwise take from the process (the clocks, the token
+    and jitter sources, its logger) is a parameter, so a test can step a plan exactly
+    and the same answers always give the same operations.
     *breaker_for* returns the circuit breaker of the server a key's commands go to:
     the backend's own (shared by every function on it, one per node of a cluster),
     or, for a backend that brings none, one of this function's.
@@ -122,5 +137,8 @@ class Context:
     clock: Callable[[], float] = time.monotonic
     wall_clock: Callable[[], float] = time.time
     new_token: Callable[[], str] = field(default=_new_token)
-    random: Callable[[], float] = random.random
+    random: Callable[[], float] = random.random  # jitter and XFetch draws, in [0, 1)
+    logger: logging.Logger = field(
+        default_factory=lambda: logging.getLogger("stampede_guard")
+    )
     breaker_for: Callable[[str], CircuitBreaker] = field(default_factory=own_breaker)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import threading
 import time
@@ -16,17 +17,21 @@ from typing import Any, Protocol, TypeVar, assert_never, cast
 
 from stampede_guard import _reporting
 from stampede_guard._ops import (
-    Await,
     AwaitFlight,
+    AwaitNotice,
+    Bypass,
     Compute,
+    Delete,
+    Extend,
     Get,
     GetOrLock,
-    Lock,
     Op,
-    Renewal,
     Set,
     SetAndUnlock,
+    Spawn,
     Subscribe,
+    TakeLock,
+    Tick,
     Unlock,
     Unsubscribe,
 )
@@ -78,7 +83,13 @@ def run_sync(
         _reporting.end(scope)
 
 
-def _drive(plan: Steps[T], backend: Backend, compute: Callable[[], object]) -> T:
+def _drive(
+    plan: Steps[T],
+    backend: Backend,
+    compute: Callable[[], object],
+    ended: threading.Event | None = None,
+) -> T:
+    """Run *plan* in this thread; *ended*, for a watchdog, is set when its computation is."""
     result: object = None
     error: BaseException | None = None
     while True:
@@ -89,12 +100,17 @@ def _drive(plan: Steps[T], backend: Backend, compute: Callable[[], object]) -> T
             return done
         result = error = None
         try:
-            result = _perform(op, backend, compute)
+            result = _perform(op, backend, compute, ended)
         except BaseException as exc:  # noqa: BLE001 - the plan decides what to do with it
             error = exc
 
 
-def _perform(op: Op, backend: Backend, compute: Callable[[], object]) -> object:  # noqa: C901
+def _perform(  # noqa: C901
+    op: Op,
+    backend: Backend,
+    compute: Callable[[], object],
+    ended: threading.Event | None,
+) -> object:
     match op:  # the commonest first: every joiner of a thousand waits on its flight
         case AwaitFlight(flight, seconds):
             return cast("_Flight", flight).wait(seconds)
@@ -102,22 +118,34 @@ def _perform(op: Op, backend: Backend, compute: Callable[[], object]) -> object:
             return backend.get(key)
         case GetOrLock(key, token, lock_ttl):
             return backend.get_or_lock(key, token, lock_ttl)
-        case Lock(key, token, lock_ttl):
+        case TakeLock(key, token, lock_ttl):
             return backend.lock(key, token, lock_ttl)
-        case Compute(key, renewal):
+        case Compute(key, watchdog):
             with computing(backend, key):
-                if renewal is None:
+                if watchdog is None:
                     return compute()
-                stop = threading.Event()
-                watchdog = threading.Thread(
-                    target=_renew, args=(backend, renewal, stop), daemon=True
+                done = threading.Event()
+                beside = threading.Thread(
+                    target=_drive,
+                    args=(watchdog, backend, compute, done),
+                    name="stampede_guard-renewal",
+                    daemon=True,
                 )
-                watchdog.start()
+                beside.start()
                 try:
                     return compute()
                 finally:
-                    stop.set()
-                    watchdog.join()
+                    done.set()
+                    beside.join()
+        case Tick(seconds):
+            if ended is None:
+                time.sleep(seconds)
+                return True
+            return not ended.wait(seconds)
+        case Extend(key, token, lock_ttl):
+            return backend.extend(key, token, lock_ttl)
+        case Bypass():
+            return compute()
         case Set(key, entry, ttl, ticket):
             if ticket is None:  # also what a backend written before tickets takes
                 return backend.set(key, entry, ttl)
@@ -133,9 +161,12 @@ def _perform(op: Op, backend: Backend, compute: Callable[[], object]) -> object:
                 ).start()
                 return None
             return backend.unlock(key, token)
+        case Delete(key):
+            backend.delete(key)
+            return None
         case Subscribe(key):
             return backend.subscribe(key) if isinstance(backend, Notifier) else None
-        case Await(subscription, seconds):
+        case AwaitNotice(subscription, seconds):
             if subscription is None:  # nothing to hear: a plain backoff sleep
                 time.sleep(seconds)
                 return None
@@ -143,6 +174,15 @@ def _perform(op: Op, backend: Backend, compute: Callable[[], object]) -> object:
         case Unsubscribe(subscription):
             if subscription is not None:
                 cast("Subscription", subscription).close()
+            return None
+        case Spawn(steps):
+            # A copy of this thread's context: the plan reports where its caller's do.
+            threading.Thread(
+                target=contextvars.copy_context().run,
+                args=(_drive, steps, backend, compute),
+                name="stampede_guard-refresh",
+                daemon=True,
+            ).start()
             return None
         case _:
             assert_never(op)
@@ -270,20 +310,29 @@ async def _perform_async(  # noqa: C901
             return await backend.aget(key)
         case GetOrLock(key, token, lock_ttl):
             return await backend.aget_or_lock(key, token, lock_ttl)
-        case Lock(key, token, lock_ttl):
+        case TakeLock(key, token, lock_ttl):
             return await backend.alock(key, token, lock_ttl)
-        case Compute(key, renewal):
+        case Compute(key, watchdog):
             with computing(backend, key):
-                if renewal is None:
+                if watchdog is None:
                     return await compute()
-                loop = asyncio.get_running_loop()
-                watchdog = loop.create_task(_arenew(backend, renewal))
+                beside = asyncio.get_running_loop().create_task(
+                    _drive_async(watchdog, backend, compute, background)
+                )
                 try:
                     return await compute()
                 finally:
-                    watchdog.cancel()
+                    # Cancelled at its Tick: the watchdog plan lets that end it.
+                    beside.cancel()
                     with contextlib.suppress(asyncio.CancelledError):
-                        await watchdog
+                        await beside
+        case Tick(seconds):
+            await asyncio.sleep(seconds)
+            return True
+        case Extend(key, token, lock_ttl):
+            return await backend.aextend(key, token, lock_ttl)
+        case Bypass():
+            return await compute()
         case Set(key, entry, ttl, ticket):
             if ticket is None:
                 return await backend.aset(key, entry, ttl)
@@ -303,11 +352,14 @@ async def _perform_async(  # noqa: C901
             # Shielded: the release usually runs because this task is being cancelled,
             # and a second cancellation must not leave the lock to its lease.
             return await asyncio.shield(backend.aunlock(key, token))
+        case Delete(key):
+            await backend.adelete(key)
+            return None
         case Subscribe(key):
             if isinstance(backend, AsyncNotifier):
                 return await backend.asubscribe(key)
             return None
-        case Await(subscription, seconds):
+        case AwaitNotice(subscription, seconds):
             if subscription is None:
                 await asyncio.sleep(seconds)
                 return None
@@ -315,6 +367,14 @@ async def _perform_async(  # noqa: C901
         case Unsubscribe(subscription):
             if subscription is not None:  # shielded, as Unlock
                 await asyncio.shield(cast("AsyncSubscription", subscription).close())
+            return None
+        case Spawn(steps):
+            # The task copies this task's context: it reports where its caller's do.
+            task = asyncio.get_running_loop().create_task(
+                _drive_async(steps, backend, compute, background)
+            )
+            background.add(task)
+            task.add_done_callback(background.discard)
             return None
         case _:
             assert_never(op)
@@ -336,36 +396,3 @@ async def _aunlock_quietly(backend: AsyncBackend, key: str, token: str) -> None:
         logger.warning(
             "could not release the lock on %r; it expires by itself", key, exc_info=True
         )
-
-
-# Lease renewal while the function runs (a watchdog, as Redisson's): every third of the
-# lease, extend it to a full lease, so a long computation keeps its lock while a dead
-# holder's lock still runs out quickly. It stops when the computation ends, when the
-# lock turns out to be lost, or at the renewal limit, so a hung computation cannot hold
-# the key for ever. A failed renewal is logged, never raised: the worst outcome is one
-# more computation elsewhere. Both twins wait first, then check the limit.
-
-
-def _renew(backend: Backend, renewal: Renewal, stop: threading.Event) -> None:
-    started, every = time.monotonic(), renewal.lock_ttl / 3
-    while not stop.wait(every) and time.monotonic() - started < renewal.limit:
-        try:
-            if not backend.extend(renewal.key, renewal.token, renewal.lock_ttl):
-                logger.warning("lost the lock on %r while computing", renewal.key)
-                return
-        except Exception:
-            logger.warning("could not renew the lock on %r", renewal.key, exc_info=True)
-
-
-async def _arenew(backend: AsyncBackend, renewal: Renewal) -> None:
-    started, every = time.monotonic(), renewal.lock_ttl / 3
-    while True:
-        await asyncio.sleep(every)
-        if time.monotonic() - started >= renewal.limit:
-            return
-        try:
-            if not await backend.aextend(renewal.key, renewal.token, renewal.lock_ttl):
-                logger.warning("lost the lock on %r while computing", renewal.key)
-                return
-        except Exception:
-            logger.warning("could not renew the lock on %r", renewal.key, exc_info=True)

@@ -2,12 +2,12 @@
 
 `plan` is a generator: it yields operations (`stampede_guard._ops`) and is sent their
 results; a driver (`stampede_guard._drivers`) carries them out against a backend.
-Steps, after the reference card:
+Steps:
 
-1. Look the key up. A hit returns at once (one backend read). This step is the hot
-   path, so it is not part of the generator: the wrappers read and `first_look`
-   decides; `plan` starts at step 2, after a miss.
-2. On a miss, atomically read again or take the lock (the card's double-check).
+1. Look the key up: a hit returns at once (one backend read). `_call.serve` does it
+   for a remote backend; for the memory backend the wrapper reads and the pure
+   `_call.first_look` decides (the hot path). `plan` starts at step 2, after a miss.
+2. On a miss, atomically read again or take the lock (the double-check).
 3. Lock taken: compute, then store the value and release the lock in one step. If the
    function raises, release the lock and let the exception through; nothing is cached.
 4. Lock held by someone else: subscribe to news of the key, look once more, then wait
@@ -20,11 +20,8 @@ Steps, after the reference card:
 5. Out of time: compute without the lock (the value is stored unless a newer one
    was), or raise `LockTimeoutError`.
 
-Callers of a key that another caller of the same process is already serving `join`
-it: they wait for its outcome as waiters wait for a lock, with the same deadline and
-backoff, looking at the backend now and then (a value stored from anywhere serves
-them), and give up as waiters do. Those that give up and compute do so once per
-process at a time (`take_over`).
+Callers of a key that another caller of the same process is already serving join it
+instead (`_joining`): they wait for its outcome as waiters wait for a lock.
 
 Every look that may precede a computation carries the backend's ticket (see
 `stampede_guard.backends.Claim`), and every store carries the ticket of the look
@@ -40,32 +37,28 @@ takes the lock (without waiting) computes, everyone else keeps the stored value.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Generator
-from dataclasses import dataclass
+from collections.abc import Generator
 from typing import Any, Protocol, cast
 
-import tenacity
-from typing_extensions import override
-
-from stampede_guard._context import MISS, Context, Plan, Policy, Served, Via
+from stampede_guard._backoff import Deadline, StillLockedError, backoff
+from stampede_guard._context import Context, Plan, Via
 from stampede_guard._entry import FENCE_SECONDS, Entry
 from stampede_guard._errors import BackendError, LockTimeoutError
-from stampede_guard._freshness import RefreshDue, refresh_reason, stale_value
+from stampede_guard._freshness import RefreshDue
 from stampede_guard._ops import (
-    Await,
-    AwaitFlight,
+    AwaitNotice,
     Compute,
     Get,
     GetOrLock,
-    Lock,
     Op,
-    Renewal,
     Set,
     SetAndUnlock,
     Subscribe,
+    TakeLock,
     Unlock,
     Unsubscribe,
 )
+from stampede_guard._renewal import renew
 from stampede_guard.metrics import (
     BackendFailed,
     BackendSkipped,
@@ -80,50 +73,7 @@ from stampede_guard.metrics import (
     Timeout,
 )
 
-__all__ = [
-    "MISS",
-    "Context",
-    "Flight",
-    "GaveUp",
-    "Plan",
-    "Policy",
-    "RefreshDue",
-    "Served",
-    "Via",
-    "first_look",
-    "first_wait",
-    "join",
-    "plan",
-    "refresh",
-    "refresh_now",
-    "stale_value",
-    "take_over",
-    "without_cache",
-]
-
-logger = logging.getLogger("stampede_guard")
-
-
-class _StillLockedError(Exception):
-    """Still waiting; tenacity retries on it and re-raises the last one at the end.
-
-    *ticket* is the backend's ticket of the last look, for a store after giving up.
-    """
-
-    def __init__(self, ticket: int | None) -> None:
-        super().__init__()
-        self.ticket = ticket
-
-
-@dataclass(frozen=True, slots=True)
-class GaveUp:
-    """What `join` returns when its caller gave up and is to serve itself (`take_over`).
-
-    *holder* is the lock token of the leader it gave up on, if that leader was
-    computing under the lock; None if the leader was still looking or waiting.
-    """
-
-    holder: str | None
+__all__ = ["Flight", "plan", "refresh", "refresh_now", "without_cache"]
 
 
 class Flight(Protocol):
@@ -135,19 +85,6 @@ class Flight(Protocol):
     holder: str | None  # the leader's lock token while it computes under the lock
 
 
-def first_look(key: str, found: Entry | None, ctx: Context) -> object:
-    """Decide step 1: return the cached value (a hit), a `RefreshDue`, or MISS."""
-    if found is None:
-        return MISS
-    if ctx.observed:  # build no event nobody will see: this is the hot path
-        ctx.emit(Hit(key))
-    if ctx.policy.refreshes:
-        reason = refresh_reason(found, ctx)
-        if reason is not None:
-            return RefreshDue(found, reason)
-    return found.value
-
-
 def refresh(key: str, due: RefreshDue, ctx: Context) -> Plan:
     """Recompute *due*'s key if its lock is free; otherwise leave it to the holder.
 
@@ -156,7 +93,7 @@ def refresh(key: str, due: RefreshDue, ctx: Context) -> Plan:
     reported.
     """
     token = ctx.new_token()
-    claim = yield Lock(key, token, ctx.policy.lock_timeout)
+    claim = yield TakeLock(key, token, ctx.policy.lock_timeout)
     if claim != token:
         return due.entry.value, Via.CACHE
     leading = False
@@ -165,14 +102,14 @@ def refresh(key: str, due: RefreshDue, ctx: Context) -> Plan:
         # between our read and our lock. Then it is the one to serve, and we let go.
         current = yield Get(key)
         if current is not None and current.created_at > due.entry.created_at:
-            yield from _release(key, token)
+            yield from _release(key, token, ctx)
             return current.value, Via.CACHE
         ctx.emit(Refresh(key, due.reason))
         leading = True
         served = yield from _lead(key, token, _ticket(claim), ctx)  # releases the lock
     except Exception as exc:
         if not leading:
-            yield from _release(key, token)
+            yield from _release(key, token, ctx)
         ctx.emit(RefreshFailed(key, exc))
         if ctx.policy.stale_if_error:
             return due.entry.value, Via.CACHE
@@ -191,7 +128,7 @@ def refresh_now(key: str, ctx: Context) -> Plan:
     ctx.emit(Refresh(key, "manual"))
     token = ctx.new_token()
     try:
-        claim = yield Lock(key, token, ctx.policy.lock_timeout)
+        claim = yield TakeLock(key, token, ctx.policy.lock_timeout)
     except BackendError as exc:
         return (yield from without_cache(key, ctx, exc))
     if claim == token:
@@ -240,7 +177,7 @@ def plan(
             claim = yield from _wait(key, token, claim, ctx)
         except BackendError as exc:
             return (yield from without_cache(key, ctx, exc, flight))
-        except _StillLockedError as exc:
+        except StillLockedError as exc:
             waited = ctx.clock() - started
             return (yield from _timed_out(key, ctx, waited, exc.ticket, flight))
         waited = ctx.clock() - started
@@ -251,132 +188,6 @@ def plan(
 
     ctx.emit(LockAcquired(key))
     return (yield from _lead(key, token, _ticket(claim), ctx, flight))
-
-
-def first_wait(ctx: Context, flight: Flight) -> float:
-    """Return how long a caller joining *flight* now first waits, doing nothing else.
-
-    Most flights end within it, and then that is all a joiner costs (a thousand of
-    them wake one after another, each paying for what it set up). Only a joiner still
-    waiting after it runs `join`. While the leader looks or waits for another caller's
-    lock, it is a waiter bound by its own deadline: its joiners wait with it, for
-    ``wait_timeout``. Once it computes: up to ``max_delay``, and no longer than its
-    lease has left (0 if it ran out: `join` then looks at once).
-    """
-    policy = ctx.policy
-    if flight.computing is None:
-        return policy.wait_timeout
-    lease_left = flight.computing + policy.lease_limit - ctx.clock()
-    return min(policy.max_delay, policy.wait_timeout, max(0.0, lease_left))
-
-
-def join(
-    key: str, ctx: Context, flight: Flight, arrived: float
-) -> Generator[Op, Any, Served | GaveUp | None]:
-    """Wait, as a waiter waits for a lock, for *flight*: this process's call of *key*.
-
-    For a caller that arrived at *arrived* and has waited `first_wait` since. Returns
-    None once the flight has an outcome (the caller takes it from there), the value if
-    a look at the backend found one stored from anywhere (the flight's leader may hang,
-    or have lost its lease to another process), or `GaveUp` when ``wait_timeout`` ran
-    out and ``on_timeout="compute"``; with ``"raise"`` it raises `LockTimeoutError`
-    instead. A local leader never holds its process's callers longer than a holder in
-    another process would: ``wait_timeout`` from when it began computing (or from their
-    arrival, if later).
-
-    One joiner at a time (the watcher) looks at the backend, with the waiters' backoff
-    (and ``max_retries``); a value it finds ends the flight for all. The others sleep
-    until the flight ends or their patience does: a thousand joiners that polled would
-    starve their own leader of the GIL. A caller arriving after the leader's lease ran
-    out looks once at once: another process may have stored the value long ago.
-    """
-    policy = ctx.policy
-    computing = arrived if flight.computing is None else flight.computing
-    deadline = _DeadlineStop(ctx.clock, max(arrived, computing) + policy.wait_timeout)
-    if computing + policy.lease_limit <= arrived:
-        found = yield from _look(key, ctx, flight, arrived)
-        if found is not None:
-            return found
-    if flight.watched:
-        if (yield AwaitFlight(flight, deadline.remaining())):
-            return None
-        return _joiner_gave_up(key, ctx, ctx.clock() - arrived, _holder(flight))
-    flight.watched = True
-    try:
-        return (yield from _watch(key, ctx, flight, arrived, deadline))
-    finally:
-        flight.watched = False
-
-
-def _watch(
-    key: str, ctx: Context, flight: Flight, arrived: float, deadline: _DeadlineStop
-) -> Generator[Op, Any, Served | GaveUp | None]:
-    """Run the watcher's rounds: wait up to a backoff delay, then look.
-
-    At most one look per half ``max_delay``. Returns as `join` does.
-    """
-    policy = ctx.policy
-    delays: list[float] = []
-    try:
-        for attempt in _backoff(policy, deadline, delays):
-            if delays:
-                delay = max(delays.pop(), policy.max_delay)
-                if (yield AwaitFlight(flight, min(delay, deadline.remaining()))):
-                    return None
-            if ctx.clock() - flight.looked >= policy.max_delay / 2:
-                found = yield from _look(key, ctx, flight, arrived)
-                if found is not None:
-                    return found
-            with attempt:
-                raise _StillLockedError(None)  # noqa: TRY301 - tenacity's way to retry
-    except _StillLockedError:
-        pass
-    return _joiner_gave_up(key, ctx, ctx.clock() - arrived, _holder(flight))
-
-
-def _look(
-    key: str, ctx: Context, flight: Flight, arrived: float
-) -> Generator[Op, Any, Served | None]:
-    """Look at the backend for a joiner: the value if stored from anywhere, else None."""
-    flight.looked = ctx.clock()
-    try:
-        found = yield Get(key)
-    except BackendError:
-        return None  # the flight's leader meets the failure and handles it
-    if found is None:
-        return None
-    ctx.emit(Miss(key))  # it waited, and a computation served it
-    ctx.emit(LockWait(key, ctx.clock() - arrived, "value"))
-    return found.value, Via.COMPUTED
-
-
-def _holder(flight: Flight) -> str | None:
-    return flight.holder if flight.computing is not None else None
-
-
-def _joiner_gave_up(
-    key: str, ctx: Context, waited: float, holder: str | None
-) -> GaveUp:
-    """Step 5 for a joiner: report the timeout, then raise or let it serve itself."""
-    ctx.emit(LockWait(key, waited, "timeout"))
-    ctx.emit(Timeout(key, waited, ctx.policy.on_timeout))
-    if ctx.policy.on_timeout == "raise":
-        ctx.emit(Miss(key))  # with "compute", `take_over` reports the hit or miss
-        raise LockTimeoutError(key, waited) from None
-    return GaveUp(holder)
-
-
-def take_over(key: str, ctx: Context, flight: Flight, gave_up: GaveUp) -> Plan:
-    """Serve *key* for this process's callers that gave up on their local leader.
-
-    One look, as after a miss: a value stored meanwhile is served; a free lock (the
-    leader's lease ran out) is taken and the value computed under it; a lock held by
-    another holder (one that took over from the hung leader) gets patience afresh, as
-    waiters give it. A lock still held by the leader given up on is not waited for
-    again: the value is computed without it, and stored with this look's ticket, so
-    it replaces nothing newer. *flight* is the new flight this caller leads.
-    """
-    return plan(key, ctx, flight, gave_up.holder)
 
 
 def _timed_out(
@@ -421,32 +232,10 @@ def _ticket(claim: object) -> int | None:
     return getattr(claim, "ticket", None)
 
 
-def _backoff(
-    policy: Policy, deadline: _DeadlineStop, delays: list[float]
-) -> tenacity.Retrying:
-    """The waiting rounds: tenacity decides each delay (recorded in *delays*) and the end.
-
-    tenacity's sleep only records the delay, which becomes the longest the next Await
-    may take; its stop is the moving *deadline*, and ``max_retries`` if set.
-    """
-    stop: tenacity.stop.stop_base = deadline
-    if policy.max_retries is not None:
-        stop = stop | tenacity.stop_after_attempt(policy.max_retries + 1)
-    return tenacity.Retrying(
-        sleep=delays.append,
-        wait=tenacity.wait_exponential_jitter(
-            multiplier=policy.base_delay, max=policy.max_delay, jitter=policy.base_delay
-        ),
-        stop=stop,
-        retry=tenacity.retry_if_exception_type(_StillLockedError),
-        reraise=True,
-    )
-
-
 def _wait(
     key: str, token: str, holder: str, ctx: Context
 ) -> Generator[Op, Any, Entry | str]:
-    """Wait until the value appears or the lock is ours; raise _StillLockedError at the end.
+    """Wait until the value appears or the lock is ours; raise StillLockedError at the end.
 
     Returns the entry, or the claim (*token*) once this call holds the lock. The lock
     is not held while waiting, so waiting is safe.
@@ -471,18 +260,18 @@ def _listen(
     The last delay is cut short so that the final look happens at the deadline.
     """
     policy = ctx.policy
-    deadline = _DeadlineStop(ctx.clock, ctx.clock() + policy.wait_timeout)
+    deadline = Deadline(ctx.clock, ctx.clock() + policy.wait_timeout)
     delays: list[float] = []
     # Listening now: look once more, or a value stored just before would go unheard.
     claim = yield GetOrLock(key, token, policy.lock_timeout)
-    for attempt in _backoff(policy, deadline, delays):
+    for attempt in backoff(policy, deadline, delays, ctx.random):
         if delays:
             delay = delays.pop()
             if subscription is not None:
                 # Notices wake us; our own looks only catch lost ones and dead holders,
                 # so with a subscription they need not come more often than max_delay.
                 delay = max(delay, policy.max_delay)
-            notice = yield Await(subscription, min(delay, deadline.remaining()))
+            notice = yield AwaitNotice(subscription, min(delay, deadline.remaining()))
             # A notice with the value saves the look; "released" or silence asks for one.
             if isinstance(notice, Entry):
                 claim = notice
@@ -496,28 +285,9 @@ def _listen(
             holder = claim
             deadline.restart(policy.wait_timeout)
         with attempt:
-            raise _StillLockedError(_ticket(claim))
+            raise StillLockedError(_ticket(claim))
     # The loop ends by returning or by tenacity re-raising: this line is never reached.
-    raise _StillLockedError(None)  # pragma: no cover
-
-
-class _DeadlineStop(tenacity.stop.stop_base):
-    """Stop once *clock* passes a deadline that can move (tenacity's reads time.monotonic)."""
-
-    def __init__(self, clock: Callable[[], float], deadline: float) -> None:
-        self._clock = clock
-        self._deadline = deadline
-
-    def remaining(self) -> float:
-        return max(0.0, self._deadline - self._clock())
-
-    def restart(self, seconds: float) -> None:
-        self._deadline = self._clock() + seconds
-
-    @override
-    def __call__(self, retry_state: tenacity.RetryCallState) -> bool:
-        del retry_state
-        return self._clock() >= self._deadline
+    raise StillLockedError(None)  # pragma: no cover
 
 
 def _lead(
@@ -529,11 +299,11 @@ def _lead(
 ) -> Plan:
     """Compute and store the value while holding the lock; release it whatever happens."""
     policy = ctx.policy
-    renewal = None
+    watchdog = None
     if policy.lock_renewal:
-        renewal = Renewal(key, token, policy.lock_timeout, policy.lease_limit)
+        watchdog = renew(key, token, policy.lock_timeout, policy.lease_limit, ctx)
     try:
-        entry = yield from _compute(key, ctx, renewal, flight, token)
+        entry = yield from _compute(key, ctx, watchdog, flight, token)
         if entry.compute_seconds >= FENCE_SECONDS:
             # Longer than an invalidation is remembered: it may have missed one.
             yield Unlock(key, token)
@@ -556,7 +326,7 @@ def _lead(
         # Nothing is cached. The release is announced: the waiters look at once, one of
         # them takes the lock and the others wait for it, so a failure does not let
         # every waiter compute at once.
-        yield from _release(key, token)
+        yield from _release(key, token, ctx)
         raise
     if failed is not None:
         # The store already cost its callers up to a socket timeout: the release goes
@@ -586,7 +356,7 @@ def without_cache(
         if ctx.policy.on_backend_error == "raise":
             raise error
         ctx.emit(BackendFailed(key, error))
-        logger.log(
+        ctx.logger.log(
             logging.WARNING if news else logging.DEBUG,
             "cache backend failed for %r; computing without it: %s",
             key,
@@ -604,7 +374,7 @@ def _store_failed(key: str, ctx: Context, error: BackendError) -> None:
     if ctx.policy.on_backend_error == "raise":
         raise error
     ctx.emit(BackendFailed(key, error))
-    logger.log(
+    ctx.logger.log(
         logging.WARNING if news else logging.DEBUG,
         "cache backend failed for %r; value not stored: %s",
         key,
@@ -612,12 +382,12 @@ def _store_failed(key: str, ctx: Context, error: BackendError) -> None:
     )
 
 
-def _release(key: str, token: str) -> Generator[Op, Any, None]:
+def _release(key: str, token: str, ctx: Context) -> Generator[Op, Any, None]:
     try:
         yield Unlock(key, token)
     except Exception:
         # Never hide the error that brought us here; the lease expires on its own.
-        logger.warning(
+        ctx.logger.warning(
             "could not release the lock on %r; it expires by itself", key, exc_info=True
         )
 
@@ -625,7 +395,7 @@ def _release(key: str, token: str) -> Generator[Op, Any, None]:
 def _compute(
     key: str,
     ctx: Context,
-    renewal: Renewal | None = None,
+    watchdog: Generator[Op, Any, None] | None = None,
     flight: Flight | None = None,
     holder: str | None = None,
 ) -> Generator[Op, Any, Entry]:
@@ -636,7 +406,7 @@ def _compute(
         flight.computing, flight.holder = started, holder
     try:
         value = yield Compute(
-            key, renewal, apart=policy.on_cancel == "finish", bound=policy.lease_limit
+            key, watchdog, apart=policy.on_cancel == "finish", bound=policy.lease_limit
         )
     except Exception as exc:
         ctx.emit(ComputeError(key, ctx.clock() - started, exc))

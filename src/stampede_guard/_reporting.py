@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable
 from contextvars import ContextVar, Token
 from typing import Protocol, TypeVar
 
-from stampede_guard.metrics import UnreadableEntry, _Emit
+from stampede_guard.metrics import Event, UnreadableEntry, _Emit
 
 __all__ = [
     "Observed",
@@ -48,9 +48,24 @@ class Observed(Protocol):
 def begin(ctx: Observed) -> Token[_Emit | None] | None:
     """Send this plan's reports to *ctx*'s hook, if it has one; `end` takes it back.
 
-    Returns None when there is nothing to report to: then nothing was set.
+    A plan may read an unreadable entry more than once (step 1, then the look before
+    locking): its hook hears of each key once per plan. Returns None when there is
+    nothing to report to: then nothing was set.
     """
-    return _emitter.set(ctx.emit) if ctx.observed else None
+    return _emitter.set(_once_per_key(ctx.emit)) if ctx.observed else None
+
+
+def _once_per_key(emit: _Emit) -> _Emit:
+    reported: set[str] = set()
+
+    def report(event: Event) -> None:
+        if isinstance(event, UnreadableEntry):
+            if event.key in reported:
+                return
+            reported.add(event.key)
+        emit(event)
+
+    return report
 
 
 def end(token: Token[_Emit | None] | None) -> None:

@@ -1,0 +1,148 @@
+"""The rest of a call, as plans: step 1 (the look), refresh dispatch and the helpers.
+
+`_plan` serves a key after a miss; this module holds what surrounds it, so that the
+wrappers (`_wrappers`) only run plans and decide nothing:
+
+- `first_look` decides step 1 from one read: a pure function, so that a memory
+  backend's wrapper can serve a hit without building a plan (the hot path);
+- `serve` is step 1 for a remote backend, behind its circuit breaker, then `plan`;
+- `serve_due` serves a value due for a refresh and starts the refresh (`Spawn`) or
+  runs it inline, one per key per process at a time;
+- `refresh_key`, `invalidate`, `get_cached` and `bypass` are the decorated object's
+  helpers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Generator
+from typing import Any, Protocol, TypeAlias
+
+from stampede_guard._context import Context, Plan, Via
+from stampede_guard._entry import Entry
+from stampede_guard._errors import BackendError
+from stampede_guard._freshness import RefreshDue, refresh_reason, stale_value
+from stampede_guard._ops import Bypass, Delete, Get, Op, Spawn
+from stampede_guard._plan import Flight, plan, refresh, refresh_now, without_cache
+from stampede_guard.metrics import Hit
+
+__all__ = [
+    "Look",
+    "Refreshes",
+    "bypass",
+    "first_look",
+    "get_cached",
+    "invalidate",
+    "refresh_key",
+    "serve",
+    "serve_due",
+]
+
+# What step 1 decides: the entry to serve as is (a hit), a `RefreshDue` (serve it and
+# refresh it), or None (a miss). No wrapper object: a hit allocates nothing.
+Look: TypeAlias = Entry | RefreshDue | None
+
+
+class Refreshes(Protocol):
+    """The keys this process is refreshing (`_coalesce.Refreshing`)."""
+
+    def claim(self, key: str) -> bool: ...  # False if already claimed
+    def release(self, key: str) -> None: ...
+
+
+class Forgets(Protocol):
+    """The flights of a decorated function (`_coalesce`): forgetting one of a key."""
+
+    def forget(self, key: str) -> None: ...
+
+
+def first_look(key: str, found: Entry | None, ctx: Context) -> Look:
+    """Decide step 1 from what one read *found* (see `Look`)."""
+    if found is None:
+        return None
+    if ctx.observed:  # build no event nobody will see: this is the hot path
+        ctx.emit(Hit(key))
+    if ctx.policy.refreshes:
+        reason = refresh_reason(found, ctx)
+        if reason is not None:
+            return RefreshDue(found, reason)
+    return found
+
+
+def serve(key: str, ctx: Context, flight: Flight | None = None) -> Plan:
+    """Serve *key* from a remote backend: step 1, then `plan` on a miss.
+
+    While the circuit breaker is open the backend is skipped and the value computed
+    (`without_cache`). A value due for a refresh is returned as its `RefreshDue`
+    (`Via.CACHE`): every caller that shares it serves it (`serve_due`).
+    """
+    breaker = ctx.breaker_for(key)
+    if not breaker.allow():
+        return (yield from without_cache(key, ctx, None, flight))
+    try:
+        found = yield Get(key)
+    except BackendError as exc:
+        return (yield from without_cache(key, ctx, exc, flight))
+    if found is not None:  # a read that found nothing proves no write works
+        breaker.succeeded()
+    look = first_look(key, found, ctx)
+    if type(look) is Entry:
+        return look.value, Via.CACHE
+    if look is not None:
+        return look, Via.CACHE
+    return (yield from plan(key, ctx, flight))
+
+
+def serve_due(
+    key: str, due: RefreshDue, ctx: Context, refreshing: Refreshes
+) -> Generator[Op, Any, object]:
+    """Return *due*'s value; the first caller of this process to see it refreshes it.
+
+    With ``background_refresh`` the refresh runs apart (`Spawn`: a thread, a task) and
+    this caller gets the stored value at once; without, this caller refreshes and gets
+    the new value, unless the refresh kept the stored one.
+    """
+    if not refreshing.claim(key):
+        return stale_value(key, due, ctx)
+    if ctx.policy.background_refresh:
+        yield Spawn(_refresh_apart(key, due, ctx, refreshing))
+        return stale_value(key, due, ctx)
+    try:
+        value, via = yield from refresh(key, due, ctx)
+    finally:
+        refreshing.release(key)
+    return stale_value(key, due, ctx) if via is Via.CACHE else value
+
+
+def _refresh_apart(
+    key: str, due: RefreshDue, ctx: Context, refreshing: Refreshes
+) -> Generator[Op, Any, None]:
+    try:
+        yield from refresh(key, due, ctx)
+    except Exception:  # nobody is left to raise to; RefreshFailed was reported
+        ctx.logger.warning("background refresh of %r failed", key, exc_info=True)
+    finally:
+        refreshing.release(key)
+
+
+def refresh_key(key: str, ctx: Context, flights: Forgets) -> Generator[Op, Any, object]:
+    """Compute *key* afresh and store it (``refresh()``): see `refresh_now`."""
+    value, _ = yield from refresh_now(key, ctx)
+    flights.forget(key)  # later callers must not join an older computation
+    return value
+
+
+def invalidate(key: str, flights: Forgets) -> Generator[Op, Any, None]:
+    """Delete *key*'s value (``invalidate()``)."""
+    yield Delete(key)
+    flights.forget(key)  # later callers must not join an older computation
+
+
+def get_cached(key: str) -> Generator[Op, Any, Entry | None]:
+    """Return *key*'s stored entry as it is, fresh or not (``get_cached()``)."""
+    found: Entry | None = yield Get(key)
+    return found
+
+
+def bypass() -> Generator[Op, Any, object]:
+    """Call the function, leaving the cache alone (``bypass()``)."""
+    return (yield Bypass())
