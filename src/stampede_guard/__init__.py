@@ -10,6 +10,7 @@ from __future__ import annotations
 from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING
 
+from stampede_guard import backends
 from stampede_guard._cache_options import CacheOptions
 from stampede_guard._decorator import cached_stampede_safe
 from stampede_guard._errors import (
@@ -65,20 +66,10 @@ __all__ = [
     "cached_stampede_safe",
 ]
 
-_REDIS = frozenset({"AsyncRedisBackend", "RedisBackend"})
-
 
 def __getattr__(name: str) -> object:
-    """Import the Redis backends when one of them is first asked for."""
-    if name in _REDIS:
-        from stampede_guard.backends import redis  # noqa: PLC0415 - on first use
-
-        value = getattr(redis, name)
-        globals()[name] = value  # later lookups find it without this function
-        return value
+    """Import the Redis backends when one of them is first asked for (see `backends`)."""
+    if name in {"AsyncRedisBackend", "RedisBackend"}:
+        return getattr(backends, name)
     msg = f"module {__name__!r} has no attribute {name!r}"
     raise AttributeError(msg)
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *__all__})

@@ -93,7 +93,6 @@ class RedisBase(Generic[ClientT]):
     def _connected(
         cls,
         connect: Connect,
-        *,
         serializer: Serializer | None,
         prefix: str,
         breaker_failures: int,
@@ -178,11 +177,7 @@ class RedisBase(Generic[ClientT]):
             client_kwargs=client_kwargs,
         )
         return cls._connected(
-            connect,
-            serializer=serializer,
-            prefix=prefix,
-            breaker_failures=breaker_failures,
-            breaker_reset=breaker_reset,
+            connect, serializer, prefix, breaker_failures, breaker_reset
         )
 
     @classmethod
@@ -236,11 +231,7 @@ class RedisBase(Generic[ClientT]):
             client_kwargs=client_kwargs,
         )
         return cls._connected(
-            connect,
-            serializer=serializer,
-            prefix=prefix,
-            breaker_failures=breaker_failures,
-            breaker_reset=breaker_reset,
+            connect, serializer, prefix, breaker_failures, breaker_reset
         )
 
     @property

@@ -64,10 +64,7 @@ def url_connector(
 ) -> Connect:
     """Return what connects to *url* as `RedisBackend.from_url` says, when called."""
     options = _pool_options(
-        socket_timeout=socket_timeout,
-        connect_timeout=connect_timeout,
-        max_connections=max_connections,
-        pool_timeout=pool_timeout,
+        socket_timeout, connect_timeout, max_connections, pool_timeout
     )
 
     def connect() -> Connection:
@@ -99,12 +96,8 @@ def sentinel_connector(
     client_kwargs: dict[str, Any],
 ) -> Connect:
     """Return what connects as `RedisBackend.from_sentinel` says, when called."""
-    options = _pool_options(
-        socket_timeout=socket_timeout,
-        connect_timeout=connect_timeout,
-        max_connections=max_connections,
-        pool_timeout=0.0,
-    )
+    # No pool timeout: redis-py has no blocking Sentinel pool.
+    options = _pool_options(socket_timeout, connect_timeout, max_connections, 0.0)
 
     def connect() -> Connection:
         client, asking = _build_sentinel_client(
@@ -121,7 +114,6 @@ def sentinel_connector(
 
 
 def _pool_options(
-    *,
     socket_timeout: float,
     connect_timeout: float,
     max_connections: int,
