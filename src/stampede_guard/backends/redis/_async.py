@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 from typing import TypeVar
 
@@ -178,6 +179,12 @@ class AsyncRedisBackend(RedisBase["AsyncClient"]):
     async def asubscribe(self, key: str) -> AsyncSubscription:
         """Hear of stores and releases of *key*, through this backend's one listener."""
         self._bind()
+        if not self._discovered:
+            # The listener picks a cluster master to listen on, and a fresh cluster
+            # client knows none until discovered. A failure here is not raised:
+            # notices only make waiting faster, and the listener retries.
+            with contextlib.suppress(*self._errors):
+                await self._discover()
         return await self._listener.subscribe(key)
 
     async def adelete(self, key: str) -> None:
