@@ -6,6 +6,10 @@ sets). ``STAMPEDE_GUARD_REDIS_URL`` points the tests at another server instead (
 started, nothing is ever flushed: each test works under its own key prefix and deletes
 only the keys under it). Without a usable server the Redis tests skip, unless
 ``STAMPEDE_GUARD_REQUIRE_REDIS=1`` (CI) turns the skip into a failure.
+
+Under pytest-xdist (``-n auto``, the default) each worker is a session of its own: it
+starts its own server, and the cluster and Sentinel modules their own servers, on free
+ports and under the worker's own temporary directory.
 """
 
 from __future__ import annotations

@@ -24,7 +24,6 @@ from stampede_guard import (
     StampedeStats,
     cached_stampede_safe,
 )
-from stampede_guard.testing import BackendContract
 
 
 def run(coro: Coroutine[Any, Any, Any]) -> Any:
@@ -484,81 +483,3 @@ def test_cancelled_leader_does_not_strand_its_waiters(
 
     assert run(scenario()) == [served] * 10
     assert computations == served
-
-
-class TestAsyncMemoryBackendContract(BackendContract):
-    """MemoryBackend's async face keeps the contract too (through a sync shim)."""
-
-    @pytest.fixture
-    def backend(self) -> Any:
-        shim = _SyncShim(MemoryBackend())
-        yield shim
-        shim.close()
-
-
-class TestAsyncRedisBackendContract(BackendContract):
-    """AsyncRedisBackend keeps the backend contract on a real redis-server (through a sync shim)."""
-
-    @pytest.fixture
-    def backend(self, redis_url: str, redis_prefix: str) -> Any:
-        shim = _SyncShim(None)
-        shim.target = shim.call(_make_async_backend(redis_url, redis_prefix))
-        yield shim
-        shim.call(shim.target.aclose())
-        shim.close()
-
-
-async def _make_async_backend(url: str, prefix: str) -> AsyncRedisBackend:
-    return AsyncRedisBackend.from_url(url, prefix=prefix)
-
-
-class _SyncShim:
-    """Run an async backend's methods on a private event loop, for the sync contract."""
-
-    def __init__(self, target: Any) -> None:
-        self.target = target
-        self.loop = asyncio.new_event_loop()
-        self.guard = threading.Lock()
-
-    def call(self, coro: Coroutine[Any, Any, Any]) -> Any:
-        with self.guard:  # one loop, used by one thread at a time
-            return self.loop.run_until_complete(coro)
-
-    def close(self) -> None:
-        self.loop.close()
-
-    def get(self, key: str) -> Any:
-        return self.call(self.target.aget(key))
-
-    def get_or_lock(self, key: str, token: str, lock_ttl: float) -> Any:
-        return self.call(self.target.aget_or_lock(key, token, lock_ttl))
-
-    def lock(self, key: str, token: str, lock_ttl: float) -> Any:
-        return self.call(self.target.alock(key, token, lock_ttl))
-
-    def set(
-        self, key: str, entry: Entry, ttl: float, *, ticket: int | None = None
-    ) -> Any:
-        return self.call(self.target.aset(key, entry, ttl, ticket=ticket))
-
-    def set_and_unlock(
-        self,
-        key: str,
-        entry: Entry,
-        ttl: float,
-        token: str,
-        *,
-        ticket: int | None = None,
-    ) -> Any:
-        return self.call(
-            self.target.aset_and_unlock(key, entry, ttl, token, ticket=ticket)
-        )
-
-    def unlock(self, key: str, token: str) -> Any:
-        return self.call(self.target.aunlock(key, token))
-
-    def extend(self, key: str, token: str, lock_ttl: float) -> Any:
-        return self.call(self.target.aextend(key, token, lock_ttl))
-
-    def delete(self, key: str) -> Any:
-        return self.call(self.target.adelete(key))

@@ -1,4 +1,4 @@
-"""The backend contract (`stampede_guard.testing.BackendContract`) on every backend."""
+"""The backend contracts (`stampede_guard.testing`) on every backend, sync and async."""
 
 from __future__ import annotations
 
@@ -7,8 +7,14 @@ from collections.abc import Iterator
 import fakeredis
 import pytest
 
-from stampede_guard import Backend, MemoryBackend, RedisBackend
-from stampede_guard.testing import BackendContract
+from stampede_guard import (
+    AsyncBackend,
+    AsyncRedisBackend,
+    Backend,
+    MemoryBackend,
+    RedisBackend,
+)
+from stampede_guard.testing import AsyncBackendContract, BackendContract
 
 
 class TestMemoryBackend(BackendContract):
@@ -16,6 +22,14 @@ class TestMemoryBackend(BackendContract):
 
     @pytest.fixture
     def backend(self) -> Backend:
+        return MemoryBackend()
+
+
+class TestAsyncMemoryBackend(AsyncBackendContract):
+    """The in-memory backend's async face keeps the async contract."""
+
+    @pytest.fixture
+    def backend(self) -> AsyncBackend:
         return MemoryBackend()
 
 
@@ -35,3 +49,14 @@ class TestRedisBackendOnRedisServer(BackendContract):
     @pytest.fixture
     def backend(self, redis_backend: RedisBackend) -> Backend:
         return redis_backend
+
+
+class TestAsyncRedisBackendOnRedisServer(AsyncBackendContract):
+    """The asyncio Redis backend keeps the async contract on a real redis-server.
+
+    The contract closes the backend at the end of each test, in that test's loop.
+    """
+
+    @pytest.fixture
+    def backend(self, redis_url: str, redis_prefix: str) -> AsyncBackend:
+        return AsyncRedisBackend.from_url(redis_url, prefix=redis_prefix)

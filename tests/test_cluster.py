@@ -35,7 +35,7 @@ from _servers import (
 from _waiting import Waiting
 from stampede_guard import AsyncRedisBackend, RedisBackend, cached_stampede_safe
 from stampede_guard.backends.redis._codec import RedisCodec
-from stampede_guard.testing import BackendContract
+from stampede_guard.testing import AsyncBackendContract, BackendContract
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow, pytest.mark.timeout(60)]
 
@@ -124,6 +124,14 @@ class TestClusterBackendContract(BackendContract):
     @pytest.fixture
     def backend(self, backends: Callable[[], RedisBackend]) -> RedisBackend:
         return backends()
+
+
+class TestAsyncClusterBackendContract(AsyncBackendContract):
+    """The async backend contract, on a cluster (the contract closes the backend)."""
+
+    @pytest.fixture
+    def backend(self, cluster: Cluster, prefix: str) -> AsyncRedisBackend:
+        return AsyncRedisBackend.from_url(cluster.url, cluster=True, prefix=prefix)
 
 
 # --- Stampedes -----------------------------------------------------------------------

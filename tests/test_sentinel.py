@@ -26,6 +26,7 @@ from _servers import (
     wait_for,
 )
 from stampede_guard import AsyncRedisBackend, BackendError, RedisBackend
+from stampede_guard.testing import AsyncBackendContract, BackendContract
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow, pytest.mark.timeout(60)]
 
@@ -49,16 +50,15 @@ class SentinelSet:
             server.stop()
 
 
-@pytest.fixture
-def sentinels(tmp_path: Path) -> Iterator[SentinelSet]:
+def _start_sentinels(workdir: Path) -> SentinelSet:
     """Start a master, a replica and a sentinel that fails over 0.5 s after a death."""
     server = binary("redis-server")
     started: list[Server] = []
     try:
-        master = start_data_server(server, tmp_path / "master")
+        master = start_data_server(server, workdir / "master")
         started.append(master)
         replica = start_data_server(
-            server, tmp_path / "replica", "--replicaof", "127.0.0.1", str(master.port)
+            server, workdir / "replica", "--replicaof", "127.0.0.1", str(master.port)
         )
         started.append(replica)
         wait_for("the replica's sync", lambda: _link_up(replica))
@@ -67,7 +67,7 @@ def sentinels(tmp_path: Path) -> Iterator[SentinelSet]:
             f"sentinel down-after-milliseconds {SERVICE} 500\n"
             f"sentinel failover-timeout {SERVICE} 5000\n"
         )
-        sentinel = start(server, tmp_path / "sentinel", "--sentinel", config=config)
+        sentinel = start(server, workdir / "sentinel", "--sentinel", config=config)
         started.append(sentinel)
         watching = SentinelSet(master, replica, sentinel)
         wait_for("the sentinel to see the replica", lambda: _sees_replica(watching))
@@ -75,8 +75,55 @@ def sentinels(tmp_path: Path) -> Iterator[SentinelSet]:
         for process in started:
             process.stop()
         unavailable(f"could not start a Sentinel set: {exc}")
+    return watching
+
+
+@pytest.fixture
+def sentinels(tmp_path: Path) -> Iterator[SentinelSet]:
+    """Return a Sentinel set of this test's own, which it may break."""
+    watching = _start_sentinels(tmp_path)
     yield watching
     watching.stop()
+
+
+@pytest.fixture(scope="module")
+def steady_sentinels(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[SentinelSet]:
+    """Return a Sentinel set shared by this module's tests that do not break it."""
+    watching = _start_sentinels(tmp_path_factory.mktemp("sentinels"))
+    yield watching
+    watching.stop()
+
+
+@pytest.fixture
+def prefix() -> str:
+    """Return a key prefix of this test's own."""
+    return f"t{uuid.uuid4().hex[:8]}"
+
+
+class TestSentinelBackendContract(BackendContract):
+    """The backend contract, on the master a sentinel names."""
+
+    @pytest.fixture
+    def backend(
+        self, steady_sentinels: SentinelSet, prefix: str
+    ) -> Iterator[RedisBackend]:
+        backend = RedisBackend.from_sentinel(
+            [steady_sentinels.address], SERVICE, prefix=prefix
+        )
+        yield backend
+        backend.close()
+
+
+class TestAsyncSentinelBackendContract(AsyncBackendContract):
+    """The async backend contract, on the master a sentinel names."""
+
+    @pytest.fixture
+    def backend(self, steady_sentinels: SentinelSet, prefix: str) -> AsyncRedisBackend:
+        return AsyncRedisBackend.from_sentinel(
+            [("127.0.0.1", steady_sentinels.sentinel.port)], SERVICE, prefix=prefix
+        )
 
 
 def _link_up(replica: Server) -> bool:
