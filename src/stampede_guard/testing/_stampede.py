@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import importlib
 import inspect
 import multiprocessing
 import queue
@@ -262,8 +263,35 @@ def _threads(
 _Report = tuple[list[Any], list[BaseException], int]
 
 
+def _by_name(module: str, qualname: str) -> Any:
+    """Return the object *qualname* of *module*, importing the module."""
+    found: Any = importlib.import_module(module)
+    for part in qualname.split("."):
+        found = getattr(found, part)
+    return found
+
+
+def _name_of(fn: Callable[..., Any]) -> tuple[str, str]:
+    """Return where a child process finds *fn*, or raise TypeError if it cannot."""
+    module = getattr(fn, "__module__", None)
+    qualname = getattr(fn, "__qualname__", None)
+    try:
+        found = (
+            None if module is None or qualname is None else _by_name(module, qualname)
+        )
+    except (ImportError, AttributeError):
+        found = None
+    if found is not fn or module is None or qualname is None:
+        msg = (
+            f"stampede(using='processes') needs a function defined at module level, "
+            f"which each process imports by name; {fn!r} is not"
+        )
+        raise TypeError(msg)
+    return module, qualname
+
+
 def _child(
-    fn: Callable[..., Any],
+    name: tuple[str, str],
     *,
     callers: int,
     args: tuple[object, ...],
@@ -273,6 +301,7 @@ def _child(
 ) -> None:
     """Run one process's share of a stampede and report it (in a spawned child)."""
     ready, go, reports = channels
+    fn = _by_name(*name)
     counter = counter_of(fn)
 
     def wait_for_go() -> None:
@@ -310,6 +339,7 @@ def _processes(
     timeout: float,
 ) -> StampedeResult:
     """Spread *callers* over *processes* spawned processes, let go all at once."""
+    name = _name_of(fn)  # the function itself need not pickle: children import it
     ctx = multiprocessing.get_context("spawn")  # forking a threaded parent is unsafe
     ready: Queue[int] = ctx.Queue()
     reports: Queue[_Report] = ctx.Queue()
@@ -320,7 +350,7 @@ def _processes(
     children = [
         ctx.Process(
             target=_child,
-            args=(fn,),
+            args=(name,),
             kwargs={
                 "callers": share,
                 "args": args,
