@@ -352,16 +352,7 @@ def without_cache(
     backend. With ``on_backend_error="raise"`` the failure is raised instead.
     """
     if error is not None:
-        news = ctx.breaker_for(key).failed(error)
-        if ctx.policy.on_backend_error == "raise":
-            raise error
-        ctx.emit(BackendFailed(key, error))
-        ctx.logger.log(
-            logging.WARNING if news else logging.DEBUG,
-            "cache backend failed for %r; computing without it: %s",
-            key,
-            error,
-        )
+        _backend_failed(key, ctx, error, "computing without it")
     else:
         ctx.emit(BackendSkipped(key))
     entry = yield from _compute(key, ctx, flight=flight)
@@ -370,14 +361,20 @@ def without_cache(
 
 def _store_failed(key: str, ctx: Context, error: BackendError) -> None:
     """The value was computed but could not be stored: keep it, or raise."""
+    _backend_failed(key, ctx, error, "value not stored")
+
+
+def _backend_failed(key: str, ctx: Context, error: BackendError, outcome: str) -> None:
+    """Tell the breaker, then raise (``on_backend_error="raise"``) or report *outcome*."""
     news = ctx.breaker_for(key).failed(error)
     if ctx.policy.on_backend_error == "raise":
         raise error
     ctx.emit(BackendFailed(key, error))
     ctx.logger.log(
         logging.WARNING if news else logging.DEBUG,
-        "cache backend failed for %r; value not stored: %s",
+        "cache backend failed for %r; %s: %s",
         key,
+        outcome,
         error,
     )
 
