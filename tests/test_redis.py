@@ -27,6 +27,7 @@ from stampede_guard import (
     LockTimeoutError,
     RedisBackend,
     SerializationError,
+    StampedeStats,
     cached_stampede_safe,
 )
 from stampede_guard.serializers import decode_entry
@@ -362,38 +363,70 @@ def test_from_url_sets_socket_timeouts_and_a_blocking_pool(redis_url: str) -> No
     assert tuned.max_connections == 8
 
 
+POOL = 16  # connections in the pool of the thousand-threads test
+
+
 @pytest.mark.timeout(60)
 def test_thousand_threads_share_one_backend_without_too_many_connections(
-    redis_backend: RedisBackend,
+    redis_url: str, redis_prefix: str, redis_client: redis.Redis
 ) -> None:
-    """1,000 threads on one backend queue for its 64 connections; none fails, one computes."""
+    """1,000 threads on 1,000 cold keys (no coalescing) queue for 16 connections.
+
+    Every thread must reach Redis itself, all at once; the pool makes them take turns:
+    no backend error, no fallback, never more than its 16 connections on the server.
+    """
     threads_n = 1000
-    start = threading.Barrier(threads_n, timeout=30)
-
-    def slow(n: int) -> object:
-        time.sleep(0.3)  # the work itself: keeps 999 waiters polling meanwhile
-        return {"n": n}
-
-    compute = Counted(slow)
-    fn = decorate(redis_backend, compute, base_delay=0.01, max_delay=0.1)
+    name = f"sg-pool-{uuid.uuid4().hex[:8]}"
+    backend = RedisBackend.from_url(
+        f"{redis_url}?client_name={name}",
+        prefix=redis_prefix,
+        max_connections=POOL,
+        pool_timeout=30,
+    )
+    stats = StampedeStats()
+    compute = Counted()
+    fn = decorate(backend, compute, metrics=stats)
+    start = threading.Barrier(threads_n + 1, timeout=30)
     results: list[object] = []
     errors: list[str] = []
+    peak = [0]
+    done = threading.Event()
 
-    def call() -> None:
+    def call(n: int) -> None:
         try:
             start.wait()
-            results.append(fn(1))
+            results.append(fn(n))
         except Exception as exc:
             errors.append(repr(exc))
 
-    threads = [threading.Thread(target=call) for _ in range(threads_n)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=45)
+    def watch() -> None:  # the server's own count of this backend's connections
+        while not done.is_set():
+            clients = redis_client.client_list()
+            peak[0] = max(peak[0], sum(c.get("name") == name for c in clients))
+            done.wait(0.005)
+
+    threads = [threading.Thread(target=call, args=(n,)) for n in range(threads_n)]
+    watcher = threading.Thread(target=watch)
+    try:
+        for thread in threads:
+            thread.start()
+        watcher.start()
+        start.wait()
+        for thread in threads:
+            thread.join(timeout=45)
+    finally:
+        done.set()
+        watcher.join(5)
+        backend.close()
     assert errors == []
-    assert results == [{"n": 1}] * threads_n
-    assert compute.calls == 1
+    assert sorted(results, key=str) == sorted(
+        ({"n": n} for n in range(threads_n)), key=str
+    )
+    assert compute.calls == threads_n
+    snapshot = stats.snapshot()
+    assert (snapshot.backend_errors, snapshot.backend_skipped) == (0, 0)
+    assert snapshot.computations == threads_n
+    assert POOL // 2 <= peak[0] <= POOL, f"{peak[0]} connections at once"
 
 
 def test_client_with_decode_responses_is_rejected(redis_url: str) -> None:
