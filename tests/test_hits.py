@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 import redis
+import redis.asyncio.connection
 
 from _servers import Server
 from stampede_guard import AsyncRedisBackend, BackendError, RedisBackend
@@ -43,19 +44,6 @@ def count_checkouts(backend: RedisBackend | AsyncRedisBackend) -> list[int]:
 
     pool.get_connection = counting
     return counted
-
-
-async def until_awaiting(task: asyncio.Task[Any], name: str) -> None:
-    """Return once *task* is suspended inside a coroutine called *name*."""
-    for _ in range(1000):
-        awaited: Any = task.get_coro()
-        while hasattr(awaited, "cr_await"):  # down the chain of awaited coroutines
-            if awaited.cr_code.co_name == name:
-                return
-            awaited = awaited.cr_await
-        await asyncio.sleep(0.01)
-    msg = f"the task never awaited {name}()"
-    raise AssertionError(msg)
 
 
 def store(backend: RedisBackend, key: str, value: object) -> None:
@@ -232,9 +220,23 @@ def test_async_hits_reuse_one_kept_connection(
 
 
 def test_a_cancelled_async_hit_never_leaves_its_reply_for_the_next_one(
-    own_server: Server,
+    own_server: Server, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """asyncio: a GET cancelled while the server is paused is never answered to a later GET."""
+    sent: list[asyncio.Event] = []
+    send = redis.asyncio.connection.AbstractConnection.send_packed_command
+
+    async def send_and_tell(self: Any, command: Any, check_health: bool = True) -> None:
+        await send(self, command, check_health)
+        for event in sent:
+            event.set()
+
+    # redis-py's own method, wrapped: the test learns when a command has gone out.
+    monkeypatch.setattr(
+        redis.asyncio.connection.AbstractConnection,
+        "send_packed_command",
+        send_and_tell,
+    )
 
     async def scenario() -> None:
         backend = AsyncRedisBackend.from_url(own_server.url, socket_timeout=5)
@@ -244,8 +246,9 @@ def test_a_cancelled_async_hit_never_leaves_its_reply_for_the_next_one(
             assert await backend.aget("b") is not None  # a connection is now kept
             os.kill(own_server.proc.pid, signal.SIGSTOP)
             try:
+                sent.append(asyncio.Event())
                 pending = asyncio.create_task(backend.aget("a"))
-                await until_awaiting(pending, "read_response")  # sent, not answered
+                await asyncio.wait_for(sent[-1].wait(), 10)  # sent, never answered
                 pending.cancel()
                 with pytest.raises(asyncio.CancelledError):
                     await pending
