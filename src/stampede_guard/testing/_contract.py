@@ -1,39 +1,34 @@
 """The backend contract: each check written once, run on a sync or an async backend.
 
-A check is a coroutine function over a `_Driver`, which exposes the eight backend
-methods under their sync names. `_SyncDriver` calls a `Backend`'s methods directly and
-never suspends, so a sync check runs to completion on one ``send(None)`` without an
-event loop; `_AsyncDriver` awaits an `AsyncBackend`'s a-prefixed methods on an event
-loop. `BackendContract` and `AsyncBackendContract` are then made from the one list
-of checks, one test method per check, named and documented after it.
+A check is a coroutine function over a `Driver` (see `_drivers`): the sync driver
+runs it without an event loop, the async one on a loop of the test's own.
+`BackendContract` and `AsyncBackendContract` are made from the one list of checks,
+one test method per check, named and documented after it.
 """
 
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
 import pytest
 
-from stampede_guard.backends import (
-    RELEASED,
-    AsyncBackend,
-    AsyncNotifier,
-    Backend,
-    Entry,
-    Notice,
-    Notifier,
+from stampede_guard.backends import RELEASED, AsyncBackend, Backend, Entry
+from stampede_guard.testing._drivers import (
+    PATIENCE,
+    AsyncDriver,
+    Driver,
+    SyncDriver,
+    run_sync,
 )
 
 __all__ = ["AsyncBackendContract", "BackendContract"]
 
 _LONG = 60.0  # seconds: a value or lock that must outlive the test
 _SHORT = 0.05  # seconds: a value or lock the test waits out
-_PATIENCE = 5.0  # seconds: the most a test waits for something to happen
 _RACERS = 50
 
 T = TypeVar("T")
@@ -59,205 +54,9 @@ def _ticket_of(claim: object) -> int:
     return int(ticket)
 
 
-class _Listening(Protocol):
-    async def wait(self, seconds: float) -> Notice | None: ...
-    async def close(self) -> None: ...
-
-
-class _Driver(Protocol):
-    """A backend seen by a check: the sync names, awaited, plus waiting and racing."""
-
-    async def get(self, key: str) -> Entry | None: ...
-    async def get_or_lock(self, key: str, token: str, lock_ttl: float) -> object: ...
-    async def lock(self, key: str, token: str, lock_ttl: float) -> str: ...
-    async def set(
-        self, key: str, entry: Entry, ttl: float, *, ticket: int | None = None
-    ) -> Entry | None: ...
-    async def set_and_unlock(
-        self,
-        key: str,
-        entry: Entry,
-        ttl: float,
-        token: str,
-        *,
-        ticket: int | None = None,
-    ) -> Entry | None: ...
-    async def extend(self, key: str, token: str, lock_ttl: float) -> bool: ...
-    async def unlock(self, key: str, token: str) -> bool: ...
-    async def delete(self, key: str) -> None: ...
-    async def sleep(self, seconds: float) -> None: ...
-    async def race(
-        self, n: int, call: Callable[[int], Coroutine[Any, Any, object]]
-    ) -> list[object]: ...
-    async def subscribe(self, key: str) -> _Listening | None: ...
-
-
-def _run_sync(coro: Coroutine[Any, Any, T]) -> T:
-    """Run a check over a `_SyncDriver`, which never suspends, to its end."""
-    try:
-        coro.send(None)
-    except StopIteration as done:
-        return done.value  # type: ignore[no-any-return]
-    coro.close()
-    msg = "a check over a sync backend suspended: its driver must not await anything"
-    raise RuntimeError(msg)
-
-
-class _SyncListening:
-    def __init__(self, subscription: Any) -> None:
-        self._subscription = subscription
-
-    async def wait(self, seconds: float) -> Notice | None:
-        notice: Notice | None = self._subscription.wait(seconds)
-        return notice
-
-    async def close(self) -> None:
-        self._subscription.close()
-
-
-class _SyncDriver:
-    """Drive a `Backend`: each method calls its namesake and returns at once."""
-
-    def __init__(self, backend: Backend) -> None:
-        self.b = backend
-
-    async def get(self, key: str) -> Entry | None:
-        return self.b.get(key)
-
-    async def get_or_lock(self, key: str, token: str, lock_ttl: float) -> object:
-        return self.b.get_or_lock(key, token, lock_ttl)
-
-    async def lock(self, key: str, token: str, lock_ttl: float) -> str:
-        return self.b.lock(key, token, lock_ttl)
-
-    async def set(
-        self, key: str, entry: Entry, ttl: float, *, ticket: int | None = None
-    ) -> Entry | None:
-        return self.b.set(key, entry, ttl, ticket=ticket)
-
-    async def set_and_unlock(
-        self,
-        key: str,
-        entry: Entry,
-        ttl: float,
-        token: str,
-        *,
-        ticket: int | None = None,
-    ) -> Entry | None:
-        return self.b.set_and_unlock(key, entry, ttl, token, ticket=ticket)
-
-    async def extend(self, key: str, token: str, lock_ttl: float) -> bool:
-        return self.b.extend(key, token, lock_ttl)
-
-    async def unlock(self, key: str, token: str) -> bool:
-        return self.b.unlock(key, token)
-
-    async def delete(self, key: str) -> None:
-        self.b.delete(key)
-
-    async def sleep(self, seconds: float) -> None:
-        time.sleep(seconds)  # noqa: ASYNC251 - a sync check runs on no event loop
-
-    async def race(
-        self, n: int, call: Callable[[int], Coroutine[Any, Any, object]]
-    ) -> list[object]:
-        """Run *call* for 0..n-1 in n threads released at once by a barrier."""
-        barrier = threading.Barrier(n, timeout=_PATIENCE)
-        results: list[object] = [None] * n
-
-        def run(i: int) -> None:
-            try:
-                barrier.wait()
-                results[i] = _run_sync(call(i))
-            except BaseException as exc:  # noqa: BLE001 - reported by the check
-                results[i] = exc
-
-        threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(_PATIENCE * 2)
-        assert not any(t.is_alive() for t in threads), "racing threads hang"
-        return results
-
-    async def subscribe(self, key: str) -> _Listening | None:
-        if not isinstance(self.b, Notifier):
-            return None
-        return _SyncListening(self.b.subscribe(key))
-
-
-class _AsyncDriver:
-    """Drive an `AsyncBackend`: each method awaits its a-prefixed namesake."""
-
-    def __init__(self, backend: AsyncBackend) -> None:
-        self.b = backend
-
-    async def get(self, key: str) -> Entry | None:
-        return await self.b.aget(key)
-
-    async def get_or_lock(self, key: str, token: str, lock_ttl: float) -> object:
-        return await self.b.aget_or_lock(key, token, lock_ttl)
-
-    async def lock(self, key: str, token: str, lock_ttl: float) -> str:
-        return await self.b.alock(key, token, lock_ttl)
-
-    async def set(
-        self, key: str, entry: Entry, ttl: float, *, ticket: int | None = None
-    ) -> Entry | None:
-        return await self.b.aset(key, entry, ttl, ticket=ticket)
-
-    async def set_and_unlock(
-        self,
-        key: str,
-        entry: Entry,
-        ttl: float,
-        token: str,
-        *,
-        ticket: int | None = None,
-    ) -> Entry | None:
-        return await self.b.aset_and_unlock(key, entry, ttl, token, ticket=ticket)
-
-    async def extend(self, key: str, token: str, lock_ttl: float) -> bool:
-        return await self.b.aextend(key, token, lock_ttl)
-
-    async def unlock(self, key: str, token: str) -> bool:
-        return await self.b.aunlock(key, token)
-
-    async def delete(self, key: str) -> None:
-        await self.b.adelete(key)
-
-    async def sleep(self, seconds: float) -> None:
-        await asyncio.sleep(seconds)
-
-    async def race(
-        self, n: int, call: Callable[[int], Coroutine[Any, Any, object]]
-    ) -> list[object]:
-        """Run *call* for 0..n-1 in n tasks released at once by an event."""
-        go = asyncio.Event()
-
-        async def run(i: int) -> object:
-            await go.wait()
-            return await call(i)
-
-        tasks = [asyncio.ensure_future(run(i)) for i in range(n)]
-        await asyncio.sleep(0)  # every task is now waiting on the event
-        go.set()
-        return list(
-            await asyncio.wait_for(
-                asyncio.gather(*tasks, return_exceptions=True), _PATIENCE * 2
-            )
-        )
-
-    async def subscribe(self, key: str) -> _Listening | None:
-        if not isinstance(self.b, AsyncNotifier):
-            return None
-        listening: _Listening = await self.b.asubscribe(key)
-        return listening
-
-
-async def _eventually(b: _Driver, condition: Callable[[], Awaitable[bool]]) -> bool:
-    """Poll *condition* until it holds or `_PATIENCE` runs out; return its last result."""
-    deadline = time.monotonic() + _PATIENCE
+async def _eventually(b: Driver, condition: Callable[[], Awaitable[bool]]) -> bool:
+    """Poll *condition* until it holds or `PATIENCE` runs out; return its last result."""
+    deadline = time.monotonic() + PATIENCE
     while not await condition():
         if time.monotonic() > deadline:
             return False
@@ -265,7 +64,7 @@ async def _eventually(b: _Driver, condition: Callable[[], Awaitable[bool]]) -> b
     return True
 
 
-Check = Callable[[_Driver], Coroutine[Any, Any, None]]
+Check = Callable[[Driver], Coroutine[Any, Any, None]]
 _CHECKS: list[Check] = []
 
 
@@ -279,13 +78,13 @@ def _check(fn: Check) -> Check:
 
 
 @_check
-async def get_of_missing_key_returns_none(b: _Driver) -> None:
+async def get_of_missing_key_returns_none(b: Driver) -> None:
     """A key never stored reads as None."""
     assert await b.get(_key()) is None
 
 
 @_check
-async def set_then_get_returns_equal_entry(b: _Driver) -> None:
+async def set_then_get_returns_equal_entry(b: Driver) -> None:
     """A stored entry reads back with equal value, created_at and compute_seconds."""
     key, entry = _key(), _entry(_VALUE)
     assert await b.set(key, entry, _LONG) == entry
@@ -293,7 +92,7 @@ async def set_then_get_returns_equal_entry(b: _Driver) -> None:
 
 
 @_check
-async def set_returns_the_entry_as_readers_get_it(b: _Driver) -> None:
+async def set_returns_the_entry_as_readers_get_it(b: Driver) -> None:
     """What set returns equals what get then reads, even if encoding changed it."""
     key = _key()
     stored = await b.set(key, _entry({"pair": (1, 2)}), _LONG)
@@ -301,7 +100,7 @@ async def set_returns_the_entry_as_readers_get_it(b: _Driver) -> None:
 
 
 @_check
-async def set_replaces_previous_entry(b: _Driver) -> None:
+async def set_replaces_previous_entry(b: Driver) -> None:
     """A second set of one key replaces the first entry."""
     key = _key()
     await b.set(key, _entry("old"), _LONG)
@@ -310,7 +109,7 @@ async def set_replaces_previous_entry(b: _Driver) -> None:
 
 
 @_check
-async def none_is_storable_and_distinct_from_a_miss(b: _Driver) -> None:
+async def none_is_storable_and_distinct_from_a_miss(b: Driver) -> None:
     """An entry whose value is None reads back as an Entry, not as a miss."""
     key = _key()
     await b.set(key, _entry(None), _LONG)
@@ -319,7 +118,7 @@ async def none_is_storable_and_distinct_from_a_miss(b: _Driver) -> None:
 
 
 @_check
-async def entry_expires_after_its_ttl(b: _Driver) -> None:
+async def entry_expires_after_its_ttl(b: Driver) -> None:
     """An entry with a short ttl disappears; one with a long ttl stays."""
     short, long = _key("short"), _key("long")
     await b.set(short, _entry("short"), _SHORT)
@@ -328,16 +127,16 @@ async def entry_expires_after_its_ttl(b: _Driver) -> None:
     assert await b.get(long) == _entry("long")
 
 
-async def _is_missing(b: _Driver, key: str) -> bool:
+async def _is_missing(b: Driver, key: str) -> bool:
     return await b.get(key) is None
 
 
-async def _takes(b: _Driver, key: str, token: str) -> bool:
+async def _takes(b: Driver, key: str, token: str) -> bool:
     return await b.get_or_lock(key, token, _LONG) == token
 
 
 @_check
-async def expired_entry_lets_get_or_lock_take_the_lock(b: _Driver) -> None:
+async def expired_entry_lets_get_or_lock_take_the_lock(b: Driver) -> None:
     """Once an entry expires, get_or_lock takes the free lock instead of returning it."""
     key = _key()
     await b.set(key, _entry("v"), _SHORT)
@@ -349,13 +148,13 @@ async def expired_entry_lets_get_or_lock_take_the_lock(b: _Driver) -> None:
 
 
 @_check
-async def get_or_lock_takes_a_free_lock(b: _Driver) -> None:
+async def get_or_lock_takes_a_free_lock(b: Driver) -> None:
     """get_or_lock on a key with no value and no lock takes it: returns our token."""
     assert await b.get_or_lock(_key(), "token-a", _LONG) == "token-a"
 
 
 @_check
-async def get_or_lock_returns_the_holders_token_while_lock_is_held(b: _Driver) -> None:
+async def get_or_lock_returns_the_holders_token_while_lock_is_held(b: Driver) -> None:
     """get_or_lock with another token returns the holder's token and takes nothing."""
     key = _key()
     assert await b.get_or_lock(key, "token-a", _LONG) == "token-a"
@@ -363,7 +162,7 @@ async def get_or_lock_returns_the_holders_token_while_lock_is_held(b: _Driver) -
 
 
 @_check
-async def get_or_lock_returns_entry_when_lock_is_free(b: _Driver) -> None:
+async def get_or_lock_returns_entry_when_lock_is_free(b: Driver) -> None:
     """get_or_lock returns the stored entry (and takes no lock) when a value exists."""
     key = _key()
     await b.set(key, _entry("v"), _LONG)
@@ -372,7 +171,7 @@ async def get_or_lock_returns_entry_when_lock_is_free(b: _Driver) -> None:
 
 
 @_check
-async def get_or_lock_returns_entry_while_lock_is_held(b: _Driver) -> None:
+async def get_or_lock_returns_entry_while_lock_is_held(b: Driver) -> None:
     """A waiter's get_or_lock returns the entry even if the lock is still held."""
     key = _key()
     assert await b.get_or_lock(key, "token-a", _LONG) == "token-a"
@@ -381,7 +180,7 @@ async def get_or_lock_returns_entry_while_lock_is_held(b: _Driver) -> None:
 
 
 @_check
-async def expired_lock_can_be_taken_by_another_token(b: _Driver) -> None:
+async def expired_lock_can_be_taken_by_another_token(b: Driver) -> None:
     """A lock whose lock_ttl ran out is free for another token, and then held by it."""
     key = _key()
     assert await b.get_or_lock(key, "token-a", _SHORT) == "token-a"
@@ -392,7 +191,7 @@ async def expired_lock_can_be_taken_by_another_token(b: _Driver) -> None:
 
 
 @_check
-async def lock_takes_a_free_lock_even_with_a_value_stored(b: _Driver) -> None:
+async def lock_takes_a_free_lock_even_with_a_value_stored(b: Driver) -> None:
     """`lock` ignores the stored value: it takes a free lock and returns our token."""
     key = _key()
     await b.set(key, _entry("v"), _LONG)
@@ -403,7 +202,7 @@ async def lock_takes_a_free_lock_even_with_a_value_stored(b: _Driver) -> None:
 
 
 @_check
-async def extend_renews_only_the_holders_lease(b: _Driver) -> None:
+async def extend_renews_only_the_holders_lease(b: Driver) -> None:
     """Extending by the holder keeps a short lock alive; by anyone else, nothing."""
     key = _key()
     assert await b.get_or_lock(key, "token-a", _SHORT) == "token-a"
@@ -416,7 +215,7 @@ async def extend_renews_only_the_holders_lease(b: _Driver) -> None:
 
 
 @_check
-async def unlock_with_right_token_frees_the_lock(b: _Driver) -> None:
+async def unlock_with_right_token_frees_the_lock(b: Driver) -> None:
     """`unlock` by the holder returns True and lets another token take the lock."""
     key = _key()
     assert await b.get_or_lock(key, "token-a", _LONG) == "token-a"
@@ -425,7 +224,7 @@ async def unlock_with_right_token_frees_the_lock(b: _Driver) -> None:
 
 
 @_check
-async def unlock_with_wrong_token_keeps_the_lock(b: _Driver) -> None:
+async def unlock_with_wrong_token_keeps_the_lock(b: Driver) -> None:
     """`unlock` with another token returns False and the lock stays held."""
     key = _key()
     assert await b.get_or_lock(key, "token-a", _LONG) == "token-a"
@@ -435,13 +234,13 @@ async def unlock_with_wrong_token_keeps_the_lock(b: _Driver) -> None:
 
 
 @_check
-async def unlock_of_a_free_lock_returns_false(b: _Driver) -> None:
+async def unlock_of_a_free_lock_returns_false(b: Driver) -> None:
     """`unlock` of a key nobody locked returns False."""
     assert await b.unlock(_key(), "token-a") is False
 
 
 @_check
-async def only_one_of_many_callers_takes_a_free_lock(b: _Driver) -> None:
+async def only_one_of_many_callers_takes_a_free_lock(b: Driver) -> None:
     """Callers racing get_or_lock on one free key: all agree on one winner."""
     key = _key()
 
@@ -457,7 +256,7 @@ async def only_one_of_many_callers_takes_a_free_lock(b: _Driver) -> None:
 
 
 @_check
-async def set_and_unlock_stores_and_releases_own_lock(b: _Driver) -> None:
+async def set_and_unlock_stores_and_releases_own_lock(b: Driver) -> None:
     """set_and_unlock by the holder stores the entry, returns it and frees the lock."""
     key = _key()
     assert await b.get_or_lock(key, "token-a", _LONG) == "token-a"
@@ -469,7 +268,7 @@ async def set_and_unlock_stores_and_releases_own_lock(b: _Driver) -> None:
 
 
 @_check
-async def set_and_unlock_by_a_non_holder_stores_nothing(b: _Driver) -> None:
+async def set_and_unlock_by_a_non_holder_stores_nothing(b: Driver) -> None:
     """A fenced write: while another token holds the lock, nothing is stored."""
     key = _key()
     assert await b.get_or_lock(key, "token-a", _LONG) == "token-a"
@@ -479,7 +278,7 @@ async def set_and_unlock_by_a_non_holder_stores_nothing(b: _Driver) -> None:
 
 
 @_check
-async def set_and_unlock_with_a_free_lock_stores(b: _Driver) -> None:
+async def set_and_unlock_with_a_free_lock_stores(b: Driver) -> None:
     """A holder whose lease ran out with nobody taking over still stores its value."""
     key = _key()
     assert await b.set_and_unlock(key, _entry("v"), _LONG, "token-a") == _entry("v")
@@ -488,7 +287,7 @@ async def set_and_unlock_with_a_free_lock_stores(b: _Driver) -> None:
 
 @_check
 async def set_and_unlock_after_lock_expiry_keeps_the_new_holders_lock(
-    b: _Driver,
+    b: Driver,
 ) -> None:
     """A holder whose lock passed to a successor neither stores nor frees that lock."""
     key = _key()
@@ -501,7 +300,7 @@ async def set_and_unlock_after_lock_expiry_keeps_the_new_holders_lock(
 
 
 @_check
-async def tickets_of_successive_looks_increase(b: _Driver) -> None:
+async def tickets_of_successive_looks_increase(b: Driver) -> None:
     """Each look's ticket is later than the one before, for the same key."""
     key = _key()
     first = _ticket_of(await b.get_or_lock(key, "token-a", _LONG))
@@ -511,7 +310,7 @@ async def tickets_of_successive_looks_increase(b: _Driver) -> None:
 
 
 @_check
-async def an_older_computation_never_replaces_a_newer_value(b: _Driver) -> None:
+async def an_older_computation_never_replaces_a_newer_value(b: Driver) -> None:
     """A store whose computation began before the stored value's is refused."""
     key = _key()
     older = _ticket_of(await b.get_or_lock(key, "token-a", _SHORT))
@@ -526,7 +325,7 @@ async def an_older_computation_never_replaces_a_newer_value(b: _Driver) -> None:
 
 
 @_check
-async def a_refused_store_releases_its_own_lock(b: _Driver) -> None:
+async def a_refused_store_releases_its_own_lock(b: Driver) -> None:
     """A holder whose store is refused for its ticket still lets go of its lock."""
     key = _key()
     ticket = _ticket_of(await b.get_or_lock(key, "token-a", _LONG))
@@ -544,7 +343,7 @@ async def a_refused_store_releases_its_own_lock(b: _Driver) -> None:
 
 
 @_check
-async def delete_drops_the_value_and_revokes_the_lock(b: _Driver) -> None:
+async def delete_drops_the_value_and_revokes_the_lock(b: Driver) -> None:
     """`delete` removes the entry and revokes a held lock: the next caller takes it."""
     key = _key()
     assert await b.get_or_lock(key, "token-a", _LONG) == "token-a"
@@ -557,7 +356,7 @@ async def delete_drops_the_value_and_revokes_the_lock(b: _Driver) -> None:
 
 
 @_check
-async def a_store_begun_before_delete_is_refused(b: _Driver) -> None:
+async def a_store_begun_before_delete_is_refused(b: Driver) -> None:
     """Invalidation is final: a computation that began before it stores nothing."""
     key = _key()
     ticket = _ticket_of(await b.get_or_lock(key, "token-a", _LONG))
@@ -574,7 +373,7 @@ async def a_store_begun_before_delete_is_refused(b: _Driver) -> None:
 
 
 @_check
-async def delete_of_a_missing_key_does_nothing(b: _Driver) -> None:
+async def delete_of_a_missing_key_does_nothing(b: Driver) -> None:
     """`delete` of a key never stored raises nothing and leaves it missing."""
     key = _key()
     await b.delete(key)
@@ -582,7 +381,7 @@ async def delete_of_a_missing_key_does_nothing(b: _Driver) -> None:
 
 
 @_check
-async def keys_are_independent(b: _Driver) -> None:
+async def keys_are_independent(b: Driver) -> None:
     """Values and locks of different keys, however similar, never interfere."""
     base = _key()
     keys = [base + s for s in ("", " ", "A", ":b", "{a}", "}{", "é", "\n", "x" * 300)]
@@ -605,7 +404,7 @@ async def keys_are_independent(b: _Driver) -> None:
 
 
 @_check
-async def subscribers_hear_of_stores_and_releases(b: _Driver) -> None:
+async def subscribers_hear_of_stores_and_releases(b: Driver) -> None:
     """A notifier tells a subscriber of a stored entry, then of a released lock."""
     key = _key()
     listening = await b.subscribe(key)
@@ -614,10 +413,10 @@ async def subscribers_hear_of_stores_and_releases(b: _Driver) -> None:
     try:
         assert await b.get_or_lock(key, "token-a", _LONG) == "token-a"
         stored = await b.set_and_unlock(key, _entry("v"), _LONG, "token-a")
-        assert await listening.wait(_PATIENCE) == stored
+        assert await listening.wait(PATIENCE) == stored
         assert await b.lock(key, "token-b", _LONG) == "token-b"
         assert await b.unlock(key, "token-b") is True
-        assert await listening.wait(_PATIENCE) is RELEASED
+        assert await listening.wait(PATIENCE) is RELEASED
     finally:
         await listening.close()
 
@@ -627,7 +426,7 @@ async def subscribers_hear_of_stores_and_releases(b: _Driver) -> None:
 
 def _sync_test(check: Check) -> Callable[[Any, Backend], None]:
     def test(_self: Any, backend: Backend) -> None:
-        _run_sync(check(_SyncDriver(backend)))
+        run_sync(check(SyncDriver(backend)))
 
     return _named(test, check)
 
@@ -636,7 +435,7 @@ def _async_test(check: Check) -> Callable[[Any, AsyncBackend], None]:
     def test(_self: Any, backend: AsyncBackend) -> None:
         async def main() -> None:
             try:
-                await check(_AsyncDriver(backend))
+                await check(AsyncDriver(backend))
             finally:
                 close = getattr(backend, "aclose", None)
                 if callable(close):
