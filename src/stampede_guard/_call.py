@@ -5,7 +5,8 @@ wrappers (`_wrappers`) only run plans and decide nothing:
 
 - `first_look` decides step 1 from one read: a pure function, so that a memory
   backend's wrapper can serve a hit without building a plan (the hot path);
-- `serve` is step 1 for a remote backend, behind its circuit breaker, then `plan`;
+- `gate` and `looked` decide step 1 for a remote backend, around the one read the
+  wrapper does itself (behind the circuit breaker; `plan` on a miss);
 - `serve_due` serves a value due for a refresh and starts the refresh (`Spawn`) or
   runs it inline, one per key per process at a time;
 - `refresh_key`, `invalidate`, `get_cached` and `bypass` are the decorated object's
@@ -17,12 +18,12 @@ from __future__ import annotations
 from collections.abc import Generator
 from typing import Any, Protocol, TypeAlias
 
-from stampede_guard._context import Context, Plan, Via
+from stampede_guard._breaker import CircuitBreaker
+from stampede_guard._context import Context, Plan, Served, Via
 from stampede_guard._entry import Entry
-from stampede_guard._errors import BackendError
 from stampede_guard._freshness import RefreshDue, refresh_reason, stale_value
 from stampede_guard._ops import Bypass, Delete, Get, Op, Spawn
-from stampede_guard._plan import Flight, plan, refresh, refresh_now, without_cache
+from stampede_guard._plan import Flight, plan, refresh, refresh_now
 from stampede_guard.metrics import Hit
 
 __all__ = [
@@ -30,10 +31,11 @@ __all__ = [
     "Refreshes",
     "bypass",
     "first_look",
+    "gate",
     "get_cached",
     "invalidate",
+    "looked",
     "refresh_key",
-    "serve",
     "serve_due",
 ]
 
@@ -68,20 +70,31 @@ def first_look(key: str, found: Entry | None, ctx: Context) -> Look:
     return found
 
 
-def serve(key: str, ctx: Context, flight: Flight | None = None) -> Plan:
-    """Serve *key* from a remote backend: step 1, then `plan` on a miss.
+def gate(key: str, ctx: Context) -> CircuitBreaker | None:
+    """Step 1's first decision: the breaker to tell of the read, or None to skip it.
 
-    While the circuit breaker is open the backend is skipped and the value computed
-    (`without_cache`). A value due for a refresh is returned as its `RefreshDue`
-    (`Via.CACHE`): every caller that shares it serves it (`serve_due`).
+    None while the circuit is open: the caller computes without the backend
+    (`without_cache` with no error).
     """
     breaker = ctx.breaker_for(key)
-    if not breaker.allow():
-        return (yield from without_cache(key, ctx, None, flight))
-    try:
-        found = yield Get(key)
-    except BackendError as exc:
-        return (yield from without_cache(key, ctx, exc, flight))
+    return breaker if breaker.allow() else None
+
+
+def looked(
+    key: str,
+    found: Entry | None,
+    ctx: Context,
+    breaker: CircuitBreaker,
+    flight: Flight | None,
+) -> Served | Plan:
+    """Step 1 on a remote backend, decided from the read that *found* this.
+
+    A hit or a value due for a refresh is served at once (a due one as its
+    `RefreshDue`, which every caller sharing the read serves: `serve_due`); a miss
+    returns the plan that serves it. The wrapper does the read itself, between `gate`
+    and this (a failed read runs `without_cache`): a plan for step 1 cost each remote
+    hit about 2.5 us, 7 % of a hit on loopback Redis.
+    """
     if found is not None:  # a read that found nothing proves no write works
         breaker.succeeded()
     look = first_look(key, found, ctx)
@@ -89,7 +102,7 @@ def serve(key: str, ctx: Context, flight: Flight | None = None) -> Plan:
         return look.value, Via.CACHE
     if look is not None:
         return look, Via.CACHE
-    return (yield from plan(key, ctx, flight))
+    return plan(key, ctx, flight)
 
 
 def serve_due(

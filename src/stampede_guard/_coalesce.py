@@ -26,8 +26,8 @@ import enum
 import os
 import threading
 import weakref
-from collections.abc import Awaitable, Callable, Generator
-from typing import Any, Final, Protocol, TypeAlias, TypeVar
+from collections.abc import Awaitable, Callable, Generator, Mapping
+from typing import Any, Final, Protocol, TypeAlias, TypeVar, cast
 
 from stampede_guard._context import Context, Plan, Served, Via
 from stampede_guard._errors import InterruptedComputationError
@@ -36,24 +36,43 @@ from stampede_guard._ops import Op
 from stampede_guard._plan import Flight
 from stampede_guard.metrics import Hit, LockWait, Miss
 
-__all__ = ["AsyncFlights", "Lead", "Refreshing", "Run", "RunAsync", "SyncFlights"]
+__all__ = [
+    "AsyncFlights",
+    "AsyncLead",
+    "Lead",
+    "Refreshing",
+    "Run",
+    "RunAsync",
+    "SyncFlights",
+]
 
 T = TypeVar("T")
 
-# The plan a flight's leader runs: `_call.serve` (step 1 first) or `_plan.plan`.
-Lead: TypeAlias = Callable[[str, Context, Flight | None], Plan]
+# How a flight's leader begins: with the plan to run (`_plan.plan`, after a miss), or,
+# for step 1 on a remote backend, with the wrapper's read decided by `_call.looked`:
+# a value served already (a hit builds no plan) or the plan to run from there.
+Lead: TypeAlias = Callable[[str, Context, Flight | None], Served | Plan]
+AsyncLead: TypeAlias = Callable[[str, Context, Flight | None], Awaitable[Served | Plan]]
 
 
 class Run(Protocol):
-    """Run a plan for this caller (its function and arguments) with the sync driver."""
+    """Run a plan for a caller (of its function with *args*) with the sync driver.
 
-    def __call__(self, steps: Generator[Op, Any, T], /) -> T: ...
+    The arguments travel apart from the runner, so that a hit, which runs no plan,
+    allocates nothing to bind them.
+    """
+
+    def __call__(self, args: Args, steps: Generator[Op, Any, T], /) -> T: ...
 
 
 class RunAsync(Protocol):
-    """Run a plan for this caller with the asyncio driver."""
+    """Run a plan for a caller with the asyncio driver (see `Run`)."""
 
-    def __call__(self, steps: Generator[Op, Any, T], /) -> Awaitable[T]: ...
+    def __call__(self, args: Args, steps: Generator[Op, Any, T], /) -> Awaitable[T]: ...
+
+
+# A call's positional and keyword arguments.
+Args: TypeAlias = tuple[tuple[Any, ...], Mapping[str, Any]]
 
 
 class _Outcome(enum.Enum):
@@ -230,7 +249,7 @@ class SyncFlights:
         self._mutex = _thread.allocate_lock()
         _registries.add(self)
 
-    def run(self, key: str, ctx: Context, run: Run, lead: Lead) -> object:
+    def run(self, key: str, ctx: Context, run: Run, args: Args, lead: Lead) -> object:
         """Serve *key*: lead with *lead* if nobody in this process is, else join.
 
         Every step is a plan run by *run*: the leader's (*lead*), a joiner's wait
@@ -244,17 +263,21 @@ class SyncFlights:
                 mine = _Flight(self._mutex)
                 flight = flights.setdefault(key, mine)  # atomic: one leader per key
                 if flight is mine:  # lead (inline: this is every remote hit's path)
-                    return self._lead(key, mine, None, lead(key, ctx, mine), run)
+                    return self._lead(
+                        key, ctx, mine, None, lead=lead, run=run, args=args
+                    )
             started = ctx.clock()
             if flight.wait(first_wait(ctx, flight)):
                 joined = None
             else:
-                joined = run(join(key, ctx, flight, started))
+                joined = run(args, join(key, ctx, flight, started))
             if isinstance(joined, GaveUp):
                 mine = _Flight(self._mutex)
                 if self._replace(key, flight, mine):
-                    steps = take_over(key, ctx, mine, joined)
-                    return self._lead(key, mine, flight, steps, run)
+                    over = _taking_over(joined)
+                    return self._lead(
+                        key, ctx, mine, flight, lead=over, run=run, args=args
+                    )
                 continue  # another joiner took over first: join its flight instead
             waited = ctx.clock() - started
             outcome = _joined(key, flight, joined, waited, ctx, flights, retried)
@@ -264,10 +287,19 @@ class SyncFlights:
                 return outcome
 
     def _lead(
-        self, key: str, mine: _Flight, replaces: _Flight | None, steps: Plan, run: Run
+        self,
+        key: str,
+        ctx: Context,
+        mine: _Flight,
+        replaces: _Flight | None,
+        *,
+        lead: Lead,
+        run: Run,
+        args: Args,
     ) -> object:
         try:
-            value, via = run(steps)
+            begun = lead(key, ctx, mine)
+            value, via = begun if isinstance(begun, tuple) else run(args, begun)
         except BaseException as exc:
             ended = _ended_by(exc, caller_cancelled=False)
             mine.finish(ended, error=exc, registry=self._flights, key=key)
@@ -301,7 +333,9 @@ class AsyncFlights:
         self._flights: dict[str, _AsyncFlight] = {}
         _registries.add(self)
 
-    async def run(self, key: str, ctx: Context, run: RunAsync, lead: Lead) -> object:
+    async def run(
+        self, key: str, ctx: Context, run: RunAsync, args: Args, lead: AsyncLead
+    ) -> object:
         """See `SyncFlights.run`: the same steps, awaited, for one event loop's tasks."""
         loop = asyncio.get_running_loop()
         flights = self._flights
@@ -312,23 +346,28 @@ class AsyncFlights:
                 mine = _AsyncFlight(loop)
                 flight = flights.setdefault(key, mine)
                 if flight is mine:
-                    return await self._lead(key, mine, None, lead(key, ctx, mine), run)
+                    return await self._lead(
+                        key, ctx, mine, None, lead=lead, run=run, args=args
+                    )
             if flight.loop is not loop:
                 # Another thread's event loop leads; its futures are not ours to await.
-                value, _ = await run(lead(key, ctx, None))
+                begun = await lead(key, ctx, None)
+                value, _ = begun if isinstance(begun, tuple) else await run(args, begun)
                 return value
             started = ctx.clock()
             if await flight.wait(first_wait(ctx, flight)):
                 joined = None
             else:
-                joined = await run(join(key, ctx, flight, started))
+                joined = await run(args, join(key, ctx, flight, started))
             if isinstance(joined, GaveUp):
                 # No task of this loop can come in between, and callers in other
                 # loops never replace a flight of this one: no mutex.
                 mine = _AsyncFlight(loop)
                 if _replace(flights, key, flight, mine):
-                    steps = take_over(key, ctx, mine, joined)
-                    return await self._lead(key, mine, flight, steps, run)
+                    over = _async(_taking_over(joined))
+                    return await self._lead(
+                        key, ctx, mine, flight, lead=over, run=run, args=args
+                    )
                 continue
             waited = ctx.clock() - started
             outcome = _joined(key, flight, joined, waited, ctx, flights, retried)
@@ -340,13 +379,17 @@ class AsyncFlights:
     async def _lead(
         self,
         key: str,
+        ctx: Context,
         mine: _AsyncFlight,
         replaces: _AsyncFlight | None,
-        steps: Plan,
+        *,
+        lead: AsyncLead,
         run: RunAsync,
+        args: Args,
     ) -> object:
         try:
-            value, via = await run(steps)
+            begun = await lead(key, ctx, mine)
+            value, via = begun if isinstance(begun, tuple) else await run(args, begun)
         except BaseException as exc:
             task = asyncio.current_task()
             cancelled = isinstance(exc, asyncio.CancelledError) and (
@@ -365,6 +408,24 @@ class AsyncFlights:
     def clear(self) -> None:
         """Forget every flight (in a forked child, their leaders do not exist)."""
         self._flights = {}
+
+
+def _taking_over(gave_up: GaveUp) -> Lead:
+    """Return how a joiner that gave up on its flight leads the one replacing it."""
+
+    def lead(key: str, ctx: Context, flight: Flight | None) -> Plan:
+        return take_over(key, ctx, cast("Flight", flight), gave_up)  # its own flight
+
+    return lead
+
+
+def _async(lead: Lead) -> AsyncLead:
+    """Return *lead* for `AsyncFlights` (a sync lead: it starts with a plan)."""
+
+    async def begin(key: str, ctx: Context, flight: Flight | None) -> Served | Plan:
+        return lead(key, ctx, flight)
+
+    return begin
 
 
 def _replace(registry: dict[str, Any], key: str, old: _Call, new: _Call) -> bool:

@@ -2,8 +2,9 @@
 
 Thin shells: each method makes the key and runs a plan (`_call`, `_plan`) with the
 sync or the asyncio driver, through the in-process flights (`_coalesce`) where calls
-are shared. They decide nothing, except the memory backend's hot path: a hit decided
-by `first_look` without building a plan. The two classes differ in I/O syntax only.
+are shared. They decide nothing. One I/O is theirs, for speed: step 1's read, whose
+result `_call` decides (`first_look` in memory; `gate` and `looked` on a remote
+backend), so that a hit builds no plan. The two classes differ in I/O syntax only.
 """
 
 from __future__ import annotations
@@ -17,20 +18,22 @@ from typing import Any, Generic, ParamSpec, TypeVar, cast
 from stampede_guard._call import (
     bypass,
     first_look,
+    gate,
     get_cached,
     invalidate,
+    looked,
     refresh_key,
-    serve,
     serve_due,
 )
 from stampede_guard._coalesce import AsyncFlights, Refreshing, SyncFlights
-from stampede_guard._context import Context
+from stampede_guard._context import Context, Plan, Served
 from stampede_guard._drivers import run_async, run_sync
 from stampede_guard._entry import Entry
+from stampede_guard._errors import BackendError
 from stampede_guard._freshness import RefreshDue
 from stampede_guard._keys import KeyMaker
 from stampede_guard._ops import Op
-from stampede_guard._plan import plan
+from stampede_guard._plan import Flight, plan, without_cache
 from stampede_guard._reentry import check_reentry
 from stampede_guard._types import AsyncCachedFunction, CachedFunction
 from stampede_guard.backends._protocol import AsyncBackend, Backend
@@ -41,8 +44,7 @@ P = ParamSpec("P")
 R = TypeVar("R")
 T = TypeVar("T")
 
-Args = tuple[Any, ...]
-Kwargs = Mapping[str, Any]
+Call = tuple[tuple[Any, ...], Mapping[str, Any]]  # a call's arguments
 
 
 class _Cached(Generic[P, R]):
@@ -61,7 +63,8 @@ class _Cached(Generic[P, R]):
         # An in-memory backend answers a hit faster than a flight can be joined.
         self._local = bool(getattr(backend, "local", False))
 
-    def _run(self, args: Args, kwargs: Kwargs, steps: Generator[Op, Any, T]) -> T:
+    def _run(self, call: Call, steps: Generator[Op, Any, T]) -> T:
+        args, kwargs = call
         compute = functools.partial(self._fn, *args, **kwargs)
         return run_sync(steps, self._backend, compute, ctx=self._context)
 
@@ -74,15 +77,27 @@ class _Cached(Generic[P, R]):
             value = first_look(key, self._backend.get(key), ctx)
             if type(value) is Entry:
                 return cast("R", value.value)
-        run = functools.partial(self._run, args, kwargs)
+        call = (args, kwargs)
         if value is None:  # a miss, or a remote read: concurrent callers share it
-            value = self._flights.run(key, ctx, run, plan if self._local else serve)
+            lead = _plan_lead if self._local else self._look
+            value = self._flights.run(key, ctx, self._run, call, lead)
         if type(value) is RefreshDue:
-            value = run(serve_due(key, value, ctx, self._refreshing))
+            value = self._run(call, serve_due(key, value, ctx, self._refreshing))
         return cast("R", value)
 
+    def _look(self, key: str, ctx: Context, flight: Flight | None) -> Served | Plan:
+        """Step 1 on a remote backend: one read, decided by `_call`."""
+        breaker = gate(key, ctx)
+        if breaker is None:
+            return without_cache(key, ctx, None, flight)
+        try:
+            found = self._backend.get(key)
+        except BackendError as exc:
+            return without_cache(key, ctx, exc, flight)
+        return looked(key, found, ctx, breaker, flight)
+
     def invalidate(self, *args: P.args, **kwargs: P.kwargs) -> None:
-        self._run(args, kwargs, invalidate(self._keys(args, kwargs), self._flights))
+        self._run((args, kwargs), invalidate(self._keys(args, kwargs), self._flights))
 
     def cache_key(self, *args: P.args, **kwargs: P.kwargs) -> str:
         return self._keys(args, kwargs)
@@ -91,13 +106,13 @@ class _Cached(Generic[P, R]):
         key = self._keys(args, kwargs)
         check_reentry(self._backend, key)
         steps = refresh_key(key, self._context, self._flights)
-        return cast("R", self._run(args, kwargs, steps))
+        return cast("R", self._run((args, kwargs), steps))
 
     def get_cached(self, *args: P.args, **kwargs: P.kwargs) -> Entry | None:
-        return self._run(args, kwargs, get_cached(self._keys(args, kwargs)))
+        return self._run((args, kwargs), get_cached(self._keys(args, kwargs)))
 
     def bypass(self, *args: P.args, **kwargs: P.kwargs) -> R:
-        return cast("R", self._run(args, kwargs, bypass()))
+        return cast("R", self._run((args, kwargs), bypass()))
 
     def __get__(self, instance: object, owner: type[Any] | None = None) -> Any:
         return self if instance is None else _Bound(self, instance)
@@ -127,7 +142,8 @@ class _AsyncCached(Generic[P, R]):
         self._background: set[Any] = set()  # spawned tasks: strong refs until done
         self._local = bool(getattr(backend, "local", False))
 
-    async def _run(self, args: Args, kwargs: Kwargs, steps: Generator[Op, Any, T]) -> T:
+    async def _run(self, call: Call, steps: Generator[Op, Any, T]) -> T:
+        args, kwargs = call
         compute = functools.partial(self._fn, *args, **kwargs)
         return await run_async(
             steps, self._backend, compute, self._background, ctx=self._context
@@ -142,18 +158,30 @@ class _AsyncCached(Generic[P, R]):
             value = first_look(key, await self._backend.aget(key), ctx)
             if type(value) is Entry:
                 return cast("R", value.value)
-        run = functools.partial(self._run, args, kwargs)
+        call = (args, kwargs)
         if value is None:  # a miss, or a remote read: concurrent callers share it
-            value = await self._flights.run(
-                key, ctx, run, plan if self._local else serve
-            )
+            lead = _async_plan_lead if self._local else self._look
+            value = await self._flights.run(key, ctx, self._run, call, lead)
         if type(value) is RefreshDue:
-            value = await run(serve_due(key, value, ctx, self._refreshing))
+            value = await self._run(call, serve_due(key, value, ctx, self._refreshing))
         return cast("R", value)
+
+    async def _look(
+        self, key: str, ctx: Context, flight: Flight | None
+    ) -> Served | Plan:
+        """Step 1 on a remote backend: one read, decided by `_call`."""
+        breaker = gate(key, ctx)
+        if breaker is None:
+            return without_cache(key, ctx, None, flight)
+        try:
+            found = await self._backend.aget(key)
+        except BackendError as exc:
+            return without_cache(key, ctx, exc, flight)
+        return looked(key, found, ctx, breaker, flight)
 
     async def invalidate(self, *args: P.args, **kwargs: P.kwargs) -> None:
         key = self._keys(args, kwargs)
-        await self._run(args, kwargs, invalidate(key, self._flights))
+        await self._run((args, kwargs), invalidate(key, self._flights))
 
     def cache_key(self, *args: P.args, **kwargs: P.kwargs) -> str:
         return self._keys(args, kwargs)
@@ -162,19 +190,27 @@ class _AsyncCached(Generic[P, R]):
         key = self._keys(args, kwargs)
         check_reentry(self._backend, key)
         steps = refresh_key(key, self._context, self._flights)
-        return cast("R", await self._run(args, kwargs, steps))
+        return cast("R", await self._run((args, kwargs), steps))
 
     async def get_cached(self, *args: P.args, **kwargs: P.kwargs) -> Entry | None:
-        return await self._run(args, kwargs, get_cached(self._keys(args, kwargs)))
+        return await self._run((args, kwargs), get_cached(self._keys(args, kwargs)))
 
     async def bypass(self, *args: P.args, **kwargs: P.kwargs) -> R:
-        return cast("R", await self._run(args, kwargs, bypass()))
+        return cast("R", await self._run((args, kwargs), bypass()))
 
     def __get__(self, instance: object, owner: type[Any] | None = None) -> Any:
         return self if instance is None else _AsyncBound(self, instance)
 
     def __repr__(self) -> str:
         return f"<stampede-safe {self._fn!r} on {self._backend!r}>"
+
+
+def _plan_lead(key: str, ctx: Context, flight: Flight | None) -> Plan:
+    return plan(key, ctx, flight)  # after a miss in memory
+
+
+async def _async_plan_lead(key: str, ctx: Context, flight: Flight | None) -> Plan:
+    return plan(key, ctx, flight)
 
 
 class _Bound:
