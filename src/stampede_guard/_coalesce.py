@@ -31,6 +31,7 @@ from typing import Any, Final, Protocol, TypeAlias, TypeVar, cast
 
 from stampede_guard._context import Context, Plan, Served, Via
 from stampede_guard._errors import InterruptedComputationError
+from stampede_guard._flight import FlightState, Outcome, TaskFlight, ThreadFlight
 from stampede_guard._joining import GaveUp, first_wait, join, take_over
 from stampede_guard._ops import Op
 from stampede_guard._plan import Flight
@@ -75,13 +76,6 @@ class RunAsync(Protocol):
 Args: TypeAlias = tuple[tuple[Any, ...], Mapping[str, Any]]
 
 
-class _Outcome(enum.Enum):
-    VALUE = "value"  # value and via are set
-    ERROR = "error"  # the function raised an Exception: joiners raise it too
-    INTERRUPTED = "interrupted"  # a BaseException ended it: run again, once
-    AGAIN = "again"  # start afresh: the leader's caller left, or its value was refused
-
-
 class _Again(enum.Enum):
     """What `_joined` returns for "start afresh" (after a BaseException: the one retry)."""
 
@@ -93,158 +87,11 @@ _AGAIN: Final = _Again.AGAIN
 _AGAIN_INTERRUPTED: Final = _Again.AGAIN_INTERRUPTED
 
 
-class _Call:
-    """What a flight of either kind holds: how far its leader got, then its outcome."""
-
-    __slots__ = (
-        "computing",
-        "error",
-        "holder",
-        "looked",
-        "outcome",
-        "value",
-        "via",
-        "watched",
-    )
-
-    def __init__(self) -> None:
-        self.looked = 0.0  # no look yet
-        self.watched = False
-        self.computing: float | None = None
-        self.holder: str | None = None
-        self.outcome: _Outcome | None = None
-        self.value: object = None
-        self.via = Via.COMPUTED
-        self.error: BaseException | None = None
-
-    def _settle(  # noqa: PLR0917
-        self,
-        outcome: _Outcome,
-        value: object,
-        via: Via,
-        error: BaseException | None,
-        registry: dict[str, Any] | None,
-        key: str,
-    ) -> bool:
-        """Record the outcome unless there is one; return whether this did (see finish).
-
-        With *registry*, first take the flight out of it (if it is still there under
-        *key*): later callers then start afresh, and find the value stored, instead
-        of joining.
-        """
-        if registry is not None and registry.get(key) is self:
-            del registry[key]
-        if self.outcome is not None:
-            return False
-        self.value, self.via, self.error = value, via, error
-        self.outcome = outcome
-        return True
-
-
-class _Flight(_Call):
-    """One call in progress, for threads."""
-
-    __slots__ = ("_done", "_guard")
-
-    def __init__(self, guard: _thread.LockType) -> None:
-        super().__init__()
-        self._done = _thread.allocate_lock()
-        self._done.acquire()  # released once the flight has its outcome
-        # Its registry's mutex, held for a moment by whoever ends it: a flight is
-        # made on every remote hit, so it allocates no lock of its own for this.
-        self._guard = guard
-
-    def finish(
-        self,
-        outcome: _Outcome,
-        value: object = None,
-        via: Via = Via.COMPUTED,
-        *,
-        error: BaseException | None = None,
-        registry: dict[str, Any] | None = None,
-        key: str = "",
-    ) -> bool:
-        """Give the flight its outcome, unless it has one; return whether this did.
-
-        With *registry*, also take the flight out of it before its joiners are
-        released (see `_Call._settle`); one mutex section for both: this runs on
-        every remote hit.
-        """
-        with self._guard:
-            if not self._settle(outcome, value, via, error, registry, key):
-                return False
-        self._done.release()
-        return True
-
-    def wait(self, seconds: float) -> bool:
-        """Wait up to *seconds* for the outcome; return whether there is one."""
-        if self.outcome is None:
-            done = self._done
-            if not (
-                done.acquire(timeout=seconds)
-                if seconds > 0
-                else done.acquire(blocking=False)
-            ):
-                return False
-            done.release()  # let the next joiner through
-        return True
-
-
-class _AsyncFlight(_Call):
-    """One call in progress, for one event loop's tasks."""
-
-    __slots__ = ("loop", "waiting")
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        super().__init__()
-        self.loop = loop
-        # One future per waiting joiner: cancelling a joiner cancels its own only.
-        self.waiting: set[asyncio.Future[None]] = set()
-
-    def finish(
-        self,
-        outcome: _Outcome,
-        value: object = None,
-        via: Via = Via.COMPUTED,
-        *,
-        error: BaseException | None = None,
-        registry: dict[str, Any] | None = None,
-        key: str = "",
-    ) -> bool:
-        """See `_Flight.finish` (one event loop: no mutex)."""
-        if not self._settle(outcome, value, via, error, registry, key):
-            return False
-        for joined in self.waiting:
-            if not joined.done():
-                joined.set_result(None)
-        return True
-
-    async def wait(self, seconds: float) -> bool:
-        """Wait up to *seconds* for the outcome; return whether there is one."""
-        if self.outcome is None:
-            # A bare future and a timer: asyncio.wait() would cost each of a thousand
-            # joiners three times as much when they all wake.
-            joined = self.loop.create_future()
-            self.waiting.add(joined)
-            timer = self.loop.call_later(seconds, _expire, joined)
-            try:
-                await joined
-            finally:
-                timer.cancel()
-                self.waiting.discard(joined)
-        return self.outcome is not None
-
-
-def _expire(joined: asyncio.Future[None]) -> None:
-    if not joined.done():  # a cancelled joiner's future is done
-        joined.set_result(None)
-
-
 class SyncFlights:
     """The calls in progress of one decorated function, by key."""
 
     def __init__(self) -> None:
-        self._flights: dict[str, _Flight] = {}
+        self._flights: dict[str, ThreadFlight] = {}
         # For replacing, forgetting and ending flights, never held while waiting.
         self._mutex = _thread.allocate_lock()
         _registries.add(self)
@@ -260,7 +107,7 @@ class SyncFlights:
         while True:
             flight = flights.get(key)
             if flight is None:
-                mine = _Flight(self._mutex)
+                mine = ThreadFlight(self._mutex)
                 flight = flights.setdefault(key, mine)  # atomic: one leader per key
                 if flight is mine:  # lead (inline: this is every remote hit's path)
                     return self._lead(
@@ -272,7 +119,7 @@ class SyncFlights:
             else:
                 joined = run(args, join(key, ctx, flight, started))
             if isinstance(joined, GaveUp):
-                mine = _Flight(self._mutex)
+                mine = ThreadFlight(self._mutex)
                 if self._replace(key, flight, mine):
                     over = _taking_over(joined)
                     return self._lead(
@@ -290,8 +137,8 @@ class SyncFlights:
         self,
         key: str,
         ctx: Context,
-        mine: _Flight,
-        replaces: _Flight | None,
+        mine: ThreadFlight,
+        replaces: ThreadFlight | None,
         *,
         lead: Lead,
         run: Run,
@@ -307,11 +154,11 @@ class SyncFlights:
         _share(mine, replaces, value, via, self._flights, key)
         return value
 
-    def _replace(self, key: str, old: _Flight, new: _Flight) -> bool:
+    def _replace(self, key: str, old: ThreadFlight, new: ThreadFlight) -> bool:
         with self._mutex:
             return _replace(self._flights, key, old, new)
 
-    def forget(self, key: str, flight: _Flight | None = None) -> None:
+    def forget(self, key: str, flight: ThreadFlight | None = None) -> None:
         """Stop new callers of *key* from joining *flight* (any flight, if None).
 
         ``invalidate()`` calls it: a call that starts after an invalidation must not
@@ -330,7 +177,7 @@ class AsyncFlights:
     """The calls in progress of one decorated ``async def``, by key, per event loop."""
 
     def __init__(self) -> None:
-        self._flights: dict[str, _AsyncFlight] = {}
+        self._flights: dict[str, TaskFlight] = {}
         _registries.add(self)
 
     async def run(
@@ -343,7 +190,7 @@ class AsyncFlights:
         while True:
             flight = flights.get(key)
             if flight is None:
-                mine = _AsyncFlight(loop)
+                mine = TaskFlight(loop)
                 flight = flights.setdefault(key, mine)
                 if flight is mine:
                     return await self._lead(
@@ -362,7 +209,7 @@ class AsyncFlights:
             if isinstance(joined, GaveUp):
                 # No task of this loop can come in between, and callers in other
                 # loops never replace a flight of this one: no mutex.
-                mine = _AsyncFlight(loop)
+                mine = TaskFlight(loop)
                 if _replace(flights, key, flight, mine):
                     over = _async(_taking_over(joined))
                     return await self._lead(
@@ -380,8 +227,8 @@ class AsyncFlights:
         self,
         key: str,
         ctx: Context,
-        mine: _AsyncFlight,
-        replaces: _AsyncFlight | None,
+        mine: TaskFlight,
+        replaces: TaskFlight | None,
         *,
         lead: AsyncLead,
         run: RunAsync,
@@ -401,7 +248,7 @@ class AsyncFlights:
         _share(mine, replaces, value, via, self._flights, key)
         return value
 
-    def forget(self, key: str, flight: _AsyncFlight | None = None) -> None:
+    def forget(self, key: str, flight: TaskFlight | None = None) -> None:
         """See `SyncFlights.forget`."""
         _forget(self._flights, key, flight)
 
@@ -428,7 +275,9 @@ def _async(lead: Lead) -> AsyncLead:
     return begin
 
 
-def _replace(registry: dict[str, Any], key: str, old: _Call, new: _Call) -> bool:
+def _replace(
+    registry: dict[str, Any], key: str, old: FlightState, new: FlightState
+) -> bool:
     """Put *new* in *old*'s place, unless another caller replaced or ended it first."""
     if registry.get(key) is not old:
         return False
@@ -436,25 +285,25 @@ def _replace(registry: dict[str, Any], key: str, old: _Call, new: _Call) -> bool
     return True
 
 
-def _forget(registry: dict[str, Any], key: str, flight: _Call | None) -> None:
+def _forget(registry: dict[str, Any], key: str, flight: FlightState | None) -> None:
     if flight is None or registry.get(key) is flight:
         registry.pop(key, None)
 
 
-def _ended_by(exc: BaseException, *, caller_cancelled: bool) -> _Outcome:
+def _ended_by(exc: BaseException, *, caller_cancelled: bool) -> Outcome:
     """How a flight whose leader raised *exc* ends for its joiners."""
     if isinstance(exc, Exception):
-        return _Outcome.ERROR  # the function's own failure: shared, as a value is
+        return Outcome.ERROR  # the function's own failure: shared, as a value is
     if caller_cancelled:
         # The leader's caller was cancelled; a computation it started goes on apart
         # and holds the lock, so joiners starting afresh wait for it, not compute.
-        return _Outcome.AGAIN
-    return _Outcome.INTERRUPTED  # KeyboardInterrupt, SystemExit...: run once more
+        return Outcome.AGAIN
+    return Outcome.INTERRUPTED  # KeyboardInterrupt, SystemExit...: run once more
 
 
 def _share(  # noqa: PLR0917
-    mine: _Flight | _AsyncFlight,
-    replaces: _Flight | _AsyncFlight | None,
+    mine: ThreadFlight | TaskFlight,
+    replaces: ThreadFlight | TaskFlight | None,
     value: object,
     via: Via,
     registry: dict[str, Any],
@@ -462,16 +311,16 @@ def _share(  # noqa: PLR0917
 ) -> None:
     """End a led flight: its value to its joiners (and the flight's it replaced)."""
     if via is Via.PRIVATE:  # refused by the store: not for anyone else
-        mine.finish(_Outcome.AGAIN, registry=registry, key=key)
+        mine.finish(Outcome.AGAIN, registry=registry, key=key)
         return
-    mine.finish(_Outcome.VALUE, value, via, registry=registry, key=key)
+    mine.finish(Outcome.VALUE, value, via, registry=registry, key=key)
     if replaces is not None:  # joiners still waiting on the hung flight take it too
-        replaces.finish(_Outcome.VALUE, value, via)
+        replaces.finish(Outcome.VALUE, value, via)
 
 
 def _joined(  # noqa: PLR0917
     key: str,
-    flight: _Flight | _AsyncFlight,
+    flight: ThreadFlight | TaskFlight,
     joined: Served | None,
     waited: float,
     ctx: Context,
@@ -488,12 +337,12 @@ def _joined(  # noqa: PLR0917
     """
     if joined is not None:
         value, via = joined
-        flight.finish(_Outcome.VALUE, value, via, registry=registry, key=key)
+        flight.finish(Outcome.VALUE, value, via, registry=registry, key=key)
         return value
     outcome = flight.outcome
-    if outcome is _Outcome.AGAIN:
+    if outcome is Outcome.AGAIN:
         return _AGAIN
-    if outcome is _Outcome.INTERRUPTED:
+    if outcome is Outcome.INTERRUPTED:
         if not retried:
             return _AGAIN_INTERRUPTED  # one more run, led by one of the joiners
         assert flight.error is not None  # noqa: S101 - set with the outcome
