@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import sys
 import threading
-import time
 from collections import Counter
 from typing import Any
 
@@ -18,6 +16,7 @@ from stampede_guard import (
     StampedeStats,
     cached_stampede_safe,
 )
+from stampede_guard.testing import wait_for_joiners
 
 
 class CountingBackend:
@@ -79,25 +78,6 @@ class CountingBackend:
         self.store.delete(key)
 
 
-def wait_until_all_joined(threads: list[threading.Thread]) -> bool:
-    """Wait (bounded) until every thread is blocked joining an in-process flight."""
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        frames = sys._current_frames()
-        joined = 0
-        for thread in threads:
-            frame = frames.get(thread.ident or -1)
-            while frame is not None and frame.f_code.co_name != "run":
-                frame = frame.f_back
-            joined += frame is not None and frame.f_code.co_filename.endswith(
-                "_coalesce.py"
-            )
-        if joined == len(threads):
-            return True
-        threading.Event().wait(0.01)
-    return False
-
-
 def thread_stampede(fn: Any, callers: int) -> list[object]:
     barrier = threading.Barrier(callers)
     results: list[object] = [None] * callers
@@ -127,7 +107,7 @@ def test_thousand_threads_make_one_conversation_with_the_backend() -> None:
     def f() -> str:
         nonlocal computations
         computations += 1
-        threading.Event().wait(0.2)
+        wait_for_joiners(f, 999, timeout=20)  # no caller arrives after it is stored
         return "v"
 
     assert thread_stampede(f, 1000) == ["v"] * 1000
@@ -162,7 +142,7 @@ def test_concurrent_hits_share_one_read() -> None:
     others = [threading.Thread(target=lambda: results.append(f())) for _ in range(50)]
     for t in others:
         t.start()
-    assert wait_until_all_joined(others), "the callers never reached the flight"
+    wait_for_joiners(f, 50)  # every other caller shares the first one's read
     release.set()
     for t in [first, *others]:
         t.join(10)

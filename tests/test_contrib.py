@@ -41,6 +41,7 @@ from stampede_guard.metrics import (
     StaleServed,
     Timeout,
 )
+from stampede_guard.testing import wait_for_joiners
 
 CALLERS = 20
 
@@ -60,20 +61,6 @@ EVERY_EVENT: list[Event] = [
     BackendFailed("k", ConnectionError("x")),
     BackendSkipped("k"),
 ]
-
-
-def _in_flight(threads: list[threading.Thread]) -> bool:
-    """Whether every thread is inside the in-process flight (leading or joined)."""
-    frames = sys._current_frames()
-    for thread in threads:
-        frame = frames.get(thread.ident or -1)
-        while frame is not None and not frame.f_code.co_filename.endswith(
-            "_coalesce.py"
-        ):
-            frame = frame.f_back
-        if frame is None:
-            return False
-    return True
 
 
 def stampede_then_hit(hook: MetricsHook) -> int:
@@ -97,10 +84,7 @@ def stampede_then_hit(hook: MetricsHook) -> int:
     ]
     for thread in threads:
         thread.start()
-    deadline = time.monotonic() + 10
-    while not _in_flight(threads):
-        assert time.monotonic() < deadline, "the callers never reached the flight"
-        time.sleep(0.005)
+    wait_for_joiners(get_weather, CALLERS - 1, "Oslo")  # all share the leader's call
     time.sleep(0.05)  # so that the waits are measurably long
     release.set()
     for thread in threads:

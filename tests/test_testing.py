@@ -20,8 +20,10 @@ from stampede_guard.testing import (
     astampede,
     counted,
     counter_of,
+    joiners,
     perform,
     stampede,
+    wait_for_joiners,
 )
 
 DOCS = Path(__file__).parent.parent / "docs" / "testing.md"
@@ -142,3 +144,38 @@ def test_the_example_tests_of_the_testing_page_pass(example: str) -> None:
     assert tests
     for test in tests:
         test()
+
+
+@pytest.mark.timeout(30)
+def test_joiners_counts_the_callers_sharing_a_call_in_progress() -> None:
+    """wait_for_joiners returns once every other caller joined the leader's call."""
+    release = threading.Event()
+
+    class Weather:
+        @cached_stampede_safe(key="w:{city}", backend=MemoryBackend())
+        def get(self, city: str) -> str:
+            assert release.wait(10)
+            return city
+
+    weather = Weather()
+    assert joiners(weather.get, "oslo") == 0
+    threads = [threading.Thread(target=weather.get, args=("oslo",)) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    wait_for_joiners(weather.get, 7, "oslo")
+    assert joiners(weather.get, "oslo") == 7
+    assert joiners(weather.get, "bergen") == 0
+    with pytest.raises(TimeoutError, match="7 of 8"):
+        wait_for_joiners(weather.get, 8, "oslo", timeout=0.05)
+    release.set()
+    for thread in threads:
+        thread.join(10)
+    assert joiners(weather.get, "oslo") == 0, "the call ended"
+
+
+def test_joiners_refuses_a_plain_function() -> None:
+    def plain(x: int) -> int:
+        return x
+
+    with pytest.raises(TypeError, match="not a function decorated"):
+        joiners(plain, 1)

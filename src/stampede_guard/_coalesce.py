@@ -113,6 +113,7 @@ class SyncFlights:
                     return self._lead(
                         key, ctx, mine, None, lead=lead, run=run, args=args
                     )
+            flight.joined()
             started = ctx.clock()
             if flight.wait(first_wait(ctx, flight)):
                 joined = None
@@ -201,6 +202,7 @@ class AsyncFlights:
                 begun = await lead(key, ctx, None)
                 value, _ = begun if isinstance(begun, tuple) else await run(args, begun)
                 return value
+            flight.joined()
             started = ctx.clock()
             if await flight.wait(first_wait(ctx, flight)):
                 joined = None

@@ -34,6 +34,7 @@ class FlightState:
         "computing",
         "error",
         "holder",
+        "joiners",
         "looked",
         "outcome",
         "value",
@@ -50,6 +51,7 @@ class FlightState:
         self.value: object = None
         self.via = Via.COMPUTED
         self.error: BaseException | None = None
+        self.joiners = 0  # callers that joined it: for tests that wait for them
 
     def _settle(  # noqa: PLR0917
         self,
@@ -87,6 +89,11 @@ class ThreadFlight(FlightState):
         # Its registry's mutex, held for a moment by whoever ends it: a flight is
         # made on every remote hit, so it allocates no lock of its own for this.
         self._guard = guard
+
+    def joined(self) -> None:
+        """Count a caller that joined (under the registry's mutex: threads race)."""
+        with self._guard:
+            self.joiners += 1
 
     def finish(
         self,
@@ -134,6 +141,10 @@ class TaskFlight(FlightState):
         self.loop = loop
         # One future per waiting joiner: cancelling a joiner cancels its own only.
         self.waiting: set[asyncio.Future[None]] = set()
+
+    def joined(self) -> None:
+        """Count a caller that joined (one loop's tasks: no race)."""
+        self.joiners += 1
 
     def finish(
         self,

@@ -18,6 +18,9 @@
   function at once, in threads, tasks or processes, and get a `StampedeResult` of
   values, errors and computations, counted by the `counted` wrapper under the
   decorator.
+* `joiners` and `wait_for_joiners`: how many callers of a decorated function joined
+  the call of a key in progress in this process, to release a computation only once
+  every caller shares it.
 * `VirtualClock`: time that moves when the test says, for `MemoryBackend`'s expiry and
   the decorator's freshness.
 * `stampede_guard.testing.strategies.interleavings` (needs hypothesis, the ``testing``
@@ -39,6 +42,7 @@ from stampede_guard.testing._interleaving import (
     Refresh,
     perform,
 )
+from stampede_guard.testing._joiners import joiners, wait_for_joiners
 from stampede_guard.testing._stampede import (
     Counted,
     StampedeResult,
@@ -62,6 +66,8 @@ __all__ = [
     "astampede",
     "counted",
     "counter_of",
+    "joiners",
     "perform",
     "stampede",
+    "wait_for_joiners",
 ]
