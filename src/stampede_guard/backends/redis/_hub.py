@@ -156,6 +156,14 @@ class Hub:
         )
         return channels
 
+    def may_stop(self, *, requests_pending: bool) -> bool:
+        """Whether the listener, idle, may stop: nobody listens and nobody asked to.
+
+        Both listeners ask it after a quiet spell and after closing a connection (a
+        subscriber may have come meanwhile); the thread asks under its start lock.
+        """
+        return not requests_pending and not self.subscribers
+
     def opened(self) -> None:
         """A new connection: nothing asked on it yet."""
         self.heard, self.asked = self.clock(), None

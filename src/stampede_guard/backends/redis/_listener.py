@@ -170,7 +170,7 @@ class Listener:
                 request = self._requests.get(timeout=_IDLE)
             except queue.Empty:
                 with self._start:  # exit only if no subscriber arrived meanwhile
-                    if not self._hub.subscribers and self._requests.empty():
+                    if hub.may_stop(requests_pending=not self._requests.empty()):
                         self._thread = None
                         return False
                 continue
@@ -300,7 +300,7 @@ class AsyncListener:
             if serving:
                 await asyncio.sleep(_RETRY)
             # A subscriber may have come while the connection was closing.
-            elif requests.empty() and not self._hub.subscribers:
+            elif self._hub.may_stop(requests_pending=not requests.empty()):
                 return
 
     async def _serve(
@@ -324,7 +324,7 @@ class AsyncListener:
             try:
                 request = await asyncio.wait_for(requests.get(), _IDLE)
             except TimeoutError:
-                if not self._hub.subscribers:
+                if hub.may_stop(requests_pending=not requests.empty()):
                     return False
                 continue
             if not await _apply_async(pubsub, request):
