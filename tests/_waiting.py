@@ -5,6 +5,9 @@ then holds the lock; a waiter has found it held and is about to subscribe and wa
 looks again after subscribing, so nothing stored after its Miss is lost). Tests go on
 once the callers have missed, instead of sleeping and hoping they got that far;
 `waited` then proves that the callers really waited.
+
+`until` and `until_async` poll any other observable (a counter, a key in Redis, the
+joiners of a call) with a deadline, for the waits no event reports.
 """
 
 from __future__ import annotations
@@ -12,12 +15,36 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from collections.abc import Callable
 
 from stampede_guard.metrics import Event, LockAcquired, LockWait, Miss
 
-__all__ = ["Waiting"]
+__all__ = ["Waiting", "until", "until_async"]
 
 TIMEOUT_S = 10.0
+POLL_S = 0.005  # between two looks at an observable no event reports
+
+
+def until(what: str, check: Callable[[], object], within: float = TIMEOUT_S) -> None:
+    """Look at *check* until it is true; fail naming *what* after *within* seconds."""
+    deadline = time.monotonic() + within
+    while not check():
+        if time.monotonic() > deadline:
+            msg = f"{what} did not happen within {within} s"
+            raise AssertionError(msg)
+        time.sleep(POLL_S)
+
+
+async def until_async(
+    what: str, check: Callable[[], object], within: float = TIMEOUT_S
+) -> None:
+    """`until` on an event loop: look between its other tasks' steps."""
+    deadline = time.monotonic() + within
+    while not check():
+        if time.monotonic() > deadline:
+            msg = f"{what} did not happen within {within} s"
+            raise AssertionError(msg)
+        await asyncio.sleep(POLL_S)
 
 
 class Waiting:
@@ -48,12 +75,8 @@ class Waiting:
 
     async def until_missed_async(self, n: int = 1) -> None:
         """`until_missed` for a test on the event loop the callers run on."""
-        deadline = time.monotonic() + TIMEOUT_S
-        while self.misses < n:  # the hook runs on this loop: look between its steps
-            if time.monotonic() > deadline:
-                msg = f"{self.misses} of {n} callers reached their wait"
-                raise AssertionError(msg)
-            await asyncio.sleep(0.005)
+        # The hook runs on this loop: look between its steps.
+        await until_async(f"{n} callers reaching their wait", lambda: self.misses >= n)
 
     def waited(self, outcome: str) -> int:
         """Return how many calls ended a lock wait with *outcome* (value, lock, ...)."""

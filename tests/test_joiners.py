@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
 import pytest
 
+from _waiting import until_async
 from stampede_guard import (
     AsyncBackend,
     AsyncRedisBackend,
@@ -26,6 +26,7 @@ from stampede_guard import (
     StampedeStats,
     cached_stampede_safe,
 )
+from stampede_guard.testing import wait_for_joiners
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -136,7 +137,8 @@ def test_joiners_that_give_up_compute_once_per_process(
         if calls["n"] == 1:
             hang()
             return "late"
-        time.sleep(0.2)  # long enough for every joiner to give up meanwhile
+        # Every other joiner gives up in turn and joins this replacement call.
+        wait_for_joiners(f, JOINERS - 1)
         return "second"
 
     leader = threading.Thread(target=f)
@@ -342,8 +344,8 @@ def test_a_base_exception_runs_the_function_once_more_per_process_not_once_each(
     @cached_stampede_safe(key="k", backend=backend, lock_timeout=30)
     def f() -> str:
         calls["n"] += 1
-        # A computation long enough for the others, released together, to join it.
-        time.sleep(0.3)
+        # Every other caller joins the first run; all but its runner join the second.
+        wait_for_joiners(f, 7 if calls["n"] == 1 else 6)
         raise Abort
 
     results = in_threads(8, f)
@@ -366,7 +368,7 @@ def test_after_a_base_exception_one_more_run_serves_everyone(
     @cached_stampede_safe(key="k", backend=make_backend(), lock_timeout=30)
     def f() -> str:
         calls["n"] += 1
-        time.sleep(0.3)
+        wait_for_joiners(f, 7 if calls["n"] == 1 else 6)  # as above
         if calls["n"] == 1:
             raise Abort
         return "v"
@@ -391,7 +393,7 @@ def test_impatient_asyncio_callers_do_not_waste_the_computation(
     @cached_stampede_safe(key="slow", backend=backend, lock_timeout=10)
     async def origin() -> str:
         calls["started"] += 1
-        await asyncio.sleep(0.5)
+        await asyncio.sleep(0.5)  # the slow origin: it outlasts its callers' patience
         calls["finished"] += 1
         return "v"
 
@@ -405,7 +407,7 @@ def test_impatient_asyncio_callers_do_not_waste_the_computation(
         requests = []
         for _ in range(12):
             requests.append(asyncio.create_task(request_once()))
-            await asyncio.sleep(0.1)
+            await asyncio.sleep(0.1)  # the cadence of the requests under test
         answers = list(await asyncio.gather(*requests))
         if isinstance(backend, AsyncRedisBackend):
             await backend.aclose()
@@ -425,7 +427,7 @@ def test_on_cancel_cancel_cancels_the_computation_with_its_caller() -> None:
     async def origin() -> str:
         calls["started"] += 1
         try:
-            await asyncio.sleep(0.5)
+            await asyncio.sleep(0.5)  # longer than its callers wait: always cancelled
         except asyncio.CancelledError:
             calls["cancelled"] += 1
             raise
@@ -448,7 +450,7 @@ def test_a_computation_left_running_is_cancelled_when_its_lease_runs_out() -> No
     @cached_stampede_safe(key="k", backend=backend, lock_timeout=0.3)
     async def hangs() -> str:
         try:
-            await asyncio.sleep(HANG)
+            await asyncio.sleep(HANG)  # hung: only the end of its lease cancels it
         except asyncio.CancelledError:
             cancelled.set()
             raise
@@ -458,7 +460,11 @@ def test_a_computation_left_running_is_cancelled_when_its_lease_runs_out() -> No
         with pytest.raises(TimeoutError):
             await asyncio.wait_for(hangs(), 0.05)
         await asyncio.wait_for(cancelled.wait(), 5)
-        await asyncio.sleep(0)  # let its plan release the lock
-        assert backend.get_or_lock("k", "probe", 1) == "probe"
+        # Its plan releases the lock once the cancellation reaches it; the probe
+        # takes the lock as soon as it is free.
+        await until_async(
+            "the release of the lock",
+            lambda: backend.get_or_lock("k", "probe", 1) == "probe",
+        )
 
     asyncio.run(scenario())
