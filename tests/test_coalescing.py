@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 
+from _waiting import until_async
 from stampede_guard import (
     BackendError,
     Entry,
@@ -16,7 +18,7 @@ from stampede_guard import (
     StampedeStats,
     cached_stampede_safe,
 )
-from stampede_guard.testing import wait_for_joiners
+from stampede_guard.testing import joiners, wait_for_joiners
 
 
 class CountingBackend:
@@ -26,13 +28,15 @@ class CountingBackend:
         self.store = MemoryBackend()
         self.calls: Counter[str] = Counter()
         self.fail = fail
+        # What a failing call waits for before it fails: the test's callers piling up.
+        self.before_failing: Callable[[], object] = lambda: None
         self.guard = threading.Lock()
 
     def _count(self, name: str, key: str) -> None:
         with self.guard:
             self.calls[name] += 1
         if self.fail:
-            threading.Event().wait(0.05)  # a slow failure, so that callers pile up
+            self.before_failing()
             raise BackendError(key, name)
 
     def get(self, key: str) -> Entry | None:
@@ -161,9 +165,10 @@ def test_backend_down_costs_one_read_and_one_computation_per_process() -> None:
     def f() -> str:
         nonlocal computations
         computations += 1
-        threading.Event().wait(0.05)
         return "computed anyway"
 
+    # The failing read holds until every other caller joined the call it is part of.
+    backend.before_failing = lambda: wait_for_joiners(f, 199)
     results = thread_stampede(f, 200)
     assert results == ["computed anyway"] * 200
     assert backend.calls == Counter({"get": 1})
@@ -180,6 +185,7 @@ def test_backend_down_with_raise_shares_the_backend_error() -> None:
     def f() -> str:
         raise AssertionError
 
+    backend.before_failing = lambda: wait_for_joiners(f, 199)
     results = thread_stampede(f, 200)
     assert all(isinstance(r, BackendError) for r in results)
     assert backend.calls == Counter({"get": 1})
@@ -192,7 +198,7 @@ def test_joined_callers_are_counted_as_hits_or_waits() -> None:
 
     @cached_stampede_safe(key="k", backend=CountingBackend(), metrics=stats)
     def f() -> str:
-        threading.Event().wait(0.2)
+        wait_for_joiners(f, 99)  # no caller arrives after it is stored
         return "v"
 
     thread_stampede(f, 100)
@@ -253,7 +259,8 @@ def test_thousand_tasks_make_one_conversation_with_the_backend() -> None:  # noq
     async def f() -> str:
         nonlocal computations
         computations += 1
-        await asyncio.sleep(0.2)
+        # No task arrives after it is stored (the tasks run on this loop: look between).
+        await until_async("999 joiners", lambda: joiners(f) == 999)
         return "v"
 
     async def scenario() -> list[str]:
@@ -267,22 +274,23 @@ def test_thousand_tasks_make_one_conversation_with_the_backend() -> None:  # noq
 @pytest.mark.timeout(30)
 def test_a_cancelled_joiner_does_not_cancel_the_call_it_joined() -> None:
     """Cancelling a task that joined another's call leaves that call and its value intact."""
-    started = asyncio.Event()
+    started, release = asyncio.Event(), asyncio.Event()
 
     @cached_stampede_safe(key="k", backend=MemoryBackend())
     async def f() -> str:
         started.set()
-        await asyncio.sleep(0.1)
+        await release.wait()  # computing until the joiner has been cancelled
         return "v"
 
     async def scenario() -> str:
         leader = asyncio.create_task(f())
         await started.wait()
         joiner = asyncio.create_task(f())
-        await asyncio.sleep(0.01)
+        await until_async("the joiner joining", lambda: joiners(f) == 1)
         joiner.cancel()
         with pytest.raises(asyncio.CancelledError):
             await joiner
+        release.set()
         return await leader
 
     assert asyncio.run(scenario()) == "v"
