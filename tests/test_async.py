@@ -14,6 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from _waiting import Waiting, until_async
 from stampede_guard import (
     AsyncBackend,
     AsyncRedisBackend,
@@ -24,6 +25,7 @@ from stampede_guard import (
     StampedeStats,
     cached_stampede_safe,
 )
+from stampede_guard.testing import joiners, wait_for_joiners
 
 
 def run(coro: Coroutine[Any, Any, Any]) -> Any:
@@ -32,10 +34,15 @@ def run(coro: Coroutine[Any, Any, Any]) -> Any:
 
 
 async def stampede(
-    tasks: int, keys: int, compute_s: float, backend: AsyncBackend
+    tasks: int, keys: int, together: bool, backend: AsyncBackend
 ) -> tuple[Counter[int], list[object]]:
-    """Start *tasks* tasks at once on *keys* cold keys; count computations per key."""
+    """Start *tasks* tasks at once on *keys* cold keys; count computations per key.
+
+    With *together*, each computation holds until every other task of its key joined
+    it; without, it returns at once and the tasks arriving later find its value.
+    """
     computed: Counter[int] = Counter()
+    callers = Counter(i % keys for i in range(tasks))
     release = asyncio.Event()
 
     @cached_stampede_safe(
@@ -43,7 +50,10 @@ async def stampede(
     )
     async def f(k: int) -> list[object]:
         computed[k] += 1
-        await asyncio.sleep(compute_s)
+        if together:
+            await until_async(
+                f"every caller of {k} joining", lambda: joiners(f, k) == callers[k] - 1
+            )
         return [k, f"value-{k}"]
 
     async def call(i: int) -> object:
@@ -51,7 +61,7 @@ async def stampede(
         return await f(i % keys)
 
     calls = [asyncio.create_task(call(i)) for i in range(tasks)]
-    await asyncio.sleep(0)
+    await asyncio.sleep(0)  # one turn of the loop, no time: every task awaits release
     release.set()
     results = await asyncio.wait_for(asyncio.gather(*calls, return_exceptions=True), 60)
     return computed, list(results)
@@ -60,7 +70,7 @@ async def stampede(
 @pytest.mark.timeout(60)
 def test_thousand_tasks_one_cold_key_compute_once_in_memory() -> None:
     """1,000 tasks on one cold key, MemoryBackend: exactly one computation, one value."""
-    computed, results = run(stampede(1000, 1, 0.2, MemoryBackend()))
+    computed, results = run(stampede(1000, 1, True, MemoryBackend()))
     assert computed == Counter({0: 1})
     assert results == [[0, "value-0"]] * 1000
 
@@ -74,7 +84,7 @@ def test_thousand_tasks_one_cold_key_compute_once_on_real_redis(redis_url: str) 
             redis_url, prefix=f"t{uuid.uuid4().hex[:8]}"
         )
         try:
-            return await stampede(1000, 1, 0.3, backend)
+            return await stampede(1000, 1, True, backend)
         finally:
             await backend.aclose()
 
@@ -88,13 +98,13 @@ def test_thousand_tasks_one_cold_key_compute_once_on_real_redis(redis_url: str) 
 @given(
     tasks=st.integers(1, 300),
     keys=st.integers(1, 5),
-    compute_s=st.sampled_from([0.0, 0.01, 0.05]),
+    together=st.booleans(),
 )
 def test_each_key_is_computed_once_by_any_number_of_tasks(
-    tasks: int, keys: int, compute_s: float
+    tasks: int, keys: int, together: bool
 ) -> None:
     """Any number of tasks over any keys: one computation per key, every task its key's value."""
-    computed, results = run(stampede(tasks, keys, compute_s, MemoryBackend()))
+    computed, results = run(stampede(tasks, keys, together, MemoryBackend()))
     assert computed == Counter(dict.fromkeys({i % keys for i in range(tasks)}, 1))
     assert results == [[i % keys, f"value-{i % keys}"] for i in range(tasks)]
 
@@ -105,23 +115,35 @@ def test_threads_and_tasks_share_one_memory_backend() -> None:
     backend = MemoryBackend()
     computed: list[str] = []
     guard = threading.Lock()
+    # A Miss comes from each side's first caller once its get-or-lock has answered
+    # (the others join it, and report theirs once served): the computation holds
+    # until the other side has found the lock held.
+    waiting = Waiting()
 
     @cached_stampede_safe(
-        key="shared", backend=backend, base_delay=0.005, max_delay=0.02
+        key="shared",
+        backend=backend,
+        base_delay=0.005,
+        max_delay=0.02,
+        metrics=waiting,
     )
     def sync_get() -> str:
         with guard:
             computed.append("sync")
-        threading.Event().wait(0.2)
+        waiting.until_missed(2)
         return "value"
 
     @cached_stampede_safe(
-        key="shared", backend=backend, base_delay=0.005, max_delay=0.02
+        key="shared",
+        backend=backend,
+        base_delay=0.005,
+        max_delay=0.02,
+        metrics=waiting,
     )
     async def async_get() -> str:
         with guard:
             computed.append("async")
-        await asyncio.sleep(0.2)
+        await waiting.until_missed_async(2)
         return "value"
 
     results: list[str] = []
@@ -233,8 +255,8 @@ def test_leader_error_is_shared_with_the_tasks_that_joined_it() -> None:
         nonlocal calls
         calls += 1
         mine = calls
-        await asyncio.sleep(0.05)
         if mine == 1:
+            await until_async("19 joiners", lambda: joiners(f) == 19)
             raise boom
         return mine
 
@@ -293,7 +315,7 @@ def sync_stampede_stats() -> tuple[int, ...]:
         max_delay=0.02,
     )
     def f() -> int:
-        threading.Event().wait(0.1)
+        wait_for_joiners(f, 9)  # every other thread shares this call
         return 1
 
     barrier = threading.Barrier(10)
@@ -324,7 +346,7 @@ def async_stampede_stats() -> tuple[int, ...]:
         max_delay=0.02,
     )
     async def f() -> int:
-        await asyncio.sleep(0.1)
+        await until_async("9 joiners", lambda: joiners(f) == 9)
         return 1
 
     async def scenario() -> None:
@@ -353,6 +375,7 @@ class PausingBackend:
         self.store = MemoryBackend()
         self.pause_in = pause_in
         self.paused = asyncio.Event()
+        self.held = asyncio.Event()  # a get-or-lock found someone else's lock
 
     async def _maybe_pause(self, name: str) -> None:
         if name == self.pause_in:
@@ -365,7 +388,10 @@ class PausingBackend:
 
     async def aget_or_lock(self, key: str, token: str, lock_ttl: float) -> Entry | str:
         await self._maybe_pause("aget_or_lock")
-        return self.store.get_or_lock(key, token, lock_ttl)
+        got = self.store.get_or_lock(key, token, lock_ttl)
+        if isinstance(got, str) and got != token:
+            self.held.set()
+        return got
 
     async def alock(self, key: str, token: str, lock_ttl: float) -> str:
         return self.store.lock(key, token, lock_ttl)
@@ -419,7 +445,7 @@ def test_cancellation_at_any_step_leaves_no_lock_and_no_entry(step: str) -> None
         if step == "compute" and first:
             first.clear()
             in_compute.set()
-            await asyncio.sleep(3600)
+            await asyncio.sleep(3600)  # until cancelled
         return "value"
 
     async def scenario() -> None:
@@ -428,7 +454,9 @@ def test_cancellation_at_any_step_leaves_no_lock_and_no_entry(step: str) -> None
         task = asyncio.create_task(f())
         marker = in_compute if step == "compute" else backend.paused
         if step == "wait":
-            await asyncio.sleep(0.05)  # the task is sleeping between looks
+            # Found held: the task goes on to wait between looks, and has by the
+            # time this one runs again.
+            await asyncio.wait_for(backend.held.wait(), 5)
         else:
             await asyncio.wait_for(marker.wait(), 5)
         task.cancel()
@@ -455,7 +483,7 @@ def test_cancelled_leader_does_not_strand_its_waiters(
     on_cancel: Literal["finish", "cancel"], served: int
 ) -> None:
     """A cancelled leader's waiters get its computation ("finish") or compute once more at once ("cancel")."""
-    started = asyncio.Event()
+    started, release = asyncio.Event(), asyncio.Event()
     computations = 0
 
     @cached_stampede_safe(
@@ -469,16 +497,20 @@ def test_cancelled_leader_does_not_strand_its_waiters(
     async def f() -> int:
         nonlocal computations
         computations += 1
+        mine = computations
         started.set()
-        await asyncio.sleep(0.2)
-        return computations
+        if mine == 1:
+            await release.wait()  # until its caller has been cancelled
+        return mine
 
     async def scenario() -> list[int]:
         leader = asyncio.create_task(f())
         await started.wait()
         waiters = [asyncio.create_task(f()) for _ in range(10)]
-        await asyncio.sleep(0.02)
+        await until_async("the waiters joining", lambda: joiners(f) == 10)
         leader.cancel()
+        await asyncio.wait([leader])  # its caller gone; its computation may go on
+        release.set()
         return list(await asyncio.wait_for(asyncio.gather(*waiters), 10))
 
     assert run(scenario()) == [served] * 10
