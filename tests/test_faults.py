@@ -22,6 +22,7 @@ from stampede_guard import (
     cached_stampede_safe,
 )
 from stampede_guard.metrics import BackendSkipped, Event
+from stampede_guard.testing import wait_for_joiners
 
 pytestmark = [pytest.mark.redis, pytest.mark.timeout(60)]
 
@@ -135,6 +136,8 @@ def test_a_killed_leader_is_replaced_by_exactly_one_new_computation(
         )
         def job() -> str:
             redis_client.incr(f"{redis_prefix}:computations")
+            # A computation that takes a while: a second take-over, were there one,
+            # would find no value yet and be counted.
             time.sleep(0.2)
             return "from-new-leader"
 
@@ -145,6 +148,7 @@ def test_a_killed_leader_is_replaced_by_exactly_one_new_computation(
         for t in waiters:
             t.start()
         waiting.until_missed()  # the dead-to-be leader's lock stopped one of us
+        wait_for_joiners(job, 19)  # and the others wait on that one
         os.kill(leader.pid or 0, signal.SIGKILL)
         for t in waiters:
             t.join(15)
@@ -195,14 +199,14 @@ def test_nothing_hangs_when_the_server_vanishes_mid_stampede(
     backend = RedisBackend.from_url(
         own_server.url, socket_timeout=0.5, connect_timeout=0.5
     )
-    started = threading.Event()
+    started, killed = threading.Event(), threading.Event()
 
     @cached_stampede_safe(
         key="k", backend=backend, base_delay=0.05, max_delay=0.1, lock_timeout=5
     )
     def f() -> str:
         started.set()
-        time.sleep(0.5)
+        killed.wait(10)  # computing until the server is gone
         return "v"
 
     results: list[str] = []
@@ -210,7 +214,9 @@ def test_nothing_hangs_when_the_server_vanishes_mid_stampede(
     for t in threads:
         t.start()
     assert started.wait(10)
+    wait_for_joiners(f, 49)  # every other thread waits on the computation
     own_server.kill()
+    killed.set()
     for t in threads:
         t.join(20)
     assert not any(t.is_alive() for t in threads)

@@ -12,6 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from _waiting import until_async
 from stampede_guard import Entry, MemoryBackend, StampedeStats, cached_stampede_safe
 from stampede_guard._context import Context, Policy, Via
 from stampede_guard._freshness import RefreshDue
@@ -321,19 +322,19 @@ def test_async_stale_value_is_served_and_refreshed_in_a_task() -> None:
     backend = MemoryBackend()
     backend.set("k", stale_entry("old"), 600)
     calls = Counter[str]()
+    served = asyncio.Event()
 
     @cached_stampede_safe(key="k", backend=backend, ttl=TTL, stale_ttl=600)
     async def f() -> str:
         calls["n"] += 1
-        await asyncio.sleep(0.05)
+        await served.wait()  # refreshing while all 50 are served, without it
         return "new"
 
     async def scenario() -> tuple[list[str], str]:
-        first = list(await asyncio.gather(*(f() for _ in range(50))))
-        for _ in range(200):
-            if calls["n"] and stored(backend) == "new":
-                break
-            await asyncio.sleep(0.01)
+        callers = asyncio.gather(*(f() for _ in range(50)))
+        first = list(await asyncio.wait_for(callers, 10))
+        served.set()
+        await until_async("the refresh", lambda: stored(backend) == "new")
         return first, await f()
 
     first, later = asyncio.run(scenario())

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from _waiting import until_async
 from stampede_guard import MemoryBackend, cached_stampede_safe
 from stampede_guard.testing import (
     Advance,
@@ -67,7 +68,7 @@ def test_stampede_of_tasks_counts_one_computation() -> None:
     @cached_stampede_safe(key="cold", backend=MemoryBackend(), ttl=60)
     @counted
     async def cold() -> str:
-        await asyncio.sleep(0.05)
+        await until_async("199 joiners", lambda: joiners(cold) == 199)
         return "v"
 
     result = stampede(cold, callers=200, using="tasks")

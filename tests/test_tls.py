@@ -21,8 +21,9 @@ from _servers import (
     start_data_server,
     unavailable,
 )
-from _waiting import Waiting
+from _waiting import Waiting, until_async
 from stampede_guard import AsyncRedisBackend, RedisBackend, cached_stampede_safe
+from stampede_guard.testing import joiners, wait_for_joiners
 
 pytestmark = [pytest.mark.redis, pytest.mark.timeout(60)]
 
@@ -89,7 +90,7 @@ def test_a_stampede_over_tls_computes_once_and_every_thread_is_served(
     @cached_stampede_safe(key="stampede:{city}", backend=backend)
     def weather(city: str) -> dict[str, str]:
         computed.append(city)
-        threading.Event().wait(0.2)  # the slow call: the others arrive meanwhile
+        wait_for_joiners(weather, 49, "oslo")  # the slow call: the others join it
         return {"city": city}
 
     results: list[object] = []
@@ -166,7 +167,7 @@ def test_asyncio_tasks_share_one_computation_over_tls(tls: TlsServer) -> None:
         @cached_stampede_safe(key="tasks:{n}", backend=backend)
         async def slow(n: int) -> int:
             computed.append(n)
-            await asyncio.sleep(0.1)
+            await until_async("199 joiners", lambda: joiners(slow, 7) == 199)
             return n * 2
 
         try:
