@@ -33,13 +33,15 @@ class Tally:
     errors: Counter[str] = field(default_factory=Counter)
     running: Counter[str] = field(default_factory=Counter)
     most_at_once: Counter[str] = field(default_factory=Counter)
-    mutex: threading.Lock = field(default_factory=threading.Lock)
+    # Held to count; notified on every count, for `Load.until_more`.
+    mutex: threading.Condition = field(default_factory=threading.Condition)
 
     def started(self, key: str) -> None:
         with self.mutex:
             self.computations[key] += 1
             self.running[key] += 1
             self.most_at_once[key] = max(self.most_at_once[key], self.running[key])
+            self.mutex.notify_all()
 
     def finished(self, key: str) -> None:
         with self.mutex:
@@ -51,6 +53,7 @@ class Tally:
                 self.served += 1
             else:
                 self.wrong.append((key, result))
+            self.mutex.notify_all()
 
     def error(self, exc: BaseException) -> None:
         with self.mutex:
@@ -189,6 +192,33 @@ class Load:
             except Exception as exc:
                 self.tally.error(exc)
                 self.stop.wait(0.05)  # a failing backend: do not spin
+
+    def until_more(self, served: int, computed: int = 0, within: float = 30.0) -> None:
+        """Wait until *served* more values were served and *computed* more computed.
+
+        The load has then run for a while, by what it did rather than by the clock:
+        with *computed* at least the number of keys, every key may have expired and
+        been computed again meanwhile.
+
+        Raises:
+            AssertionError: Not within *within* seconds.
+        """
+        tally = self.tally
+        with tally.mutex:
+            served += tally.served
+            computed += tally.computations.total()
+            if not tally.mutex.wait_for(
+                lambda: (
+                    tally.served >= served and tally.computations.total() >= computed
+                ),
+                within,
+            ):
+                msg = (
+                    f"the load served {tally.served} of {served} values and made "
+                    f"{tally.computations.total()} of {computed} computations "
+                    f"within {within} s"
+                )
+                raise AssertionError(msg)
 
     def __enter__(self) -> Self:
         for thread in self._threads:

@@ -368,8 +368,17 @@ def test_a_decoding_cluster_client_is_refused(cluster: Cluster) -> None:
 # --- Moving slots and failing over, under load -------------------------------------
 
 
-def _migrate(cluster: Cluster, slot: int, source: Server, target: Server) -> None:
-    """Move *slot* from *source* to *target*, a key at a time, as redis-cli reshard does."""
+def _migrate(
+    cluster: Cluster,
+    slot: int,
+    source: Server,
+    target: Server,
+    meanwhile: Callable[[], None],
+) -> None:
+    """Move *slot* from *source* to *target*, a key at a time, as redis-cli reshard does.
+
+    *meanwhile* runs after each key moved, while the slot is half-moved.
+    """
     source_id, target_id = cluster.node_id(source), cluster.node_id(target)
     with source.client() as src, target.client() as dst:
         dst.execute_command("CLUSTER SETSLOT", slot, "IMPORTING", source_id)
@@ -381,7 +390,7 @@ def _migrate(cluster: Cluster, slot: int, source: Server, target: Server) -> Non
             src.execute_command(
                 "MIGRATE", "127.0.0.1", target.port, "", 0, 5000, "KEYS", *keys
             )
-            time.sleep(0.05)  # keep the slot half-moved for a while, under load
+            meanwhile()  # keep the slot half-moved for a while, under load
         for server in cluster.masters:
             with server.client() as client:
                 client.execute_command("CLUSTER SETSLOT", slot, "NODE", target_id)
@@ -402,9 +411,9 @@ def test_moving_a_slot_under_load_serves_no_wrong_value(
     source = owner(cluster, codec.value_key(keys[0]))
     target = next(server for server in cluster.masters if server is not source)
     with Load([backends(), backends()], keys, threads=3) as load:
-        time.sleep(0.5)
-        _migrate(cluster, slot, source, target)
-        time.sleep(0.5)
+        load.until_more(served=50)  # under way
+        _migrate(cluster, slot, source, target, lambda: load.until_more(served=10))
+        load.until_more(served=50, computed=len(keys))  # and on after the move
     assert owner(cluster, codec.value_key(keys[0])) is target
     tally = load.tally
     assert tally.wrong == []
@@ -435,13 +444,14 @@ def test_a_master_failover_under_load_serves_no_wrong_value(
         ]
         try:
             with Load(made, keys, threads=3) as load:
-                time.sleep(0.5)
+                load.until_more(served=50)  # under way
                 doomed.kill()
                 wait_for("the replica's promotion", lambda: _is_master(replica))
                 wait_for("cluster_state:ok", cluster.state_ok)
                 errors_at_promotion = sum(load.tally.errors.values())
                 served_at_promotion = load.tally.served
-                time.sleep(1.5)
+                # Values served, and every key computed again, after the promotion.
+                load.until_more(served=50, computed=len(keys))
             tally = load.tally
             assert tally.wrong == []
             assert set(tally.errors) <= {"BackendError"}
@@ -449,7 +459,7 @@ def test_a_master_failover_under_load_serves_no_wrong_value(
             # Once the cluster is whole again, the client has followed the failover.
             after = Load(made, keys, threads=1)
             with after:
-                time.sleep(0.5)
+                after.until_more(served=50)
             assert after.tally.errors == {}
             assert after.tally.wrong == []
             assert after.tally.served > 0

@@ -6,7 +6,6 @@ The servers are private loopback processes started by this module and stopped by
 from __future__ import annotations
 
 import asyncio
-import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -190,11 +189,12 @@ def test_a_failover_under_load_serves_no_wrong_value(sentinels: SentinelSet) -> 
     keys = [f"key:{n}" for n in range(4)]
     try:
         with Load(made, keys, threads=3) as load:
-            time.sleep(0.5)
+            load.until_more(served=50)  # under way
             sentinels.master.kill()
             wait_for("the replica's promotion", lambda: _is_master(sentinels.replica))
             served_at_promotion = load.tally.served
-            time.sleep(1.5)
+            # Values served, and every key computed again, by the new master.
+            load.until_more(served=50, computed=len(keys))
         tally = load.tally
         assert tally.wrong == []
         assert set(tally.errors) <= {"BackendError"}
