@@ -2,6 +2,11 @@
 
 A spawned child imports this module by name: the test puts this directory on
 ``sys.path`` before spawning, and multiprocessing hands the parent's ``sys.path`` on.
+
+A stampede's computation holds until every caller is waiting on it: the other
+threads of its process have joined its call, and every process's first caller has
+had its get-or-lock answered (each counts its Miss in Redis; a caller that joined
+reports its Miss only once served).
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ import asyncio
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.queues import Queue
 from multiprocessing.synchronize import Event
@@ -17,9 +23,12 @@ from multiprocessing.synchronize import Event
 import redis
 import redis.asyncio
 
+from _waiting import until, until_async
 from stampede_guard import AsyncRedisBackend, RedisBackend, cached_stampede_safe
+from stampede_guard.metrics import Event as MetricsEvent
+from stampede_guard.metrics import Miss
+from stampede_guard.testing import joiners, wait_for_joiners
 
-COMPUTE_SECONDS = 0.5
 RELEASE_TIMEOUT = 30.0
 
 # ("ok", value) or ("error", "ExceptionType: message"), one per call.
@@ -44,11 +53,32 @@ class Job:
     threads: int
     fail_first: bool
     tasks: bool = False
+    processes: int = 1  # how many workers run this job: each has one caller at the lock
 
 
 def calls_key(prefix: str) -> str:
     """Return the Redis key counting computations across all processes."""
     return f"{prefix}:calls"
+
+
+def misses_key(prefix: str) -> str:
+    """Return the Redis key counting the Misses of all processes."""
+    return f"{prefix}:misses"
+
+
+def count_misses(counter: redis.Redis, prefix: str) -> Callable[[MetricsEvent], None]:
+    """Return a metrics hook counting every Miss in Redis."""
+
+    def hook(event: MetricsEvent, /) -> None:
+        if isinstance(event, Miss):
+            counter.incr(misses_key(prefix))
+
+    return hook
+
+
+def every_process_at_the_lock(counter: redis.Redis, job: Job) -> Callable[[], bool]:
+    """Return whether every process's first caller has had its get-or-lock answered."""
+    return lambda: int(counter.get(misses_key(job.prefix)) or 0) >= job.processes
 
 
 def stampede(job: Job, ready: Queue[int], go: Event, reports: Queue[Report]) -> None:
@@ -66,11 +96,18 @@ def stampede(job: Job, ready: Queue[int], go: Event, reports: Queue[Report]) -> 
     counter = redis.Redis.from_url(job.url, socket_timeout=5)
 
     @cached_stampede_safe(
-        key="cold", backend=backend, ttl=60, lock_timeout=10, max_delay=0.2
+        key="cold",
+        backend=backend,
+        ttl=60,
+        lock_timeout=10,
+        max_delay=0.2,
+        metrics=count_misses(counter, prefix),
     )
     def compute() -> dict[str, int]:
         n = int(counter.incr(calls_key(prefix)))
-        time.sleep(COMPUTE_SECONDS)  # the work: every other caller arrives meanwhile
+        # The work lasts until every other caller waits on it (see the module).
+        wait_for_joiners(compute, job.threads - 1)
+        until("every process at the lock", every_process_at_the_lock(counter, job))
         if job.fail_first and n == 1:
             msg = f"computation {n} fails"
             raise FirstCallFailsError(msg)
@@ -112,13 +149,25 @@ async def _stampede_tasks(
     prefix = job.prefix
     backend = AsyncRedisBackend.from_url(job.url, prefix=prefix)
     counter = redis.asyncio.Redis.from_url(job.url, socket_timeout=5)
+    # For the metrics hook and the look at the misses, which are not awaited.
+    sync_counter = redis.Redis.from_url(job.url, socket_timeout=5)
+    at_the_lock = every_process_at_the_lock(sync_counter, job)
 
     @cached_stampede_safe(
-        key="cold", backend=backend, ttl=60, lock_timeout=10, max_delay=0.2
+        key="cold",
+        backend=backend,
+        ttl=60,
+        lock_timeout=10,
+        max_delay=0.2,
+        metrics=count_misses(sync_counter, prefix),
     )
     async def compute() -> dict[str, int]:
         n = int(await counter.incr(calls_key(prefix)))
-        await asyncio.sleep(COMPUTE_SECONDS)
+        # The work lasts until every other caller waits on it (see the module).
+        await until_async(
+            "every task joining", lambda: joiners(compute) == job.threads - 1
+        )
+        await until_async("every process at the lock", at_the_lock)
         if job.fail_first and n == 1:
             msg = f"computation {n} fails"
             raise FirstCallFailsError(msg)
@@ -150,6 +199,7 @@ async def _stampede_tasks(
     )
     await backend.aclose()
     await counter.aclose()
+    sync_counter.close()
 
 
 def compute_forever(url: str, prefix: str, started: Event) -> None:
@@ -161,7 +211,7 @@ def compute_forever(url: str, prefix: str, started: Event) -> None:
     def job() -> str:
         counter.incr(f"{prefix}:computations")
         started.set()
-        time.sleep(60)
+        time.sleep(60)  # hung: the test kills this process meanwhile
         return "from-killed-leader"
 
     job()

@@ -65,7 +65,7 @@ def run_stampede(
         ctx.Process(
             target=workers.stampede,
             args=(
-                workers.Job(url, prefix, THREADS, fail_first, tasks),
+                workers.Job(url, prefix, THREADS, fail_first, tasks, PROCESSES),
                 ready,
                 go,
                 reports,

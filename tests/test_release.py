@@ -216,7 +216,7 @@ def test_the_wheel_installs_in_a_fresh_venv_and_runs(
     script.write_text(
         textwrap.dedent(
             f"""
-            import importlib.metadata, sys, threading, time
+            import importlib.metadata, sys, threading
 
             import stampede_guard
             from stampede_guard import MemoryBackend, StampedeStats, cached_stampede_safe
@@ -227,15 +227,23 @@ def test_the_wheel_installs_in_a_fresh_venv_and_runs(
 
             calls = 0
             stats = StampedeStats()
+            # stampede_guard.testing (wait_for_joiners) needs pytest, absent here: the
+            # computation holds until every thread has at least begun its call.
+            arrived = threading.Semaphore(0)
 
             @cached_stampede_safe(key="report:{{day}}", backend=MemoryBackend(), metrics=stats)
             def report(day: str) -> dict[str, object]:
                 global calls
                 calls += 1
-                time.sleep(0.2)
+                for _ in range(50):
+                    assert arrived.acquire(timeout=10)
                 return {{"day": day}}
 
-            threads = [threading.Thread(target=report, args=("mon",)) for _ in range(50)]
+            def call() -> None:
+                arrived.release()
+                report("mon")
+
+            threads = [threading.Thread(target=call) for _ in range(50)]
             for t in threads:
                 t.start()
             for t in threads:
