@@ -102,9 +102,14 @@ def test_stampede_of_processes_computes_once_across_them(
     monkeypatch.syspath_prepend(str(Path(__file__).parent))
     sys.modules.pop("_stampede_worker", None)  # its backend is made from the env above
     worker = importlib.import_module("_stampede_worker")
-    result = stampede(worker.cold_report, callers=40, using="processes", processes=4)
+    result = stampede(
+        worker.cold_report,
+        callers=worker.CALLERS,
+        using="processes",
+        processes=worker.PROCESSES,
+    )
     assert result.errors == []
-    assert result.results == ["the report"] * 40
+    assert result.results == ["the report"] * worker.CALLERS
     assert result.computations == 1
 
 
