@@ -108,7 +108,7 @@ def test_a_host_an_hour_ahead_stamps_entries_by_the_servers_clock(
     try:
         assert cached(ahead, "from the host ahead")() == "from the host ahead"
         monkeypatch.setattr(time, "time", real)
-        time.sleep(TTL * 1.5)
+        time.sleep(TTL * 1.5)  # past ttl on the server's clock, within the stale window
         reader = cached(right, "from the right host")
         assert reader() == "from the right host", "past its ttl: refreshed"
         assert _refreshes(events) == ["stale"]

@@ -315,7 +315,7 @@ def test_an_async_callable_object_is_awaited_and_a_generator_one_refused() -> No
 
     class Double:
         async def __call__(self, x: int) -> int:
-            await asyncio.sleep(0)
+            await asyncio.sleep(0)  # a real suspension: the object must be awaited
             return 2 * x
 
     class Numbers:
