@@ -20,9 +20,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Self
 
+from _waiting import until_async
 from stampede_guard import AsyncRedisBackend, RedisBackend, cached_stampede_safe
 from stampede_guard.metrics import Event, Miss
-from stampede_guard.testing import wait_for_joiners
+from stampede_guard.testing import joiners, wait_for_joiners
 
 TIMEOUT_S = 30.0
 
@@ -152,20 +153,26 @@ async def async_stampede(
     keys: Sequence[str],
     *,
     tasks_per_key: int = 2,
-    compute_seconds: float = 0.2,
 ) -> Tally:
     """`stampede` with asyncio tasks of one loop over each backend."""
     tally = Tally()
 
     def function(backend: AsyncRedisBackend) -> Callable[[str], Any]:
-        @cached_stampede_safe(key="{key}", backend=backend, ttl=60)
+        @cached_stampede_safe(
+            key="{key}", backend=backend, ttl=60, metrics=tally.missed
+        )
         async def compute(key: str) -> str:
             tally.started(key)
             try:
-                # Kept for now: held only until every caller waits (as `stampede`
-                # does), the computations end while the listener is subscribing,
-                # and AsyncRedisBackend.aclose() on a cluster then takes 30 s.
-                await asyncio.sleep(compute_seconds)
+                # Held, as `stampede` does, until this backend's other callers
+                # joined and every backend's first caller reached the lock.
+                await until_async(
+                    f"every caller of {key} waiting",
+                    lambda: (
+                        joiners(compute, key) >= tasks_per_key - 1
+                        and tally.misses[key] >= len(backends)
+                    ),
+                )
                 return value_of(key)
             finally:
                 tally.finished(key)

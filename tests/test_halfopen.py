@@ -551,3 +551,43 @@ def test_asyncio_waiters_arriving_while_the_connection_is_dead_do_not_wait(
 
     asyncio.run(scenario())
     assert len(warnings_of(caplog)) == 1
+
+
+class CancelSwallowingPubSub(FakeAsyncPubSub):
+    """Its first SUBSCRIBE hangs, then loses the cancellation that ends it.
+
+    As Python 3.11's ``wait_for`` does when the cancellation lands just as what it
+    awaits finishes: the task goes on as if nothing had happened.
+    """
+
+    entered: asyncio.Event
+
+    async def subscribe(self, channel: str) -> None:  # type: ignore[override]
+        self.entered.set()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.Event().wait()  # until cancelled
+        await super().subscribe(channel)
+
+
+@pytest.mark.timeout(30)
+def test_stopping_the_asyncio_listener_survives_a_lost_cancellation() -> None:
+    """stop() also asks the task to stop: a lost cancellation cannot keep it running."""
+
+    async def main() -> None:
+        CancelSwallowingPubSub.entered = asyncio.Event()
+        connections = Connections(0, CancelSwallowingPubSub)
+        listener = AsyncListener(connections, RedisCodec("t", None))
+        waiter = asyncio.create_task(listener.subscribe("k"))
+        await asyncio.wait_for(CancelSwallowingPubSub.entered.wait(), BOUND)
+        task = listener._task
+        assert task is not None
+        stopping = asyncio.create_task(listener.stop())
+        done, _ = await asyncio.wait({stopping, task}, timeout=BOUND)  # cancels neither
+        if stopping not in done:
+            task.cancel()  # a second cancellation: so that the test can end
+            pytest.fail("stop() hung: the task went on listening")
+        assert task.done()
+        assert connections.opened[0].closed
+        await asyncio.wait_for(waiter, BOUND)  # it polls: no confirmation came
+
+    asyncio.run(main())

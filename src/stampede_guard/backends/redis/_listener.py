@@ -245,6 +245,7 @@ class AsyncListener:
         self._hub = Hub(codec, clock)
         self._requests: asyncio.Queue[tuple[bool, str] | None] | None = None
         self._task: asyncio.Task[None] | None = None
+        self._stopping = False
 
     async def subscribe(self, key: str) -> _AsyncSubscription:
         """Subscribe to notices about *key*; wait (briefly) until the server confirms.
@@ -256,6 +257,7 @@ class AsyncListener:
             return subscription  # nothing to listen with: it hears nothing, so it polls
         if self._task is None or self._task.done():
             self._requests = asyncio.Queue()
+            self._stopping = False
             self._task = asyncio.get_running_loop().create_task(self._run())
         assert self._requests is not None  # noqa: S101 - made with the task
         if self._hub.add(subscription):
@@ -272,11 +274,20 @@ class AsyncListener:
             self._requests.put_nowait((False, subscription.channel))
 
     async def stop(self) -> None:
-        """Stop the task (it also stops by itself after a while with nothing to do)."""
-        if self._task is not None and not self._task.done():
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        """Stop the task (it also stops by itself after a while with nothing to do).
+
+        The cancellation is backed by a request to stop: a cancellation can be lost
+        (Python 3.11's ``wait_for`` drops one that lands as its awaitable finishes),
+        and the task would then sit out its 30 s idle wait. Bounded either way.
+        """
+        task = self._task
+        if task is not None and not task.done():
+            self._stopping = True
+            if self._requests is not None:
+                self._requests.put_nowait(None)
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, TimeoutError):
+                await asyncio.wait_for(asyncio.shield(task), _CONFIRM + _CLOSE)
         self._task = None
 
     async def _run(self) -> None:
@@ -297,6 +308,8 @@ class AsyncListener:
                     # Bounded: closing must not hang on the connection it gives up.
                     with contextlib.suppress(Exception):
                         await asyncio.wait_for(asyncio.shield(pubsub.aclose()), _CLOSE)
+            if self._stopping:
+                return
             if serving:
                 await asyncio.sleep(_RETRY)
             # A subscriber may have come while the connection was closing.
