@@ -11,6 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from stampede_guard import Backend, MemoryBackend, RedisBackend, cached_stampede_safe
+from stampede_guard.testing import wait_for_joiners
 
 
 def stampede(
@@ -96,7 +97,7 @@ def test_a_new_ttl_window_computes_once_more() -> None:
     def f() -> int:
         with guard:
             calls["n"] += 1
-        threading.Event().wait(0.05)
+        wait_for_joiners(f, 29)  # one stampede per burst: the others all join it
         return calls["n"]
 
     def burst() -> set[int]:

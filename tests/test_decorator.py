@@ -24,6 +24,7 @@ from stampede_guard._cache_options import DEFAULTS
 from stampede_guard._context import Policy
 from stampede_guard._decorator import Decorator
 from stampede_guard._options import validated_policy
+from stampede_guard.testing import wait_for_joiners
 
 
 def counting(backend: MemoryBackend, **options: Any) -> tuple[Any, list[str]]:
@@ -298,8 +299,8 @@ def test_leader_failure_is_shared_with_the_callers_that_joined_it() -> None:
         nonlocal calls
         calls += 1
         first_started.set()
-        threading.Event().wait(0.2)
         if calls == 1:
+            wait_for_joiners(f, 20)  # the failure reaches every caller that joined
             raise boom
         return calls
 
@@ -346,7 +347,7 @@ def test_waiters_of_a_dead_holder_wait_for_the_next_leader_instead_of_all_comput
         nonlocal computations
         with guard:
             computations += 1
-        threading.Event().wait(0.2)
+        wait_for_joiners(f, 9)  # the other callers wait on this one, not on the lock
         return "v"
 
     assert backend.get_or_lock("k", "dead-holder", 0.3) == "dead-holder"
@@ -383,7 +384,7 @@ def test_lease_shorter_than_the_computation_costs_two_computations_not_one_per_w
         nonlocal computations
         with guard:
             computations += 1
-        threading.Event().wait(0.5)
+        threading.Event().wait(0.5)  # under test: a computation longer than its lease
         return "v"
 
     copies = [

@@ -18,6 +18,7 @@ from stampede_guard.metrics import (
     Miss,
     Timeout,
 )
+from stampede_guard.testing import wait_for_joiners
 
 
 def test_events_of_a_miss_then_a_hit() -> None:
@@ -136,7 +137,7 @@ def test_stats_count_a_threaded_stampede_exactly() -> None:
         key="k", backend=MemoryBackend(), metrics=stats, base_delay=0.01, max_delay=0.05
     )
     def f() -> int:
-        threading.Event().wait(0.2)
+        wait_for_joiners(f, 49)  # every other caller shares this computation
         return 1
 
     def call() -> None:

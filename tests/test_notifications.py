@@ -19,6 +19,7 @@ from stampede_guard import (
     RedisBackend,
     cached_stampede_safe,
 )
+from stampede_guard.testing import wait_for_joiners
 
 # Waiters that only polled would sleep this long between looks: a test that finishes
 # well within its timeout proves that a notice woke them.
@@ -267,7 +268,7 @@ def test_a_stampede_in_one_process_costs_at_most_twelve_redis_commands(
 
     @cached_stampede_safe(key="k", backend=backend)
     def f() -> str:
-        threading.Event().wait(0.2)
+        wait_for_joiners(f, 199)  # one stampede: every other caller shares this call
         return "v"
 
     @cached_stampede_safe(key="warm", backend=backend)
