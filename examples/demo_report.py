@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from demo_load import WAITING_ROLES, Record, RunResult
+from demo_weather_api import ServerErrors
 from rich import box
 from rich.console import Console
 from rich.table import Table
@@ -21,7 +22,10 @@ from rich.text import Text
 from stampede_guard import StatsSnapshot
 
 __all__ = [
+    "Check",
     "Summary",
+    "checks",
+    "plural",
     "render_cost",
     "render_requests",
     "render_table",
@@ -65,6 +69,14 @@ class Summary:
     latency: float
     api_call_seconds: float | None
     stats: StatsSnapshot | None
+    errors: dict[str, int]  # the failed requests' errors, "Type: message" to how many
+    disconnects: int  # clients the server saw hang up before their answer
+    server_errors: dict[str, int]  # what else failed inside the server
+
+    @property
+    def protected(self) -> bool:
+        """Return whether the run went through the decorator (it has StampedeStats)."""
+        return self.stats is not None
 
     @property
     def reduction_pct(self) -> float:
@@ -91,6 +103,11 @@ class Summary:
         """Return whether no city got more than one API call: the stampede was prevented."""
         return self.most_calls_for_a_city <= 1
 
+    @property
+    def held(self) -> bool:
+        """Return whether protection held: at most one call a city, no request failed."""
+        return self.success and not self.failed
+
 
 def percentile(values: Sequence[float], pct: float) -> float:
     """Return the nearest-rank *pct* percentile of *values* (not empty)."""
@@ -100,11 +117,15 @@ def percentile(values: Sequence[float], pct: float) -> float:
 
 
 def summarize(
-    result: RunResult, calls_per_city: dict[str, int], latency: float
+    result: RunResult,
+    calls_per_city: dict[str, int],
+    latency: float,
+    server: ServerErrors | None = None,
 ) -> Summary:
     """Return the stampede figures for *result*.
 
-    *calls_per_city* is the server's count, and *latency* how long it takes to answer.
+    *calls_per_city* is the server's count, *latency* how long it takes to answer,
+    and *server* what went wrong inside it during this run.
     """
     records = result.records
     api_calls = [r.compute for r in records if r.compute > 0]
@@ -128,10 +149,22 @@ def summarize(
         latency=latency,
         api_call_seconds=statistics.median(api_calls) if api_calls else None,
         stats=stats,
+        errors=dict(collections.Counter(r.error for r in records if r.error)),
+        disconnects=0 if server is None else server.disconnects,
+        server_errors={} if server is None else server.errors(),
     )
 
 
 # --- formatting -------------------------------------------------------------------------
+
+
+def plural(count: int, noun: str, nouns: str | None = None) -> str:
+    """Return ``"1 API call"``, ``"3 API calls"``, ``"1,000 requests"``: *count* and its noun.
+
+    *nouns* is the plural when it is not *noun* with an ``s``.
+    """
+    word = noun if count == 1 else nouns or f"{noun}s"
+    return f"{count:,} {word}"
 
 
 def _count(value: int | None) -> str:
@@ -151,12 +184,29 @@ def ms(seconds: float | None) -> str:
 
 @dataclass(frozen=True, slots=True)
 class _Row:
-    """A row of the table: how to show a run's figure, and its target if any."""
+    """A row of the table: how to show a run's figure, and its target if any.
+
+    A *protection* row is what the exit status judges (at most one API call a city,
+    no failed request); the other targets are reported, in the table and in the
+    verdict, but do not change the exit status.
+    """
 
     name: str
     show: Callable[[Summary], str]
     target: str = ""
     passes: Callable[[Summary], bool | None] | None = None
+    protection: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Check:
+    """A protected run's figure against its target."""
+
+    name: str
+    shown: str
+    target: str
+    passed: bool
+    protection: bool  # True: the exit status depends on it
 
 
 _ROWS = (
@@ -195,8 +245,15 @@ _ROWS = (
         lambda s: "yes" if s.success else "no",
         "<= 1 call a city",
         lambda s: s.success,
+        protection=True,
     ),
-    _Row("failed requests", lambda s: _count(s.failed)),
+    _Row(
+        "failed requests",
+        lambda s: _count(s.failed),
+        "0",
+        lambda s: s.failed == 0,
+        protection=True,
+    ),
     _Row("wall time", lambda s: f"{s.wall_seconds:.2f} s"),
 )
 
@@ -210,20 +267,41 @@ def _mark(console: Console, *, passed: bool | None) -> Text:
     return Text("✗ FAIL" if fancy else "FAIL", style="bold red")
 
 
+def checks(summary: Summary) -> list[Check]:
+    """Return *summary*'s figures against their targets, as the table marks them."""
+    found: list[Check] = []
+    for row in _ROWS:
+        passed = row.passes(summary) if row.passes else None
+        if passed is not None:
+            found.append(
+                Check(row.name, row.show(summary), row.target, passed, row.protection)
+            )
+    return found
+
+
 def render_table(console: Console, summaries: Sequence[Summary]) -> None:
-    """Print the stampede figures of each run side by side, the last one checked."""
-    checked = summaries[-1]
+    """Print the stampede figures of each run side by side, a protected one checked.
+
+    Only a protected run has targets: without one (--no-protection) the table shows
+    the figures alone.
+    """
+    checked = summaries[-1] if summaries[-1].protected else None
     table = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False)
     table.add_column("")
     for summary in summaries:
         table.add_column(summary.name, justify="right")
-    table.add_column(f"target ({checked.name})")
-    table.add_column("")
+    if checked is not None:
+        table.add_column(f"target ({checked.name})")
+        table.add_column("")
     for row in _ROWS:
-        passed = row.passes(checked) if row.passes else None
+        shown = [row.show(s) for s in summaries]
+        passed = row.passes(checked) if row.passes and checked else None
+        if checked is None:
+            table.add_row(row.name, *shown)
+            continue
         table.add_row(
             row.name,
-            *(row.show(s) for s in summaries),
+            *shown,
             row.target if passed is not None else "",
             _mark(console, passed=passed),
         )
@@ -254,13 +332,14 @@ def _notes(summaries: Sequence[Summary]) -> list[str]:
         stats = s.stats
         if stats is not None and stats.computations != s.api_calls:
             notes.append(
-                f"StampedeStats counted {stats.computations} computations in the "
-                f"{s.name} run; the server received {s.api_calls} requests."
+                f"StampedeStats counted {plural(stats.computations, 'computation')} "
+                f"in the {s.name} run; the server received "
+                f"{plural(s.api_calls, 'request')}."
             )
         if stats is not None and stats.requests != s.requests:
             notes.append(
-                f"StampedeStats counted {stats.requests} requests in the {s.name} "
-                f"run; the demo made {s.requests}."
+                f"StampedeStats counted {plural(stats.requests, 'request')} in the "
+                f"{s.name} run; the demo made {s.requests:,}."
             )
         if s.api_calls == 0:
             notes.append(
@@ -268,17 +347,15 @@ def _notes(summaries: Sequence[Summary]) -> list[str]:
                 "(a warm cache, not a stampede). Add --flush to start cold."
             )
         elif stats is None and 0 < s.api_calls < s.concurrent:
+            found = s.concurrent - s.api_calls
             notes.append(
-                f"{s.concurrent - s.api_calls:,} of the {s.concurrent:,} concurrent "
-                f"unprotected requests found a value: they reached the cache only "
-                "after the first API answers were stored (the threads take turns "
+                f"{found:,} of the {s.concurrent:,} concurrent unprotected requests "
+                f"found a value: {'it' if found == 1 else 'they'} reached the cache "
+                "only after the first API answers were stored (the threads take turns "
                 "on the CPU, and on Redis share a pool of connections). Every one "
                 "that missed called the API."
             )
-        if s.failed:
-            notes.append(
-                f"{s.failed:,} {s.name} requests failed (-v shows each one's error)."
-            )
+        notes.extend(_failure_notes(s))
     # Only the protected run's waits are checked, so only its API calls matter here.
     for s in summaries:
         took = s.api_call_seconds
@@ -292,6 +369,30 @@ def _notes(summaries: Sequence[Summary]) -> list[str]:
             "queueing, since a waiter cannot be served before the API call returns. "
             "Spread the load with --processes N --redis-url URL, or use fewer "
             "--threads."
+        )
+    return notes
+
+
+def _failure_notes(s: Summary) -> list[str]:
+    """Return what failed in run *s*: its requests, and inside the weather API."""
+    notes: list[str] = []
+    if s.failed:
+        common = sorted(s.errors.items(), key=lambda item: -item[1])[:3]
+        causes = "; ".join(f"{error} ({n:,})" for error, n in common)
+        notes.append(
+            f"{s.failed:,} of the {plural(s.requests, s.name + ' request')} "
+            f"failed: {causes}. -v shows each one."
+        )
+    if s.disconnects:
+        notes.append(
+            f"in the {s.name} run, the weather API saw "
+            f"{plural(s.disconnects, 'client')} hang up before "
+            f"{'its' if s.disconnects == 1 else 'their'} answer."
+        )
+    for error, n in sorted(s.server_errors.items(), key=lambda item: -item[1])[:3]:
+        notes.append(
+            f"in the {s.name} run, the weather API failed to serve "
+            f"{plural(n, 'connection')}: {error}."
         )
     return notes
 
@@ -322,14 +423,14 @@ def render_cost(console: Console, summaries: Sequence[Summary]) -> None:
         cost = calls * EXAMPLE_COST_PER_CALL
         table.add_row(
             f"  {name}",
-            f"{calls:,.0f} calls a day",
+            f"{plural(round(calls), 'call')} a day",
             f"${cost:,.2f} a day",
             f"${cost * DAYS_PER_YEAR:,.0f} a year",
         )
     saved = (without - with_) * EXAMPLE_COST_PER_CALL
     table.add_row(
         "  savings",
-        f"{without - with_:,.0f} fewer calls",
+        f"{plural(round(without - with_), 'fewer call')}",
         f"${saved:,.2f} a day",
         Text(f"${saved * DAYS_PER_YEAR:,.0f} a year", style="bold"),
     )
