@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
+import sys
 import threading
 import uuid
 from collections import Counter
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any, Literal
 
 import pytest
+from asgiref.sync import async_to_sync, sync_to_async
+from asgiref.sync import iscoroutinefunction as asgiref_iscoroutinefunction
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -175,6 +179,7 @@ def test_decorated_coroutine_function_stays_awaitable_and_typed_as_async() -> No
         return x * 2
 
     wrapped = cached_stampede_safe(backend=MemoryBackend())(original)
+    assert inspect.iscoroutinefunction(wrapped)
     assert inspect.iscoroutinefunction(wrapped.__call__)
     assert wrapped.__wrapped__ is original
     assert wrapped.__doc__ == "Doc."
@@ -221,6 +226,93 @@ def test_async_methods_bind_self_for_calls_and_helpers() -> None:
 
     run(scenario())
     assert inspect.iscoroutinefunction(repo.find.__call__)
+
+
+class Endpoint:
+    """A callable object with an async ``__call__``, as some views are."""
+
+    async def __call__(self, x: int) -> int:
+        return x
+
+
+def _decorated_coroutine_functions() -> list[object]:
+    @cached_stampede_safe(backend=MemoryBackend())
+    async def plain(x: int, y: int = 2) -> int:
+        return x + y
+
+    endpoint = cached_stampede_safe(backend=MemoryBackend(), key="ep:{x}")(Endpoint())
+    return [plain, Repo.find, Repo(1).find, endpoint, functools.partial(plain, 1)]
+
+
+def _is_coroutine_function_to_every_check(fn: object) -> list[str]:
+    """Return the names of the coroutine-function checks that *fn* fails."""
+    checks: dict[str, Callable[[Any], bool]] = {
+        "inspect": inspect.iscoroutinefunction,
+        "asgiref": asgiref_iscoroutinefunction,
+    }
+    if sys.version_info < (3, 14):  # deprecated in 3.14
+        checks["asyncio"] = asyncio.iscoroutinefunction
+    return [name for name, check in checks.items() if not check(fn)]
+
+
+def test_decorated_async_functions_are_coroutine_functions_to_every_check() -> None:
+    """Functions, methods (bound or not), async callables and partials pass every check."""
+    for fn in _decorated_coroutine_functions():
+        assert _is_coroutine_function_to_every_check(fn) == [], fn
+
+
+def test_decorated_sync_functions_are_not_coroutine_functions() -> None:
+    """A sync function stays sync to every check, method or not."""
+
+    @cached_stampede_safe(backend=MemoryBackend())
+    def plain(x: int) -> int:
+        return x
+
+    class Sync:
+        @cached_stampede_safe(backend=MemoryBackend())
+        def find(self, x: int) -> int:
+            return x
+
+    for fn in (plain, Sync.find, Sync().find):
+        assert not inspect.iscoroutinefunction(fn)
+        assert not asgiref_iscoroutinefunction(fn)
+
+
+def test_decorated_async_functions_keep_their_signature_for_introspection() -> None:
+    """inspect.signature sees the function's own parameters, self dropped when bound."""
+    plain, unbound, bound, endpoint, partial = _decorated_coroutine_functions()
+
+    def names(fn: Any, *, follow_wrapped: bool = True) -> list[str]:
+        return list(inspect.signature(fn, follow_wrapped=follow_wrapped).parameters)
+
+    assert names(plain) == names(plain, follow_wrapped=False) == ["x", "y"]
+    assert names(unbound) == ["self", "x"]
+    assert names(bound) == ["x"]
+    assert names(endpoint) == ["x"]
+    assert names(partial) == ["y"]
+
+
+def test_asgiref_runs_a_decorated_view_as_async_and_caches_it() -> None:
+    """asgiref (Django's bridge) awaits the decorated method in the loop, not a thread."""
+    loops: list[asyncio.AbstractEventLoop] = []
+
+    class View:
+        @cached_stampede_safe(key="view:{x}", backend=MemoryBackend())
+        async def get(self, x: int) -> int:
+            loops.append(asyncio.get_running_loop())
+            return x * 2
+
+    view = View()
+
+    async def scenario() -> list[int]:
+        # SyncToAsync refuses a coroutine function; AsyncToSync runs it in its loop.
+        with pytest.raises(TypeError, match="only be applied to sync functions"):
+            sync_to_async(view.get)
+        return [await view.get(2), await view.get(2)]
+
+    assert run(scenario()) == [4, 4]
+    assert async_to_sync(view.get)(2) == 4
+    assert len(loops) == 1
 
 
 def test_wrong_backend_kind_fails_at_decoration_time(redis_url: str) -> None:

@@ -132,7 +132,8 @@ class _AsyncCached(Generic[P, R]):
         context: Context,
     ) -> None:
         functools.update_wrapper(self, fn)
-        _mark_coroutine_function(self)
+        self.__code__, self.__defaults__, self.__kwdefaults__ = _function_face(fn)
+        self.__name__: str = getattr(fn, "__name__", type(fn).__name__)
         self._fn = fn
         self._keys = keys
         self._backend = backend
@@ -248,20 +249,41 @@ class _Bound:
 
 
 class _AsyncBound(_Bound):
-    """`_Bound` whose call is a coroutine function, so frameworks see it as async."""
+    """`_Bound` that is a coroutine function to `inspect`, as `_AsyncCached` is."""
 
     __slots__ = ()
 
     async def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return await self._cached(self._instance, *args, **kwargs)
 
+    # See `_function_face`: the code of the coroutine that a call runs.
+    __code__ = __call__.__code__
+    __defaults__ = None
+    __kwdefaults__ = None
 
-def _mark_coroutine_function(obj: object) -> None:
-    # Frameworks ask inspect.iscoroutinefunction() whether to await an endpoint.
-    # Python 3.12 lets an object say so; before, they look at its async __call__.
-    mark = getattr(inspect, "markcoroutinefunction", None)
-    if mark is not None:
-        mark(obj)
+    @property
+    def __name__(self) -> str:
+        return self.__wrapped__.__name__
+
+
+FunctionFace = tuple[types.CodeType, tuple[Any, ...] | None, dict[str, Any] | None]
+
+
+def _function_face(fn: Callable[..., Any]) -> FunctionFace:
+    """Return the ``__code__``, ``__defaults__`` and ``__kwdefaults__`` for *fn*'s wrapper.
+
+    Frameworks ask ``inspect.iscoroutinefunction`` whether to await a callable (so do
+    ``asyncio.iscoroutinefunction`` and asgiref's, which Django uses). For an object
+    it says True only if the object looks like a function whose code has the coroutine
+    flag: a ``__name__`` (a callable object's is its class's), a ``__code__``, and ``__defaults__``/``__kwdefaults__`` of the
+    right types. ``markcoroutinefunction`` would do on 3.12+, but not on 3.11. So the
+    wrapper carries *fn*'s own (which also keeps ``inspect.signature(...,
+    follow_wrapped=False)`` true), or, for a callable that is not a plain function,
+    those of the wrapper's own coroutine, `_AsyncCached.__call__`.
+    """
+    if inspect.isfunction(fn) and fn.__code__.co_flags & inspect.CO_COROUTINE:
+        return fn.__code__, fn.__defaults__, fn.__kwdefaults__
+    return _AsyncCached.__call__.__code__, None, None
 
 
 def make_sync(
