@@ -293,6 +293,8 @@ def test_from_url_with_cluster_builds_a_cluster_client_with_short_timeouts(
         assert options["socket_timeout"] == 0.3
         assert options["socket_connect_timeout"] == 1.0
         assert options["max_connections"] == 100
+        node = client.get_default_node()  # type: ignore[no-untyped-call]
+        assert repr(backend) == f"RedisBackend(cluster at {node.name}, prefix='sg')"
     finally:
         backend.close()
 

@@ -16,12 +16,14 @@ import redis
 from _servers import Server, free_port
 from _waiting import Waiting
 from stampede_guard import (
+    AsyncRedisBackend,
     BackendError,
     RedisBackend,
     StampedeStats,
     cached_stampede_safe,
 )
 from stampede_guard.metrics import BackendSkipped, Event
+from stampede_guard.serializers import SignedPickleSerializer
 from stampede_guard.testing import wait_for_joiners
 
 pytestmark = [pytest.mark.redis, pytest.mark.timeout(60)]
@@ -239,6 +241,60 @@ def test_a_password_in_the_url_appears_in_no_error_repr_or_log(
     texts = [repr(backend), str(raised.value), repr(raised.value.__cause__)]
     texts += [record.getMessage() for record in caplog.records]
     assert not any(secret in text for text in texts)
+
+
+def test_backend_reprs_are_short_and_name_the_address_never_the_password() -> None:
+    """repr() of both Redis backends: class, address and prefix; no password, no client."""
+    secret = "s3cr3t-pa55word"  # noqa: S105 - a test credential, on a closed port
+    port = free_port()
+    url = f"redis://alice:{secret}@127.0.0.1:{port}/0"
+    client = redis.Redis.from_url(url)
+    backends = [
+        RedisBackend.from_url(url),
+        AsyncRedisBackend.from_url(url, prefix="app"),
+        RedisBackend(client),
+    ]
+    assert [repr(backend) for backend in backends] == [
+        f"RedisBackend(127.0.0.1:{port}, prefix='sg')",
+        f"AsyncRedisBackend(127.0.0.1:{port}, prefix='app')",
+        f"RedisBackend(127.0.0.1:{port}, prefix='sg')",
+    ]
+    signed = RedisBackend.from_url(
+        "unix:///run/redis.sock", serializer=SignedPickleSerializer(secret=b"k" * 32)
+    )
+    assert repr(signed) == (
+        "RedisBackend(unix:/run/redis.sock, prefix='sg', "
+        "serializer=SignedPickleSerializer(secret=<hidden>))"
+    )
+    for backend in (*backends, signed):
+        assert secret not in repr(backend)
+    client.close()
+
+
+def test_mixing_sync_and_async_is_a_short_error_that_names_the_fix() -> None:
+    """Each mix raises a TypeError under 300 characters, no password, naming the backend to use."""
+    secret = "s3cr3t-pa55word"  # noqa: S105 - a test credential, on a closed port
+    url = f"redis://alice:{secret}@127.0.0.1:{free_port()}/0"
+
+    async def fetch() -> int:
+        return 1
+
+    def load() -> int:
+        return 1
+
+    with pytest.raises(TypeError) as async_on_sync:
+        cached_stampede_safe(backend=RedisBackend.from_url(url))(fetch)  # type: ignore[deprecated]
+    with pytest.raises(TypeError) as sync_on_async:
+        cached_stampede_safe(backend=AsyncRedisBackend.from_url(url))(load)  # type: ignore[arg-type]
+    for raised, fix in (
+        (async_on_sync, "use AsyncRedisBackend"),
+        (sync_on_async, "use RedisBackend"),
+    ):
+        message = str(raised.value)
+        assert len(message) < 300, message
+        assert fix in message
+        assert "127.0.0.1:" in message
+        assert secret not in message
 
 
 def test_an_acl_user_with_a_password_works(own_server: Server) -> None:

@@ -151,6 +151,9 @@ def test_from_sentinel_finds_the_master_and_caches_there(
         assert isinstance(client, redis.Redis)
         assert client.connection_pool.connection_kwargs["socket_timeout"] == 1.0
         assert backend.get_or_lock("k", "token", 5) == "token"
+        assert (
+            repr(backend) == f"RedisBackend(sentinel service {SERVICE!r}, prefix='s')"
+        )
         with sentinels.master.client() as master:
             assert master.dbsize() == 1
     finally:

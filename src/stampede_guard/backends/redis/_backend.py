@@ -23,7 +23,7 @@ from stampede_guard.backends.redis._connect import (
 )
 from stampede_guard.backends.redis._faults import Faults
 from stampede_guard.backends.redis._scripts import Scripts
-from stampede_guard.serializers import Serializer
+from stampede_guard.serializers import JsonSerializer, Serializer
 
 __all__ = ["RedisBase"]
 
@@ -244,8 +244,13 @@ class RedisBase(Generic[ClientT]):
         return self._client
 
     def __repr__(self) -> str:
-        # redis-py's own repr redacts credentials.
-        return f"{type(self).__name__}({self._client!r}, serializer={self._codec.serializer!r}, prefix={self._codec.prefix!r})"
+        # Short enough for an error message, and never a password: the address only
+        # (redis-py's client repr runs to hundreds of characters).
+        serializer = self._codec.serializer
+        shown = (
+            "" if type(serializer) is JsonSerializer else f", serializer={serializer!r}"
+        )
+        return f"{type(self).__name__}({self._faults.where}, prefix={self._codec.prefix!r}{shown})"
 
     def breaker_for(self, key: str) -> CircuitBreaker:
         """Return the circuit breaker of the server that serves *key* (see the class)."""

@@ -59,6 +59,13 @@ def _check_breaker(failures: object, reset_after: object) -> None:
         raise ValueError(msg)
 
 
+def _node_of(client: Any) -> str:
+    try:
+        return str(client.get_default_node().name)
+    except Exception:  # noqa: BLE001 - a name is a courtesy, never a new failure
+        return "its nodes"
+
+
 def _address(options: dict[str, Any]) -> str | None:
     if options.get("path"):
         return f"unix:{options['path']}"
@@ -76,13 +83,26 @@ class Servers:
         self._cluster = hasattr(client, "get_primaries")
         self._client = client
         self._name = "redis"
-        if not self._cluster:
+        self._described = "redis"
+        if self._cluster:
+            self._described = f"cluster at {_node_of(client)}"
+        else:
             pool = getattr(client, "connection_pool", None)
             service = getattr(pool, "service_name", None)
             if service is not None:  # a Sentinel-managed pool: the master moves
                 self._name = f"the master of sentinel service {service!r}"
+                self._described = f"sentinel service {service!r}"
             else:
                 self._name = _address(client.get_connection_kwargs()) or self._name
+                self._described = self._name
+
+    def describe(self) -> str:
+        """Return where the client connects, for a repr: an address, never a password.
+
+        ``127.0.0.1:6379``, ``unix:/run/redis.sock``, ``sentinel service 'main'`` or
+        ``cluster at 10.0.0.1:7000`` (the node it started from).
+        """
+        return self._described
 
     @property
     def cluster(self) -> bool:
@@ -131,6 +151,11 @@ class Faults:
     def use(self, client: Any) -> None:
         """Name servers through *client* from now on (a new event loop's), same breakers."""
         self._servers = Servers(client)
+
+    @property
+    def where(self) -> str:
+        """Return where the client connects (see `Servers.describe`)."""
+        return self._servers.describe()
 
     def _new(self, server: str) -> CircuitBreaker:
         return CircuitBreaker(self._failures, self._reset_after, server=server)
