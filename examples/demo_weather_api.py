@@ -20,6 +20,7 @@ import socket
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Callable
 from http import HTTPStatus
@@ -291,8 +292,12 @@ class WeatherClient:
     def get(self, city: str) -> Weather:
         """Return the forecast for *city*; raise `urllib.error.URLError` on failure."""
         url = f"{self._base_url}/weather?{urlencode({'city': city})}"
-        with self._opener.open(url, timeout=self._timeout) as response:
-            body: object = json.load(response)
+        try:
+            with self._opener.open(url, timeout=self._timeout) as response:
+                body: object = json.load(response)
+        except urllib.error.HTTPError as exc:
+            exc.close()  # it holds the error answer's connection open until closed
+            raise
         if not isinstance(body, dict):
             msg = f"the weather API answered {body!r}, not a JSON object"
             raise TypeError(msg)
