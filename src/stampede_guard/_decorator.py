@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Coroutine
-from typing import Any, NoReturn, ParamSpec, Protocol, TypeVar, overload
+from typing import Any, ParamSpec, Protocol, TypeVar, overload
 
 from typing_extensions import Unpack, deprecated
 
@@ -21,7 +21,11 @@ from stampede_guard._options import (
     clock_of,
     validated_policy,
 )
-from stampede_guard._types import AsyncCachedFunction, CachedFunction
+from stampede_guard._types import (
+    AsyncCachedFunction,
+    AsyncFunctionOnSyncBackend,
+    CachedFunction,
+)
 from stampede_guard._wrappers import make_async, make_sync
 from stampede_guard.backends._protocol import AsyncBackend, Backend
 from stampede_guard.metrics import safe_emitter
@@ -54,7 +58,9 @@ class SyncDecorator(Protocol):
     @deprecated(
         "an async function needs a backend with async methods: AsyncRedisBackend or MemoryBackend"
     )
-    def __call__(self, fn: Callable[P, Coroutine[Any, Any, R]], /) -> NoReturn: ...
+    def __call__(  # type: ignore[overload-overlap]  # on purpose: see the return type
+        self, fn: Callable[P, Coroutine[Any, Any, R]], /
+    ) -> AsyncFunctionOnSyncBackend: ...
     @overload
     def __call__(self, fn: Callable[P, R], /) -> CachedFunction[P, R]: ...
 

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Coroutine
-from typing import Any, Concatenate, ParamSpec, Protocol, Self, TypeVar, overload
+from typing import Any, Concatenate, ParamSpec, Protocol, Self, TypeVar, final, overload
 
 from stampede_guard._entry import Entry
 
-__all__ = ["AsyncCachedFunction", "CachedFunction"]
+__all__ = ["AsyncCachedFunction", "AsyncFunctionOnSyncBackend", "CachedFunction"]
 
 P = ParamSpec("P")
 P2 = ParamSpec("P2")
@@ -86,3 +86,19 @@ class AsyncCachedFunction(Protocol[P, R_co]):
         instance: S,
         owner: type[Any] | None = None,
     ) -> AsyncCachedFunction[P2, R_co]: ...
+
+
+@final
+class AsyncFunctionOnSyncBackend:
+    """What a type checker sees for an ``async def`` decorated with a sync backend.
+
+    `RedisBackend` has no async methods: use `AsyncRedisBackend` (or `MemoryBackend`,
+    which serves both). At run time the decoration raises `TypeError`. For a type
+    checker this type is not callable, so every call (or ``await``) of the decorated
+    function is an error, whatever the checker's settings; the decoration itself is
+    also reported where deprecation reports are enabled (mypy's ``deprecated`` error
+    code, pyright's ``reportDeprecated``). A plain `NoReturn` would not do: mypy takes
+    the code after the decorated function to be unreachable and checks none of it.
+    """
+
+    __slots__ = ()

@@ -19,6 +19,7 @@ from stampede_guard import (
     cached_stampede_safe,
 )
 from stampede_guard._decorator import Decorator
+from stampede_guard._types import AsyncFunctionOnSyncBackend
 
 
 @cached_stampede_safe(key="weather:{city}", ttl=900, lock_timeout=10)
@@ -27,7 +28,7 @@ def get_weather(city: str, units: str = "metric") -> dict[str, float]:
 
 
 as_callable: Callable[[str, str], dict[str, float]] = get_weather
-as_protocol: CachedFunction[[str], dict[str, float]] = get_weather
+as_protocol: CachedFunction[[str], dict[str, float]] = get_weather  # pyright: ignore[reportAssignmentType]  # P is invariant to pyright
 wrong_return: Callable[[str], int] = get_weather  # type: ignore[assignment]
 assert_type(get_weather("Paris"), dict[str, float])
 assert_type(get_weather(city="Paris", units="imperial"), dict[str, float])
@@ -116,8 +117,25 @@ def pairing(sync_backend: RedisBackend, async_backend: AsyncRedisBackend) -> Non
     assert_type(
         cached_stampede_safe(backend=sync_backend)(plain), CachedFunction[[], int]
     )
-    # Last: mypy also types this call NoReturn, so code after it is unreachable.
-    cached_stampede_safe(backend=sync_backend)(coro)  # type: ignore[deprecated]
+    # An async def on a sync-only backend: flagged as deprecated where that is
+    # reported, and not callable anywhere, so using it is an error in every setup.
+    on_sync = cached_stampede_safe(backend=sync_backend)(coro)  # type: ignore[deprecated]
+    assert_type(on_sync, AsyncFunctionOnSyncBackend)
+    on_sync()  # type: ignore[operator]
+
+
+def decorated_mixes(
+    sync_backend: RedisBackend, async_backend: AsyncRedisBackend
+) -> None:
+    @cached_stampede_safe(backend=sync_backend)  # type: ignore[deprecated]
+    async def fetch(city: str) -> int:
+        return len(city)
+
+    @cached_stampede_safe(backend=async_backend)  # type: ignore[arg-type]
+    def load(city: str) -> int:
+        return len(city)
+
+    fetch("Paris")  # type: ignore[operator]
 
 
 def helpers() -> None:
