@@ -18,6 +18,10 @@ S = TypeVar("S")
 class CachedFunction(Protocol[P, R_co]):
     """A function decorated by `cached_stampede_safe`: same signature, plus helpers.
 
+    Calling it and each of its helpers take the decorated function's own
+    arguments: ``(*args, **kwargs)`` below stands for its parameters, checked by type
+    checkers as such (a ``ParamSpec``), and ``R_co`` for its return type. So
+    ``get_weather.invalidate("Paris")`` drops what ``get_weather("Paris")`` stored.
     Accessed through an instance, a decorated method binds like a plain method,
     helpers included (``obj.method.invalidate(x)``).
     """
@@ -56,7 +60,11 @@ class CachedFunction(Protocol[P, R_co]):
 
 
 class AsyncCachedFunction(Protocol[P, R_co]):
-    """An ``async def`` decorated by `cached_stampede_safe`; `CachedFunction`'s twin."""
+    """An ``async def`` decorated by `cached_stampede_safe`; `CachedFunction`'s twin.
+
+    The helpers take the function's own arguments, as `CachedFunction`'s do, and are
+    awaited, but for `cache_key`.
+    """
 
     __wrapped__: Callable[..., Any]
 
