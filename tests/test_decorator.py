@@ -340,6 +340,7 @@ def test_waiters_of_a_dead_holder_wait_for_the_next_leader_instead_of_all_comput
         backend=backend,
         ttl=60,
         lock_timeout=0.3,
+        wait_timeout=5,  # longer than the dead holder's lease: nobody gives up first
         base_delay=0.01,
         max_delay=0.05,
     )
