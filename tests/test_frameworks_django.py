@@ -17,6 +17,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -263,8 +264,12 @@ def test_gunicorn_two_workers_call_upstream_once_per_city(
     env = django_env(upstream, redis_url, redis_prefix)
     paths = stampede_paths("/weather/", 99, CITIES)
     log = tmp_path / "gunicorn.log"
-    with serving(GUNICORN, env, log) as base:
-        answers = stampede(base, paths)
+    # gunicorn 24+ opens a control socket, by default one per user in ~/.gunicorn
+    # (or $XDG_RUNTIME_DIR): give this one a directory of its own.
+    with tempfile.TemporaryDirectory() as runtime_dir:
+        env["XDG_RUNTIME_DIR"] = runtime_dir
+        with serving(GUNICORN, env, log) as base:
+            answers = stampede(base, paths)
     assert_served(answers, paths, upstream)
     assert any(redis_client.scan_iter(match=f"{redis_prefix}:*"))
     assert "Traceback" not in log.read_text()  # nor at exit (worker_exit's close)
