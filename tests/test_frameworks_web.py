@@ -220,10 +220,18 @@ def test_fastapi_under_uvicorn_with_two_workers_calls_upstream_once_per_city(
 
 @pytest.mark.slow
 @pytest.mark.timeout(90)
+@pytest.mark.parametrize("preload", [False, True], ids=["import-in-workers", "preload"])
 def test_flask_under_gunicorn_with_two_workers_calls_upstream_once_per_city(
-    redis_url: str, redis_prefix: str, redis_client: redis.Redis, tmp_path: Path
+    redis_url: str,
+    redis_prefix: str,
+    redis_client: redis.Redis,
+    tmp_path: Path,
+    preload: bool,
 ) -> None:
-    """gunicorn --workers 2 --threads 8: 100 concurrent cold requests, one call per key."""
+    """gunicorn --workers 2 --threads 8: 100 concurrent cold requests, one call per key.
+
+    With ``--preload`` the backend is made in the master and forked into the workers.
+    """
     command = [
         sys.executable,
         "-m",
@@ -236,6 +244,7 @@ def test_flask_under_gunicorn_with_two_workers_calls_upstream_once_per_city(
         # A worker takes at most 50 connections at once: the other worker must take
         # the rest of the stampede, so both compete for each key.
         "--worker-connections=50",
+        *(["--preload"] if preload else []),
     ]
     paths = [f"/weather/{CITIES[i % len(CITIES)]}" for i in range(CLIENTS)]
     with Upstream(LATENCY) as upstream:
