@@ -129,8 +129,11 @@ def run(
         for job in jobs:
             job.delete()
         queue.delete(delete_jobs=True)
-        # A dead worker's key would expire within a minute; ours go now.
-        connection.delete(*(f"rq:worker:{queue_name}-{n}" for n in range(workers)))
+        # A dead worker's key would expire within a minute; ours go now, and so do
+        # the queue's own bookkeeping keys (RQ 3: rq:queue:<name>:intermediate:...).
+        leftovers = [f"rq:worker:{queue_name}-{n}" for n in range(workers)]
+        leftovers += connection.scan_iter(match=f"rq:queue:{queue_name}:*")
+        connection.delete(*leftovers)
         connection.close()
 
 
