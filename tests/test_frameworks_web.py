@@ -249,6 +249,10 @@ def test_flask_under_gunicorn_with_two_workers_calls_upstream_once_per_city(
     paths = [f"/weather/{CITIES[i % len(CITIES)]}" for i in range(CLIENTS)]
     with Upstream(LATENCY) as upstream:
         env = _env(redis_url, redis_prefix, upstream)
+        # gunicorn 24+ opens a control socket, by default one per user in ~/.gunicorn
+        # (or $XDG_RUNTIME_DIR): two gunicorn tests at once must not share it.
+        (tmp_path / "run").mkdir()
+        env["XDG_RUNTIME_DIR"] = str(tmp_path / "run")
         with serve(command, env, tmp_path / "gunicorn.log") as server:
             answers = _stampede(server.port, paths)
             _check(answers, upstream)
