@@ -80,10 +80,15 @@ def demo_keys_cleaned(redis_client: redis.Redis) -> Iterator[redis.Redis]:
 def test_in_memory_run_calls_the_api_once_per_city(
     demo: ModuleType, upstream: list[dict[str, int]], capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """300 requests for 3 cities: the server counts 300 calls unprotected, 3 protected."""
+    """300 requests for 3 cities: 3 calls protected; unprotected, a call per request.
+
+    Unprotected is plain cache-aside: a request that starts after a value was stored
+    (a thread started late on a loaded machine) hits the cache, so up to 100 a city.
+    """
     assert demo.main(["-r", "300", "-c", "3", *FAST]) == 0
     unprotected, protected = upstream
-    assert unprotected == {"paris": 100, "tokyo": 100, "lima": 100}
+    assert set(unprotected) == {"paris", "tokyo", "lima"}
+    assert all(1 < calls <= 100 for calls in unprotected.values()), unprotected
     assert protected == {"paris": 1, "tokyo": 1, "lima": 1}
     out = capsys.readouterr().out
     assert "API calls per city, protected: paris 1, tokyo 1, lima 1" in out
