@@ -21,10 +21,12 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 import redis
 
+from _proxy import Proxy
 from _servers import (
     URL_ENV,
     Server,
@@ -163,3 +165,14 @@ def make_backend(request: pytest.FixtureRequest) -> Iterator[Callable[[], Backen
     yield make
     for backend in made:
         backend.close()
+
+
+@pytest.fixture
+def proxy(redis_url: str) -> Iterator[Proxy]:
+    """A black-holing proxy to the session's Redis, closed afterwards."""
+    parts = urlsplit(redis_url)
+    if parts.scheme != "redis" or parts.port is None:
+        pytest.skip(f"the proxy speaks plain TCP, not {redis_url!r}")
+    made = Proxy(parts.hostname or "127.0.0.1", parts.port)
+    yield made
+    made.close()

@@ -12,6 +12,7 @@ import pytest
 import redis
 import redis.asyncio
 
+from _proxy import Proxy
 from _servers import Server, binary, free_port, start_data_server
 from stampede_guard import (
     AsyncRedisBackend,
@@ -305,3 +306,29 @@ def test_a_stalled_store_releases_apart_in_asyncio_too(own_server: Server) -> No
             await admin.aclose()
 
     asyncio.run(main())
+
+
+def test_a_black_holed_store_costs_the_leaders_caller_one_socket_timeout(
+    proxy: Proxy, redis_client: redis.Redis, redis_prefix: str
+) -> None:
+    """The connection stops answering without closing while the leader computes: the
+    store times out once, the caller returns, and the release goes apart on a new
+    connection, so no lock is left behind for its lease."""
+    backend = Recording.from_url(proxy.url(), socket_timeout=0.5, prefix=redis_prefix)
+    events: list[Event] = []
+
+    @cached_stampede_safe(key="k", backend=backend, metrics=events.append)
+    def f() -> int:
+        assert proxy.blackhole() >= 1  # the connection the lock was taken on
+        return 7
+
+    try:
+        assert f() == 7
+        caller = threading.current_thread().name
+        assert backend.stored_by == [caller]
+        assert any(isinstance(e, BackendFailed) for e in events)
+        assert backend.released.wait(10), "the release is still sent"
+        assert caller not in backend.released_by
+        assert not list(redis_client.scan_iter(match=f"{redis_prefix}:*:l:*"))
+    finally:
+        backend.close()

@@ -48,9 +48,9 @@ class Observed(Protocol):
 def begin(ctx: Observed) -> Token[_Emit | None] | None:
     """Send this plan's reports to *ctx*'s hook, if it has one; `end` takes it back.
 
-    A plan may read an unreadable entry more than once (step 1, then the look before
-    locking): its hook hears of each key once per plan. Returns None when there is
-    nothing to report to: then nothing was set.
+    A plan may read an unreadable entry more than once (a waiter looks again and again
+    while the entry waits for its replacement): its hook hears of each key once per
+    plan. Returns None when there is nothing to report to: then nothing was set.
     """
     return _emitter.set(_once_per_key(ctx.emit)) if ctx.observed else None
 
