@@ -21,7 +21,13 @@ from stampede_guard._errors import (
     StampedeGuardError,
 )
 from stampede_guard._types import AsyncCachedFunction, CachedFunction
-from stampede_guard.backends import AsyncBackend, Backend, Entry, MemoryBackend
+from stampede_guard.backends import (
+    AsyncBackend,
+    Backend,
+    Entry,
+    MemoryBackend,
+    NearCache,
+)
 from stampede_guard.metrics import MetricsHook, StampedeStats, StatsSnapshot
 from stampede_guard.serializers import (
     BoundSerializer,
@@ -50,6 +56,7 @@ __all__ = [
     "LockTimeoutError",
     "MemoryBackend",
     "MetricsHook",
+    "NearCache",
     "RedisBackend",
     "ReentrantCallError",
     "SerializationError",

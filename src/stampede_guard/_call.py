@@ -57,12 +57,14 @@ class Forgets(Protocol):
     def forget(self, key: str) -> None: ...
 
 
-def first_look(key: str, found: Entry | None, ctx: Context) -> Look:
-    """Decide step 1 from what one read *found* (see `Look`)."""
-    if found is None:
-        return None
-    if ctx.observed:  # build no event nobody will see: this is the hot path
-        ctx.emit(Hit(key))
+def first_look(
+    key: str, found: Entry | None, ctx: Context, *, near: bool = False
+) -> Look:
+    """Decide step 1 from what one read *found* (see `Look`); *near*: a near cache's."""
+    if found is None or ctx.plain_hits:  # the hot path: nothing to tell or judge
+        return found
+    if ctx.observed:  # build no event nobody will see
+        ctx.emit(Hit(key, near))
     if ctx.policy.refreshes:
         reason = refresh_reason(found, ctx)
         if reason is not None:

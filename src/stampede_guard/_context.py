@@ -142,3 +142,10 @@ class Context:
         default_factory=lambda: logging.getLogger("stampede_guard")
     )
     breaker_for: Callable[[str], CircuitBreaker] = field(default_factory=own_breaker)
+    # Derived, for the hot path: a hit is served as found, with nothing to report and
+    # no refresh to judge (see `_call.first_look`).
+    plain_hits: bool = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        plain = not self.observed and not self.policy.refreshes
+        object.__setattr__(self, "plain_hits", plain)

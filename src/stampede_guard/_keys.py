@@ -94,7 +94,10 @@ class KeyMaker:
 
     def __call__(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> str:
         """Return the cache key for a call with *args* and *kwargs*."""
-        key = self._make(args, kwargs)
+        if self._positional is not None and not kwargs and len(args) == self._arity:
+            key = self._positional.format(*args)  # the hot path: no binding needed
+        else:
+            key = self._make(args, kwargs)
         if not key.isascii():  # rare, so the check is almost free
             _check_encodable(key, self._function_id)
         return key if len(key) <= MAX_KEY_LENGTH else _shorten(key)
@@ -106,8 +109,6 @@ class KeyMaker:
                 msg = f"the key callable of {self._function_id} returned {type(made).__qualname__}, not str"
                 raise TypeError(msg)
             return self._prefix + made
-        if self._positional is not None and not kwargs and len(args) == self._arity:
-            return self._positional.format(*args)  # the hot path: no binding needed
         bound = self._binder.bind(args, kwargs)
         if self._template is not None:
             return self._template.format_map(bound)

@@ -45,6 +45,7 @@ R = TypeVar("R")
 T = TypeVar("T")
 
 Call = tuple[tuple[Any, ...], Mapping[str, Any]]  # a call's arguments
+NearLookup = Callable[[str], Entry | None]  # a near cache's read: no I/O
 
 
 class _Cached(Generic[P, R]):
@@ -62,6 +63,8 @@ class _Cached(Generic[P, R]):
         self._refreshing = Refreshing()
         # An in-memory backend answers a hit faster than a flight can be joined.
         self._local = bool(getattr(backend, "local", False))
+        # So does a near cache (`RedisBackend(near_cache=...)`).
+        self._near: NearLookup | None = getattr(backend, "near_lookup", None)
 
     def _run(self, call: Call, steps: Generator[Op, Any, T]) -> T:
         args, kwargs = call
@@ -75,6 +78,10 @@ class _Cached(Generic[P, R]):
         value: object = None
         if self._local:  # the hot path: a hit in memory needs no plan
             value = first_look(key, self._backend.get(key), ctx)
+            if type(value) is Entry:
+                return cast("R", value.value)
+        elif self._near is not None:  # the same, from a near cache
+            value = first_look(key, self._near(key), ctx, near=True)
             if type(value) is Entry:
                 return cast("R", value.value)
         call = (args, kwargs)
@@ -142,6 +149,7 @@ class _AsyncCached(Generic[P, R]):
         self._refreshing = Refreshing()
         self._background: set[Any] = set()  # spawned tasks: strong refs until done
         self._local = bool(getattr(backend, "local", False))
+        self._near: NearLookup | None = getattr(backend, "near_lookup", None)
 
     async def _run(self, call: Call, steps: Generator[Op, Any, T]) -> T:
         args, kwargs = call
@@ -157,6 +165,10 @@ class _AsyncCached(Generic[P, R]):
         value: object = None
         if self._local:  # the hot path: a hit in memory needs no plan
             value = first_look(key, await self._backend.aget(key), ctx)
+            if type(value) is Entry:
+                return cast("R", value.value)
+        elif self._near is not None:  # the same, from a near cache (no I/O: no await)
+            value = first_look(key, self._near(key), ctx, near=True)
             if type(value) is Entry:
                 return cast("R", value.value)
         call = (args, kwargs)

@@ -25,6 +25,9 @@ __all__ = [
     "LockWait",
     "MetricsHook",
     "Miss",
+    "NearEviction",
+    "NearFlush",
+    "NearInvalidation",
     "Refresh",
     "RefreshFailed",
     "StaleServed",
@@ -39,9 +42,14 @@ logger = logging.getLogger("stampede_guard")
 
 @dataclass(frozen=True, slots=True)
 class Hit:
-    """The first lookup found a cached value."""
+    """The first lookup found a cached value.
+
+    *near*: it was found in this process's near cache (see `NearCache`), with no
+    round trip; False for a value read from the backend itself.
+    """
 
     key: str
+    near: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,6 +171,37 @@ class UnreadableEntry:
     reason: str
 
 
+@dataclass(frozen=True, slots=True)
+class NearEviction:
+    """The near cache dropped *key*'s entry to make room (its least recently used)."""
+
+    key: str
+
+
+@dataclass(frozen=True, slots=True)
+class NearInvalidation:
+    """Another process (or this one) changed *key*: the near cache dropped its copy.
+
+    Reported for every change announced on the invalidation channel, whether or not
+    this process held the key.
+    """
+
+    key: str
+
+
+@dataclass(frozen=True, slots=True)
+class NearFlush:
+    """The near cache dropped all *entries* it held, and serves none until it may again.
+
+    *reason*: the invalidation channel was lost or found silent (``"lost"``), the
+    listener stopped (``"stopped"``: the backend closed, or its event loop ended), or
+    the process is a forked child (``"fork"``: nothing of the parent's is trusted).
+    """
+
+    reason: Literal["lost", "stopped", "fork"]
+    entries: int
+
+
 Event: TypeAlias = (
     Hit
     | Miss
@@ -177,6 +216,9 @@ Event: TypeAlias = (
     | BackendFailed
     | BackendSkipped
     | UnreadableEntry
+    | NearEviction
+    | NearInvalidation
+    | NearFlush
 )
 
 
@@ -216,6 +258,10 @@ class StatsSnapshot:
     backend_errors: int = 0
     backend_skipped: int = 0
     unreadable_entries: int = 0
+    near_hits: int = 0
+    near_evictions: int = 0
+    near_invalidations: int = 0
+    near_flushes: int = 0
 
     @property
     def average_wait_seconds(self) -> float:
@@ -265,13 +311,18 @@ class StampedeStats:
         self._backend_errors = 0
         self._backend_skipped = 0
         self._unreadable_entries = 0
+        self._near_hits = 0
+        self._near_evictions = 0
+        self._near_invalidations = 0
+        self._near_flushes = 0
 
     def __call__(self, event: Event, /) -> None:  # noqa: C901 - a case per event
         """Count *event*."""
         with self._lock:
             match event:
-                case Hit():
+                case Hit(near=near):
                     self._fast_hits += 1
+                    self._near_hits += near
                 case Miss():
                     self._misses += 1
                 case LockWait(seconds=seconds, outcome=outcome):
@@ -298,6 +349,12 @@ class StampedeStats:
                     self._backend_skipped += 1
                 case UnreadableEntry():
                     self._unreadable_entries += 1
+                case NearEviction():
+                    self._near_evictions += 1
+                case NearInvalidation():
+                    self._near_invalidations += 1
+                case NearFlush():
+                    self._near_flushes += 1
                 case LockAcquired():
                     pass
 
@@ -320,6 +377,10 @@ class StampedeStats:
                 backend_errors=self._backend_errors,
                 backend_skipped=self._backend_skipped,
                 unreadable_entries=self._unreadable_entries,
+                near_hits=self._near_hits,
+                near_evictions=self._near_evictions,
+                near_invalidations=self._near_invalidations,
+                near_flushes=self._near_flushes,
             )
 
     def reset(self) -> None:

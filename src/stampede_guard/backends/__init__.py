@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from stampede_guard._near import NearCache
 from stampede_guard.backends._protocol import (
     FENCE_SECONDS,
     RELEASED,
@@ -38,6 +39,7 @@ __all__ = [
     "Claim",
     "Entry",
     "MemoryBackend",
+    "NearCache",
     "Notice",
     "Notifier",
     "RedisBackend",

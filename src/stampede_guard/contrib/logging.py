@@ -44,6 +44,9 @@ from stampede_guard.metrics import (
     LockAcquired,
     LockWait,
     Miss,
+    NearEviction,
+    NearFlush,
+    NearInvalidation,
     Refresh,
     RefreshFailed,
     StaleServed,
@@ -67,6 +70,9 @@ _EVENT_NAMES: dict[type[object], str] = {
     BackendFailed: "backend_failed",
     BackendSkipped: "backend_skipped",
     UnreadableEntry: "unreadable_entry",
+    NearEviction: "near_eviction",
+    NearInvalidation: "near_invalidation",
+    NearFlush: "near_flush",
 }
 
 
@@ -90,7 +96,14 @@ def _error_type(error: BaseException) -> str:
 def _fields(event: Event) -> str:
     """Return the event's fields other than the key, as `` name=value`` pairs."""
     match event:
-        case Hit() | Miss() | LockAcquired() | BackendSkipped():
+        case (
+            Hit()
+            | Miss()
+            | LockAcquired()
+            | BackendSkipped()
+            | NearEviction()
+            | NearInvalidation()
+        ):
             return ""
         case LockWait(seconds=seconds, outcome=outcome):
             return f" seconds={seconds:.3f} outcome={outcome}"
@@ -106,6 +119,8 @@ def _fields(event: Event) -> str:
             return f" error={_error_type(error)}"
         case UnreadableEntry(reason=reason):
             return f" reason={reason}"
+        case NearFlush(reason=reason, entries=entries):
+            return f" reason={reason} entries={entries}"
 
 
 class LoggingHook:
@@ -148,6 +163,15 @@ class LoggingHook:
         if not self._logger.isEnabledFor(self._level):
             return
         name = _EVENT_NAMES[type(event)]
+        if isinstance(event, NearFlush):  # the one event about no key
+            self._logger.log(
+                self._level,
+                "%s%s",
+                name,
+                _fields(event),
+                extra={"stampede_guard_event": name},
+            )
+            return
         key = event.key
         if self._digest_keys:
             key = key_digest(key)

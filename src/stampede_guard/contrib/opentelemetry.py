@@ -51,6 +51,9 @@ from stampede_guard.metrics import (
     LockAcquired,
     LockWait,
     Miss,
+    NearEviction,
+    NearFlush,
+    NearInvalidation,
     Refresh,
     RefreshFailed,
     StaleServed,
@@ -194,3 +197,5 @@ class OpenTelemetryMetrics:
                 self._backend_skipped.add(1, base)
             case UnreadableEntry():
                 self._unreadable_entries.add(1, base)
+            case NearEviction() | NearInvalidation() | NearFlush():
+                pass  # a backend's near cache: see NearCache(metrics=...)

@@ -56,6 +56,9 @@ from stampede_guard.metrics import (
     LockAcquired,
     LockWait,
     Miss,
+    NearEviction,
+    NearFlush,
+    NearInvalidation,
     Refresh,
     RefreshFailed,
     StaleServed,
@@ -292,3 +295,5 @@ class PrometheusMetrics:
                 self._backend_skipped.inc()
             case UnreadableEntry():
                 self._unreadable_entries.inc()
+            case NearEviction() | NearInvalidation() | NearFlush():
+                pass  # a backend's near cache: see NearCache(metrics=...)

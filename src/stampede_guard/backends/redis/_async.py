@@ -60,6 +60,8 @@ class AsyncRedisBackend(RedisBase["AsyncClient"]):
         self._listener = AsyncListener(
             pubsub_factory(client, asyncio=True), self._codec
         )
+        if self._near is not None:  # a new loop's listener: the old one's is gone
+            self._near.stopped()
 
     def _bind(self) -> None:
         """Make sure the client belongs to the running event loop (see the class)."""
@@ -119,13 +121,28 @@ class AsyncRedisBackend(RedisBase["AsyncClient"]):
             self._bind()
             if not self._discovered:
                 await self._discover()
-            reply = await self._scripts.run(call.script, call.keys, call.args)
+            writing = self._writing(call)
+            if writing is None:
+                reply = await self._scripts.run(call.script, call.keys, call.args)
+            else:
+                with writing:
+                    reply = await self._scripts.run(call.script, call.keys, call.args)
         except self._errors as exc:
             raise self._faults.error(call.key, call.operation, exc) from exc
         return call.read(reply)
 
     async def aget(self, key: str) -> Entry | None:
         """Return the entry for *key*: one ``GET`` (see `RedisBackend.get`)."""
+        if self._near is not None:
+            found = self._near.lookup(key)
+            if found is not None:
+                return found
+            self._bind()  # the listener it may start belongs to this loop
+            near, start, began = self._near_read(self._listener.keep)
+            entry, left, size = await self._send(self._codec.near_read(key))
+            if entry is not None and start is not None:
+                near.admit(key, entry, start, began=began, remote_ttl=left, weight=size)
+            return entry
         try:
             self._bind()
             if not self._discovered:

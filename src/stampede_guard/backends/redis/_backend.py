@@ -13,8 +13,9 @@ from collections.abc import Callable, Sequence
 from typing import Any, ClassVar, Generic, Self, TypeVar
 
 from stampede_guard._breaker import CircuitBreaker
-from stampede_guard.backends.redis._clients import check_client
-from stampede_guard.backends.redis._codec import RedisCodec
+from stampede_guard._near import Near, NearCache, Writing, check_near_cache
+from stampede_guard.backends.redis._clients import check_client, pubsub_factory
+from stampede_guard.backends.redis._codec import Call, RedisCodec
 from stampede_guard.backends.redis._connect import (
     Connect,
     Connection,
@@ -43,10 +44,20 @@ class RedisBase(Generic[ClientT]):
         prefix: str = "sg",
         breaker_failures: int = 5,
         breaker_reset: float = 5.0,
+        near_cache: NearCache | None = None,
     ) -> None:
         builder = type(self).__name__
         self._errors = check_client(client, asyncio=self._asyncio, builder=builder)
         self._codec = RedisCodec(prefix, serializer)
+        self._near = _near_of(
+            near_cache,
+            self._codec.near_channel,
+            client,
+            asyncio=self._asyncio,
+            builder=builder,
+        )
+        #: The near cache's lookup (no I/O), which the decorator tries before anything.
+        self.near_lookup = None if self._near is None else self._near.lookup
         # Outlives the clients an asyncio backend makes per event loop: the servers
         # stay the same.
         self._faults = Faults(
@@ -78,6 +89,29 @@ class RedisBase(Generic[ClientT]):
         """Make the notice listener for *client* (a thread's, or a task's)."""
         raise NotImplementedError
 
+    def _near_read(
+        self, keep: Callable[[Near], None]
+    ) -> tuple[Near, int | None, float]:
+        """Before a near cache's read from Redis: the read's start, its time sent.
+
+        Asks the listener to subscribe the near cache's channel (*keep*) the first
+        time, and again after it stopped: until it has, the start is None and
+        nothing read fills the near cache.
+        """
+        near = self._near
+        assert near is not None  # noqa: S101 - only called with one
+        start = near.begin()
+        if start is None and not near.wanted:
+            near.wanted = True
+            keep(near)
+        return near, start, near.clock()
+
+    def _writing(self, call: Call[Any]) -> Writing | None:
+        """What a write must do around itself for the near cache, if anything."""
+        if self._near is None or not call.changes:
+            return None
+        return Writing(self._near, call.key)
+
     def _adopt(self, connection: Connection) -> None:
         """Talk through what `from_url` or `from_sentinel` made."""
         if connection.client is not self._client:
@@ -97,8 +131,12 @@ class RedisBase(Generic[ClientT]):
         prefix: str,
         breaker_failures: int,
         breaker_reset: float,
+        *,
+        near_cache: NearCache | None,
     ) -> Self:
         """Return a backend on what *connect* makes (called again per event loop)."""
+        # Checked before connecting: a bad option is the caller's to fix first.
+        check_near_cache(near_cache, cls.__name__)
         connection = connect()
         backend = cls(
             connection.client,
@@ -106,6 +144,7 @@ class RedisBase(Generic[ClientT]):
             prefix=prefix,
             breaker_failures=breaker_failures,
             breaker_reset=breaker_reset,
+            near_cache=near_cache,
         )
         backend._connect = connect
         backend._adopt(connection)
@@ -120,6 +159,7 @@ class RedisBase(Generic[ClientT]):
         prefix: str = "sg",
         breaker_failures: int = 5,
         breaker_reset: float = 5.0,
+        near_cache: NearCache | None = None,
         cluster: bool = False,
         seed_nodes: Sequence[str] = (),
         socket_timeout: float = 1.0,
@@ -143,6 +183,7 @@ class RedisBase(Generic[ClientT]):
             prefix: See the class.
             breaker_failures: See the class.
             breaker_reset: See the class.
+            near_cache: See the class.
             cluster: Build a Redis Cluster client. It routes each call to the node
                 that owns the key's slot and follows slot moves and failovers,
                 retrying a failed call 3 times (after 0.1, 0.2 and 0.4 s) with a
@@ -177,7 +218,12 @@ class RedisBase(Generic[ClientT]):
             client_kwargs=client_kwargs,
         )
         return cls._connected(
-            connect, serializer, prefix, breaker_failures, breaker_reset
+            connect,
+            serializer,
+            prefix,
+            breaker_failures,
+            breaker_reset,
+            near_cache=near_cache,
         )
 
     @classmethod
@@ -190,6 +236,7 @@ class RedisBase(Generic[ClientT]):
         prefix: str = "sg",
         breaker_failures: int = 5,
         breaker_reset: float = 5.0,
+        near_cache: NearCache | None = None,
         socket_timeout: float = 1.0,
         connect_timeout: float = 1.0,
         max_connections: int = 100,
@@ -211,6 +258,7 @@ class RedisBase(Generic[ClientT]):
             prefix: See the class.
             breaker_failures: See the class.
             breaker_reset: See the class.
+            near_cache: See the class.
             socket_timeout: Seconds to wait for a reply, from a sentinel or the
                 master; then the call fails (see `from_url`).
             connect_timeout: Seconds to wait for a TCP connection.
@@ -231,7 +279,12 @@ class RedisBase(Generic[ClientT]):
             client_kwargs=client_kwargs,
         )
         return cls._connected(
-            connect, serializer, prefix, breaker_failures, breaker_reset
+            connect,
+            serializer,
+            prefix,
+            breaker_failures,
+            breaker_reset,
+            near_cache=near_cache,
         )
 
     @property
@@ -256,6 +309,11 @@ class RedisBase(Generic[ClientT]):
         """Return the circuit breaker of the server that serves *key* (see the class)."""
         return self._faults.breaker_for(key)
 
+    @property
+    def near_cache(self) -> NearCache | None:
+        """The near cache's settings, or None without one (see `NearCache`)."""
+        return None if self._near is None else self._near.config
+
     def now(self) -> float:
         """Return the server's time (Unix seconds), learned from its replies.
 
@@ -263,3 +321,16 @@ class RedisBase(Generic[ClientT]):
         changes no freshness decision (see ``stampede_guard._clock``).
         """
         return self._codec.clock()
+
+
+def _near_of(
+    config: object, channel: str, client: object, *, asyncio: bool, builder: str
+) -> Near | None:
+    """Return the near cache for *config*, after checking the client can keep it."""
+    near_cache = check_near_cache(config, builder)
+    if near_cache is None:
+        return None
+    if pubsub_factory(client, asyncio=asyncio) is None:
+        msg = f"{builder}: near_cache needs a pub/sub connection to hear of changes, and this client has none (valkey-py's asyncio cluster client); use redis-py's, or no near cache"
+        raise TypeError(msg)
+    return Near(near_cache, channel)

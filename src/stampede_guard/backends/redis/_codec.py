@@ -103,6 +103,8 @@ class Call(Generic[T]):
         keys: The script's KEYS.
         args: The script's ARGV.
         read: Turns the script's reply into the method's result.
+        changes: Whether the call may change the stored value (a store or an
+            invalidation): a near cache drops its copy around it.
     """
 
     key: str
@@ -111,6 +113,7 @@ class Call(Generic[T]):
     keys: tuple[str, ...]
     args: tuple[Any, ...]
     read: Callable[[Any], T]
+    changes: bool = False
 
 
 class RedisCodec:
@@ -127,6 +130,8 @@ class RedisCodec:
         self._names: dict[str, tuple[str, str, str, str]] = {}
         # Stamps and judges entries by the server's clock, learned from the tickets.
         self.clock = StepFreeClock()
+        # Where every store and invalidation announces its cache key to near caches.
+        self.near_channel = f"{self.prefix}:near"
 
     def _names_of(self, key: str) -> tuple[str, str, str, str]:
         names = self._names.get(key)
@@ -206,10 +211,17 @@ class RedisCodec:
         """
         data, stored = self.encode(key, entry)
         value, _, channel, floor = self._names_of(key)
-        args = (data, milliseconds(ttl), channel, _fence(ticket))
-        return Call(
-            key, "set", "set_and_notify", (value, floor), args, _store_reader(stored)
+        args = (
+            data,
+            milliseconds(ttl),
+            channel,
+            _fence(ticket),
+            self.near_channel,
+            key,
         )
+        keys = (value, floor)
+        read = _store_reader(stored)
+        return Call(key, "set", "set_and_notify", keys, args, read, changes=True)
 
     def store_and_unlock(
         self, key: str, entry: Entry, ttl: float, token: str, ticket: int | None
@@ -217,11 +229,19 @@ class RedisCodec:
         """Return the SET_AND_UNLOCK call; it reads as `store`'s."""
         data, stored = self.encode(key, entry)
         value, lock, channel, floor = self._names_of(key)
-        args = (data, milliseconds(ttl), token, channel, _fence(ticket))
-        keys = (value, lock, floor)
-        return Call(
-            key, "set_and_unlock", "set_and_unlock", keys, args, _store_reader(stored)
+        args = (
+            data,
+            milliseconds(ttl),
+            token,
+            channel,
+            _fence(ticket),
+            self.near_channel,
+            key,
         )
+        keys = (value, lock, floor)
+        read = _store_reader(stored)
+        script: ScriptName = "set_and_unlock"
+        return Call(key, script, script, keys, args, read, changes=True)
 
     def unlock(self, key: str, token: str) -> Call[bool]:
         """Return the UNLOCK call: whether *token* held the lock (now released)."""
@@ -237,8 +257,26 @@ class RedisCodec:
     def invalidate(self, key: str) -> Call[object]:
         """Return the INVALIDATE call (see `Backend.delete`)."""
         value, lock, channel, floor = self._names_of(key)
-        args = (channel, milliseconds(FENCE_SECONDS))
-        return Call(key, "delete", "invalidate", (value, lock, floor), args, _ignore)
+        args = (channel, milliseconds(FENCE_SECONDS), self.near_channel, key)
+        keys = (value, lock, floor)
+        return Call(key, "delete", "invalidate", keys, args, _ignore, changes=True)
+
+    def near_read(self, key: str) -> Call[tuple[Entry | None, float | None, int]]:
+        """Return the READ call: the entry, its seconds left in Redis, its size.
+
+        Seconds left is None for an entry without expiry (written around this
+        library); the size (the payload's bytes) weighs it in a near cache.
+        """
+
+        def read(reply: Any) -> tuple[Entry | None, float | None, int]:
+            data, left = reply
+            entry = self.decode(key, data)
+            if entry is None:
+                return None, 0.0, 0
+            return entry, (None if left < 0 else left / 1000), len(data)
+
+        keys = (self.value_key(key),)
+        return Call(key, "get", "read", keys, (), read)
 
     def notice(self, key: str, payload: bytes) -> Notice:
         """Read a message from `channel`: the announced entry, or RELEASED.

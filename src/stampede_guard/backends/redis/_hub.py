@@ -11,9 +11,10 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from stampede_guard._near import Near
 from stampede_guard.backends.redis._codec import RedisCodec
 
-__all__ = ["DEAD", "QUIET", "Hub", "SilentError"]
+__all__ = ["DEAD", "QUIET", "Hub", "NearSubscription", "SilentError"]
 
 logger = logging.getLogger("stampede_guard")
 
@@ -23,6 +24,26 @@ DEAD = 2.0  # seconds a PING or (un)SUBSCRIBE may go unanswered: then it is dead
 
 class SilentError(ConnectionError):
     """The pub/sub connection answered nothing for `DEAD` seconds."""
+
+
+class NearSubscription:
+    """The near cache's subscription to its channel: kept while the listener runs.
+
+    Not a waiter: the hub tells the near cache itself when the channel is confirmed,
+    lost, or brings a message (see `Hub`); the waiters' calls are no-ops here.
+    """
+
+    key = None
+
+    def __init__(self, near: Near) -> None:
+        self.near = near
+        self.channel = near.channel
+
+    def confirm(self) -> None:
+        """Let a waiter go: nobody waits on this one."""
+
+    def deliver(self, notice: object) -> None:
+        """Not called: the hub routes this channel's messages to the near cache."""
 
 
 class Hub:
@@ -48,6 +69,22 @@ class Hub:
         self.outage: float | None = None  # when the current outage began
         self.reconnects = 0  # outages ended by a connection that answered
         self.unconfirmed = 0  # subscribers that waited out `_CONFIRM`
+        self.near: Near | None = None  # the near cache told of its channel, if any
+
+    def keep_near(self, near: Near) -> bool:
+        """Subscribe *near*'s channel for good; return whether it needs a SUBSCRIBE."""
+        self.near = near
+        return self.add(NearSubscription(near))
+
+    def stopped(self) -> None:
+        """The listener stopped: a near cache is flushed, and asks again when used."""
+        with self.mutex:
+            near, self.near = self.near, None
+            if near is not None:
+                self.subscribers.pop(near.channel, None)
+                self.confirmed.discard(near.channel)
+        if near is not None:
+            near.stopped()
 
     def add(self, subscription: Any) -> bool:
         """Register *subscription*; return whether its channel needs a SUBSCRIBE.
@@ -99,13 +136,16 @@ class Hub:
             if kind == "subscribe":
                 self.confirmed.add(channel)
             renewed = len(self.subscribers)
+            near = self.near
         if outage is not None:
             logger.info(
                 "pub/sub listener reconnected after %.1f s; %d channel(s) resubscribed",
                 self.heard - outage,
                 renewed,
             )
-        if kind == "subscribe":
+        if near is not None and channel == near.channel:
+            _tell_near(near, kind, message["data"])
+        elif kind == "subscribe":
             for subscription in subscribers:
                 subscription.confirm()
         elif kind == "message" and subscribers:
@@ -145,6 +185,9 @@ class Hub:
                 self.outage = self.clock()
             waiting = [s for subs in self.subscribers.values() for s in subs]
             channels = list(self.subscribers)
+            near = self.near
+        if near is not None:  # messages may be missed until it is resubscribed
+            near.flush("lost")
         for subscription in waiting:
             subscription.confirm()
         silent = isinstance(error, SilentError)
@@ -167,3 +210,13 @@ class Hub:
     def opened(self) -> None:
         """A new connection: nothing asked on it yet."""
         self.heard, self.asked = self.clock(), None
+
+
+def _tell_near(near: Near, kind: str, data: Any) -> None:
+    """Route a message of the near cache's channel: its confirmation, or a changed key."""
+    if kind == "subscribe":
+        near.subscribed()
+    elif kind == "message":
+        near.invalidated(
+            data if isinstance(data, str) else data.decode(errors="replace")
+        )

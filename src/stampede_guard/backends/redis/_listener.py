@@ -34,6 +34,7 @@ from collections.abc import Callable
 from typing import Any
 
 from stampede_guard._entry import Notice
+from stampede_guard._near import Near
 from stampede_guard.backends.redis._codec import RedisCodec
 from stampede_guard.backends.redis._hub import Hub
 
@@ -118,6 +119,19 @@ class Listener:
         if self._hub.remove(subscription):
             self._requests.put((False, subscription.channel))
 
+    def keep(self, near: Near) -> None:
+        """Subscribe *near*'s channel for as long as the listener runs; do not wait.
+
+        The near cache fills once the server confirms (see ``stampede_guard._near``).
+        """
+        if self._pid != os.getpid():
+            self._reset()  # a forked child (see `subscribe`)
+        if self._pubsub is None:
+            return
+        if self._hub.keep_near(near):
+            self._requests.put((True, near.channel))
+        self._ensure_running()
+
     def stop(self) -> None:
         """Stop the thread and wait for it (it also stops by itself when idle)."""
         with self._start:
@@ -135,6 +149,12 @@ class Listener:
                 self._thread.start()
 
     def _run(self) -> None:
+        try:
+            self._listen()
+        finally:
+            self._hub.stopped()
+
+    def _listen(self) -> None:
         assert self._pubsub is not None  # noqa: S101 - no thread without it
         while True:
             pubsub = None
@@ -255,10 +275,7 @@ class AsyncListener:
         subscription = _AsyncSubscription(self, key, self._hub.codec.channel(key))
         if self._pubsub is None:
             return subscription  # nothing to listen with: it hears nothing, so it polls
-        if self._task is None or self._task.done():
-            self._requests = asyncio.Queue()
-            self._stopping = False
-            self._task = asyncio.get_running_loop().create_task(self._run())
+        self._ensure_running()
         assert self._requests is not None  # noqa: S101 - made with the task
         if self._hub.add(subscription):
             self._requests.put_nowait((True, subscription.channel))
@@ -272,6 +289,21 @@ class AsyncListener:
         """Drop *subscription*; the channel is unsubscribed when nobody is left on it."""
         if self._hub.remove(subscription) and self._requests is not None:
             self._requests.put_nowait((False, subscription.channel))
+
+    def keep(self, near: Near) -> None:
+        """See `Listener.keep`; from a coroutine of the listener's event loop."""
+        if self._pubsub is None:
+            return
+        self._ensure_running()
+        assert self._requests is not None  # noqa: S101 - made with the task
+        if self._hub.keep_near(near):
+            self._requests.put_nowait((True, near.channel))
+
+    def _ensure_running(self) -> None:
+        if self._task is None or self._task.done():
+            self._requests = asyncio.Queue()
+            self._stopping = False
+            self._task = asyncio.get_running_loop().create_task(self._run())
 
     async def stop(self) -> None:
         """Stop the task (it also stops by itself after a while with nothing to do).
@@ -291,6 +323,12 @@ class AsyncListener:
         self._task = None
 
     async def _run(self) -> None:
+        try:
+            await self._listen()
+        finally:
+            self._hub.stopped()
+
+    async def _listen(self) -> None:
         requests = self._requests
         assert requests is not None  # noqa: S101 - made with the task
         assert self._pubsub is not None  # noqa: S101 - no task without it

@@ -98,6 +98,8 @@ return {0, holder or ARGV[1], now_us()}
 # caller holds the lock, it is computing a newer value; ours must not overwrite it, and
 # its lock must not be deleted. The value is announced either way: it is no older than
 # the stored one, and waiting callers can use it now.
+# ARGV[6] the near caches' channel, ARGV[7] the cache key: a stored value is announced
+# there too, so that every process drops its near copy (see stampede_guard._near).
 # Returns 1 if stored, 0 if fenced off by another holder, -1 if refused for its ticket.
 SET_AND_UNLOCK = (
     _FENCE
@@ -121,12 +123,14 @@ if holder then
     redis.call('DEL', KEYS[2])
 end
 redis.call('PUBLISH', ARGV[4], ARGV[1])
+redis.call('PUBLISH', ARGV[6], ARGV[7])
 return 1
 """
 )
 
 # KEYS[1] value key, KEYS[2] floor key; ARGV[1] payload, ARGV[2] ttl (ms), ARGV[3]
-# notice channel, ARGV[4] ticket ('' for none).
+# notice channel, ARGV[4] ticket ('' for none), ARGV[5] the near caches' channel,
+# ARGV[6] the cache key.
 # A store without the lock (a waiter that timed out, a refresh), announced like any
 # other, and refused like any other for its ticket. Returns 1 if stored, -1 if refused.
 SET_AND_NOTIFY = (
@@ -139,12 +143,14 @@ end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 raise_floor(KEYS[2], ARGV[4], ARGV[2], had_floor)
 redis.call('PUBLISH', ARGV[3], ARGV[1])
+redis.call('PUBLISH', ARGV[5], ARGV[6])
 return 1
 """
 )
 
 # KEYS[1] value key, KEYS[2] lock key, KEYS[3] floor key; ARGV[1] notice channel,
-# ARGV[2] fence (ms). Invalidation, final: drop the value, revoke the lock (its holder's
+# ARGV[2] fence (ms), ARGV[3] the near caches' channel, ARGV[4] the cache key.
+# Invalidation, final: drop the value, revoke the lock (its holder's
 # store will be refused, and the next caller need not wait for it), and raise the floor
 # to now for the length of the fence. A revoked lock is announced as released, so its
 # waiters look again at once. Returns 1 if a lock was revoked.
@@ -163,6 +169,7 @@ redis.call('SET', KEYS[3], string.format('%.0f', now), 'PX', ARGV[2])
 if revoked == 1 then
     redis.call('PUBLISH', ARGV[1], '')
 end
+redis.call('PUBLISH', ARGV[3], ARGV[4])
 return revoked
 """
 )
@@ -188,8 +195,21 @@ return 0
 """
 
 
+# KEYS[1] value key. A near cache's read: the value and its remaining time (ms; -1
+# for none, -2 for no key), so that the near copy never outlives it.
+READ = """
+return {redis.call('GET', KEYS[1]), redis.call('PTTL', KEYS[1])}
+"""
+
+
 ScriptName = Literal[
-    "extend", "get_or_lock", "invalidate", "set_and_notify", "set_and_unlock", "unlock"
+    "extend",
+    "get_or_lock",
+    "invalidate",
+    "read",
+    "set_and_notify",
+    "set_and_unlock",
+    "unlock",
 ]
 
 # Every script by the name a `Call` gives (see ``_codec``).
@@ -197,6 +217,7 @@ SOURCES: Final[dict[ScriptName, str]] = {
     "extend": EXTEND,
     "get_or_lock": GET_OR_LOCK,
     "invalidate": INVALIDATE,
+    "read": READ,
     "set_and_notify": SET_AND_NOTIFY,
     "set_and_unlock": SET_AND_UNLOCK,
     "unlock": UNLOCK,

@@ -65,14 +65,28 @@ class RedisBackend(RedisBase["SyncClient"]):
 
     def _send(self, call: Call[T]) -> T:
         """Run *call*'s script and read its reply; a client's error is a BackendError."""
+        writing = self._writing(call)
         try:
-            reply = self._scripts.run(call.script, call.keys, call.args)
+            if writing is None:
+                reply = self._scripts.run(call.script, call.keys, call.args)
+            else:
+                with writing:
+                    reply = self._scripts.run(call.script, call.keys, call.args)
         except self._errors as exc:
             raise self._faults.error(call.key, call.operation, exc) from exc
         return call.read(reply)
 
     def get(self, key: str) -> Entry | None:
-        """Return the entry for *key*: one ``GET``."""
+        """Return the entry for *key*: one ``GET`` (none for a near cache's hit)."""
+        if self._near is not None:
+            found = self._near.lookup(key)
+            if found is not None:
+                return found
+            near, start, began = self._near_read(self._listener.keep)
+            entry, left, size = self._send(self._codec.near_read(key))
+            if entry is not None and start is not None:
+                near.admit(key, entry, start, began=began, remote_ttl=left, weight=size)
+            return entry
         # A hit: the one call not made through `_send`, to spare it building a Call.
         try:
             data = self._read(self._codec.value_key(key))

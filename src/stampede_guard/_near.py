@@ -1,0 +1,274 @@
+"""The near cache: hits from this process's memory, kept coherent with Redis.
+
+A Redis backend made with ``near_cache=NearCache(...)`` keeps the entries it reads in
+a bounded store (`BoundedStore`) and answers later reads of them with no round trip.
+Coherence comes from invalidation messages, not from Redis's server-assisted client
+tracking: every store and invalidation script of this library also publishes the
+cache key it changed on one channel per prefix (``<prefix>:near``), and the backend's
+one pub/sub listener, which waiters already share, subscribes to it. Why not
+``CLIENT TRACKING``: with ``BCAST`` and our key layout (``<prefix>:{tag}:v:<key>``) a
+prefix cannot single out values, so every lock taken and released would invalidate
+too; its RESP2 form needs a second connection kept open for the tracking state (per
+node, on a cluster); and messages of our own go through the pub/sub connection whose
+health the listener already watches (`Hub`), on Redis 6 and 7, Valkey, Sentinel and
+Cluster alike (a classic ``PUBLISH`` reaches every node of a cluster). What it does not
+see: writes made around the library (a ``DEL`` by hand, ``FLUSHALL``, an eviction by
+``maxmemory``); the near entry's own ``ttl`` bounds those.
+
+Safety, decided here for both backends:
+
+- A near entry lives until the earlier of its ``ttl`` and the entry's remaining time
+  in Redis (``PTTL``, read with the value, counted from before the read was sent).
+- A read may only fill the near cache if nothing changed its key since the read
+  began. Every invalidation (received, or made by this process) takes a number from
+  one sequence and is remembered by key; a read notes the sequence when it starts,
+  and its entry is refused if its key's last invalidation is later. Without this, a
+  read sent before another process's write could land after that write's message,
+  and the old value would stay.
+- While the listener is not subscribed on a healthy connection (not yet, or lost, or
+  found silent by `Hub`), the near cache is empty and refuses entries: reads go to
+  Redis. Losing the connection flushes it, since messages may have been missed.
+- A write by this process drops its own near copy before it is sent and again after
+  it returns, so the writer never serves the old value after its write or
+  invalidation returns (read your writes), whatever the message's delay.
+- A forked child starts with an empty near cache (``os.register_at_fork``).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+import time
+import weakref
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Literal
+
+from stampede_guard._bounded import BoundedStore, check_maxbytes, check_maxsize
+from stampede_guard._entry import Entry
+from stampede_guard.metrics import (
+    MetricsHook,
+    NearEviction,
+    NearFlush,
+    NearInvalidation,
+    safe_emitter,
+)
+
+__all__ = ["Near", "NearCache", "Writing", "check_near_cache"]
+
+# Invalidations remembered by key, for reads in flight (see the module). A read that
+# began before the oldest one forgotten is refused: safe, and rare at this size.
+_REMEMBERED = 4096
+
+
+@dataclass(frozen=True, slots=True)
+class NearCache:
+    """Keep entries read from Redis in this process too; serve them with no round trip.
+
+    Pass it to `RedisBackend.from_url` (or `from_sentinel`, or the constructor, and
+    their `AsyncRedisBackend` twins). Misses, stores and locks go to Redis as before;
+    a hit on a key this process read recently is a dictionary lookup. A store, refresh
+    or invalidation of a key in any process sharing the Redis and prefix drops the
+    key from every process's near cache within milliseconds, and the writing process
+    never serves the old value after its write returns. See docs/near-cache.md.
+
+    Values are the decoded objects themselves, shared by every caller in the process:
+    treat them as read-only (copying each hit would cost more than the hit).
+
+    Args:
+        maxsize: Most entries held; the least recently used goes first.
+        ttl: Longest a near entry is served without asking Redis, in seconds (also
+            never longer than the entry's remaining time in Redis). It bounds what
+            the invalidation messages cannot see: writes made around this library.
+        maxbytes: Most bytes held, counted as the size of the stored payloads; None
+            for no limit but *maxsize*.
+        metrics: Receives `NearEviction`, `NearInvalidation` and `NearFlush` (near
+            hits are `Hit` events with ``near=True``, sent to each function's hook).
+    """
+
+    maxsize: int = 10_000
+    ttl: float = 30.0
+    maxbytes: int | None = None
+    metrics: MetricsHook | None = None
+
+    def __post_init__(self) -> None:
+        check_maxsize(self.maxsize, "NearCache")
+        check_maxbytes(self.maxbytes, "NearCache")
+        ttl: object = self.ttl
+        if isinstance(ttl, bool) or not isinstance(ttl, (int, float)):
+            msg = f"NearCache: ttl must be a number of seconds, not {type(ttl).__qualname__}"
+            raise TypeError(msg)
+        if not math.isfinite(ttl) or not 0.001 <= ttl <= 24 * 3600:  # noqa: PLR2004
+            msg = f"NearCache: ttl={ttl!r} is out of range: give a finite number of seconds from 0.001 to 86400 (a day); it bounds staleness from writes the near cache cannot hear of"
+            raise ValueError(msg)
+        metrics: object = self.metrics
+        if metrics is not None and not callable(metrics):
+            msg = f"NearCache: metrics={self.metrics!r} is not callable (see stampede_guard.MetricsHook)"
+            raise TypeError(msg)
+
+
+FlushReason = Literal["lost", "stopped", "fork"]
+
+
+def check_near_cache(value: object, builder: str) -> NearCache | None:
+    """Return *value* if it is a `NearCache` or None, else raise TypeError."""
+    if value is None or isinstance(value, NearCache):
+        return value
+    msg = f"{builder}: near_cache={value!r} is not a NearCache; pass near_cache=NearCache(maxsize=10_000, ttl=30)"
+    raise TypeError(msg)
+
+
+class Near:
+    """One backend's near cache (see the module): the store and the decisions."""
+
+    def __init__(self, config: NearCache, channel: str) -> None:
+        self.config = config
+        self.channel = channel  # where the library's scripts announce changed keys
+        self._emit = safe_emitter(config.metrics)
+        self._observed = config.metrics is not None
+        self._store: BoundedStore[str, Entry] = BoundedStore(
+            config.maxsize,
+            maxbytes=config.maxbytes,
+            on_evict=self._evicted if self._observed else None,
+        )
+        #: The hot path: the live near entry of a key, or None.
+        self.lookup = self._store.get
+        self.clock = time.monotonic  # the store's clock, on which deadlines run
+        self._start()
+        _EVERY.add(self)
+
+    def _start(self) -> None:
+        self._mutex = threading.Lock()
+        self._seq = 0  # one number per invalidation, connection change or flush
+        self._forgotten = 0  # reads begun before this cannot be judged: refused
+        self._recent: OrderedDict[str, int] = OrderedDict()  # key -> its last number
+        self.live = False  # subscribed on a connection that is trusted
+        self.wanted = False  # the listener has been asked to subscribe
+
+    def __len__(self) -> int:
+        return len(self._store)
+
+    @property
+    def evictions(self) -> int:
+        """Entries dropped to make room so far."""
+        return self._store.evictions
+
+    def begin(self) -> int | None:
+        """Note the start of a read from Redis: its number, or None if it may not fill."""
+        return self._seq if self.live else None
+
+    def admit(
+        self,
+        key: str,
+        entry: Entry,
+        start: int,
+        *,
+        began: float,
+        remote_ttl: float | None,
+        weight: int,
+    ) -> None:
+        """Keep *entry*, read by a read that began at *start* (see `begin`), if allowed.
+
+        *began* is when the read was sent (the store's monotonic clock) and
+        *remote_ttl* the entry's remaining seconds in Redis then (None: no expiry).
+        """
+        ttl = self.config.ttl
+        if remote_ttl is not None:
+            if remote_ttl <= 0:
+                return
+            ttl = min(ttl, remote_ttl)
+        with self._mutex:
+            if (
+                not self.live
+                or start < self._forgotten
+                or self._recent.get(key, 0) > start
+            ):
+                return
+            self._store.put(key, entry, began + ttl, weight)
+
+    def drop(self, key: str) -> None:
+        """Forget *key*: it changed (or is being changed) since anything read of it."""
+        with self._mutex:
+            self._seq += 1
+            recent = self._recent
+            recent[key] = self._seq
+            recent.move_to_end(key)
+            while len(recent) > _REMEMBERED:
+                _, number = recent.popitem(last=False)
+                self._forgotten = max(self._forgotten, number)
+            self._store.pop(key)
+
+    def invalidated(self, key: str) -> None:
+        """A message said *key* changed (in any process, this one included)."""
+        self.drop(key)
+        if self._observed:
+            self._emit(NearInvalidation(key))
+
+    def subscribed(self) -> None:
+        """The listener is subscribed on a connection it trusts: entries may come in.
+
+        Reads begun before now are refused: they may predate messages that were
+        missed while there was no subscription.
+        """
+        with self._mutex:
+            self._seq += 1
+            self._forgotten = self._seq
+            self.live = True
+
+    def flush(self, reason: FlushReason) -> None:
+        """Drop everything and refuse entries until `subscribed` (see `NearFlush`)."""
+        with self._mutex:
+            was_live, self.live = self.live, False
+            self._seq += 1
+            self._forgotten = self._seq
+            dropped = self._store.clear()
+        if self._observed and (was_live or dropped):  # once per outage, not per retry
+            self._emit(NearFlush(reason, dropped))
+
+    def stopped(self) -> None:
+        """The listener stopped (closed, or its event loop ended): ask again later."""
+        self.flush("stopped")
+        self.wanted = False
+
+    def forked(self) -> None:
+        """In a forked child: start empty, with a mutex of its own."""
+        dropped = len(self._store)
+        self._store.reset()
+        self._start()
+        if self._observed and dropped:
+            self._emit(NearFlush("fork", dropped))
+
+    def _evicted(self, key: str) -> None:
+        self._emit(NearEviction(key))
+
+
+class Writing:
+    """Around a write by this process: drop *key*'s near copy before and after it.
+
+    After: a read that began before the write returned cannot fill the near cache
+    with what it read (see `Near.admit`), so the writer reads its own write. Also
+    after a write that failed: it may have been applied all the same.
+    """
+
+    __slots__ = ("key", "near")
+
+    def __init__(self, near: Near, key: str) -> None:
+        self.near, self.key = near, key
+
+    def __enter__(self) -> None:
+        self.near.drop(self.key)
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.near.drop(self.key)
+
+
+_EVERY: weakref.WeakSet[Near] = weakref.WeakSet()
+
+
+def _after_fork() -> None:
+    for near in list(_EVERY):
+        near.forked()
+
+
+os.register_at_fork(after_in_child=_after_fork)
