@@ -256,13 +256,14 @@ def test_no_subscription_or_thread_outlives_the_waits(
     )  # the other backends' threads end at teardown
 
 
-def test_a_stampede_in_one_process_costs_at_most_twelve_redis_commands(
+def test_a_stampede_in_one_process_costs_at_most_thirteen_redis_commands(
     redis_url: str, private_redis_client: redis.Redis
 ) -> None:
-    """200 threads on one cold key: at most 12 commands (commandstats), in 3 round trips.
+    """200 threads on one cold key: at most 13 commands (commandstats), in 3 round trips.
 
     9 for the lock, the value and the notice; 3 inside the same two scripts for the
-    fence (the ticket's TIME, the floor's GET and SET).
+    fence (the ticket's TIME, the floor's GET and SET); 1 inside the store script that
+    tells near caches the key changed (a PUBLISH on ``<prefix>:near``).
     """
     backend = RedisBackend.from_url(redis_url, prefix=f"t{uuid.uuid4().hex[:8]}")
 
@@ -297,7 +298,7 @@ def test_a_stampede_in_one_process_costs_at_most_twelve_redis_commands(
     calls.pop("config|resetstat", None)
     calls.pop("info", None)
     assert results == ["v"] * 200
-    assert sum(calls.values()) <= 12, calls
+    assert sum(calls.values()) <= 13, calls
     assert calls["evalsha"] == 2, calls  # the lock script and the store script
 
 

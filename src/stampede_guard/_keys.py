@@ -92,12 +92,36 @@ class KeyMaker:
             _check_key_callable(key, signature, self._function_id)
             self._key_fn = key
 
+        #: `__call__` as a closure: the decorator's hot path (a call of a bound
+        #: method of this class cost twice as much as the closure, 0.2 us a hit).
+        self.make = self._closure()
+
     def __call__(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> str:
         """Return the cache key for a call with *args* and *kwargs*."""
-        if self._positional is not None and not kwargs and len(args) == self._arity:
-            key = self._positional.format(*args)  # the hot path: no binding needed
-        else:
-            key = self._make(args, kwargs)
+        return self.make(args, kwargs)
+
+    def _closure(self) -> Callable[[tuple[Any, ...], Mapping[str, Any]], str]:
+        finish, slow = self._finish, self._slow
+        if self._positional is None:
+            return slow
+        fill, arity = self._positional.format, self._arity
+
+        def make(
+            args: tuple[Any, ...],
+            kwargs: Mapping[str, Any],
+            limit: int = MAX_KEY_LENGTH,
+        ) -> str:
+            if kwargs or len(args) != arity:
+                return slow(args, kwargs)
+            key = fill(*args)  # every argument positional: no binding needed
+            return key if key.isascii() and len(key) <= limit else finish(key)
+
+        return make
+
+    def _slow(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> str:
+        return self._finish(self._make(args, kwargs))
+
+    def _finish(self, key: str) -> str:
         if not key.isascii():  # rare, so the check is almost free
             _check_encodable(key, self._function_id)
         return key if len(key) <= MAX_KEY_LENGTH else _shorten(key)

@@ -133,7 +133,7 @@ class Near:
             on_evict=self._evicted if self._observed else None,
         )
         #: The hot path: the live near entry of a key, or None.
-        self.lookup = self._store.get
+        self.lookup = self._store.reader()
         self.clock = time.monotonic  # the store's clock, on which deadlines run
         self._start()
         _EVERY.add(self)

@@ -34,7 +34,7 @@ from stampede_guard._freshness import RefreshDue
 from stampede_guard._keys import KeyMaker
 from stampede_guard._ops import Op
 from stampede_guard._plan import Flight, plan, without_cache
-from stampede_guard._reentry import check_reentry
+from stampede_guard._reentry import check_reentry, computing_any
 from stampede_guard._types import AsyncCachedFunction, CachedFunction
 from stampede_guard.backends._protocol import AsyncBackend, Backend
 
@@ -57,14 +57,16 @@ class _Cached(Generic[P, R]):
         functools.update_wrapper(self, fn)
         self._fn = fn
         self._keys = keys
+        self._make_key = keys.make
         self._backend = backend
         self._context = context
         self._flights = SyncFlights()
         self._refreshing = Refreshing()
-        # An in-memory backend answers a hit faster than a flight can be joined.
+        # An in-memory backend, or a near cache (`RedisBackend(near_cache=...)`),
+        # answers a hit faster than a flight can be joined: it is read first.
         self._local = bool(getattr(backend, "local", False))
-        # So does a near cache (`RedisBackend(near_cache=...)`).
-        self._near: NearLookup | None = getattr(backend, "near_lookup", None)
+        self._quick, self._near = _quick_read(backend)
+        self._lead = _plan_lead if self._local else self._look
 
     def _run(self, call: Call, steps: Generator[Op, Any, T]) -> T:
         args, kwargs = call
@@ -72,25 +74,27 @@ class _Cached(Generic[P, R]):
         return run_sync(steps, self._backend, compute, ctx=self._context)
 
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
-        key = self._keys(args, kwargs)
-        check_reentry(self._backend, key)
+        key = self._make_key(args, kwargs)
         ctx = self._context
-        value: object = None
-        if self._local:  # the hot path: a hit in memory needs no plan
-            value = first_look(key, self._backend.get(key), ctx)
-            if type(value) is Entry:
-                return cast("R", value.value)
-        elif self._near is not None:  # the same, from a near cache
-            value = first_look(key, self._near(key), ctx, near=True)
-            if type(value) is Entry:
-                return cast("R", value.value)
+        value: Any = None
+        if self._quick is not None:  # the hot path: a hit in memory needs no plan
+            found = self._quick(key)
+            if found is not None:
+                if ctx.plain_hits:  # `first_look`'s first decision, inlined
+                    return found.value  # type: ignore[return-value]
+                value = first_look(key, found, ctx, near=self._near)
+                if type(value) is Entry:
+                    return value.value  # type: ignore[return-value]
+        # A hit is served even to a call made by its own computation; anything that
+        # might wait is not (see `_reentry`).
+        if computing_any():  # almost never: spare the common path a call
+            check_reentry(self._backend, key)
         call = (args, kwargs)
         if value is None:  # a miss, or a remote read: concurrent callers share it
-            lead = _plan_lead if self._local else self._look
-            value = self._flights.run(key, ctx, self._run, call, lead)
+            value = self._flights.run(key, ctx, self._run, call, self._lead)
         if type(value) is RefreshDue:
             value = self._run(call, serve_due(key, value, ctx, self._refreshing))
-        return cast("R", value)
+        return value  # type: ignore[no-any-return]
 
     def _look(self, key: str, ctx: Context, flight: Flight | None) -> Served | Plan:
         """Step 1 on a remote backend: one read, decided by `_call`."""
@@ -143,13 +147,16 @@ class _AsyncCached(Generic[P, R]):
         self.__name__: str = getattr(fn, "__name__", type(fn).__name__)
         self._fn = fn
         self._keys = keys
+        self._make_key = keys.make
         self._backend = backend
         self._context = context
         self._flights = AsyncFlights()
         self._refreshing = Refreshing()
         self._background: set[Any] = set()  # spawned tasks: strong refs until done
         self._local = bool(getattr(backend, "local", False))
-        self._near: NearLookup | None = getattr(backend, "near_lookup", None)
+        # A memory backend's sync read serves here too: it never waits on I/O.
+        self._quick, self._near = _quick_read(backend)
+        self._lead = _async_plan_lead if self._local else self._look
 
     async def _run(self, call: Call, steps: Generator[Op, Any, T]) -> T:
         args, kwargs = call
@@ -159,25 +166,27 @@ class _AsyncCached(Generic[P, R]):
         )
 
     async def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
-        key = self._keys(args, kwargs)
-        check_reentry(self._backend, key)
+        key = self._make_key(args, kwargs)
         ctx = self._context
-        value: object = None
-        if self._local:  # the hot path: a hit in memory needs no plan
-            value = first_look(key, await self._backend.aget(key), ctx)
-            if type(value) is Entry:
-                return cast("R", value.value)
-        elif self._near is not None:  # the same, from a near cache (no I/O: no await)
-            value = first_look(key, self._near(key), ctx, near=True)
-            if type(value) is Entry:
-                return cast("R", value.value)
+        value: Any = None
+        if self._quick is not None:  # the hot path: a hit in memory needs no plan
+            found = self._quick(key)
+            if found is not None:
+                if ctx.plain_hits:  # `first_look`'s first decision, inlined
+                    return found.value  # type: ignore[return-value]
+                value = first_look(key, found, ctx, near=self._near)
+                if type(value) is Entry:
+                    return value.value  # type: ignore[return-value]
+        # A hit is served even to a call made by its own computation; anything that
+        # might wait is not (see `_reentry`).
+        if computing_any():  # almost never: spare the common path a call
+            check_reentry(self._backend, key)
         call = (args, kwargs)
         if value is None:  # a miss, or a remote read: concurrent callers share it
-            lead = _async_plan_lead if self._local else self._look
-            value = await self._flights.run(key, ctx, self._run, call, lead)
+            value = await self._flights.run(key, ctx, self._run, call, self._lead)
         if type(value) is RefreshDue:
             value = await self._run(call, serve_due(key, value, ctx, self._refreshing))
-        return cast("R", value)
+        return value  # type: ignore[no-any-return]
 
     async def _look(
         self, key: str, ctx: Context, flight: Flight | None
@@ -216,6 +225,16 @@ class _AsyncCached(Generic[P, R]):
 
     def __repr__(self) -> str:
         return f"<stampede-safe {self._fn!r} on {self._backend!r}>"
+
+
+def _quick_read(backend: object) -> tuple[NearLookup | None, bool]:
+    """Return the backend's read that needs no I/O, if any, and whether it is near.
+
+    A memory backend's store (which serves asyncio too: it never blocks), or a Redis
+    backend's near cache.
+    """
+    read: NearLookup | None = getattr(backend, "local_read", None)
+    return read, read is not None and getattr(backend, "near_cache", None) is not None
 
 
 def _plan_lead(key: str, ctx: Context, flight: Flight | None) -> Plan:

@@ -9,6 +9,7 @@ import threading
 import time
 from collections.abc import Callable
 
+from stampede_guard._bounded import BoundedStore, check_maxsize
 from stampede_guard._clock import StepFreeClock
 from stampede_guard.backends._protocol import (
     FENCE_SECONDS,
@@ -30,7 +31,15 @@ class MemoryBackend:
     methods never block, they hold a mutex for microseconds); use `RedisBackend` or
     `AsyncRedisBackend` to coordinate processes or hosts.
 
+    At most *maxsize* entries are kept: past it, the least recently used goes (an
+    evicted key is a miss, computed once again under the same stampede protection).
+
     Args:
+        maxsize: Most entries kept; None for no limit. The default, 100,000, bounds
+            the store at roughly 30 MB of small values (measured: 29 MB per 100,000
+            live keys of a small dict each), which no container should run out of
+            memory over, while a working set that fits is never evicted. An unbounded
+            store grew until the ttl of every key it ever saw ran out.
         clock: Monotonic time source, in seconds; tests pass a fake one.
     """
 
@@ -41,11 +50,20 @@ class MemoryBackend:
     #: Reads cost no I/O, so a hit is answered before any in-process coalescing.
     local = True
 
-    def __init__(self, *, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        *,
+        maxsize: int | None = 100_000,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._clock = clock
         self._wall = StepFreeClock()
         self._mutex = threading.Lock()
-        self._entries: dict[str, tuple[Entry, float]] = {}
+        self._entries: BoundedStore[str, Entry] = BoundedStore(
+            check_maxsize(maxsize, "MemoryBackend", allow_none=True), clock=clock
+        )
+        #: `get` as a closure, which the decorator calls first (its hot path).
+        self.local_read = self._entries.reader()
         self._locks: dict[str, tuple[str, float]] = {}
         # Per key, the ticket below which stores are refused (the stored value's, or
         # an invalidation's), and until when that holds.
@@ -57,6 +75,16 @@ class MemoryBackend:
     def __repr__(self) -> str:
         return f"MemoryBackend(entries={len(self._entries)}, locks={len(self._locks)})"
 
+    @property
+    def maxsize(self) -> int | None:
+        """The most entries kept (None: no limit)."""
+        return self._entries.maxsize
+
+    @property
+    def evictions(self) -> int:
+        """Entries dropped so far to keep within *maxsize*."""
+        return self._entries.evictions
+
     def now(self) -> float:
         """Return the time (Unix seconds) entries are stamped and judged fresh by.
 
@@ -67,13 +95,8 @@ class MemoryBackend:
 
     def get(self, key: str) -> Entry | None:
         """Return the live entry for *key*, or None."""
-        # A dict read is atomic: a live entry needs no mutex (the hot path). Dropping
-        # an expired one does.
-        stored = self._entries.get(key)
-        if stored is not None and stored[1] > self._clock():
-            return stored[0]
-        with self._mutex:
-            return self._live_entry(key, self._clock())
+        # No mutex: the store's read is atomic (see `BoundedStore`).
+        return self.local_read(key)
 
     def get_or_lock(self, key: str, token: str, lock_ttl: float) -> Entry | Claim:
         """Return the entry for *key*, or the lock holder's token (taking a free lock)."""
@@ -187,7 +210,7 @@ class MemoryBackend:
         """Invalidate *key*: drop its entry, revoke its lock, refuse older stores."""
         with self._mutex:
             now = self._clock()
-            self._entries.pop(key, None)
+            self._entries.pop(key)
             revoked = self._locks.pop(key, None)
             self._floors[key] = (self._ticket(now), now + FENCE_SECONDS)
             listeners = self._listeners.get(key) if revoked is not None else None
@@ -247,13 +270,8 @@ class MemoryBackend:
             self._floors.clear()
 
     def _live_entry(self, key: str, now: float) -> Entry | None:
-        stored = self._entries.get(key)
-        if stored is None:
-            return None
-        if stored[1] <= now:
-            del self._entries[key]
-            return None
-        return stored[0]
+        del now  # the store reads the same clock
+        return self.local_read(key)
 
     def _fenced(self, key: str, ticket: int | None, now: float) -> bool:
         """Whether a store of a computation that began at *ticket* must be refused."""
@@ -272,7 +290,7 @@ class MemoryBackend:
             # fence still has to, whichever is longer.
             until = now + ttl if floor is None else max(now + ttl, floor[1])
             self._floors[key] = (ticket, until)
-        self._entries[key] = (entry, now + ttl)
+        self._entries.put(key, entry, now + ttl)
         if len(self._entries) + len(self._locks) + len(self._floors) >= self._sweep_at:
             self._sweep(now)
 
@@ -286,7 +304,7 @@ class MemoryBackend:
         return held[1] > self._clock()
 
     def _sweep(self, now: float) -> None:
-        self._entries = {k: v for k, v in self._entries.items() if v[1] > now}
+        self._entries.sweep()
         self._locks = {k: v for k, v in self._locks.items() if v[1] > now}
         self._floors = {k: v for k, v in self._floors.items() if v[1] > now}
         live = len(self._entries) + len(self._locks) + len(self._floors)

@@ -56,8 +56,9 @@ class RedisBase(Generic[ClientT]):
             asyncio=self._asyncio,
             builder=builder,
         )
-        #: The near cache's lookup (no I/O), which the decorator tries before anything.
-        self.near_lookup = None if self._near is None else self._near.lookup
+        #: The near cache's lookup (no I/O), which the decorator tries first.
+        self.local_read = None if self._near is None else self._near.lookup
+        self.near_lookup = self.local_read  # the same, by the near cache's name
         # Outlives the clients an asyncio backend makes per event loop: the servers
         # stay the same.
         self._faults = Faults(
