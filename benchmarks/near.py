@@ -677,15 +677,21 @@ def _shown(value: float, unit: str) -> str:
 
 
 def header(
-    redis_version: str, started: datetime, elapsed: float, src: tuple[str, str]
+    redis_version: str,
+    started: datetime,
+    elapsed: float,
+    src: tuple[str, str],
+    load: tuple[float, float],
 ) -> dict[str, str]:
-    """Return the report's header: when, where, what."""
+    """Return the report's header: when, where, what, and how busy the machine was."""
     uname = platform.uname()
     return {
         "date": started.strftime("%Y-%m-%d %H:%M:%S UTC"),
         "duration": f"{elapsed:.0f} s",
         "command": " ".join(["uv run --group bench benchmarks/near.py", *sys.argv[1:]]),
         "machine": f"{uname.machine}, {os.cpu_count()} cores, {uname.system} {uname.release}",
+        "load average (1 min)": f"{load[0]:.2f} at the start, {load[1]:.2f} at the end"
+        " (other processes share these cores: compare ratios, not absolute times)",
         "Python": platform.python_version(),
         "redis-server": f"{redis_version} (private, 127.0.0.1, --save '' --appendonly no)",
         "libraries": ", ".join(f"{k} {v}" for k, v in library_versions().items()),
@@ -749,6 +755,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = datetime.now(UTC)
     t0 = time.perf_counter()
     src_start = source_state()
+    load_start = os.getloadavg()[0]
     results: list[Result] = []
     with RedisServer() as server:
         redis_version = server.version()
@@ -772,7 +779,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     src_end = source_state()
     if src_end != src_start:
         progress("warning: src/stampede_guard changed during the run")
-    meta = header(redis_version, started, elapsed, (src_start, src_end))
+    load = (load_start, os.getloadavg()[0])
+    meta = header(redis_version, started, elapsed, (src_start, src_end), load)
     text = markdown(meta, plan, results)
     sys.stdout.write(text)
     sys.stdout.flush()
