@@ -40,6 +40,7 @@ class AsyncRedisBackend(RedisBase["AsyncClient"]):
         prefix: See `RedisBackend`.
         breaker_failures: See `RedisBackend`.
         breaker_reset: See `RedisBackend`.
+        near_cache: See `RedisBackend`.
     """
 
     _asyncio = True

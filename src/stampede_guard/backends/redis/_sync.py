@@ -47,6 +47,10 @@ class RedisBackend(RedisBase["SyncClient"]):
             this backend. Refused writes (``READONLY``, ``OOM``) count as failures.
         breaker_reset: Seconds an open circuit skips its server; then one call at a
             time probes it, and success closes the circuit.
+        near_cache: Keep what this process reads in its memory too, and serve the
+            next reads from there with no round trip (`NearCache`): every store and
+            invalidation, in any process, drops the key from every near cache. See
+            docs/near-cache.md.
     """
 
     _asyncio = False
