@@ -145,6 +145,10 @@ class Near:
         self._recent: OrderedDict[str, int] = OrderedDict()  # key -> its last number
         self.live = False  # subscribed on a connection that is trusted
         self.wanted = False  # the listener has been asked to subscribe
+        # The listener's hub that keeps the subscription. Only it may flush: a
+        # listener replaced (a new event loop's) may stop after its successor
+        # subscribed, and its flush would leave the near cache off for good.
+        self.owner: object = None
 
     def __len__(self) -> int:
         return len(self._store)

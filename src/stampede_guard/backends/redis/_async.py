@@ -62,6 +62,7 @@ class AsyncRedisBackend(RedisBase["AsyncClient"]):
             pubsub_factory(client, asyncio=True), self._codec
         )
         if self._near is not None:  # a new loop's listener: the old one's is gone
+            self._near.owner = None
             self._near.stopped()
 
     def _bind(self) -> None:

@@ -74,6 +74,7 @@ class Hub:
     def keep_near(self, near: Near) -> bool:
         """Subscribe *near*'s channel for good; return whether it needs a SUBSCRIBE."""
         self.near = near
+        near.owner = self
         return self.add(NearSubscription(near))
 
     def stopped(self) -> None:
@@ -83,7 +84,7 @@ class Hub:
             if near is not None:
                 self.subscribers.pop(near.channel, None)
                 self.confirmed.discard(near.channel)
-        if near is not None:
+        if near is not None and near.owner is self:
             near.stopped()
 
     def add(self, subscription: Any) -> bool:
@@ -144,7 +145,8 @@ class Hub:
                 renewed,
             )
         if near is not None and channel == near.channel:
-            _tell_near(near, kind, message["data"])
+            if near.owner is self:  # not a replaced listener's (see `Near.owner`)
+                _tell_near(near, kind, message["data"])
         elif kind == "subscribe":
             for subscription in subscribers:
                 subscription.confirm()
@@ -186,7 +188,7 @@ class Hub:
             waiting = [s for subs in self.subscribers.values() for s in subs]
             channels = list(self.subscribers)
             near = self.near
-        if near is not None:  # messages may be missed until it is resubscribed
+        if near is not None and near.owner is self:  # messages may be missed now
             near.flush("lost")
         for subscription in waiting:
             subscription.confirm()
