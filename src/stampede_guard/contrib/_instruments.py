@@ -26,6 +26,10 @@ __all__ = [
     "LOCK_WAIT_SECONDS",
     "MISSES",
     "NAME_LABEL",
+    "NEAR_EVICTIONS",
+    "NEAR_FLUSHES",
+    "NEAR_HITS",
+    "NEAR_INVALIDATIONS",
     "REFRESHES",
     "REFRESH_FAILURES",
     "STALE_SERVED",
@@ -163,6 +167,36 @@ UNREADABLE_ENTRIES: Final = Instrument(
     "unreadable_entries",
     "Stored entries that could not be read (corrupt, forged, poison): each a miss.",
     "{entry}",
+)
+# A subset of HITS (so hits - near_hits are the hits read from the backend), kept
+# apart rather than as a label of HITS so that the existing series stay as they are.
+NEAR_HITS: Final = Instrument(
+    "near_hits",
+    "near_hits",
+    "Hits served from this process's near cache, with no round trip (also in hits).",
+    "{call}",
+)
+# The three below come from a backend's NearCache(metrics=...), not from a decorated
+# function: their name label is that hook's own name.
+NEAR_EVICTIONS: Final = Instrument(
+    "near_evictions",
+    "near_evictions",
+    "Near-cache entries dropped to make room (the least recently used).",
+    "{entry}",
+)
+NEAR_INVALIDATIONS: Final = Instrument(
+    "near_invalidations",
+    "near_invalidations",
+    "Invalidation messages the near cache received, whether or not it held the key.",
+    "{message}",
+)
+NEAR_FLUSHES: Final = Instrument(
+    "near_flushes",
+    "near_flushes",
+    "Times the near cache dropped every entry, by reason (lost, stopped or fork).",
+    "{flush}",
+    "reason",
+    ("lost", "stopped", "fork"),
 )
 
 

@@ -29,10 +29,22 @@ instruments as `stampede_guard.contrib.prometheus`, named with dots:
 | `stampede_guard.backend_errors` | counter | `{error}` | `name` | `BackendFailed` events |
 | `stampede_guard.backend_skipped` | counter | `{call}` | `name` | `BackendSkipped` events |
 | `stampede_guard.unreadable_entries` | counter | `{entry}` | `name` | `UnreadableEntry` events |
+| `stampede_guard.near_hits` | counter | `{call}` | `name` | `Hit` events with `near=True` (also in `hits`) |
+| `stampede_guard.near_evictions` | counter | `{entry}` | `name` | `NearEviction` events |
+| `stampede_guard.near_invalidations` | counter | `{message}` | `name` | `NearInvalidation` events |
+| `stampede_guard.near_flushes` | counter | `{flush}` | `name`, `reason` | `NearFlush` events, by reason |
 
 Nothing is recorded with the cache key: keys are unbounded, and every key would be a
 new time series. The ``name`` attribute, set only when the hook is given a *name*,
 tells apart the functions that each have a hook of their own.
+
+A near cache (``NearCache(metrics=...)``) sends its evictions, invalidations and
+flushes to a hook of its own; they belong to no function, so they carry that hook's
+``name``. One near cache serves every function of its backend: give it a hook named
+after the backend, ``NearCache(metrics=OpenTelemetryMetrics(name="near"))``. Giving
+it a function's hook works too, and records them under that function's name. Near
+hits are `Hit` events, recorded per function: ``hits - near_hits`` are the hits read
+from the backend.
 """
 
 from __future__ import annotations
@@ -158,6 +170,11 @@ class OpenTelemetryMetrics:
         self._backend_errors = counter(spec.BACKEND_ERRORS)
         self._backend_skipped = counter(spec.BACKEND_SKIPPED)
         self._unreadable_entries = counter(spec.UNREADABLE_ENTRIES)
+        self._near_hits = counter(spec.NEAR_HITS)
+        self._near_evictions = counter(spec.NEAR_EVICTIONS)
+        self._near_invalidations = counter(spec.NEAR_INVALIDATIONS)
+        self._near_flushes = counter(spec.NEAR_FLUSHES)
+        self._near_flush_attributes = labelled(spec.NEAR_FLUSHES)
 
     def __repr__(self) -> str:
         return (
@@ -168,8 +185,10 @@ class OpenTelemetryMetrics:
         """Record *event*."""
         base = self._base
         match event:
-            case Hit():
+            case Hit(near=near):
                 self._hits.add(1, base)
+                if near:
+                    self._near_hits.add(1, base)
             case Miss():
                 self._misses.add(1, base)
             case LockAcquired():
@@ -197,5 +216,9 @@ class OpenTelemetryMetrics:
                 self._backend_skipped.add(1, base)
             case UnreadableEntry():
                 self._unreadable_entries.add(1, base)
-            case NearEviction() | NearInvalidation() | NearFlush():
-                pass  # a backend's near cache: see NearCache(metrics=...)
+            case NearEviction():
+                self._near_evictions.add(1, base)
+            case NearInvalidation():
+                self._near_invalidations.add(1, base)
+            case NearFlush(reason=reason):
+                self._near_flushes.add(1, self._near_flush_attributes[reason])

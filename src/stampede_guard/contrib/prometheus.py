@@ -27,11 +27,23 @@ With the default ``namespace``, the registry gets these metrics:
 | `stampede_guard_backend_errors_total` | counter | `name` | `BackendFailed` events |
 | `stampede_guard_backend_skipped_total` | counter | `name` | `BackendSkipped` events |
 | `stampede_guard_unreadable_entries_total` | counter | `name` | `UnreadableEntry` events |
+| `stampede_guard_near_hits_total` | counter | `name` | `Hit` events with `near=True` (also in `hits_total`) |
+| `stampede_guard_near_evictions_total` | counter | `name` | `NearEviction` events |
+| `stampede_guard_near_invalidations_total` | counter | `name` | `NearInvalidation` events |
+| `stampede_guard_near_flushes_total` | counter | `name`, `reason` | `NearFlush` events, by reason |
 
 Nothing is labelled by cache key: keys are unbounded, and every key would be a new
 time series. The ``name`` label tells hooks apart instead: give each decorated function
 a hook of its own, ``PrometheusMetrics(name="weather")``, and they all share these
 metrics. Its value is the empty string for a hook made without a name.
+
+A near cache (``NearCache(metrics=...)``) sends its evictions, invalidations and
+flushes to a hook of its own; they belong to no function, so they carry that hook's
+``name``. One near cache serves every function of its backend: give it a hook named
+after the backend, ``NearCache(metrics=PrometheusMetrics(name="near"))``. Giving it
+a function's hook works too, and files them under that function's name. Near hits
+are `Hit` events, counted per function: ``hits_total - near_hits_total`` are the
+hits read from the backend.
 
 Prometheus allows one metric of a name per registry. The first hook made for a registry
 and namespace registers the metrics, and later hooks for the same pair reuse them; that
@@ -103,6 +115,10 @@ class _Metrics:
     backend_errors: Counter
     backend_skipped: Counter
     unreadable_entries: Counter
+    near_hits: Counter
+    near_evictions: Counter
+    near_invalidations: Counter
+    near_flushes: Counter
 
 
 # Prometheus refuses a second metric of the same name in one registry, so hooks made
@@ -194,6 +210,10 @@ def _make(
         backend_errors=counter(spec.BACKEND_ERRORS),
         backend_skipped=counter(spec.BACKEND_SKIPPED),
         unreadable_entries=counter(spec.UNREADABLE_ENTRIES),
+        near_hits=counter(spec.NEAR_HITS),
+        near_evictions=counter(spec.NEAR_EVICTIONS),
+        near_invalidations=counter(spec.NEAR_INVALIDATIONS),
+        near_flushes=counter(spec.NEAR_FLUSHES),
     )
 
 
@@ -259,6 +279,13 @@ class PrometheusMetrics:
         self._backend_errors = m.backend_errors.labels(label)
         self._backend_skipped = m.backend_skipped.labels(label)
         self._unreadable_entries = m.unreadable_entries.labels(label)
+        self._near_hits = m.near_hits.labels(label)
+        self._near_evictions = m.near_evictions.labels(label)
+        self._near_invalidations = m.near_invalidations.labels(label)
+        self._near_flushes = {
+            reason: m.near_flushes.labels(label, reason)
+            for reason in spec.NEAR_FLUSHES.values
+        }
 
     def __repr__(self) -> str:
         return f"PrometheusMetrics(namespace={self._namespace!r}, name={self._name!r})"
@@ -266,8 +293,10 @@ class PrometheusMetrics:
     def __call__(self, event: Event, /) -> None:  # noqa: C901 - a case per event
         """Count *event*."""
         match event:
-            case Hit():
+            case Hit(near=near):
                 self._hits.inc()
+                if near:
+                    self._near_hits.inc()
             case Miss():
                 self._misses.inc()
             case LockAcquired():
@@ -295,5 +324,9 @@ class PrometheusMetrics:
                 self._backend_skipped.inc()
             case UnreadableEntry():
                 self._unreadable_entries.inc()
-            case NearEviction() | NearInvalidation() | NearFlush():
-                pass  # a backend's near cache: see NearCache(metrics=...)
+            case NearEviction():
+                self._near_evictions.inc()
+            case NearInvalidation():
+                self._near_invalidations.inc()
+            case NearFlush(reason=reason):
+                self._near_flushes[reason].inc()

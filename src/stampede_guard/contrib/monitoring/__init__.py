@@ -11,8 +11,12 @@ timeout rate, the average wait and the success rate of each decorated function (
 | `StampedeGuardSlowWaits` | the average wait is over 1 s | warning |
 | `StampedeGuardLowSuccessRate` | under 95 % of requests got a value | critical |
 
-`dashboard()` returns a Grafana dashboard (JSON) of the same figures. Print either from
-a shell, to put it where Prometheus or Grafana reads it::
+`dashboard()` returns a Grafana dashboard (JSON) of the same figures, and of a near
+cache's hit share (near hits out of hits) and flushes by reason. Those two have no
+recording rule and no alert: a near cache only saves round trips, and while it is
+flushed the calls go to the backend, as they would without it (the figures above
+still watch them). Print either from a shell, to put it where Prometheus or Grafana
+reads it::
 
     python -m stampede_guard.contrib.monitoring rules > stampede_guard.rules.yml
     python -m stampede_guard.contrib.monitoring dashboard > stampede_guard.json
