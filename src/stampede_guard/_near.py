@@ -48,10 +48,10 @@ from typing import Literal
 from stampede_guard._bounded import BoundedStore, check_maxbytes, check_maxsize
 from stampede_guard._entry import Entry
 from stampede_guard.metrics import (
-    MetricsHook,
     NearEviction,
     NearFlush,
     NearInvalidation,
+    NearMetricsHook,
     safe_emitter,
 )
 
@@ -90,7 +90,7 @@ class NearCache:
     maxsize: int = 10_000
     ttl: float = 30.0
     maxbytes: int | None = None
-    metrics: MetricsHook | None = None
+    metrics: NearMetricsHook | None = None
 
     def __post_init__(self) -> None:
         check_maxsize(self.maxsize, "NearCache")

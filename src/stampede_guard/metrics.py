@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal, Protocol, TypeAlias
+from typing import Literal, Protocol, TypeAlias, TypeVar
 
 __all__ = [
     "BackendFailed",
@@ -25,9 +26,11 @@ __all__ = [
     "LockWait",
     "MetricsHook",
     "Miss",
+    "NearEvent",
     "NearEviction",
     "NearFlush",
     "NearInvalidation",
+    "NearMetricsHook",
     "Refresh",
     "RefreshFailed",
     "StaleServed",
@@ -216,10 +219,11 @@ Event: TypeAlias = (
     | BackendFailed
     | BackendSkipped
     | UnreadableEntry
-    | NearEviction
-    | NearInvalidation
-    | NearFlush
 )
+"""An event of a cached call: every one is about one *key*."""
+
+NearEvent: TypeAlias = NearEviction | NearInvalidation | NearFlush
+"""An event of a backend's near cache (see `NearCache`), sent to its own hook."""
 
 
 class MetricsHook(Protocol):
@@ -230,6 +234,17 @@ class MetricsHook(Protocol):
     """
 
     def __call__(self, event: Event, /) -> None:
+        """Record *event*."""
+
+
+class NearMetricsHook(Protocol):
+    """Receives a near cache's events (`NearCache(metrics=...)`); fast and thread-safe.
+
+    `StampedeStats` and the contrib exporters are both kinds of hook: one object may
+    be given to the decorator and to the near cache.
+    """
+
+    def __call__(self, event: NearEvent, /) -> None:
         """Record *event*."""
 
 
@@ -316,7 +331,7 @@ class StampedeStats:
         self._near_invalidations = 0
         self._near_flushes = 0
 
-    def __call__(self, event: Event, /) -> None:  # noqa: C901 - a case per event
+    def __call__(self, event: Event | NearEvent, /) -> None:  # noqa: C901 - a case per event
         """Count *event*."""
         with self._lock:
             match event:
@@ -389,12 +404,15 @@ class StampedeStats:
             self._zero()
 
 
-def safe_emitter(hook: MetricsHook | None) -> _Emit:
+E = TypeVar("E", bound="Event | NearEvent")
+
+
+def safe_emitter(hook: Callable[[E], None] | None) -> Callable[[E], None]:
     """Wrap *hook* so that its failures are logged, never raised."""
     if hook is None:
         return _discard
 
-    def emit(event: Event) -> None:
+    def emit(event: E) -> None:
         try:
             hook(event)
         except Exception:
@@ -405,9 +423,9 @@ def safe_emitter(hook: MetricsHook | None) -> _Emit:
     return emit
 
 
-class _Emit(Protocol):
+class _Emit(Protocol):  # noqa: PYI046 - the type of Context.emit
     def __call__(self, event: Event, /) -> None: ...
 
 
-def _discard(event: Event, /) -> None:
+def _discard(event: object, /) -> None:
     del event

@@ -44,6 +44,7 @@ from stampede_guard.metrics import (
     LockAcquired,
     LockWait,
     Miss,
+    NearEvent,
     NearEviction,
     NearFlush,
     NearInvalidation,
@@ -93,7 +94,7 @@ def _error_type(error: BaseException) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
-def _fields(event: Event) -> str:
+def _fields(event: Event | NearEvent) -> str:
     """Return the event's fields other than the key, as `` name=value`` pairs."""
     match event:
         case (
@@ -158,7 +159,7 @@ class LoggingHook:
             f"digest_keys={self._digest_keys!r})"
         )
 
-    def __call__(self, event: Event, /) -> None:
+    def __call__(self, event: Event | NearEvent, /) -> None:
         """Log *event* on one line."""
         if not self._logger.isEnabledFor(self._level):
             return

@@ -63,6 +63,7 @@ from stampede_guard.metrics import (
     LockAcquired,
     LockWait,
     Miss,
+    NearEvent,
     NearEviction,
     NearFlush,
     NearInvalidation,
@@ -181,7 +182,7 @@ class OpenTelemetryMetrics:
             f"OpenTelemetryMetrics(namespace={self._namespace!r}, name={self._name!r})"
         )
 
-    def __call__(self, event: Event, /) -> None:  # noqa: C901 - a case per event
+    def __call__(self, event: Event | NearEvent, /) -> None:  # noqa: C901 - a case per event
         """Record *event*."""
         base = self._base
         match event:

@@ -68,6 +68,7 @@ from stampede_guard.metrics import (
     LockAcquired,
     LockWait,
     Miss,
+    NearEvent,
     NearEviction,
     NearFlush,
     NearInvalidation,
@@ -290,7 +291,7 @@ class PrometheusMetrics:
     def __repr__(self) -> str:
         return f"PrometheusMetrics(namespace={self._namespace!r}, name={self._name!r})"
 
-    def __call__(self, event: Event, /) -> None:  # noqa: C901 - a case per event
+    def __call__(self, event: Event | NearEvent, /) -> None:  # noqa: C901 - a case per event
         """Count *event*."""
         match event:
             case Hit(near=near):
