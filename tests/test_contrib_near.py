@@ -26,6 +26,7 @@ from stampede_guard.metrics import (
     Event,
     Hit,
     Miss,
+    NearEvent,
     NearEviction,
     NearFlush,
     NearInvalidation,
@@ -40,7 +41,7 @@ NEAR_SERIES = (
 )
 
 # Two remote hits, three near hits, and every near-cache event, once or more.
-NEAR_EVENTS: list[Event] = [
+NEAR_EVENTS: list[Event | NearEvent] = [
     Hit("k"),
     Hit("k", near=False),
     *(Hit("k", near=True) for _ in range(3)),
@@ -218,10 +219,10 @@ def test_one_hook_on_function_and_near_cache_counts_what_the_events_say(
     near hits and invalidations under the function's name, the close's flush too."""
     registry = CollectorRegistry()
     prometheus = PrometheusMetrics(registry=registry, name="weather")
-    events: list[Event] = []
+    events: list[Event | NearEvent] = []
     lock = threading.Lock()
 
-    def hook(event: Event) -> None:
+    def hook(event: Event | NearEvent) -> None:
         with lock:
             events.append(event)
         prometheus(event)
