@@ -326,3 +326,50 @@ def test_an_async_callable_object_is_awaited_and_a_generator_one_refused() -> No
     assert asyncio.run(double(4)) == 8
     with pytest.raises(TypeError, match="generator"):
         cached_stampede_safe(backend=MemoryBackend(), key="n")(Numbers())
+
+
+_FIELD = st.sampled_from(
+    ["{a}", "{b}", "{a!r}", "{b!s}", "{a!a}", "{a:>6}", "{b:^9}", "{a!r:<12}", "{b:.3}"]
+)
+_LITERAL = st.text(alphabet="xyz:-{}é ", max_size=4).map(
+    lambda text: text.replace("{", "{{").replace("}", "}}")
+)
+_VALUE = st.one_of(
+    st.integers(),
+    st.floats(allow_nan=False),
+    st.text(max_size=8),
+    st.booleans(),
+    st.none(),
+    st.sampled_from([Color.RED, 1.5, (1, 2)]),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(_LITERAL, _FIELD), min_size=1, max_size=4), _VALUE, _VALUE)
+def test_keys_of_positional_calls_are_exactly_what_str_format_makes(
+    pieces: list[tuple[str, str]], a: object, b: object
+) -> None:
+    """The hot path's key maker (an f-string) agrees with str.format on every value.
+
+    Conversions and format specs included, and whether the arguments come by position
+    or by name.
+    """
+    template = "".join(literal + field for literal, field in pieces)
+    if "{b" not in template:
+        template += "{b}"  # every parameter named (an unused one only warns)
+
+    @cached_stampede_safe(key=template, backend=MemoryBackend())
+    def f(a: object, b: object) -> None:
+        del a, b
+
+    try:
+        expected = template.format(a=a, b=b)
+    except (ValueError, TypeError):  # a spec the value does not take: both refuse
+        with pytest.raises((ValueError, TypeError)):
+            f.cache_key(a, b)
+        return
+    if len(expected) > 256:  # shortened to a head and a digest: the same either way
+        assert f.cache_key(a, b) == f.cache_key(a=a, b=b)
+        return
+    assert f.cache_key(a, b) == expected
+    assert f.cache_key(a=a, b=b) == expected

@@ -33,6 +33,11 @@ class _Binder:
         self.simple = all(p.kind in _SIMPLE_KINDS for p in params)
         self._defaults = {p.name: p.default for p in params if p.default is not p.empty}
 
+    @property
+    def names(self) -> tuple[str, ...]:
+        """The parameters' names, in order."""
+        return self._names
+
     def bind(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> dict[str, Any]:
         names = self._names
         if self.simple and not kwargs and len(args) == len(names):
@@ -104,6 +109,12 @@ class KeyMaker:
         finish, slow = self._finish, self._slow
         if self._positional is None:
             return slow
+        assert self._template is not None  # noqa: S101 - positional comes from it
+        compiled = _compiled(
+            self._template, self._arity, self._binder.names, slow, finish
+        )
+        if compiled is not None:
+            return compiled
         fill, arity = self._positional.format, self._arity
 
         def make(
@@ -237,6 +248,60 @@ def _positional_template(template: str, signature: inspect.Signature) -> str | N
         parts.append(f"!{conversion}" if conversion else "")
         parts.append(f":{spec}}}" if spec else "}")
     return "".join(parts)
+
+
+def _compiled(
+    template: str,
+    arity: int,
+    names: tuple[str, ...],
+    slow: Callable[[tuple[Any, ...], Mapping[str, Any]], str],
+    finish: Callable[[str], str],
+) -> Callable[[tuple[Any, ...], Mapping[str, Any]], str] | None:
+    """Return the key maker of *template* as an f-string, for all-positional calls.
+
+    The hot path of every hit: an f-string fills a key in about two thirds of the
+    time of ``str.format``, with the same result (each field is ``format(value,
+    spec)`` either way). None for a template with attribute or index fields
+    (``{user.id}``, ``{d[k]}``), whose lookups ``str.format`` does its own way, or
+    nested specs. The source is built from indices only: no text of the template
+    is ever part of it (literals and specs are passed as constants).
+    """
+    if arity == 0:
+        return None
+    index = {name: i for i, name in enumerate(names)}
+    consts: dict[str, object] = {"slow": slow, "finish": finish}
+    parts: list[str] = []
+    for n, (literal, field, spec, conversion) in enumerate(
+        string.Formatter().parse(template)
+    ):
+        if literal:
+            consts[f"_l{n}"] = literal
+            parts.append(f"{{_l{n}}}")
+        if field is None:
+            continue
+        if field not in index or (spec and "{" in spec):
+            return None
+        part = f"a{index[field]}"
+        if conversion:
+            if conversion not in {"r", "s", "a"}:
+                return None
+            part += f"!{conversion}"
+        if spec:
+            consts[f"_s{n}"] = spec
+            part += f":{{_s{n}}}"
+        parts.append(f"{{{part}}}")
+    unpacked = ", ".join(f"a{i}" for i in range(arity))
+    source = (
+        "def make(args, kwargs):\n"
+        f"    if kwargs or len(args) != {arity}:\n"
+        "        return slow(args, kwargs)\n"
+        f"    {unpacked}, = args\n"
+        f'    key = f"{"".join(parts)}"\n'
+        f"    return key if key.isascii() and len(key) <= {MAX_KEY_LENGTH} else finish(key)\n"
+    )
+    exec(compile(source, "<stampede_guard key>", "exec"), consts)  # noqa: S102 - see above
+    made: Callable[[tuple[Any, ...], Mapping[str, Any]], str] = consts["make"]  # type: ignore[assignment]
+    return made
 
 
 def _check_key_callable(
