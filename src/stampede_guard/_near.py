@@ -43,7 +43,7 @@ import time
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Protocol
 
 from stampede_guard._bounded import BoundedStore, check_maxbytes, check_maxsize
 from stampede_guard._entry import Entry
@@ -83,6 +83,11 @@ class NearCache:
             the invalidation messages cannot see: writes made around this library.
         maxbytes: Most bytes held, counted as the size of the stored payloads; None
             for no limit but *maxsize*.
+        admission: Once full, let a new key in only when it is read a second time
+            while still remembered (among the last *maxsize* keys refused): keys
+            read once do not push out hot ones. On a Zipf trace, 77.5 % hits instead
+            of plain LRU's 73.5 % (docs/near-cache.md); a refused read costs one
+            more read from Redis later. False: plain LRU.
         metrics: Receives `NearEviction`, `NearInvalidation` and `NearFlush` (near
             hits are `Hit` events with ``near=True``, sent to each function's hook).
     """
@@ -90,11 +95,16 @@ class NearCache:
     maxsize: int = 10_000
     ttl: float = 30.0
     maxbytes: int | None = None
+    admission: bool = True
     metrics: NearMetricsHook | None = None
 
     def __post_init__(self) -> None:
         check_maxsize(self.maxsize, "NearCache")
         check_maxbytes(self.maxbytes, "NearCache")
+        admission: object = self.admission
+        if not isinstance(admission, bool):
+            msg = f"NearCache: admission={admission!r} must be True (a new key gets in on its second read once the cache is full) or False (plain LRU)"
+            raise TypeError(msg)
         ttl: object = self.ttl
         if isinstance(ttl, bool) or not isinstance(ttl, (int, float)):
             msg = f"NearCache: ttl must be a number of seconds, not {type(ttl).__qualname__}"
@@ -109,6 +119,12 @@ class NearCache:
 
 
 FlushReason = Literal["lost", "stopped", "fork"]
+
+
+class Forgets(Protocol):
+    """A decorated function's in-process flights (`_coalesce`): forgetting a key's."""
+
+    def forget(self, key: str) -> None: ...
 
 
 def check_near_cache(value: object, builder: str) -> NearCache | None:
@@ -131,7 +147,10 @@ class Near:
             config.maxsize,
             maxbytes=config.maxbytes,
             on_evict=self._evicted if self._observed else None,
+            admission=config.admission,
         )
+        # The in-process flights of every function on this backend (`watch`).
+        self._watchers: weakref.WeakSet[Forgets] = weakref.WeakSet()
         #: The hot path: the live near entry of a key, or None.
         self.lookup = self._store.reader()
         self.clock = time.monotonic  # the store's clock, on which deadlines run
@@ -204,10 +223,24 @@ class Near:
             self._store.pop(key)
 
     def invalidated(self, key: str) -> None:
-        """A message said *key* changed (in any process, this one included)."""
+        """A message said *key* changed (in any process, this one included).
+
+        The flights of *key* in this process are forgotten too: a read begun before
+        the change may still be in flight, and a caller arriving now must not join
+        it and be served what this process already knows is old.
+        """
         self.drop(key)
+        with self._mutex:
+            watchers = list(self._watchers)
+        for flights in watchers:
+            flights.forget(key)
         if self._observed:
             self._emit(NearInvalidation(key))
+
+    def watch(self, flights: Forgets) -> None:
+        """Forget *flights* of a key whenever a message says it changed."""
+        with self._mutex:
+            self._watchers.add(flights)
 
     def subscribed(self) -> None:
         """The listener is subscribed on a connection it trusts: entries may come in.

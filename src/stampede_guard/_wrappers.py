@@ -67,6 +67,7 @@ class _Cached(Generic[P, R]):
         self._local = bool(getattr(backend, "local", False))
         self._quick, self._near = _quick_read(backend)
         self._lead = _plan_lead if self._local else self._look
+        _watch_near(backend, self._flights)
 
     def _run(self, call: Call, steps: Generator[Op, Any, T]) -> T:
         args, kwargs = call
@@ -157,6 +158,7 @@ class _AsyncCached(Generic[P, R]):
         # A memory backend's sync read serves here too: it never waits on I/O.
         self._quick, self._near = _quick_read(backend)
         self._lead = _async_plan_lead if self._local else self._look
+        _watch_near(backend, self._flights)
 
     async def _run(self, call: Call, steps: Generator[Op, Any, T]) -> T:
         args, kwargs = call
@@ -235,6 +237,13 @@ def _quick_read(backend: object) -> tuple[NearLookup | None, bool]:
     """
     read: NearLookup | None = getattr(backend, "local_read", None)
     return read, read is not None and getattr(backend, "near_cache", None) is not None
+
+
+def _watch_near(backend: object, flights: SyncFlights | AsyncFlights) -> None:
+    """Let a near cache forget *flights* of a key another process changed."""
+    watch = getattr(backend, "near_watch", None)
+    if watch is not None:
+        watch(flights)
 
 
 def _plan_lead(key: str, ctx: Context, flight: Flight | None) -> Plan:

@@ -59,6 +59,9 @@ class RedisBase(Generic[ClientT]):
         #: The near cache's lookup (no I/O), which the decorator tries first.
         self.local_read = None if self._near is None else self._near.lookup
         self.near_lookup = self.local_read  # the same, by the near cache's name
+        #: Registers a decorated function's in-process flights with the near cache,
+        #: which forgets a key's when another process changes it (see `Near.watch`).
+        self.near_watch = None if self._near is None else self._near.watch
         # Outlives the clients an asyncio backend makes per event loop: the servers
         # stay the same.
         self._faults = Faults(
