@@ -10,7 +10,7 @@ from __future__ import annotations
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -20,9 +20,9 @@ from stampede_guard.backends import Entry
 WAIT = 10.0  # seconds any wait below may take before the test fails
 
 
-def _until(what: str, done: object, seconds: float = WAIT) -> None:
+def _until(what: str, done: Callable[[], bool], seconds: float = WAIT) -> None:
     deadline = time.monotonic() + seconds
-    while not callable(done) or not done():
+    while not done():
         if time.monotonic() > deadline:
             pytest.fail(f"timed out waiting for {what}")
         time.sleep(0.01)
@@ -72,7 +72,7 @@ def test_a_caller_after_a_heard_change_does_not_join_a_read_sent_before_it(
             release.wait(WAIT)
         return found
 
-    here.get = stalled_get  # type: ignore[method-assign]
+    here.get = stalled_get  # type: ignore[method-assign,assignment]
     results: dict[str, int] = {}
     first = threading.Thread(target=lambda: results.update(first=f_here(1)))  # type: ignore[operator]
     first.start()
