@@ -56,10 +56,14 @@ def test_a_caller_after_a_heard_change_does_not_join_a_read_sent_before_it(
     f_here, f_there = make(here), make(there)
     key = f_here.cache_key(1)  # type: ignore[attr-defined]
     there.set(key, Entry(1, time.time(), 0.0), 60)
-    _until(
-        "the near cache to subscribe",
-        lambda: (here.get("probe") or True) and here._near.live,
-    )
+    near = here._near
+    assert near is not None
+
+    def subscribed() -> bool:
+        here.get("probe")  # the first read asks the listener to subscribe
+        return near.live
+
+    _until("the near cache to subscribe", subscribed)
 
     # The first caller's read gets the old value, then stalls before returning it.
     read, release = threading.Event(), threading.Event()
@@ -78,10 +82,10 @@ def test_a_caller_after_a_heard_change_does_not_join_a_read_sent_before_it(
     first.start()
     try:
         assert read.wait(WAIT), "the first read never ran"
-        heard = here._near._seq
+        heard = near._seq
         version["n"] = 2
         f_there.refresh(1)  # type: ignore[attr-defined]
-        _until("this process to hear of the write", lambda: here._near._seq > heard)
+        _until("this process to hear of the write", lambda: near._seq > heard)
         results["second"] = f_here(1)  # type: ignore[operator]
     finally:
         release.set()
