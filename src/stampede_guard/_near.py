@@ -114,7 +114,7 @@ class NearCache:
             raise ValueError(msg)
         metrics: object = self.metrics
         if metrics is not None and not callable(metrics):
-            msg = f"NearCache: metrics={self.metrics!r} is not callable (see stampede_guard.MetricsHook)"
+            msg = f"NearCache: metrics={self.metrics!r} is not callable: give a hook taking NearEviction, NearInvalidation and NearFlush events (see stampede_guard.metrics.NearMetricsHook), such as a StampedeStats"
             raise TypeError(msg)
 
 
