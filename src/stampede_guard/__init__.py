@@ -10,6 +10,12 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from stampede_guard import backends
+from stampede_guard._batch_decorator import (
+    AsyncBatchFunction,
+    BatchFunction,
+    BatchOptions,
+    cached_stampede_safe_batch,
+)
 from stampede_guard._cache_options import CacheOptions
 from stampede_guard._decorator import cached_stampede_safe
 from stampede_guard._errors import (
@@ -43,10 +49,13 @@ if TYPE_CHECKING:
 
 __all__ = [
     "AsyncBackend",
+    "AsyncBatchFunction",
     "AsyncCachedFunction",
     "AsyncRedisBackend",
     "Backend",
     "BackendError",
+    "BatchFunction",
+    "BatchOptions",
     "BoundSerializer",
     "CacheOptions",
     "CachedFunction",
@@ -67,6 +76,7 @@ __all__ = [
     "StatsSnapshot",
     "__version__",
     "cached_stampede_safe",
+    "cached_stampede_safe_batch",
 ]
 
 

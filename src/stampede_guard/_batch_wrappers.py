@@ -1,0 +1,568 @@
+"""The objects `cached_stampede_safe_batch` puts in place of batch functions.
+
+A call, for the ids it is given (repeats served once):
+
+1. Each id's key is read where reading costs no I/O (a memory backend, a near cache).
+2. The keys still missing are claimed in this process (`_batch_flights`): keys that
+   another call of this process is looking up are joined, not looked up again.
+3. The claimed keys are read from the backend in one multi-get; those still missing
+   are looked up again and locked in one step, all with one token (the double-check
+   of the single decorator, for many keys at once).
+4. The function is called ONCE with exactly the ids whose locks this call took; their
+   values are stored and the locks released in one step. If it raises, every lock is
+   released and nothing is stored.
+5. Each id whose lock another caller holds is served by the single decorator's plan:
+   wait for its value with notices and backoff, take over if the holder dies, apply
+   ``on_timeout`` (computing the id alone, if it comes to that).
+
+Values due for a refresh (``stale_ttl``, ``early_refresh``) are served and refreshed
+id by id, as the single decorator refreshes them. Every decision is in ``_batch``;
+the two classes below differ in I/O syntax only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from typing import Any, Generic, TypeVar
+
+from stampede_guard._batch import (
+    BatchKeys,
+    check_result,
+    sort_claims,
+    sort_found,
+    stored_form,
+    unique,
+    value_of,
+)
+from stampede_guard._batch import caches as batch_caches
+from stampede_guard._batch_flights import AsyncBatchFlights, BatchFlights, Outcome
+from stampede_guard._call import serve_due
+from stampede_guard._coalesce import Refreshing
+from stampede_guard._context import Context
+from stampede_guard._drivers import run_async, run_sync
+from stampede_guard._entry import Entry
+from stampede_guard._errors import BackendError
+from stampede_guard._freshness import RefreshDue
+from stampede_guard._plan import plan
+from stampede_guard.metrics import (
+    BackendFailed,
+    Computed,
+    ComputeError,
+    Hit,
+    LockAcquired,
+    Miss,
+)
+
+__all__ = ["AsyncBatchCached", "BatchCached"]
+
+K = TypeVar("K")
+V = TypeVar("V")
+
+logger = logging.getLogger("stampede_guard")
+
+Forms = dict[str, list[Any]]  # key -> its stored form ([value], or [] for no value)
+
+
+class _Base(Generic[K, V]):
+    """What both shells keep: the function, keys, backend, context and flights."""
+
+    def __init__(
+        self, fn: Callable[..., Any], keys: BatchKeys, backend: Any, context: Context
+    ) -> None:
+        functools.update_wrapper(self, fn)  # type: ignore[arg-type]
+        self._fn = fn
+        self._keys = keys
+        self._backend = backend
+        self._context = context
+        self._name = getattr(fn, "__qualname__", repr(fn))
+        self._refreshing = Refreshing()
+        self._quick: Callable[[str], Entry | None] | None = getattr(
+            backend, "local_read", None
+        )
+
+    def cache_key(self, id_: K) -> str:
+        """Return the cache key of *id_*."""
+        return self._keys(id_)
+
+    def _plan_keys(self, ids: Iterable[K]) -> tuple[list[K], dict[str, K]]:
+        """Return the ids (no repeats) and the id of each key."""
+        wanted = unique(ids, self._name)
+        return wanted, {self._keys(i): i for i in wanted}
+
+    def _look_here(
+        self, keys: Iterable[str]
+    ) -> tuple[Forms, dict[str, RefreshDue], list[str]]:
+        """Step 1: what reads that cost no I/O found, what is due, what is left."""
+        quick, ctx = self._quick, self._context
+        if quick is None:
+            return {}, {}, list(keys)
+        keys = list(keys)
+        found = sort_found(keys, [quick(k) for k in keys], ctx)
+        self._hits(found.served, found.due, near=self._near())
+        return found.served, found.due, found.missing
+
+    def _near(self) -> bool:
+        return getattr(self._backend, "near_cache", None) is not None
+
+    def _hits(self, *found: Mapping[str, object], near: bool = False) -> None:
+        ctx = self._context
+        if ctx.observed:
+            for keys in found:
+                for key in keys:
+                    ctx.emit(Hit(key, near))
+
+    def _misses(self, keys: Iterable[str]) -> None:
+        ctx = self._context
+        if ctx.observed:
+            for key in keys:
+                ctx.emit(Miss(key))
+
+    def _answer(
+        self, wanted: Sequence[K], id_of: Mapping[str, K], forms: Forms
+    ) -> dict[K, V]:
+        """The mapping a call returns: every asked id that has a value, in order."""
+        by_id = {id_of[key]: form for key, form in forms.items()}
+        return {i: by_id[i][0] for i in wanted if by_id.get(i)}
+
+    def _entries(
+        self,
+        mine: Mapping[str, int | None],
+        id_of: Mapping[str, K],
+        result: Mapping[Any, Any],
+        seconds: float,
+    ) -> tuple[Forms, list[tuple[str, Entry, float, int | None]], list[str]]:
+        """After a computation: each key's form, the stores to make, the locks to let go."""
+        ctx = self._context
+        now = ctx.wall_clock()
+        forms: Forms = {}
+        stores: list[tuple[str, Entry, float, int | None]] = []
+        release: list[str] = []
+        for key, ticket in mine.items():
+            form = stored_form(result, id_of[key])
+            forms[key] = form
+            if ctx.observed:
+                ctx.emit(Computed(key, seconds))
+            if batch_caches(form, cache_none=ctx.policy.cache_none):
+                stores.append(
+                    (key, Entry(form, now, seconds), ctx.policy.store_ttl, ticket)
+                )
+            else:
+                release.append(key)
+        return forms, stores, release
+
+    def _failed(self, keys: Iterable[str], error: BackendError) -> None:
+        """The backend failed for *keys*: raise, or report and go on without it."""
+        ctx = self._context
+        if ctx.policy.on_backend_error == "raise":
+            raise error
+        if ctx.observed:
+            for key in keys:
+                ctx.emit(BackendFailed(key, error))
+
+    def _compute_errors(
+        self, keys: Iterable[str], seconds: float, error: BaseException
+    ) -> None:
+        ctx = self._context
+        if ctx.observed:
+            for key in keys:
+                ctx.emit(ComputeError(key, seconds, error))
+
+    def __repr__(self) -> str:
+        return f"<stampede-safe batch {self._fn!r} on {self._backend!r}>"
+
+
+class BatchCached(_Base[K, V]):
+    """The object put in place of a sync batch function."""
+
+    def __init__(
+        self, fn: Callable[..., Any], keys: BatchKeys, backend: Any, context: Context
+    ) -> None:
+        super().__init__(fn, keys, backend, context)
+        self._flights = BatchFlights()
+        watch = getattr(backend, "near_watch", None)
+        if watch is not None:
+            watch(self._flights)
+
+    def __call__(self, ids: Iterable[K]) -> dict[K, V]:
+        wanted, id_of = self._plan_keys(ids)
+        forms, due, left = self._look_here(id_of)
+        for key, entry in due.items():
+            forms[key] = self._refresh(key, entry, id_of[key])
+        if left:
+            forms.update(self._coalesced(left, id_of))
+        return self._answer(wanted, id_of, forms)
+
+    def invalidate(self, ids: Iterable[K]) -> None:
+        """Delete the cached values of *ids* (final, as the single decorator's)."""
+        for id_ in unique(ids, self._name):
+            key = self._keys(id_)
+            self._backend.delete(key)
+            self._flights.forget(key)
+
+    def _coalesced(self, keys: list[str], id_of: Mapping[str, K]) -> Forms:
+        mine, joined = self._flights.claim(keys)
+        forms: Forms = {}
+        try:
+            forms = self._remote(mine, id_of) if mine else {}
+        except BaseException as exc:
+            for key in mine:
+                self._flights.settle(key, Outcome(error=exc))
+            raise
+        for key in mine:
+            self._flights.settle(key, Outcome(form=forms.get(key)))
+        for key, slot in joined.items():
+            outcome = self._flights.wait(slot, self._context.policy.wait_timeout)
+            if outcome is None or outcome.form is None:
+                forms[key] = self._one(key, id_of[key])  # on its own, through the lock
+            else:
+                forms[key] = outcome.form
+        return forms
+
+    def _remote(self, keys: list[str], id_of: Mapping[str, K]) -> Forms:
+        ctx, backend = self._context, self._backend
+        try:
+            found = sort_found(keys, _get_many(backend, keys), ctx)
+        except BackendError as exc:
+            self._failed(keys, exc)
+            return self._without_cache(keys, id_of)
+        self._hits(found.served, found.due)
+        forms: Forms = dict(found.served)
+        for key, entry in found.due.items():
+            forms[key] = self._refresh(key, entry, id_of[key])
+        if not found.missing:
+            return forms
+        token = ctx.new_token()
+        try:
+            claims = _get_or_lock_many(
+                backend, found.missing, token, ctx.policy.lock_timeout
+            )
+        except BackendError as exc:
+            self._failed(found.missing, exc)
+            forms.update(self._without_cache(found.missing, id_of))
+            return forms
+        locked = sort_claims(found.missing, claims, token)
+        self._hits(locked.served)
+        self._misses([*locked.mine, *locked.elsewhere])
+        forms.update(locked.served)
+        if locked.mine:
+            forms.update(self._lead(locked.mine, token, id_of))
+        for key in locked.elsewhere:
+            forms[key] = self._one(key, id_of[key])
+        return forms
+
+    def _lead(
+        self, mine: dict[str, int | None], token: str, id_of: Mapping[str, K]
+    ) -> Forms:
+        ctx, backend = self._context, self._backend
+        if ctx.observed:
+            for key in mine:
+                ctx.emit(LockAcquired(key))
+        ids = [id_of[key] for key in mine]
+        started = ctx.clock()
+        try:
+            result = check_result(self._fn(ids), ids, self._name)
+        except BaseException as exc:
+            self._compute_errors(mine, ctx.clock() - started, exc)
+            _quietly(_unlock_many, backend, list(mine), token)
+            raise
+        forms, stores, release = self._entries(
+            mine, id_of, result, ctx.clock() - started
+        )
+        try:
+            stored = _set_and_unlock_many(backend, stores, token)
+            if release:
+                _unlock_many(backend, release, token)
+        except BackendError as exc:
+            self._failed(mine, exc)  # the leases end the locks
+            return forms
+        _as_read(forms, stores, stored)
+        return forms
+
+    def _one(self, key: str, id_: K) -> list[Any]:
+        """Serve one key by the single decorator's plan (it waits, or takes over)."""
+        compute = self._compute_one(id_)
+        value, _ = run_sync(
+            plan(key, self._context), self._backend, compute, ctx=self._context
+        )
+        form = value_of(value)
+        return form if form is not None else compute()
+
+    def _refresh(self, key: str, due: RefreshDue, id_: K) -> list[Any]:
+        steps = serve_due(key, due, self._context, self._refreshing)
+        value = run_sync(
+            steps, self._backend, self._compute_one(id_), ctx=self._context
+        )
+        form = value_of(value)
+        return form if form is not None else []
+
+    def _compute_one(self, id_: K) -> Callable[[], list[Any]]:
+        def compute() -> list[Any]:
+            return stored_form(check_result(self._fn([id_]), [id_], self._name), id_)
+
+        return compute
+
+    def _without_cache(self, keys: list[str], id_of: Mapping[str, K]) -> Forms:
+        ids = [id_of[key] for key in keys]
+        result = check_result(self._fn(ids), ids, self._name)
+        return {key: stored_form(result, id_of[key]) for key in keys}
+
+
+class AsyncBatchCached(_Base[K, V]):
+    """The object put in place of an ``async def`` batch function."""
+
+    def __init__(
+        self, fn: Callable[..., Any], keys: BatchKeys, backend: Any, context: Context
+    ) -> None:
+        super().__init__(fn, keys, backend, context)
+        self._flights = AsyncBatchFlights()
+        self._background: set[Any] = set()
+        watch = getattr(backend, "near_watch", None)
+        if watch is not None:
+            watch(self._flights)
+
+    async def __call__(self, ids: Iterable[K]) -> dict[K, V]:
+        wanted, id_of = self._plan_keys(ids)
+        forms, due, left = self._look_here(id_of)
+        for key, entry in due.items():
+            forms[key] = await self._refresh(key, entry, id_of[key])
+        if left:
+            forms.update(await self._coalesced(left, id_of))
+        return self._answer(wanted, id_of, forms)
+
+    async def invalidate(self, ids: Iterable[K]) -> None:
+        """See `BatchCached.invalidate`."""
+        for id_ in unique(ids, self._name):
+            key = self._keys(id_)
+            await self._backend.adelete(key)
+            self._flights.forget(key)
+
+    async def _coalesced(self, keys: list[str], id_of: Mapping[str, K]) -> Forms:
+        mine, joined = self._flights.claim(keys)
+        forms: Forms = {}
+        try:
+            forms = await self._remote(mine, id_of) if mine else {}
+        except BaseException as exc:
+            for key in mine:
+                self._flights.settle(key, Outcome(error=exc))
+            raise
+        for key in mine:
+            self._flights.settle(key, Outcome(form=forms.get(key)))
+        for key, slot in joined.items():
+            outcome = await self._flights.wait(slot, self._context.policy.wait_timeout)
+            if outcome is None or outcome.form is None:
+                forms[key] = await self._one(key, id_of[key])
+            else:
+                forms[key] = outcome.form
+        return forms
+
+    async def _remote(self, keys: list[str], id_of: Mapping[str, K]) -> Forms:
+        ctx, backend = self._context, self._backend
+        try:
+            found = sort_found(keys, await _aget_many(backend, keys), ctx)
+        except BackendError as exc:
+            self._failed(keys, exc)
+            return await self._without_cache(keys, id_of)
+        self._hits(found.served, found.due)
+        forms: Forms = dict(found.served)
+        for key, entry in found.due.items():
+            forms[key] = await self._refresh(key, entry, id_of[key])
+        if not found.missing:
+            return forms
+        token = ctx.new_token()
+        try:
+            claims = await _aget_or_lock_many(
+                backend, found.missing, token, ctx.policy.lock_timeout
+            )
+        except BackendError as exc:
+            self._failed(found.missing, exc)
+            forms.update(await self._without_cache(found.missing, id_of))
+            return forms
+        locked = sort_claims(found.missing, claims, token)
+        self._hits(locked.served)
+        self._misses([*locked.mine, *locked.elsewhere])
+        forms.update(locked.served)
+        if locked.mine:
+            forms.update(await self._lead(locked.mine, token, id_of))
+        if locked.elsewhere:  # waited for side by side: no caller waits in turn
+            waited = await asyncio.gather(
+                *(self._one(key, id_of[key]) for key in locked.elsewhere)
+            )
+            forms.update(zip(locked.elsewhere, waited, strict=True))
+        return forms
+
+    async def _lead(
+        self, mine: dict[str, int | None], token: str, id_of: Mapping[str, K]
+    ) -> Forms:
+        ctx, backend = self._context, self._backend
+        if ctx.observed:
+            for key in mine:
+                ctx.emit(LockAcquired(key))
+        ids = [id_of[key] for key in mine]
+        started = ctx.clock()
+        try:
+            result = check_result(await self._fn(ids), ids, self._name)
+        except BaseException as exc:
+            self._compute_errors(mine, ctx.clock() - started, exc)
+            # Even when cancelled: the release must not be cancelled with the caller.
+            release = asyncio.ensure_future(
+                _aquietly(_aunlock_many, backend, list(mine), token)
+            )
+            self._background.add(release)
+            release.add_done_callback(self._background.discard)
+            with contextlib.suppress(BaseException):
+                await asyncio.shield(release)
+            raise
+        forms, stores, release_keys = self._entries(
+            mine, id_of, result, ctx.clock() - started
+        )
+        try:
+            stored = await _aset_and_unlock_many(backend, stores, token)
+            if release_keys:
+                await _aunlock_many(backend, release_keys, token)
+        except BackendError as exc:
+            self._failed(mine, exc)
+            return forms
+        _as_read(forms, stores, stored)
+        return forms
+
+    async def _one(self, key: str, id_: K) -> list[Any]:
+        compute = self._compute_one(id_)
+        value, _ = await run_async(
+            plan(key, self._context),
+            self._backend,
+            compute,
+            self._background,
+            ctx=self._context,
+        )
+        form = value_of(value)
+        return form if form is not None else await compute()
+
+    async def _refresh(self, key: str, due: RefreshDue, id_: K) -> list[Any]:
+        steps = serve_due(key, due, self._context, self._refreshing)
+        value = await run_async(
+            steps,
+            self._backend,
+            self._compute_one(id_),
+            self._background,
+            ctx=self._context,
+        )
+        form = value_of(value)
+        return form if form is not None else []
+
+    def _compute_one(self, id_: K) -> Callable[[], Awaitable[list[Any]]]:
+        async def compute() -> list[Any]:
+            return stored_form(
+                check_result(await self._fn([id_]), [id_], self._name), id_
+            )
+
+        return compute
+
+    async def _without_cache(self, keys: list[str], id_of: Mapping[str, K]) -> Forms:
+        ids = [id_of[key] for key in keys]
+        result = check_result(await self._fn(ids), ids, self._name)
+        return {key: stored_form(result, id_of[key]) for key in keys}
+
+
+def _as_read(
+    forms: Forms,
+    stores: Sequence[tuple[str, Entry, float, int | None]],
+    stored: Sequence[Entry | None],
+) -> None:
+    """Serve each stored id as every reader decodes it (JSON makes tuples lists)."""
+    for (key, _, _, _), entry in zip(stores, stored, strict=True):
+        form = None if entry is None else value_of(entry.value)
+        if form is not None:
+            forms[key] = form
+
+
+# The backend's batch methods where it has them (one round trip), its single ones
+# otherwise (a backend written before batches still serves, a key at a time).
+
+
+def _get_many(backend: Any, keys: list[str]) -> Sequence[Entry | None]:
+    many = getattr(backend, "get_many", None)
+    return many(keys) if many is not None else [backend.get(k) for k in keys]
+
+
+def _get_or_lock_many(
+    backend: Any, keys: list[str], token: str, ttl: float
+) -> Sequence[Any]:
+    many = getattr(backend, "get_or_lock_many", None)
+    if many is not None:
+        return many(keys, token, ttl)  # type: ignore[no-any-return]
+    return [backend.get_or_lock(k, token, ttl) for k in keys]
+
+
+def _set_and_unlock_many(
+    backend: Any, items: list[tuple[str, Entry, float, int | None]], token: str
+) -> Sequence[Entry | None]:
+    if not items:
+        return []
+    many = getattr(backend, "set_and_unlock_many", None)
+    if many is not None:
+        return many(items, token)  # type: ignore[no-any-return]
+    return [
+        backend.set_and_unlock(k, e, ttl, token, ticket=t) for k, e, ttl, t in items
+    ]
+
+
+def _unlock_many(backend: Any, keys: list[str], token: str) -> object:
+    many = getattr(backend, "unlock_many", None)
+    if many is not None:
+        return many(keys, token)
+    return [backend.unlock(k, token) for k in keys]
+
+
+def _quietly(release: Callable[..., object], *args: Any) -> None:
+    try:
+        release(*args)
+    except Exception:  # never hide the error that brought us here; leases end locks
+        logger.warning("could not release a batch's locks; they expire", exc_info=True)
+
+
+async def _aget_many(backend: Any, keys: list[str]) -> Sequence[Entry | None]:
+    many = getattr(backend, "aget_many", None)
+    if many is not None:
+        return await many(keys)  # type: ignore[no-any-return]
+    return [await backend.aget(k) for k in keys]
+
+
+async def _aget_or_lock_many(
+    backend: Any, keys: list[str], token: str, ttl: float
+) -> Sequence[Any]:
+    many = getattr(backend, "aget_or_lock_many", None)
+    if many is not None:
+        return await many(keys, token, ttl)  # type: ignore[no-any-return]
+    return [await backend.aget_or_lock(k, token, ttl) for k in keys]
+
+
+async def _aset_and_unlock_many(
+    backend: Any, items: list[tuple[str, Entry, float, int | None]], token: str
+) -> Sequence[Entry | None]:
+    if not items:
+        return []
+    many = getattr(backend, "aset_and_unlock_many", None)
+    if many is not None:
+        return await many(items, token)  # type: ignore[no-any-return]
+    return [
+        await backend.aset_and_unlock(k, e, ttl, token, ticket=t)
+        for k, e, ttl, t in items
+    ]
+
+
+async def _aunlock_many(backend: Any, keys: list[str], token: str) -> object:
+    many = getattr(backend, "aunlock_many", None)
+    if many is not None:
+        return await many(keys, token)
+    return [await backend.aunlock(k, token) for k in keys]
+
+
+async def _aquietly(release: Callable[..., Awaitable[object]], *args: Any) -> None:
+    try:
+        await release(*args)
+    except Exception:  # see _quietly
+        logger.warning("could not release a batch's locks; they expire", exc_info=True)
