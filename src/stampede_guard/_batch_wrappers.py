@@ -47,9 +47,10 @@ from stampede_guard._drivers import run_async, run_sync
 from stampede_guard._entry import Entry
 from stampede_guard._errors import BackendError
 from stampede_guard._freshness import RefreshDue
-from stampede_guard._plan import plan
+from stampede_guard._plan import backend_failed, plan
 from stampede_guard.metrics import (
     BackendFailed,
+    BackendSkipped,
     Computed,
     ComputeError,
     Hit,
@@ -154,14 +155,40 @@ class _Base(Generic[K, V]):
                 release.append(key)
         return forms, stores, release
 
-    def _failed(self, keys: Iterable[str], error: BackendError) -> None:
-        """The backend failed for *keys*: raise, or report and go on without it."""
+    def _gate(self, keys: list[str]) -> tuple[list[str], list[str]]:
+        """Split *keys* into those to look up and those whose circuit is open.
+
+        The breakers are the backend's (one per server): a key of a server that kept
+        failing is computed without the cache, as the single decorator's are.
+        """
         ctx = self._context
-        if ctx.policy.on_backend_error == "raise":
-            raise error
+        allowed: list[str] = []
+        skipped: list[str] = []
+        for key in keys:
+            (allowed if ctx.breaker_for(key).allow() else skipped).append(key)
         if ctx.observed:
-            for key in keys:
-                ctx.emit(BackendFailed(key, error))
+            for key in skipped:
+                ctx.emit(BackendSkipped(key))
+        return allowed, skipped
+
+    def _failed(self, keys: Sequence[str], error: BackendError) -> None:
+        """The backend failed for *keys* in one call: raise, or report and go on.
+
+        The breaker hears of it once (it was one failure), every key's hook too.
+        """
+        backend_failed(keys[0], self._context, error, "computing without it")
+        if self._context.observed:
+            for key in keys[1:]:
+                self._context.emit(BackendFailed(key, error))
+
+    def _answered(self, keys: Iterable[str], *, stored: bool) -> None:
+        """The backend answered for *keys*: their breakers close (see `CircuitBreaker`)."""
+        breakers = {id(b): b for b in map(self._context.breaker_for, keys)}
+        for breaker in breakers.values():
+            if stored:
+                breaker.stored()
+            else:
+                breaker.succeeded()
 
     def _compute_errors(
         self, keys: Iterable[str], seconds: float, error: BaseException
@@ -224,13 +251,20 @@ class BatchCached(_Base[K, V]):
 
     def _remote(self, keys: list[str], id_of: Mapping[str, K]) -> Forms:
         ctx, backend = self._context, self._backend
+        keys, skipped = self._gate(keys)
+        forms: Forms = self._without_cache(skipped, id_of) if skipped else {}
+        if not keys:
+            return forms
         try:
             found = sort_found(keys, _get_many(backend, keys), ctx)
         except BackendError as exc:
             self._failed(keys, exc)
-            return self._without_cache(keys, id_of)
+            forms.update(self._without_cache(keys, id_of))
+            return forms
+        if found.served or found.due:  # a read that found nothing proves no write works
+            self._answered([*found.served, *found.due], stored=False)
         self._hits(found.served, found.due)
-        forms: Forms = dict(found.served)
+        forms.update(found.served)
         for key, entry in found.due.items():
             forms[key] = self._refresh(key, entry, id_of[key])
         if not found.missing:
@@ -277,8 +311,9 @@ class BatchCached(_Base[K, V]):
             if release:
                 _unlock_many(backend, release, token)
         except BackendError as exc:
-            self._failed(mine, exc)  # the leases end the locks
+            self._failed(list(mine), exc)  # the leases end the locks
             return forms
+        self._answered(mine, stored=True)
         _as_read(forms, stores, stored)
         return forms
 
@@ -361,13 +396,20 @@ class AsyncBatchCached(_Base[K, V]):
 
     async def _remote(self, keys: list[str], id_of: Mapping[str, K]) -> Forms:
         ctx, backend = self._context, self._backend
+        keys, skipped = self._gate(keys)
+        forms: Forms = await self._without_cache(skipped, id_of) if skipped else {}
+        if not keys:
+            return forms
         try:
             found = sort_found(keys, await _aget_many(backend, keys), ctx)
         except BackendError as exc:
             self._failed(keys, exc)
-            return await self._without_cache(keys, id_of)
+            forms.update(await self._without_cache(keys, id_of))
+            return forms
+        if found.served or found.due:  # a read that found nothing proves no write works
+            self._answered([*found.served, *found.due], stored=False)
         self._hits(found.served, found.due)
-        forms: Forms = dict(found.served)
+        forms.update(found.served)
         for key, entry in found.due.items():
             forms[key] = await self._refresh(key, entry, id_of[key])
         if not found.missing:
@@ -424,8 +466,9 @@ class AsyncBatchCached(_Base[K, V]):
             if release_keys:
                 await _aunlock_many(backend, release_keys, token)
         except BackendError as exc:
-            self._failed(mine, exc)
+            self._failed(list(mine), exc)
             return forms
+        self._answered(mine, stored=True)
         _as_read(forms, stores, stored)
         return forms
 

@@ -73,7 +73,14 @@ from stampede_guard.metrics import (
     Timeout,
 )
 
-__all__ = ["Flight", "plan", "refresh", "refresh_now", "without_cache"]
+__all__ = [
+    "Flight",
+    "backend_failed",
+    "plan",
+    "refresh",
+    "refresh_now",
+    "without_cache",
+]
 
 
 class Flight(Protocol):
@@ -352,7 +359,7 @@ def without_cache(
     backend. With ``on_backend_error="raise"`` the failure is raised instead.
     """
     if error is not None:
-        _backend_failed(key, ctx, error, "computing without it")
+        backend_failed(key, ctx, error, "computing without it")
     else:
         ctx.emit(BackendSkipped(key))
     entry = yield from _compute(key, ctx, flight=flight)
@@ -361,10 +368,10 @@ def without_cache(
 
 def _store_failed(key: str, ctx: Context, error: BackendError) -> None:
     """The value was computed but could not be stored: keep it, or raise."""
-    _backend_failed(key, ctx, error, "value not stored")
+    backend_failed(key, ctx, error, "value not stored")
 
 
-def _backend_failed(key: str, ctx: Context, error: BackendError, outcome: str) -> None:
+def backend_failed(key: str, ctx: Context, error: BackendError, outcome: str) -> None:
     """Tell the breaker, then raise (``on_backend_error="raise"``) or report *outcome*."""
     news = ctx.breaker_for(key).failed(error)
     if ctx.policy.on_backend_error == "raise":
