@@ -243,10 +243,8 @@ class BatchCached(_Base[K, V]):
             self._flights.settle(key, Outcome(form=forms.get(key)))
         for key, slot in joined.items():
             outcome = self._flights.wait(slot, self._context.policy.wait_timeout)
-            if outcome is None or outcome.form is None:
-                forms[key] = self._one(key, id_of[key])  # on its own, through the lock
-            else:
-                forms[key] = outcome.form
+            form = _joined(outcome)
+            forms[key] = self._one(key, id_of[key]) if form is None else form
         return forms
 
     def _remote(self, keys: list[str], id_of: Mapping[str, K]) -> Forms:
@@ -388,10 +386,8 @@ class AsyncBatchCached(_Base[K, V]):
             self._flights.settle(key, Outcome(form=forms.get(key)))
         for key, slot in joined.items():
             outcome = await self._flights.wait(slot, self._context.policy.wait_timeout)
-            if outcome is None or outcome.form is None:
-                forms[key] = await self._one(key, id_of[key])
-            else:
-                forms[key] = outcome.form
+            form = _joined(outcome)
+            forms[key] = await self._one(key, id_of[key]) if form is None else form
         return forms
 
     async def _remote(self, keys: list[str], id_of: Mapping[str, K]) -> Forms:
@@ -508,6 +504,20 @@ class AsyncBatchCached(_Base[K, V]):
         ids = [id_of[key] for key in keys]
         result = check_result(await self._fn(ids), ids, self._name)
         return {key: stored_form(result, id_of[key]) for key in keys}
+
+
+def _joined(outcome: Outcome | None) -> list[Any] | None:
+    """What a joined flight's *outcome* serves: its form, or None to serve the key alone.
+
+    The function's error is shared, as the single decorator shares it with its
+    joiners (else every joiner would call it again); a flight that timed out or was
+    cancelled leaves the key to this call, through the lock.
+    """
+    if outcome is None:
+        return None
+    if isinstance(outcome.error, Exception):
+        raise outcome.error
+    return outcome.form
 
 
 def _as_read(
