@@ -9,9 +9,10 @@ node the listener is subscribed on) must flush the near cache, so that nothing r
 before the loss is served once the connection comes back. Two rules about reads in
 flight are made to happen on purpose, by holding a read or a write at the right step.
 
-Expected failures (xfail, strict) document a bug: when redis-py reconnects the
-listener's pub/sub connection by itself, the near cache is not flushed (see
-`SILENT_RECONNECT`).
+redis-py reconnects the listener's pub/sub connection by itself (it retries once
+and resubscribes) without the listener seeing the loss: the tests of a dropped
+connection and of a planned failover prove that the near cache is flushed all the
+same, on the new subscription's confirmation.
 
 Valkey is a private ``valkey-server`` if one is on PATH, else valkey-py over the
 session's redis-server (Debian 12 has no valkey-server): the test ids say which.
@@ -925,25 +926,7 @@ def _drop_and_store(
     assert stored == 1
 
 
-SILENT_RECONNECT = (
-    "Bug: redis-py reconnects a dropped pub/sub connection by itself (its "
-    "PubSub._execute retries once through Retry, and on_connect resubscribes), "
-    "so the listener never sees the loss: Hub.lost is not called, nothing is "
-    "flushed, and Near.subscribed() on the new confirmation keeps the entries; "
-    "messages published while it was away are missed and the near cache serves "
-    "the old value until its ttl"
-)
 MISSED_WAIT = 5.0  # seconds; the near cache's ttl (30 s) is what would end it
-
-
-def expect_silent_reconnect(request: pytest.FixtureRequest, topology: Topology) -> None:
-    """Mark the test an expected failure on redis-py's clients (not valkey-py's).
-
-    valkey-py's PubSub (6.x) still raises the dropped connection's error after its
-    retry, so the listener sees the loss and flushes: that topology passes.
-    """
-    if topology.name != VALKEY:
-        request.applymarker(pytest.mark.xfail(strict=True, reason=SILENT_RECONNECT))
 
 
 @pytest.mark.slow
@@ -951,7 +934,6 @@ def test_a_listener_connection_dropped_and_reconnected_flushes_the_near_cache(
     topology: Topology, prefix: str, request: pytest.FixtureRequest
 ) -> None:
     """A change announced while the listener's connection was down is not missed."""
-    expect_silent_reconnect(request, topology)
     name = f"near-{prefix}"
     recorder = Recorder()
     reader = topology.connect(
@@ -988,7 +970,6 @@ def test_an_asyncio_listener_connection_dropped_and_reconnected_flushes_the_near
     topology: Topology, prefix: str, request: pytest.FixtureRequest
 ) -> None:
     """The same with AsyncRedisBackend."""
-    expect_silent_reconnect(request, topology)
     name = f"near-{prefix}"
     recorder = Recorder()
     codec = RedisCodec(prefix, None)
@@ -1028,7 +1009,6 @@ def test_an_asyncio_listener_connection_dropped_and_reconnected_flushes_the_near
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason=SILENT_RECONNECT)
 def test_a_planned_sentinel_failover_leaves_no_near_copy_from_the_old_master(
     sentinels: SentinelSet, prefix: str
 ) -> None:

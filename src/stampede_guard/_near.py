@@ -246,12 +246,18 @@ class Near:
         """The listener is subscribed on a connection it trusts: entries may come in.
 
         Reads begun before now are refused: they may predate messages that were
-        missed while there was no subscription.
+        missed while there was no subscription. What is held is dropped too: a
+        confirmation after the first means a new connection, and the client may have
+        reconnected by itself (redis-py's pub/sub retries a dropped connection and
+        resubscribes without telling the listener), missing messages meanwhile.
         """
         with self._mutex:
             self._seq += 1
             self._forgotten = self._seq
             self.live = True
+            dropped = self._store.clear()
+        if self._observed and dropped:
+            self._emit(NearFlush("lost", dropped))
 
     def flush(self, reason: FlushReason) -> None:
         """Drop everything and refuse entries until `subscribed` (see `NearFlush`)."""
