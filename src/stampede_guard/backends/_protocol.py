@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
 
 # The data a backend exchanges with the plan lives in a core module, so the plan needs
@@ -19,9 +20,11 @@ __all__ = [
     "FENCE_SECONDS",
     "RELEASED",
     "AsyncBackend",
+    "AsyncBatchBackend",
     "AsyncNotifier",
     "AsyncSubscription",
     "Backend",
+    "BatchBackend",
     "Claim",
     "Entry",
     "Notice",
@@ -158,6 +161,65 @@ class AsyncBackend(Protocol):
 
     async def adelete(self, key: str) -> None:
         """See `Backend.delete`."""
+
+
+# Batches: an optional capability. A backend that has it serves many keys in one
+# call, one round trip instead of one per key, for functions that compute many values
+# at once. Each key is decided exactly as the single method decides it.
+
+
+@runtime_checkable
+class BatchBackend(Protocol):
+    """A `Backend` that can look, lock, store and release many keys in one call.
+
+    Each method does, for every key in order, what its single namesake does (same
+    results, same fencing, same announcements), as if called once per key one after
+    the other; a key may repeat, and is then decided again, as a second call would.
+    The batch need not be atomic as a whole, only per key: another caller may see
+    some keys of a batch done and others not yet.
+    Results come back in the order of the keys given.
+    """
+
+    def get_many(self, keys: Sequence[str]) -> list[Entry | None]:
+        """Return `Backend.get` of each key."""
+
+    def get_or_lock_many(
+        self, keys: Sequence[str], token: str, lock_ttl: float
+    ) -> list[Entry | Claim]:
+        """Return `Backend.get_or_lock` of each key, every lock taken for *token*."""
+
+    def set_and_unlock_many(
+        self, items: Sequence[tuple[str, Entry, float, int | None]], token: str
+    ) -> list[Entry | None]:
+        """Return `Backend.set_and_unlock` of each (key, entry, ttl, ticket) item.
+
+        Raises `SerializationError` (of a serializing backend) before storing
+        anything if one of the entries cannot be encoded.
+        """
+
+    def unlock_many(self, keys: Sequence[str], token: str) -> list[bool]:
+        """Return `Backend.unlock` of each key."""
+
+
+@runtime_checkable
+class AsyncBatchBackend(Protocol):
+    """`BatchBackend` for asyncio code: the same four methods, as coroutines."""
+
+    async def aget_many(self, keys: Sequence[str]) -> list[Entry | None]:
+        """See `BatchBackend.get_many`."""
+
+    async def aget_or_lock_many(
+        self, keys: Sequence[str], token: str, lock_ttl: float
+    ) -> list[Entry | Claim]:
+        """See `BatchBackend.get_or_lock_many`."""
+
+    async def aset_and_unlock_many(
+        self, items: Sequence[tuple[str, Entry, float, int | None]], token: str
+    ) -> list[Entry | None]:
+        """See `BatchBackend.set_and_unlock_many`."""
+
+    async def aunlock_many(self, keys: Sequence[str], token: str) -> list[bool]:
+        """See `BatchBackend.unlock_many`."""
 
 
 # Notifications: an optional capability. A backend that has it wakes waiters the moment

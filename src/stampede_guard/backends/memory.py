@@ -7,7 +7,8 @@ import contextlib
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import TypeAlias
 
 from stampede_guard._bounded import BoundedStore, check_maxsize
 from stampede_guard._clock import StepFreeClock
@@ -101,11 +102,15 @@ class MemoryBackend:
     def get_or_lock(self, key: str, token: str, lock_ttl: float) -> Entry | Claim:
         """Return the entry for *key*, or the lock holder's token (taking a free lock)."""
         with self._mutex:
-            now = self._clock()
-            entry = self._live_entry(key, now)
-            if entry is not None:
-                return entry
-            return self._take(key, token, lock_ttl, now)
+            return self._get_or_take(key, token, lock_ttl, self._clock())
+
+    def _get_or_take(
+        self, key: str, token: str, lock_ttl: float, now: float
+    ) -> Entry | Claim:
+        entry = self._live_entry(key, now)
+        if entry is not None:
+            return entry
+        return self._take(key, token, lock_ttl, now)
 
     def lock(self, key: str, token: str, lock_ttl: float) -> Claim:
         """Take the lock on *key* if it is free; return its holder's token."""
@@ -148,29 +153,85 @@ class MemoryBackend:
     ) -> Entry | None:
         """Store *entry* and release the lock, unless another token holds it (fenced)."""
         with self._mutex:
-            now = self._clock()
-            if self._fenced(key, ticket, now):
-                # Refused: a newer value or an invalidation came after this computation
-                # began. Neither stored nor announced; the lock, if still ours, is let go.
-                released = self._release(key, token)
-                listeners = self._listeners.get(key) if released else None
-                notice: Notice = RELEASED
-            else:
-                held = self._locks.get(key)
-                if held is None or held[0] == token or held[1] <= now:
-                    self._store(key, entry, ttl, ticket, now)
-                    self._release(key, token)
-                listeners, notice = self._listeners.get(key), entry
+            listeners, notice = self._store_and_release(
+                key, entry, ttl, token, ticket=ticket, now=self._clock()
+            )
         _announce(listeners, notice)
         return None if notice is RELEASED else entry
+
+    def _store_and_release(
+        self,
+        key: str,
+        entry: Entry,
+        ttl: float,
+        token: str,
+        *,
+        ticket: int | None,
+        now: float,
+    ) -> tuple[_Listeners, Notice]:
+        """Decide `set_and_unlock` (under the mutex); return whom to tell, and what."""
+        if self._fenced(key, ticket, now):
+            # Refused: a newer value or an invalidation came after this computation
+            # began. Neither stored nor announced; the lock, if still ours, is let go.
+            released = self._release(key, token)
+            return (self._listeners.get(key) if released else None), RELEASED
+        held = self._locks.get(key)
+        if held is None or held[0] == token or held[1] <= now:
+            self._store(key, entry, ttl, ticket, now)
+            self._release(key, token)
+        return self._listeners.get(key), entry
 
     def unlock(self, key: str, token: str) -> bool:
         """Release the lock on *key* if *token* holds it."""
         with self._mutex:
-            released = self._release(key, token)
-            listeners = self._listeners.get(key) if released else None
+            released, listeners = self._unlock(key, token)
         _announce(listeners, RELEASED)
         return released
+
+    def _unlock(self, key: str, token: str) -> tuple[bool, _Listeners]:
+        """Decide `unlock` (under the mutex); return whether, and whom to tell."""
+        released = self._release(key, token)
+        return released, (self._listeners.get(key) if released else None)
+
+    # Batches: one mutex acquisition for every key, each decided by the very helper
+    # its single method uses; announced once the mutex is let go, as they are.
+
+    def get_many(self, keys: Sequence[str]) -> list[Entry | None]:
+        """Return the live entry of each key (see `get`)."""
+        return [self.local_read(key) for key in keys]
+
+    def get_or_lock_many(
+        self, keys: Sequence[str], token: str, lock_ttl: float
+    ) -> list[Entry | Claim]:
+        """Return, per key, its entry or its lock holder's token (see `get_or_lock`)."""
+        with self._mutex:
+            now = self._clock()
+            return [self._get_or_take(key, token, lock_ttl, now) for key in keys]
+
+    def set_and_unlock_many(
+        self, items: Sequence[tuple[str, Entry, float, int | None]], token: str
+    ) -> list[Entry | None]:
+        """`set_and_unlock` each (key, entry, ttl, ticket) item (see `set_and_unlock`)."""
+        with self._mutex:
+            now = self._clock()
+            decided = [
+                self._store_and_release(key, entry, ttl, token, ticket=ticket, now=now)
+                for key, entry, ttl, ticket in items
+            ]
+        for listeners, notice in decided:
+            _announce(listeners, notice)
+        return [
+            None if notice is RELEASED else entry
+            for (_, entry, _, _), (_, notice) in zip(items, decided, strict=True)
+        ]
+
+    def unlock_many(self, keys: Sequence[str], token: str) -> list[bool]:
+        """Release each key's lock that *token* holds (see `unlock`)."""
+        with self._mutex:
+            decided = [self._unlock(key, token) for key in keys]
+        for _, listeners in decided:
+            _announce(listeners, RELEASED)
+        return [released for released, _ in decided]
 
     def extend(self, key: str, token: str, lock_ttl: float) -> bool:
         """Renew *token*'s lock on *key* for *lock_ttl* seconds if it still holds it."""
@@ -249,6 +310,26 @@ class MemoryBackend:
     ) -> Entry | None:
         """See `set_and_unlock`."""
         return self.set_and_unlock(key, entry, ttl, token, ticket=ticket)
+
+    async def aget_many(self, keys: Sequence[str]) -> list[Entry | None]:
+        """See `get_many`."""
+        return self.get_many(keys)
+
+    async def aget_or_lock_many(
+        self, keys: Sequence[str], token: str, lock_ttl: float
+    ) -> list[Entry | Claim]:
+        """See `get_or_lock_many`."""
+        return self.get_or_lock_many(keys, token, lock_ttl)
+
+    async def aset_and_unlock_many(
+        self, items: Sequence[tuple[str, Entry, float, int | None]], token: str
+    ) -> list[Entry | None]:
+        """See `set_and_unlock_many`."""
+        return self.set_and_unlock_many(items, token)
+
+    async def aunlock_many(self, keys: Sequence[str], token: str) -> list[bool]:
+        """See `unlock_many`."""
+        return self.unlock_many(keys, token)
 
     async def aextend(self, key: str, token: str, lock_ttl: float) -> bool:
         """See `extend`."""
@@ -333,7 +414,11 @@ class _Listener:
             self.loop.call_soon_threadsafe(self.notices.put_nowait, notice)
 
 
-def _announce(listeners: set[_Listener] | None, notice: Notice) -> None:
+# Whom a change of one key must be told (None: nobody), decided under the mutex.
+_Listeners: TypeAlias = set[_Listener] | None
+
+
+def _announce(listeners: _Listeners, notice: Notice) -> None:
     for listener in list(listeners or ()):
         listener.deliver(notice)
 

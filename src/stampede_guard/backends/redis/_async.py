@@ -5,14 +5,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
-from typing import TypeVar
+from collections.abc import Sequence
+from typing import Any, TypeVar
 
 from stampede_guard._entry import Claim, Entry
+from stampede_guard._near import Near
 from stampede_guard.backends._protocol import AsyncSubscription
+from stampede_guard.backends.redis import _many
 from stampede_guard.backends.redis._backend import RedisBase
 from stampede_guard.backends.redis._clients import AsyncClient, pubsub_factory
 from stampede_guard.backends.redis._codec import Call
 from stampede_guard.backends.redis._listener import AsyncListener
+from stampede_guard.backends.redis._many import CallFailed, Flow, Many, Pipelined
 
 __all__ = ["AsyncRedisBackend"]
 
@@ -132,6 +136,78 @@ class AsyncRedisBackend(RedisBase["AsyncClient"]):
         except self._errors as exc:
             raise self._faults.error(call.key, call.operation, exc) from exc
         return call.read(reply)
+
+    async def _send_many(self, many: Many[T]) -> list[T]:
+        """See `RedisBackend._send_many`; first, bind the client to this loop."""
+        if not many.calls:
+            return []
+        try:
+            self._bind()
+            if not self._discovered:
+                await self._discover()
+            with _many.Writes(self._near, many):
+                if len(many.calls) == 1:
+                    call = many.calls[0]
+                    reply = await self._scripts.run(call.script, call.keys, call.args)
+                    replies = [reply]
+                else:
+                    replies = await self._pipelined(many.calls)
+        except self._errors as exc:
+            raise self._faults.error(many.keys[0], many.operation, exc) from exc
+        except CallFailed as failed:
+            error = self._faults.error(failed.call.key, many.operation, failed.cause)
+            raise error from failed.cause
+        return many.read(replies)
+
+    async def _pipelined(self, calls: Sequence[Call[Any]]) -> list[Any]:
+        """See `RedisBackend._pipelined` (the nodes' pipelines are sent concurrently)."""
+        sent = Pipelined(calls)
+        while todo := sent.todo():
+            pipe = self._client.pipeline()
+            for call in todo:
+                self._scripts.queue(pipe, call.script, call.keys, call.args)
+            for name in sent.answer(await pipe.execute(raise_on_error=False)):
+                await self._scripts.load(name)
+        return sent.replies()
+
+    async def _drive(self, flow: Flow[T]) -> T:
+        """See `RedisBackend._drive`."""
+        try:
+            many = next(flow)
+            while True:
+                many = flow.send(await self._send_many(many))
+        except StopIteration as done:
+            value: T = done.value
+            return value
+
+    async def aget_many(self, keys: Sequence[str]) -> list[Entry | None]:
+        """See `RedisBackend.get_many`."""
+        if self._near is not None:
+            self._bind()  # the listener it may start belongs to this loop
+
+        def begin() -> tuple[Near, int | None, float]:
+            return self._near_read(self._listener.keep)
+
+        flow = _many.get_many(self._batches, keys, self._near, begin)
+        return await self._drive(flow)
+
+    async def aget_or_lock_many(
+        self, keys: Sequence[str], token: str, lock_ttl: float
+    ) -> list[Entry | Claim]:
+        """See `RedisBackend.get_or_lock_many`."""
+        flow = _many.get_or_lock_many(self._batches, keys, token, lock_ttl)
+        return await self._drive(flow)
+
+    async def aset_and_unlock_many(
+        self, items: Sequence[tuple[str, Entry, float, int | None]], token: str
+    ) -> list[Entry | None]:
+        """See `RedisBackend.set_and_unlock_many`."""
+        many = self._batches.store_and_unlock(items, token)
+        return await self._drive(_many.send_only(many))
+
+    async def aunlock_many(self, keys: Sequence[str], token: str) -> list[bool]:
+        """See `RedisBackend.unlock_many`."""
+        return await self._drive(_many.send_only(self._batches.unlock(keys, token)))
 
     async def aget(self, key: str) -> Entry | None:
         """Return the entry for *key*: one ``GET`` (see `RedisBackend.get`)."""

@@ -23,6 +23,7 @@ from stampede_guard.backends.redis._connect import (
     url_connector,
 )
 from stampede_guard.backends.redis._faults import Faults
+from stampede_guard.backends.redis._many import Batches
 from stampede_guard.backends.redis._scripts import Scripts
 from stampede_guard.serializers import JsonSerializer, Serializer
 
@@ -49,6 +50,8 @@ class RedisBase(Generic[ClientT]):
         builder = type(self).__name__
         self._errors = check_client(client, asyncio=self._asyncio, builder=builder)
         self._codec = RedisCodec(prefix, serializer)
+        # The batch methods' calls: grouped by slot on a cluster (see ``_many``).
+        self._batches = Batches(self._codec, cluster=hasattr(client, "get_primaries"))
         self._near = _near_of(
             near_cache,
             self._codec.near_channel,

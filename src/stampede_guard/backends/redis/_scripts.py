@@ -1,16 +1,19 @@
 """The Lua scripts of the Redis backends, and a backend's registered copies of them.
 
 Each backend method that does more than a ``GET`` is one of these scripts: atomic on
-the server, and touching only keys of one Redis Cluster slot (see ``_codec``).
+the server, and touching only keys of one Redis Cluster slot (see ``_codec``). The
+batch methods' scripts (``*_many``) run the single scripts' own per-key functions over
+many cache keys; on a cluster, a backend sends one per slot (see ``_many``).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Final, Literal
 
 from stampede_guard.backends.redis._kept import AsyncKeptConnections, KeptConnections
 
-__all__ = ["SOURCES", "ScriptName", "Scripts"]
+__all__ = ["MANY", "SOURCES", "ScriptName", "Scripts"]
 
 # Tickets order computations: a ticket is the server's clock, in microseconds, at the
 # look that preceded a computation (TIME inside the script, so one clock for every
@@ -76,17 +79,19 @@ end
 # classic algorithm with no window between the two. Bytes that are not an envelope
 # at all (foreign or corrupt) count as no value, so they get recomputed and replaced.
 # SET ... NX GET (Redis 7) takes a free lock or reads its holder in one command.
-GET_OR_LOCK = (
+_GET_OR_LOCK = (
     _NOW
     + """
-if ARGV[4] ~= '1' then
-    local value = redis.call('GET', KEYS[1])
-    if value and string.sub(value, 1, string.len(ARGV[3])) == ARGV[3] then
-        return {1, value}
+local function get_or_lock(value_key, lock_key, token, lock_ms, magic, ignore)
+    if ignore ~= '1' then
+        local value = redis.call('GET', value_key)
+        if value and string.sub(value, 1, string.len(magic)) == magic then
+            return {1, value}
+        end
     end
+    local holder = redis.call('SET', lock_key, token, 'NX', 'PX', lock_ms, 'GET')
+    return {0, holder or token, now_us()}
 end
-local holder = redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2], 'GET')
-return {0, holder or ARGV[1], now_us()}
 """
 )
 
@@ -101,30 +106,35 @@ return {0, holder or ARGV[1], now_us()}
 # ARGV[6] the near caches' channel, ARGV[7] the cache key: a stored value is announced
 # there too, so that every process drops its near copy (see stampede_guard._near).
 # Returns 1 if stored, 0 if fenced off by another holder, -1 if refused for its ticket.
-SET_AND_UNLOCK = (
+_SET_AND_UNLOCK = (
     _FENCE
     + """
-local refused, had_floor = fence(KEYS[3], ARGV[5])
-if refused then
-    if redis.call('GET', KEYS[2]) == ARGV[3] then
-        redis.call('DEL', KEYS[2])
-        redis.call('PUBLISH', ARGV[4], '')
+local function set_and_unlock(
+    value_key, lock_key, floor_key, payload, ttl_ms, token, channel, ticket,
+    near_channel, cache_key
+)
+    local refused, had_floor = fence(floor_key, ticket)
+    if refused then
+        if redis.call('GET', lock_key) == token then
+            redis.call('DEL', lock_key)
+            redis.call('PUBLISH', channel, '')
+        end
+        return -1
     end
-    return -1
+    local holder = redis.call('GET', lock_key)
+    if holder and holder ~= token then
+        redis.call('PUBLISH', channel, payload)
+        return 0
+    end
+    redis.call('SET', value_key, payload, 'PX', ttl_ms)
+    raise_floor(floor_key, ticket, ttl_ms, had_floor)
+    if holder then
+        redis.call('DEL', lock_key)
+    end
+    redis.call('PUBLISH', channel, payload)
+    redis.call('PUBLISH', near_channel, cache_key)
+    return 1
 end
-local holder = redis.call('GET', KEYS[2])
-if holder and holder ~= ARGV[3] then
-    redis.call('PUBLISH', ARGV[4], ARGV[1])
-    return 0
-end
-redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-raise_floor(KEYS[3], ARGV[5], ARGV[2], had_floor)
-if holder then
-    redis.call('DEL', KEYS[2])
-end
-redis.call('PUBLISH', ARGV[4], ARGV[1])
-redis.call('PUBLISH', ARGV[6], ARGV[7])
-return 1
 """
 )
 
@@ -185,42 +195,107 @@ return 0
 
 # KEYS[1] lock key; ARGV[1] token, ARGV[2] notice channel. Compare-and-delete; a real
 # release is announced with an empty message ("released": look now, take over).
-UNLOCK = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-    redis.call('DEL', KEYS[1])
-    redis.call('PUBLISH', ARGV[2], '')
-    return 1
+_UNLOCK = """
+local function unlock(lock_key, token, channel)
+    if redis.call('GET', lock_key) == token then
+        redis.call('DEL', lock_key)
+        redis.call('PUBLISH', channel, '')
+        return 1
+    end
+    return 0
 end
-return 0
 """
 
 
 # KEYS[1] value key. A near cache's read: the value and its remaining time (ms; -1
 # for none, -2 for no key), so that the near copy never outlives it.
-READ = """
-return {redis.call('GET', KEYS[1]), redis.call('PTTL', KEYS[1])}
+_READ = """
+local function read(value_key)
+    return {redis.call('GET', value_key), redis.call('PTTL', value_key)}
+end
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class _PerKey:
+    """A script's decision for one cache key, as a Lua function, and its arity.
+
+    *keys* and *args* are how many KEYS and ARGV it takes per cache key: its single
+    script passes its whole KEYS and ARGV, its batch twin one cache key's after
+    another (see `_many`).
+    """
+
+    source: str  # the Lua defining *function* (and what it calls)
+    function: str
+    keys: int
+    args: int
+
+    def params(self, k: str, a: str) -> str:
+        keys = [f"KEYS[{k}{j}]" for j in range(1, self.keys + 1)]
+        return ", ".join(keys + [f"ARGV[{a}{j}]" for j in range(1, self.args + 1)])
+
+
+def _one(per_key: _PerKey) -> str:
+    """Return the script calling *per_key*'s function once, on its KEYS and ARGV."""
+    return f"{per_key.source}\nreturn {per_key.function}({per_key.params('', '')})\n"
+
+
+def _many(per_key: _PerKey) -> str:
+    """Return the script calling *per_key*'s function once per cache key, in order.
+
+    KEYS and ARGV are the single script's, one cache key's after another; the reply
+    is the list of the single replies. The per-key decision is the very function the
+    single script calls, so a batch decides each key exactly as its single twin
+    would have, run one after the other (as they are: in order, atomically as a
+    whole). One script for many keys is what makes a batch one round trip.
+    """
+    return f"""{per_key.source}
+local replies = {{}}
+for i = 0, #KEYS / {per_key.keys} - 1 do
+    local k, a = i * {per_key.keys}, i * {per_key.args}
+    replies[i + 1] = {per_key.function}({per_key.params("k + ", "a + ")})
+end
+return replies
 """
 
 
 ScriptName = Literal[
     "extend",
     "get_or_lock",
+    "get_or_lock_many",
     "invalidate",
     "read",
+    "read_many",
     "set_and_notify",
     "set_and_unlock",
+    "set_and_unlock_many",
     "unlock",
+    "unlock_many",
 ]
+
+# The scripts decided per cache key, each with its batch twin's name.
+_PER_KEY: Final[dict[ScriptName, tuple[ScriptName, _PerKey]]] = {
+    "get_or_lock": ("get_or_lock_many", _PerKey(_GET_OR_LOCK, "get_or_lock", 2, 4)),
+    "read": ("read_many", _PerKey(_READ, "read", 1, 0)),
+    "set_and_unlock": (
+        "set_and_unlock_many",
+        _PerKey(_SET_AND_UNLOCK, "set_and_unlock", 3, 7),
+    ),
+    "unlock": ("unlock_many", _PerKey(_UNLOCK, "unlock", 1, 2)),
+}
+
+#: The scripts with a batch twin: the twin's name, and KEYS and ARGV per cache key.
+MANY: Final[dict[ScriptName, tuple[ScriptName, int, int]]] = {
+    name: (many, one.keys, one.args) for name, (many, one) in _PER_KEY.items()
+}
 
 # Every script by the name a `Call` gives (see ``_codec``).
 SOURCES: Final[dict[ScriptName, str]] = {
     "extend": EXTEND,
-    "get_or_lock": GET_OR_LOCK,
     "invalidate": INVALIDATE,
-    "read": READ,
     "set_and_notify": SET_AND_NOTIFY,
-    "set_and_unlock": SET_AND_UNLOCK,
-    "unlock": UNLOCK,
+    **{name: _one(one) for name, (_, one) in _PER_KEY.items()},
+    **{many: _many(one) for many, one in _PER_KEY.values()},
 }
 
 
@@ -233,19 +308,38 @@ class Scripts:
     Any: `run` returns the reply, or for asyncio clients an awaitable of it.
     """
 
-    __slots__ = ("_calls",)
+    __slots__ = ("_calls", "_client", "_registered")
 
     def __init__(self, client: Any) -> None:
-        self._calls: dict[ScriptName, Any] = {
+        self._client = client
+        self._registered: dict[ScriptName, Any] = {
             name: client.register_script(source) for name, source in SOURCES.items()
         }
+        self._calls = dict(self._registered)
 
     def send_on(self, kept: KeptConnections | AsyncKeptConnections) -> None:
         """Call every script on *kept* connections instead of through the client."""
-        self._calls = {name: kept.script(s) for name, s in self._calls.items()}
+        self._calls = {name: kept.script(s) for name, s in self._registered.items()}
 
     def run(
         self, name: ScriptName, keys: tuple[str, ...], args: tuple[Any, ...]
     ) -> Any:
         """Call the script *name* with *keys* and *args* (see `SOURCES`)."""
         return self._calls[name](keys, args)
+
+    def queue(
+        self, pipe: Any, name: ScriptName, keys: tuple[str, ...], args: tuple[Any, ...]
+    ) -> None:
+        """Add a call of the script *name* by its digest to the pipeline *pipe*.
+
+        Nothing loads it first: a server that lacks it answers NOSCRIPT in that
+        call's reply, and the caller `load`s it and sends the call again. (Which is
+        why a cluster pipeline refuses its own ``evalsha()``: it could not load the
+        script. The raw command goes through, and is routed by its keys' slot.)
+        """
+        sha = self._registered[name].sha
+        pipe.execute_command("EVALSHA", sha, len(keys), *keys, *args)
+
+    def load(self, name: ScriptName) -> Any:
+        """Send the script *name* to the server (every master of a cluster)."""
+        return self._client.script_load(SOURCES[name])

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
-from typing import TypeVar
+from collections.abc import Sequence
+from typing import Any, TypeVar
 
 from stampede_guard._entry import Claim, Entry
+from stampede_guard._near import Near
 from stampede_guard.backends._protocol import Subscription
+from stampede_guard.backends.redis import _many
 from stampede_guard.backends.redis._backend import RedisBase
 from stampede_guard.backends.redis._clients import SyncClient, pubsub_factory
 from stampede_guard.backends.redis._codec import Call
 from stampede_guard.backends.redis._listener import Listener
+from stampede_guard.backends.redis._many import CallFailed, Flow, Many, Pipelined
 
 __all__ = ["RedisBackend"]
 
@@ -27,6 +31,11 @@ class RedisBackend(RedisBase["SyncClient"]):
 
     Every script touches only keys of one Redis Cluster slot (see `prefix`), so the
     backend works the same on one server, behind Sentinel and on a cluster.
+
+    The batch methods (`get_many`, `get_or_lock_many`, `set_and_unlock_many`,
+    `unlock_many`) decide each key as their single namesakes do, in one script call
+    for all keys: one round trip. A cluster refuses a script over several slots, so
+    there it is one call per slot, sent in one pipeline: one round trip per node.
 
     Args:
         client: A ``redis.Redis`` or ``redis.cluster.RedisCluster`` (or valkey-py's
@@ -80,6 +89,45 @@ class RedisBackend(RedisBase["SyncClient"]):
             raise self._faults.error(call.key, call.operation, exc) from exc
         return call.read(reply)
 
+    def _send_many(self, many: Many[T]) -> list[T]:
+        """Send *many*'s calls: one script call, or one pipeline on a cluster."""
+        if not many.calls:
+            return []
+        try:
+            with _many.Writes(self._near, many):
+                if len(many.calls) == 1:
+                    call = many.calls[0]
+                    replies = [self._scripts.run(call.script, call.keys, call.args)]
+                else:
+                    replies = self._pipelined(many.calls)
+        except self._errors as exc:
+            raise self._faults.error(many.keys[0], many.operation, exc) from exc
+        except CallFailed as failed:
+            error = self._faults.error(failed.call.key, many.operation, failed.cause)
+            raise error from failed.cause
+        return many.read(replies)
+
+    def _pipelined(self, calls: Sequence[Call[Any]]) -> list[Any]:
+        """Send *calls* in one pipeline (one round trip per node; see `Pipelined`)."""
+        sent = Pipelined(calls)
+        while todo := sent.todo():
+            pipe = self._client.pipeline()
+            for call in todo:
+                self._scripts.queue(pipe, call.script, call.keys, call.args)
+            for name in sent.answer(pipe.execute(raise_on_error=False)):
+                self._scripts.load(name)
+        return sent.replies()
+
+    def _drive(self, flow: Flow[T]) -> T:
+        """Run a batch method's *flow*, sending each `Many` it yields."""
+        try:
+            many = next(flow)
+            while True:
+                many = flow.send(self._send_many(many))
+        except StopIteration as done:
+            value: T = done.value
+            return value
+
     def get(self, key: str) -> Entry | None:
         """Return the entry for *key*: one ``GET`` (none for a near cache's hit)."""
         if self._near is not None:
@@ -97,6 +145,40 @@ class RedisBackend(RedisBase["SyncClient"]):
         except self._errors as exc:
             raise self._faults.error(key, "get", exc) from exc
         return self._codec.decode(key, data)
+
+    def get_many(self, keys: Sequence[str]) -> list[Entry | None]:
+        """Return the entry of each key, in order, as `get` would: one script call.
+
+        A near cache answers what it holds; one script reads the rest (values and
+        their remaining time), and they fill the near cache as `get`'s read does.
+        """
+
+        def begin() -> tuple[Near, int | None, float]:
+            return self._near_read(self._listener.keep)
+
+        return self._drive(_many.get_many(self._batches, keys, self._near, begin))
+
+    def get_or_lock_many(
+        self, keys: Sequence[str], token: str, lock_ttl: float
+    ) -> list[Entry | Claim]:
+        """Return, per key, its entry or its lock's holder (see `get_or_lock`).
+
+        One script call (atomic per key, all keys locked by one *token*); a second
+        one only for keys whose stored bytes are unreadable.
+        """
+        flow = _many.get_or_lock_many(self._batches, keys, token, lock_ttl)
+        return self._drive(flow)
+
+    def set_and_unlock_many(
+        self, items: Sequence[tuple[str, Entry, float, int | None]], token: str
+    ) -> list[Entry | None]:
+        """`set_and_unlock` of each (key, entry, ttl, ticket) item: one script call."""
+        many = self._batches.store_and_unlock(items, token)
+        return self._drive(_many.send_only(many))
+
+    def unlock_many(self, keys: Sequence[str], token: str) -> list[bool]:
+        """`unlock` of each key: one script call; whether *token* held each lock."""
+        return self._drive(_many.send_only(self._batches.unlock(keys, token)))
 
     def get_or_lock(self, key: str, token: str, lock_ttl: float) -> Entry | Claim:
         """Return the entry for *key* or the lock holder's token: one script call."""
