@@ -14,7 +14,7 @@ the cache). So "no value" and a value of None stay apart, in every serializer.
 from __future__ import annotations
 
 import string
-from collections.abc import Hashable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -84,12 +84,36 @@ def unique(ids: Iterable[Any], function_id: str) -> list[Any]:
     if isinstance(ids, (str, bytes)):
         msg = f"{function_id} takes a collection of ids, not one {type(ids).__name__}: pass [{ids!r}]"
         raise TypeError(msg)
+    given = list(ids)  # an iterator is read once
     try:
-        return list(dict.fromkeys(ids))
+        return list(dict.fromkeys(given))
     except TypeError:
-        bad = next(i for i in ids if not isinstance(i, Hashable))
-        msg = f"{function_id}: the id {bad!r} is not hashable ({type(bad).__name__}); ids are dictionary keys, so pass hashable ones (a tuple rather than a list)"
+        bad = next(i for i in given if not _hashes(i))
+        msg = f"{function_id}: the id {bad!r} is not hashable; ids are dictionary keys, so pass hashable ones (a tuple of hashable things rather than a list)"
         raise TypeError(msg) from None
+
+
+def _hashes(id_: object) -> bool:
+    # Not isinstance(id_, Hashable): a tuple holding a list is one, and fails to hash.
+    try:
+        hash(id_)
+    except TypeError:
+        return False
+    return True
+
+
+def keys_of(
+    ids: Sequence[Any], key_of: Callable[[Any], str], function_id: str
+) -> dict[str, Any]:
+    """Return the id of each key; raise ValueError if two ids share one."""
+    id_of: dict[str, Any] = {}
+    for id_ in ids:
+        key = key_of(id_)
+        other = id_of.setdefault(key, id_)
+        if other is not id_:
+            msg = f"{function_id}: the ids {other!r} and {id_!r} have one cache key, {key!r}, so one would be served the other's value: give key= a template that tells them apart, such as one with {{!r}}"
+            raise ValueError(msg)
+    return id_of
 
 
 def stored_form(result: Mapping[Any, Any], id_: object) -> list[Any]:
@@ -159,11 +183,24 @@ def sort_found(
 
 @dataclass(slots=True)
 class Locked:
-    """What one look-or-lock of many keys found: values, locks taken, locks held."""
+    """What one look-or-lock of many keys found: values, locks taken, locks held.
+
+    *foreign*: keys holding an entry that is not a batch's stored form (another
+    function's, an older format): no lock was taken, and they are to be locked
+    whatever is stored, then computed and replaced like misses.
+    """
 
     served: dict[str, list[Any]] = field(default_factory=dict)
     mine: dict[str, int | None] = field(default_factory=dict)  # key -> its ticket
     elsewhere: list[str] = field(default_factory=list)
+    foreign: list[str] = field(default_factory=list)
+
+    def add(self, other: Locked) -> None:
+        """Take in what a second look found."""
+        self.served.update(other.served)
+        self.mine.update(other.mine)
+        self.elsewhere.extend(other.elsewhere)
+        self.foreign.extend(other.foreign)
 
 
 def sort_claims(
@@ -177,7 +214,7 @@ def sort_claims(
             if form is not None:
                 sorted_.served[key] = form
                 continue
-            sorted_.elsewhere.append(key)  # unreadable: the single plan replaces it
+            sorted_.foreign.append(key)
         elif claim == token:
             sorted_.mine[key] = claim.ticket if isinstance(claim, Claim) else None
         else:

@@ -32,6 +32,7 @@ from typing import Any, Generic, TypeVar
 from stampede_guard._batch import (
     BatchKeys,
     check_result,
+    keys_of,
     sort_claims,
     sort_found,
     stored_form,
@@ -55,6 +56,7 @@ from stampede_guard.metrics import (
     ComputeError,
     Hit,
     LockAcquired,
+    LockWait,
     Miss,
 )
 
@@ -92,7 +94,7 @@ class _Base(Generic[K, V]):
     def _plan_keys(self, ids: Iterable[K]) -> tuple[list[K], dict[str, K]]:
         """Return the ids (no repeats) and the id of each key."""
         wanted = unique(ids, self._name)
-        return wanted, {self._keys(i): i for i in wanted}
+        return wanted, keys_of(wanted, self._keys, self._name)
 
     def _look_here(
         self, keys: Iterable[str]
@@ -198,6 +200,30 @@ class _Base(Generic[K, V]):
             for key in keys:
                 ctx.emit(ComputeError(key, seconds, error))
 
+    def _joined(
+        self, key: str, outcome: Outcome | None, waited: float
+    ) -> list[Any] | None:
+        """What a joined flight's *outcome* serves: its form, or None to serve the key alone.
+
+        Reported as the single decorator's joiners report (a `Miss`, then how the
+        wait ended). The function's error is shared with the joiners, as there
+        (else every joiner would call it again); a flight that timed out or was
+        cancelled leaves the key to this call, through the lock (whose plan reports).
+        """
+        if outcome is None or (outcome.form is None and outcome.error is None):
+            return None
+        if outcome.error is not None and not isinstance(outcome.error, Exception):
+            return None  # cancelled, interrupted: not the function's failure
+        ctx = self._context
+        if ctx.observed:
+            ctx.emit(Miss(key))
+            ctx.emit(
+                LockWait(key, waited, "value" if outcome.error is None else "error")
+            )
+        if outcome.error is not None:
+            raise outcome.error
+        return outcome.form
+
     def __repr__(self) -> str:
         return f"<stampede-safe batch {self._fn!r} on {self._backend!r}>"
 
@@ -242,8 +268,9 @@ class BatchCached(_Base[K, V]):
         for key in mine:
             self._flights.settle(key, Outcome(form=forms.get(key)))
         for key, slot in joined.items():
+            started = self._context.clock()
             outcome = self._flights.wait(slot, self._context.policy.wait_timeout)
-            form = _joined(outcome)
+            form = self._joined(key, outcome, self._context.clock() - started)
             forms[key] = self._one(key, id_of[key]) if form is None else form
         return forms
 
@@ -277,8 +304,14 @@ class BatchCached(_Base[K, V]):
             forms.update(self._without_cache(found.missing, id_of))
             return forms
         locked = sort_claims(found.missing, claims, token)
+        if locked.foreign:  # lock them whatever is stored: the computation replaces it
+            foreign = locked.foreign
+            locked.foreign = []
+            lock = backend.lock
+            taken = [lock(k, token, ctx.policy.lock_timeout) for k in foreign]
+            locked.add(sort_claims(foreign, taken, token))
         self._hits(locked.served)
-        self._misses([*locked.mine, *locked.elsewhere])
+        self._misses(locked.mine)  # the single plan tells of the others itself
         forms.update(locked.served)
         if locked.mine:
             forms.update(self._lead(locked.mine, token, id_of))
@@ -385,8 +418,9 @@ class AsyncBatchCached(_Base[K, V]):
         for key in mine:
             self._flights.settle(key, Outcome(form=forms.get(key)))
         for key, slot in joined.items():
+            started = self._context.clock()
             outcome = await self._flights.wait(slot, self._context.policy.wait_timeout)
-            form = _joined(outcome)
+            form = self._joined(key, outcome, self._context.clock() - started)
             forms[key] = await self._one(key, id_of[key]) if form is None else form
         return forms
 
@@ -420,8 +454,14 @@ class AsyncBatchCached(_Base[K, V]):
             forms.update(await self._without_cache(found.missing, id_of))
             return forms
         locked = sort_claims(found.missing, claims, token)
+        if locked.foreign:  # see BatchCached._remote
+            foreign = locked.foreign
+            locked.foreign = []
+            lock = backend.alock
+            taken = [await lock(k, token, ctx.policy.lock_timeout) for k in foreign]
+            locked.add(sort_claims(foreign, taken, token))
         self._hits(locked.served)
-        self._misses([*locked.mine, *locked.elsewhere])
+        self._misses(locked.mine)  # the single plan tells of the others itself
         forms.update(locked.served)
         if locked.mine:
             forms.update(await self._lead(locked.mine, token, id_of))
@@ -504,20 +544,6 @@ class AsyncBatchCached(_Base[K, V]):
         ids = [id_of[key] for key in keys]
         result = check_result(await self._fn(ids), ids, self._name)
         return {key: stored_form(result, id_of[key]) for key in keys}
-
-
-def _joined(outcome: Outcome | None) -> list[Any] | None:
-    """What a joined flight's *outcome* serves: its form, or None to serve the key alone.
-
-    The function's error is shared, as the single decorator shares it with its
-    joiners (else every joiner would call it again); a flight that timed out or was
-    cancelled leaves the key to this call, through the lock.
-    """
-    if outcome is None:
-        return None
-    if isinstance(outcome.error, Exception):
-        raise outcome.error
-    return outcome.form
 
 
 def _as_read(
