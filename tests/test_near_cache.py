@@ -1063,14 +1063,6 @@ def test_asyncio_the_end_of_an_event_loop_flushes_and_the_next_loop_fills_again(
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "near hits do not check that the listener is running: an asyncio loop that "
-        "is paused between runs (asyncio.Runner, loop.run_until_complete) serves a "
-        "value another process replaced, for up to the near ttl"
-    ),
-)
 def test_asyncio_a_paused_event_loop_does_not_serve_a_value_replaced_meanwhile(
     redis_url: str, redis_prefix: str, make_near: Callable[..., RedisBackend]
 ) -> None:

@@ -116,21 +116,33 @@ class BoundedStore(Generic[K, V]):
         """The total weight held (0 unless entries were put with one)."""
         return self._bytes
 
-    def reader(self) -> Callable[[K], V | None]:
-        """Return `get` as a closure: the hot path (cheaper than the bound method)."""
+    def reader(
+        self, heard: list[float] | None = None, silence: float = 0.0
+    ) -> Callable[[K], V | None]:
+        """Return `get` as a closure: the hot path (cheaper than the bound method).
+
+        With *heard*, a one-item list holding the time (on this store's clock) the
+        store was last confirmed current, nothing is returned once that is more than
+        *silence* seconds ago (see ``_near``: a listener that could not run).
+        """
         find, used, clock, expired = (
             self._data.get,
             self._data.move_to_end,
             self._clock,
             self._remove_if,
         )
+        checked = [0.0] if heard is None else heard
+        limit = float("inf") if heard is None else silence
 
         def get(key: K) -> V | None:
             item = find(key)
             if item is None:
                 return None
-            if item[1] <= clock():
+            now = clock()
+            if item[1] <= now:
                 expired(key, item)
+                return None
+            if now - checked[0] > limit:
                 return None
             try:  # noqa: SIM105 - suppress() would cost more than the rest of a hit
                 used(key)

@@ -138,9 +138,17 @@ def check_near_cache(value: object, builder: str) -> NearCache | None:
 class Near:
     """One backend's near cache (see the module): the store and the decisions."""
 
-    def __init__(self, config: NearCache, channel: str) -> None:
+    def __init__(
+        self, config: NearCache, channel: str, silence: float = math.inf
+    ) -> None:
         self.config = config
         self.channel = channel  # where the library's scripts announce changed keys
+        # When the listener last heard from the server (`heard`), and how long it may
+        # be silent before nothing is served: a listener that cannot run (an event
+        # loop paused between `run_until_complete` calls, a starved thread) leaves
+        # messages unread, so what is held may be old.
+        self._heard = [0.0]
+        self._silence = silence
         self._emit = safe_emitter(config.metrics)
         self._observed = config.metrics is not None
         self._store: BoundedStore[str, Entry] = BoundedStore(
@@ -152,7 +160,7 @@ class Near:
         # The in-process flights of every function on this backend (`watch`).
         self._watchers: weakref.WeakSet[Forgets] = weakref.WeakSet()
         #: The hot path: the live near entry of a key, or None.
-        self.lookup = self._store.reader()
+        self.lookup = self._store.reader(self._heard, silence)
         self.clock = time.monotonic  # the store's clock, on which deadlines run
         self._start()
         _EVERY.add(self)
@@ -258,6 +266,23 @@ class Near:
             dropped = self._store.clear()
         if self._observed and dropped:
             self._emit(NearFlush("lost", dropped))
+
+    def heard(self, now: float) -> None:
+        """The listener heard from the server at *now* (a message, a pong, anything).
+
+        After a silence longer than allowed, what is held is dropped: the listener
+        did not run (or the server did not answer) for that long, and messages may
+        wait unread behind this one, about keys read meanwhile.
+        """
+        gap = now - self._heard[0]
+        self._heard[0] = now
+        if gap > self._silence and len(self._store):
+            with self._mutex:
+                self._seq += 1
+                self._forgotten = self._seq
+                dropped = self._store.clear()
+            if self._observed and dropped:
+                self._emit(NearFlush("lost", dropped))
 
     def flush(self, reason: FlushReason) -> None:
         """Drop everything and refuse entries until `subscribed` (see `NearFlush`)."""

@@ -23,6 +23,7 @@ from stampede_guard.backends.redis._connect import (
     url_connector,
 )
 from stampede_guard.backends.redis._faults import Faults
+from stampede_guard.backends.redis._hub import DEAD, QUIET
 from stampede_guard.backends.redis._many import Batches
 from stampede_guard.backends.redis._scripts import Scripts
 from stampede_guard.serializers import JsonSerializer, Serializer
@@ -340,4 +341,5 @@ def _near_of(
     if pubsub_factory(client, asyncio=asyncio) is None:
         msg = f"{builder}: near_cache needs a pub/sub connection to hear of changes, and this client has none (valkey-py's asyncio cluster client); use redis-py's, or no near cache"
         raise TypeError(msg)
-    return Near(near_cache, channel)
+    # Silent longer than the listener's own bound for a dead connection: not trusted.
+    return Near(near_cache, channel, silence=QUIET + DEAD)

@@ -126,26 +126,14 @@ class Hub:
     def route(self, message: dict[str, Any]) -> None:
         """Act on one pub/sub message: a confirmation, or a notice to deliver."""
         self.heard, self.asked = self.clock(), None  # whatever it is, it is an answer
-        with self.mutex:
-            self.trusted = True
-            outage, self.outage = self.outage, None
-            if outage is not None:
-                self.reconnects += 1
-            kind, raw = message["type"], message["channel"]
-            channel = raw.decode() if isinstance(raw, bytes) else str(raw)
-            subscribers = list(self.subscribers.get(channel, ()))
-            if kind == "subscribe":
-                self.confirmed.add(channel)
-            renewed = len(self.subscribers)
-            near = self.near
-        if outage is not None:
-            logger.info(
-                "pub/sub listener reconnected after %.1f s; %d channel(s) resubscribed",
-                self.heard - outage,
-                renewed,
-            )
-        if near is not None and channel == near.channel:
-            if near.owner is self:  # not a replaced listener's (see `Near.owner`)
+        near = self._our_near()
+        if near is not None:
+            near.heard(self.heard)
+        kind, raw = message["type"], message["channel"]
+        channel = raw.decode() if isinstance(raw, bytes) else str(raw)
+        subscribers = self._answered(kind, channel)
+        if self.near is not None and channel == self.near.channel:
+            if near is not None:
                 _tell_near(near, kind, message["data"])
         elif kind == "subscribe":
             for subscription in subscribers:
@@ -154,6 +142,30 @@ class Hub:
             notice = self.codec.notice(subscribers[0].key, message["data"])
             for subscription in subscribers:
                 subscription.deliver(notice)
+
+    def _our_near(self) -> Near | None:
+        """The near cache, if this hub keeps its subscription (not a replaced one's)."""
+        near = self.near
+        return near if near is not None and near.owner is self else None
+
+    def _answered(self, kind: str, channel: str) -> list[Any]:
+        """The server answered: trust it again; return *channel*'s subscribers."""
+        with self.mutex:
+            self.trusted = True
+            outage, self.outage = self.outage, None
+            if outage is not None:
+                self.reconnects += 1
+            subscribers = list(self.subscribers.get(channel, ()))
+            if kind == "subscribe":
+                self.confirmed.add(channel)
+            renewed = len(self.subscribers)
+        if outage is not None:
+            logger.info(
+                "pub/sub listener reconnected after %.1f s; %d channel(s) resubscribed",
+                self.heard - outage,
+                renewed,
+            )
+        return subscribers
 
     def sent(self, *, anew: bool = False) -> None:
         """Note a request that the server must answer; *anew* after an idle spell."""
