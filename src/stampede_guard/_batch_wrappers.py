@@ -465,11 +465,13 @@ class AsyncBatchCached(_Base[K, V]):
         forms.update(locked.served)
         if locked.mine:
             forms.update(await self._lead(locked.mine, token, id_of))
-        if locked.elsewhere:  # waited for side by side: no caller waits in turn
-            waited = await asyncio.gather(
-                *(self._one(key, id_of[key]) for key in locked.elsewhere)
-            )
-            forms.update(zip(locked.elsewhere, waited, strict=True))
+        # One after another, as the sync shell: their holders compute side by side
+        # anyway, so the first wait is the long one. Waited for all at once, each
+        # wait took a connection of its own: hundreds at a time under a stampede,
+        # until connecting timed out and the ids were computed again (found by
+        # benchmarks/batch.py).
+        for key in locked.elsewhere:
+            forms[key] = await self._one(key, id_of[key])
         return forms
 
     async def _lead(
