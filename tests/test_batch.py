@@ -381,6 +381,72 @@ def test_every_id_is_computed_once_across_asyncio_tasks_on_two_redis_backends(
     assert lock_keys(redis_client, redis_prefix) == []
 
 
+def test_an_asyncio_call_waits_for_ids_locked_elsewhere_on_one_connection_at_a_time(
+    redis_url: str, redis_client: redis.Redis, redis_prefix: str
+) -> None:
+    """200 ids locked by another process, asked for by 5 tasks of 40: none computed here.
+
+    Waited for all at once, each id took a connection of its own: 200 at a time,
+    until, under load, connecting timed out and each id was computed again without
+    the cache (found by benchmarks/batch.py). One at a time, 5 tasks need about 5.
+    """
+    opened: list[int] = []
+    keys_of_ids = {i: f"item:{i}" for i in range(200)}
+    holder = RedisBackend.from_url(redis_url, prefix=redis_prefix)
+    token = f"holder-{uuid.uuid4().hex}"
+    tickets = {i: holder.get_or_lock(k, token, 30) for i, k in keys_of_ids.items()}
+    computed: list[int] = []
+    stats = StampedeStats()
+
+    async def scenario() -> list[dict[int, str]]:
+        backend = AsyncRedisBackend.from_url(
+            redis_url, prefix=redis_prefix, max_connections=400, connect_timeout=5
+        )
+
+        @cached_stampede_safe_batch(
+            key="item:{}", backend=backend, ttl=TTL, max_delay=0.1, metrics=stats
+        )
+        async def body(ids: Sequence[int]) -> dict[int, str]:
+            computed.extend(ids)
+            return {i: f"mine{i}" for i in ids}
+
+        async def store_later() -> None:
+            await asyncio.sleep(0.5)  # every task is waiting by now
+            for i, key in keys_of_ids.items():
+                claim = tickets[i]
+                assert isinstance(claim, Claim)
+                await asyncio.to_thread(
+                    holder.set_and_unlock,
+                    key,
+                    Entry([f"v{i}"], backend_now(holder), 0.0),
+                    TTL,
+                    token,
+                    ticket=claim.ticket,
+                )
+
+        try:
+            async with asyncio.timeout(45):
+                writer = asyncio.create_task(store_later())
+                got = await asyncio.gather(*(body(range(n, 200, 5)) for n in range(5)))
+                await writer
+                # Idle and in use: every connection the pool has made so far.
+                counts = backend.client.connection_pool.get_connection_count()
+                opened.append(sum(count for count, _ in counts))
+                return got
+        finally:
+            await backend.aclose()
+
+    try:
+        results = asyncio.run(scenario())
+    finally:
+        holder.close()
+    assert computed == []
+    assert stats.snapshot().backend_errors == 0
+    assert opened[0] <= 16
+    for n, got in enumerate(results):
+        assert got == {i: f"v{i}" for i in range(n, 200, 5)}
+
+
 @pytest.mark.parametrize("functions", [1, 2], ids=["one-function", "two-functions"])
 def test_every_id_is_computed_once_across_threads_on_a_memory_backend(
     functions: int,
