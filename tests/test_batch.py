@@ -430,7 +430,8 @@ def test_an_asyncio_call_waits_for_ids_locked_elsewhere_on_one_connection_at_a_t
                 got = await asyncio.gather(*(body(range(n, 200, 5)) for n in range(5)))
                 await writer
                 # Idle and in use: every connection the pool has made so far.
-                counts = backend.client.connection_pool.get_connection_count()
+                pool: Any = backend.client.connection_pool  # type: ignore[union-attr]
+                counts = pool.get_connection_count()
                 opened.append(sum(count for count, _ in counts))
                 return got
         finally:
