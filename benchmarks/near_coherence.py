@@ -144,7 +144,7 @@ from typing import Any
 
 import redis
 
-from common import pct
+from common import Pct, pct
 from peers import library_versions
 from redis_server import RedisServer
 from run import RESULTS, progress, source_state
@@ -258,7 +258,8 @@ class Worker:
         self.db = redis.Redis.from_url(url)  # the "database"
         self.invalidations: list[tuple[str, float]] = []  # NearInvalidation (key, wall)
         self.flushes: list[tuple[str, int, float]] = []  # NearFlush (reason, n, wall)
-        self.computations: list[tuple[int, int, float, int]] = []  # x, dbver, wall, n
+        # x, dbver, wall, n, thread, in which call
+        self.computations: list[tuple[int, int, float, int, Any, Any]] = []
         self.tls = threading.local()
         counter = itertools.count(1)
         self.backend = RedisBackend.from_url(
@@ -552,7 +553,8 @@ class Worker:
         delays. Returns once it is subscribed.
         """
         channel = self.near.channel
-        pubsub = redis.Redis.from_url(self.url).pubsub(ignore_subscribe_messages=False)
+        client = redis.Redis.from_url(self.url)
+        pubsub = client.pubsub(ignore_subscribe_messages=False)  # type: ignore[no-untyped-call]
         pubsub.subscribe(channel)
         subscribed = threading.Event()
         log = self.raw
@@ -862,7 +864,7 @@ def measure_coherence(  # noqa: PLR0915 - one linear measurement
             progress(
                 f"[coherence {load}] batch {batch + 1}/{plan.batches}: "
                 f"{result.writes} writes, p99 so far "
-                f"{_ms(pct(result.hook_lags).p99 if result.hook_lags else None)} ms"
+                f"{_ms(_p99(pct(result.hook_lags)))} ms"
             )
         elapsed = time.perf_counter() - t0
         calls1 = sum(workers.ask(readers, "load_calls"))
@@ -1449,6 +1451,10 @@ def measure_staleness(  # noqa: PLR0917 - the run's settings
 # ---------------------------------------------------------------- report
 
 
+def _p99(found: Pct | None) -> float | None:
+    return None if found is None else found.p99
+
+
 def _ms(value: float | None) -> str:
     return "-" if value is None or math.isnan(value) else f"{value:.2f}"
 
@@ -1530,10 +1536,10 @@ def markdown(
         lines.append(
             f"| {c.load} | {c.load_calls_per_s:,.0f} | {_wake_cells(c.wake)} "
             f"| {len(c.hook_lags)} "
-            f"| {_ms(d and d.p50)} | {_ms(d and d.p99)} | {_ms(d and d.max)} "
-            f"| {_ms(p and p.p50)} | {_ms(p and p.p99)} | {_ms(p and p.max)} "
-            f"| {_ms((r := by.get('refresh')) and r.p99)} "
-            f"| {_ms((v := by.get('invalidate')) and v.p99)} "
+            f"| {_ms(d.p50 if d else None)} | {_ms(d.p99 if d else None)} | {_ms(d.max if d else None)} "
+            f"| {_ms(p.p50 if p else None)} | {_ms(p.p99 if p else None)} | {_ms(p.max if p else None)} "
+            f"| {_ms(_p99(by.get('refresh')))} "
+            f"| {_ms(_p99(by.get('invalidate')))} "
             f"| {c.no_drop + c.not_filled} / {c.early_drop} / {c.old_served_after} / "
             f"{c.flushes} | p99 <= {TARGET_P99_MS:g} ms | {_verdict(ok)} |"
         )
