@@ -27,12 +27,14 @@ from typing import Any, assert_type, cast
 import pytest
 import redis
 
+from _servers import Server
 from _waiting import until
 from stampede_guard import (
     AsyncBackend,
     AsyncBatchFunction,
     AsyncRedisBackend,
     Backend,
+    BackendError,
     BatchFunction,
     Entry,
     LockTimeoutError,
@@ -1345,3 +1347,33 @@ def test_batch_functions_are_typed_by_their_ids_and_values() -> None:
     names.invalidate([1])
     agot: dict[int, str] = asyncio.run(anames((1, 2)))
     assert (got, key, agot) == ({1: "n1", 2: "n2"}, "name:1", {1: "a1", 2: "a2"})
+
+
+# --- the backend down --------------------------------------------------------------
+
+
+def test_with_redis_down_a_batch_is_computed_without_the_cache_or_raises(
+    own_server: Server,
+) -> None:
+    """A stopped server: the call computes its ids once, reports each, and the breaker
+    opens; with on_backend_error='raise' the call raises BackendError instead (while
+    the circuit is closed: an open one skips the server, as for the single decorator).
+    """
+    backend = RedisBackend.from_url(
+        own_server.url, socket_timeout=0.3, connect_timeout=0.3
+    )
+    stats, body = StampedeStats(), Recorder()
+    fn = batch(backend, body, metrics=stats)
+    strict = batch(backend, Recorder(), on_backend_error="raise")
+    own_server.stop()
+    try:
+        with pytest.raises(BackendError):  # before the breaker opens: then it skips
+            strict([4])
+        for _ in range(6):  # the breaker opens after 5 failures (one was strict's)
+            assert fn([1, 2, 3]) == values([1, 2, 3])
+    finally:
+        backend.close()
+    snap = stats.snapshot()
+    assert body.calls == [[1, 2, 3]] * 6
+    assert snap.backend_errors >= 3
+    assert snap.backend_skipped >= 3
