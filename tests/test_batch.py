@@ -74,7 +74,7 @@ needs_async_batch_methods = pytest.mark.xfail(
 # --- stores -----------------------------------------------------------------------
 
 
-class OneByOne:
+class _Hiding:
     """A backend with its batch methods hidden: the shells then go a key at a time."""
 
     def __init__(self, backend: object) -> None:
@@ -87,6 +87,37 @@ class OneByOne:
 
     def __repr__(self) -> str:
         return f"OneByOne({self._backend!r})"
+
+
+# The Backend/AsyncBackend protocols' methods: defined on the class, since from
+# Python 3.12 isinstance() with a runtime protocol does not look through __getattr__.
+_PROTOCOL_METHODS = (
+    "get",
+    "get_or_lock",
+    "lock",
+    "set",
+    "set_and_unlock",
+    "extend",
+    "unlock",
+    "delete",
+    "subscribe",
+    *(f"a{n}" for n in ("get", "get_or_lock", "lock", "set", "set_and_unlock")),
+    *(f"a{n}" for n in ("extend", "unlock", "delete", "subscribe")),
+)
+
+
+def _forward(name: str) -> Callable[..., Any]:
+    def method(self: _Hiding, *args: Any, **kwargs: Any) -> Any:
+        return getattr(self._backend, name)(*args, **kwargs)
+
+    method.__name__ = name
+    return method
+
+
+def OneByOne(backend: object) -> Any:  # noqa: N802 - it stands for a class
+    """Wrap *backend*, hiding its batch methods and keeping the protocols it has."""
+    methods = {n: _forward(n) for n in _PROTOCOL_METHODS if hasattr(backend, n)}
+    return type("OneByOne", (_Hiding,), methods)(backend)
 
 
 @dataclass
