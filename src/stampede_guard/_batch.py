@@ -173,7 +173,7 @@ def sort_found(
             sorted_.missing.append(key)
             continue
         if ctx.policy.refreshes:
-            reason = refresh_reason(entry, ctx)
+            reason = refresh_reason(key, entry, ctx)
             if reason is not None:
                 sorted_.due[key] = RefreshDue(entry, reason)
                 continue

@@ -59,6 +59,7 @@ class BatchOptions(TypedDict, total=False):
     early_refresh: bool
     beta: float
     cache_none: bool
+    ttl_jitter: float
     metrics: MetricsHook | None
     namespace: str | None
 
@@ -132,8 +133,8 @@ def cached_stampede_safe_batch(
         **options: As for `cached_stampede_safe` (see `BatchOptions`): *ttl*,
             *lock_timeout*, *wait_timeout*, *base_delay*, *max_delay*, *max_retries*,
             *on_timeout*, *on_backend_error*, *stale_ttl*, *stale_if_error*,
-            *background_refresh*, *early_refresh*, *beta*, *cache_none*, *metrics*,
-            *namespace*. Events are per id (a `Hit`, `Miss`, `Computed`... for each).
+            *background_refresh*, *early_refresh*, *beta*, *cache_none*,
+            *ttl_jitter*, *metrics*, *namespace*. Events are per id (a `Hit`, `Miss`, `Computed`... for each).
 
     Raises:
         ValueError: *key* has no field or more than one, or an option is out of range.

@@ -150,9 +150,9 @@ class _Base(Generic[K, V]):
             if ctx.observed:
                 ctx.emit(Computed(key, seconds))
             if batch_caches(form, cache_none=ctx.policy.cache_none):
-                stores.append(
-                    (key, Entry(form, now, seconds), ctx.policy.store_ttl, ticket)
-                )
+                entry = Entry(form, now, seconds)
+                ttl = ctx.policy.store_ttl_for(key, entry)
+                stores.append((key, entry, ttl, ticket))
             else:
                 release.append(key)
         return forms, stores, release

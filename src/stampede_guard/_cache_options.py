@@ -54,6 +54,7 @@ class CacheOptions(TypedDict, total=False):
     beta: float
     cache_none: bool
     should_cache: Callable[[Any], bool] | None
+    ttl_jitter: float
     metrics: MetricsHook | None
     namespace: str | None
 
@@ -79,6 +80,7 @@ DEFAULTS: Final[CacheOptions] = {
     "beta": 1.0,
     "cache_none": True,
     "should_cache": None,
+    "ttl_jitter": 0,
     "metrics": None,
     "namespace": None,
 }

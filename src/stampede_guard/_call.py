@@ -66,7 +66,7 @@ def first_look(
     if ctx.observed:  # build no event nobody will see
         ctx.emit(Hit(key, near))
     if ctx.policy.refreshes:
-        reason = refresh_reason(found, ctx)
+        reason = refresh_reason(key, found, ctx)
         if reason is not None:
             return RefreshDue(found, reason)
     return found

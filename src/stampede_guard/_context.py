@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import hashlib
 import logging
 import random
 import secrets
@@ -13,6 +14,7 @@ from typing import Any, Final
 
 from stampede_guard._breaker import CircuitBreaker
 from stampede_guard._cache_options import DEFAULTS, OnBackendError, OnCancel, OnTimeout
+from stampede_guard._entry import Entry
 from stampede_guard._ops import Op
 from stampede_guard.metrics import _Emit
 
@@ -78,6 +80,7 @@ class Policy:
     beta: float | None = None  # early_refresh and beta in one: XFetch's beta, or None
     cache_none: bool = DEFAULTS["cache_none"]
     should_cache: Callable[[Any], bool] | None = DEFAULTS["should_cache"]
+    ttl_jitter: float = DEFAULTS["ttl_jitter"]
 
     @property
     def refreshes(self) -> bool:
@@ -91,8 +94,26 @@ class Policy:
 
     @property
     def store_ttl(self) -> float:
-        """How long the backend keeps an entry: fresh, then stale."""
+        """How long the backend keeps an entry: fresh, then stale (before jitter)."""
         return self.ttl + self.stale_ttl
+
+    def fresh_for(self, key: str, created_at: float) -> float:
+        """Seconds the entry of *key* stored at *created_at* stays fresh.
+
+        With *ttl_jitter*, ``ttl`` shortened by a fraction of up to *ttl_jitter*,
+        drawn from a digest of the key and the store's time: keys stored together
+        expire apart, and every process, reading the same entry, judges it alike
+        (no field is added to what is stored).
+        """
+        if not self.ttl_jitter:
+            return self.ttl
+        digest = hashlib.blake2b(f"{key}\0{created_at!r}".encode(), digest_size=8)
+        fraction = int.from_bytes(digest.digest()) / 2**64
+        return self.ttl * (1.0 - self.ttl_jitter * fraction)
+
+    def store_ttl_for(self, key: str, entry: Entry) -> float:
+        """How long the backend keeps *entry*: its fresh time (`fresh_for`), then stale."""
+        return self.fresh_for(key, entry.created_at) + self.stale_ttl
 
     def caches(self, value: object) -> bool:
         """Whether *value* is to be stored at all."""

@@ -163,6 +163,10 @@ def cached_stampede_safe(
         should_cache (Callable[[Any], bool] | None): Called with each computed value;
             store it only if it returns True (e.g. ``lambda r: r.ok``). Values not
             stored are still returned. Defaults to ``None``.
+        ttl_jitter (float): Cut each stored value's *ttl* by a fraction of up to this
+            much (0.1: up to a tenth), drawn per key and store, so that keys stored
+            together do not expire together; every process judges an entry alike.
+            0 to 0.9. Defaults to ``0``.
         metrics (MetricsHook | None): Called with every `stampede_guard.metrics` event,
             e.g. `StampedeStats`. Defaults to ``None``.
         namespace (str | None): Put before every key (``"<namespace>:<key>"``), e.g. a

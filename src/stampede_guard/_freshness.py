@@ -21,10 +21,12 @@ class RefreshDue:
     reason: Literal["stale", "early"]
 
 
-def refresh_reason(entry: Entry, ctx: Context) -> Literal["stale", "early"] | None:
+def refresh_reason(
+    key: str, entry: Entry, ctx: Context
+) -> Literal["stale", "early"] | None:
     policy = ctx.policy
     now = ctx.wall_clock()
-    expiry = entry.created_at + policy.ttl
+    expiry = entry.created_at + policy.fresh_for(key, entry.created_at)
     if now >= expiry:
         return "stale"
     # XFetch (Vattani et al., VLDB 2015): refresh early with a probability that grows
@@ -41,6 +43,11 @@ def stale_value(key: str, due: RefreshDue, ctx: Context) -> object:
     """Return the value of *due* to a caller served it while it gets refreshed."""
     if due.reason == "stale" and ctx.observed:
         ctx.emit(
-            StaleServed(key, ctx.wall_clock() - due.entry.created_at - ctx.policy.ttl)
+            StaleServed(
+                key,
+                ctx.wall_clock()
+                - due.entry.created_at
+                - ctx.policy.fresh_for(key, due.entry.created_at),
+            )
         )
     return due.entry.value

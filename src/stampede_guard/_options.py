@@ -154,6 +154,7 @@ def validated_policy(options: Mapping[str, object]) -> Policy:
         beta=beta if early else None,
         cache_none=_flag("cache_none", given["cache_none"]),
         should_cache=cast("Callable[[Any], bool] | None", should_cache),
+        ttl_jitter=_jitter(given["ttl_jitter"]),
     )
     if validated.max_delay < validated.base_delay:
         msg = (
@@ -214,6 +215,16 @@ def _on_cancel(value: object) -> OnCancel:
 # (Redis's PX takes up to 2**63 ms, about 292 million years, minus the clock); a
 # larger one, such as 1e16, overflowed Redis's expiry and every store failed.
 MAX_SECONDS = 100 * 365 * 24 * 3600
+
+
+def _jitter(value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        msg = f"ttl_jitter must be a fraction of ttl (a number from 0 to 0.9), not {type(value).__qualname__}"
+        raise TypeError(msg)
+    if not 0 <= value <= 0.9:  # noqa: PLR2004 - a ttl cut to nothing is no ttl
+        msg = f"ttl_jitter={value!r} is out of range: give the most of ttl to cut, from 0 (none) to 0.9; 0.1 spreads expiries over the last tenth of ttl"
+        raise ValueError(msg)
+    return float(value)
 
 
 def _seconds(name: str, value: object) -> float:

@@ -224,7 +224,7 @@ def _store(key: str, entry: Entry, ticket: int | None, ctx: Context) -> Plan:
     if not ctx.policy.caches(entry.value):
         return entry.value, Via.COMPUTED
     try:
-        stored = yield Set(key, entry, ctx.policy.store_ttl, ticket)
+        stored = yield Set(key, entry, ctx.policy.store_ttl_for(key, entry), ticket)
     except BackendError as exc:
         _store_failed(key, ctx, exc)
         return entry.value, Via.COMPUTED
@@ -322,7 +322,8 @@ def _lead(
         stored: Entry | None = None
         failed: BackendError | None = None
         try:
-            stored = yield SetAndUnlock(key, entry, policy.store_ttl, token, ticket)
+            ttl = policy.store_ttl_for(key, entry)
+            stored = yield SetAndUnlock(key, entry, ttl, token, ticket)
         except BackendError as exc:
             failed = exc
     except GeneratorExit:
