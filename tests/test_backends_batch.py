@@ -57,7 +57,10 @@ from stampede_guard.backends.redis._codec import Call, RedisCodec
 from stampede_guard.backends.redis._scripts import MANY, SOURCES
 from stampede_guard.metrics import NearInvalidation
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = [
+    pytest.mark.timeout(60),
+    pytest.mark.usefixtures("abandoned_connections_collected"),
+]
 
 LONG = 60.0  # seconds: a value or lock that outlives the test
 BOUND = 10.0  # seconds any wait of these tests may take before it fails

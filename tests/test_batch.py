@@ -70,6 +70,8 @@ needs_async_batch_methods = pytest.mark.xfail(
     reason="needs the backends' batch methods",
 )
 
+pytestmark = pytest.mark.usefixtures("abandoned_connections_collected")
+
 
 # --- stores -----------------------------------------------------------------------
 

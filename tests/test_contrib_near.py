@@ -54,6 +54,8 @@ NEAR_EVENTS: list[Event | NearEvent] = [
     NearFlush("fork", 1),
 ]
 
+pytestmark = pytest.mark.usefixtures("abandoned_connections_collected")
+
 
 @pytest.fixture
 def otel() -> Iterator[tuple[InMemoryMetricReader, MeterProvider]]:

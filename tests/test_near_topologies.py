@@ -65,7 +65,11 @@ from stampede_guard.backends.redis._codec import RedisCodec
 from stampede_guard.backends.redis._scripts import SOURCES
 from stampede_guard.metrics import NearEvent, NearFlush, NearInvalidation
 
-pytestmark = [pytest.mark.redis, pytest.mark.timeout(60)]
+pytestmark = [
+    pytest.mark.redis,
+    pytest.mark.timeout(60),
+    pytest.mark.usefixtures("abandoned_connections_collected"),
+]
 
 T = TypeVar("T")
 
