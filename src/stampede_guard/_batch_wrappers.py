@@ -17,7 +17,8 @@ A call, for the ids it is given (repeats served once):
 
 Values due for a refresh (``stale_ttl``, ``early_refresh``) are served and refreshed
 id by id, as the single decorator refreshes them. Every decision is in ``_batch``;
-the two classes below differ in I/O syntax only.
+the call itself is one flow (`_Base._call`), which the two classes below carry out,
+each in its own I/O syntax.
 """
 
 from __future__ import annotations
@@ -26,8 +27,9 @@ import asyncio
 import contextlib
 import functools
 import logging
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
-from typing import Any, Generic, TypeVar
+from collections.abc import Awaitable, Callable, Generator, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar, assert_never
 
 from stampede_guard._batch import (
     BatchKeys,
@@ -41,6 +43,18 @@ from stampede_guard._batch import (
 )
 from stampede_guard._batch import caches as batch_caches
 from stampede_guard._batch_flights import AsyncBatchFlights, BatchFlights, Outcome
+from stampede_guard._batch_io import (
+    aget_many,
+    aget_or_lock_many,
+    aquietly,
+    aset_and_unlock_many,
+    aunlock_many,
+    get_many,
+    get_or_lock_many,
+    quietly,
+    set_and_unlock_many,
+    unlock_many,
+)
 from stampede_guard._call import serve_due
 from stampede_guard._coalesce import Refreshing
 from stampede_guard._context import Context
@@ -68,13 +82,83 @@ V = TypeVar("V")
 logger = logging.getLogger("stampede_guard")
 
 Forms = dict[str, list[Any]]  # key -> its stored form ([value], or [] for no value)
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class GetMany:
+    """Read *keys*: their entries, or None."""
+
+    keys: list[str]
+
+
+@dataclass(frozen=True, slots=True)
+class LockMany:
+    """Look up and lock *keys* with *token* (`whatever_stored`: lock, whatever is there)."""
+
+    keys: list[str]
+    token: str
+    ttl: float
+    whatever_stored: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ComputeMany:
+    """Call the function with *ids*: what it returns."""
+
+    ids: list[Any]
+
+
+@dataclass(frozen=True, slots=True)
+class StoreMany:
+    """Store and release (key, entry, ttl, ticket) *items*: the entries as read."""
+
+    items: list[tuple[str, Entry, float, int | None]]
+    token: str
+
+
+@dataclass(frozen=True, slots=True)
+class ReleaseMany:
+    """Release *token*'s locks on *keys*; *quietly*: log a failure, never raise it."""
+
+    keys: list[str]
+    token: str
+    quietly: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ServeOne:
+    """Serve one key by the single decorator's plan; with *due*, refresh it."""
+
+    key: str
+    id_: Any
+    due: RefreshDue | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class AwaitFlight:
+    """Wait up to *seconds* for a joined flight: its `Outcome`, or None."""
+
+    slot: Any
+    seconds: float
+
+
+BatchOp = (
+    GetMany | LockMany | ComputeMany | StoreMany | ReleaseMany | ServeOne | AwaitFlight
+)
+Flow = Generator[BatchOp, Any, T]
 
 
 class _Base(Generic[K, V]):
     """What both shells keep: the function, keys, backend, context and flights."""
 
     def __init__(
-        self, fn: Callable[..., Any], keys: BatchKeys, backend: Any, context: Context
+        self,
+        fn: Callable[..., Any],
+        keys: BatchKeys,
+        backend: Any,
+        context: Context,
+        flights: BatchFlights | AsyncBatchFlights,
     ) -> None:
         functools.update_wrapper(self, fn)  # type: ignore[arg-type]
         self._fn = fn
@@ -86,6 +170,124 @@ class _Base(Generic[K, V]):
         self._quick: Callable[[str], Entry | None] | None = getattr(
             backend, "local_read", None
         )
+        self._flights = flights
+        watch = getattr(backend, "near_watch", None)
+        if watch is not None:  # a change heard from elsewhere forgets its flights
+            watch(flights)
+
+    # The call, once for both shells: a flow that yields the I/O it needs done
+    # (`BatchOp`) and is sent the results; the sync and asyncio shells carry them out.
+
+    def _call(self, ids: Iterable[K]) -> Flow[dict[K, V]]:
+        wanted, id_of = self._plan_keys(ids)
+        forms, due, left = self._look_here(id_of)
+        for key, entry in due.items():
+            forms[key] = yield ServeOne(key, id_of[key], entry)
+        if left:
+            forms.update((yield from self._coalesced(left, id_of)))
+        return self._answer(wanted, id_of, forms)
+
+    def _coalesced(self, keys: list[str], id_of: Mapping[str, K]) -> Flow[Forms]:
+        """Look up the keys no other call of this process is looking up; join the rest."""
+        mine, joined = self._flights.claim(keys)
+        forms: Forms = {}
+        try:
+            forms = (yield from self._remote(mine, id_of)) if mine else {}
+        except BaseException as exc:
+            for key in mine:
+                self._flights.settle(key, Outcome(error=exc))
+            raise
+        for key in mine:  # settled before any joined one is awaited: no cycles
+            self._flights.settle(key, Outcome(form=forms.get(key)))
+        for key, slot in joined.items():
+            started = self._context.clock()
+            outcome = yield AwaitFlight(slot, self._context.policy.wait_timeout)
+            form = self._joined(key, outcome, self._context.clock() - started)
+            forms[key] = (yield ServeOne(key, id_of[key])) if form is None else form
+        return forms
+
+    def _remote(self, keys: list[str], id_of: Mapping[str, K]) -> Flow[Forms]:
+        """Steps 3 to 5 of the module's docstring, for *keys*."""
+        ctx = self._context
+        keys, skipped = self._gate(keys)
+        forms = (yield from self._without_cache(skipped, id_of)) if skipped else {}
+        if not keys:
+            return forms
+        try:
+            found = sort_found(keys, (yield GetMany(keys)), ctx)
+        except BackendError as exc:
+            self._failed(keys, exc)
+            forms.update((yield from self._without_cache(keys, id_of)))
+            return forms
+        if found.served or found.due:  # a read that found nothing proves no write works
+            self._answered([*found.served, *found.due], stored=False)
+        self._hits(found.served, found.due)
+        forms.update(found.served)
+        for key, entry in found.due.items():
+            forms[key] = yield ServeOne(key, id_of[key], entry)
+        if not found.missing:
+            return forms
+        token, ttl = ctx.new_token(), ctx.policy.lock_timeout
+        try:
+            claims = yield LockMany(found.missing, token, ttl)
+        except BackendError as exc:
+            self._failed(found.missing, exc)
+            forms.update((yield from self._without_cache(found.missing, id_of)))
+            return forms
+        locked = sort_claims(found.missing, claims, token)
+        if locked.foreign:  # lock them whatever is stored: the computation replaces it
+            foreign, locked.foreign = locked.foreign, []
+            taken = yield LockMany(foreign, token, ttl, whatever_stored=True)
+            locked.add(sort_claims(foreign, taken, token))
+        self._hits(locked.served)
+        self._misses(locked.mine)  # the single plan tells of the others itself
+        forms.update(locked.served)
+        if locked.mine:
+            forms.update((yield from self._lead(locked.mine, token, id_of)))
+        # One after another: their holders compute side by side anyway, so the first
+        # wait is the long one. Waited for all at once (asyncio), each wait took a
+        # connection of its own, hundreds under a stampede, until connecting timed
+        # out and the ids were computed again (found by benchmarks/batch.py).
+        for key in locked.elsewhere:
+            forms[key] = yield ServeOne(key, id_of[key])
+        return forms
+
+    def _lead(
+        self, mine: dict[str, int | None], token: str, id_of: Mapping[str, K]
+    ) -> Flow[Forms]:
+        """Compute the ids whose locks this call took, in one call; store; release."""
+        ctx = self._context
+        if ctx.observed:
+            for key in mine:
+                ctx.emit(LockAcquired(key))
+        ids = [id_of[key] for key in mine]
+        started = ctx.clock()
+        try:
+            result = check_result((yield ComputeMany(ids)), ids, self._name)
+        except BaseException as exc:
+            self._compute_errors(mine, ctx.clock() - started, exc)
+            yield ReleaseMany(list(mine), token, quietly=True)
+            raise
+        seconds = ctx.clock() - started
+        forms, stores, release = self._entries(mine, id_of, result, seconds)
+        try:
+            stored = (yield StoreMany(stores, token)) if stores else []
+            if release:
+                yield ReleaseMany(release, token)
+        except BackendError as exc:
+            self._failed(list(mine), exc)  # the leases end the locks
+            return forms
+        self._answered(mine, stored=True)
+        _as_read(forms, stores, stored)
+        return forms
+
+    def _without_cache(self, keys: list[str], id_of: Mapping[str, K]) -> Flow[Forms]:
+        ids = [id_of[key] for key in keys]
+        result = check_result((yield ComputeMany(ids)), ids, self._name)
+        return {key: stored_form(result, id_of[key]) for key in keys}
+
+    def _invalidated(self, ids: Iterable[K]) -> list[str]:
+        return [self._keys(id_) for id_ in unique(ids, self._name)]
 
     def cache_key(self, id_: K) -> str:
         """Return the cache key of *id_*."""
@@ -234,147 +436,72 @@ class BatchCached(_Base[K, V]):
     def __init__(
         self, fn: Callable[..., Any], keys: BatchKeys, backend: Any, context: Context
     ) -> None:
-        super().__init__(fn, keys, backend, context)
-        self._flights = BatchFlights()
-        watch = getattr(backend, "near_watch", None)
-        if watch is not None:
-            watch(self._flights)
+        super().__init__(fn, keys, backend, context, BatchFlights())
 
     def __call__(self, ids: Iterable[K]) -> dict[K, V]:
-        wanted, id_of = self._plan_keys(ids)
-        forms, due, left = self._look_here(id_of)
-        for key, entry in due.items():
-            forms[key] = self._refresh(key, entry, id_of[key])
-        if left:
-            forms.update(self._coalesced(left, id_of))
-        return self._answer(wanted, id_of, forms)
+        flow = self._call(ids)
+        result: Any = None
+        error: BaseException | None = None
+        while True:
+            try:
+                op = flow.send(result) if error is None else flow.throw(error)
+            except StopIteration as stop:
+                done: dict[K, V] = stop.value
+                return done
+            result = error = None
+            try:
+                result = self._perform(op)
+            except BaseException as exc:  # noqa: BLE001 - the flow decides what to do
+                error = exc
+
+    def _perform(self, op: BatchOp) -> Any:
+        backend = self._backend
+        match op:
+            case GetMany(keys):
+                return get_many(backend, keys)
+            case LockMany(keys, token, ttl, whatever_stored):
+                if whatever_stored:
+                    return [backend.lock(k, token, ttl) for k in keys]
+                return get_or_lock_many(backend, keys, token, ttl)
+            case ComputeMany(ids):
+                return self._fn(ids)
+            case StoreMany(items, token):
+                return set_and_unlock_many(backend, items, token)
+            case ReleaseMany(keys, token, quiet):
+                if quiet:
+                    return quietly(unlock_many, backend, keys, token)
+                return unlock_many(backend, keys, token)
+            case ServeOne(key, id_, due):
+                return self._one(key, id_, due)
+            case AwaitFlight(slot, seconds):
+                return BatchFlights.wait(slot, seconds)
+            case _:
+                assert_never(op)
 
     def invalidate(self, ids: Iterable[K]) -> None:
         """Delete the cached values of *ids* (final, as the single decorator's)."""
-        for id_ in unique(ids, self._name):
-            key = self._keys(id_)
+        for key in self._invalidated(ids):
             self._backend.delete(key)
             self._flights.forget(key)
 
-    def _coalesced(self, keys: list[str], id_of: Mapping[str, K]) -> Forms:
-        mine, joined = self._flights.claim(keys)
-        forms: Forms = {}
-        try:
-            forms = self._remote(mine, id_of) if mine else {}
-        except BaseException as exc:
-            for key in mine:
-                self._flights.settle(key, Outcome(error=exc))
-            raise
-        for key in mine:
-            self._flights.settle(key, Outcome(form=forms.get(key)))
-        for key, slot in joined.items():
-            started = self._context.clock()
-            outcome = self._flights.wait(slot, self._context.policy.wait_timeout)
-            form = self._joined(key, outcome, self._context.clock() - started)
-            forms[key] = self._one(key, id_of[key]) if form is None else form
-        return forms
-
-    def _remote(self, keys: list[str], id_of: Mapping[str, K]) -> Forms:
-        ctx, backend = self._context, self._backend
-        keys, skipped = self._gate(keys)
-        forms: Forms = self._without_cache(skipped, id_of) if skipped else {}
-        if not keys:
-            return forms
-        try:
-            found = sort_found(keys, _get_many(backend, keys), ctx)
-        except BackendError as exc:
-            self._failed(keys, exc)
-            forms.update(self._without_cache(keys, id_of))
-            return forms
-        if found.served or found.due:  # a read that found nothing proves no write works
-            self._answered([*found.served, *found.due], stored=False)
-        self._hits(found.served, found.due)
-        forms.update(found.served)
-        for key, entry in found.due.items():
-            forms[key] = self._refresh(key, entry, id_of[key])
-        if not found.missing:
-            return forms
-        token = ctx.new_token()
-        try:
-            claims = _get_or_lock_many(
-                backend, found.missing, token, ctx.policy.lock_timeout
-            )
-        except BackendError as exc:
-            self._failed(found.missing, exc)
-            forms.update(self._without_cache(found.missing, id_of))
-            return forms
-        locked = sort_claims(found.missing, claims, token)
-        if locked.foreign:  # lock them whatever is stored: the computation replaces it
-            foreign = locked.foreign
-            locked.foreign = []
-            lock = backend.lock
-            taken = [lock(k, token, ctx.policy.lock_timeout) for k in foreign]
-            locked.add(sort_claims(foreign, taken, token))
-        self._hits(locked.served)
-        self._misses(locked.mine)  # the single plan tells of the others itself
-        forms.update(locked.served)
-        if locked.mine:
-            forms.update(self._lead(locked.mine, token, id_of))
-        for key in locked.elsewhere:
-            forms[key] = self._one(key, id_of[key])
-        return forms
-
-    def _lead(
-        self, mine: dict[str, int | None], token: str, id_of: Mapping[str, K]
-    ) -> Forms:
-        ctx, backend = self._context, self._backend
-        if ctx.observed:
-            for key in mine:
-                ctx.emit(LockAcquired(key))
-        ids = [id_of[key] for key in mine]
-        started = ctx.clock()
-        try:
-            result = check_result(self._fn(ids), ids, self._name)
-        except BaseException as exc:
-            self._compute_errors(mine, ctx.clock() - started, exc)
-            _quietly(_unlock_many, backend, list(mine), token)
-            raise
-        forms, stores, release = self._entries(
-            mine, id_of, result, ctx.clock() - started
-        )
-        try:
-            stored = _set_and_unlock_many(backend, stores, token)
-            if release:
-                _unlock_many(backend, release, token)
-        except BackendError as exc:
-            self._failed(list(mine), exc)  # the leases end the locks
-            return forms
-        self._answered(mine, stored=True)
-        _as_read(forms, stores, stored)
-        return forms
-
-    def _one(self, key: str, id_: K) -> list[Any]:
-        """Serve one key by the single decorator's plan (it waits, or takes over)."""
+    def _one(self, key: str, id_: K, due: RefreshDue | None) -> list[Any]:
+        """Serve one key by the single decorator's plan: wait, take over, or refresh."""
         compute = self._compute_one(id_)
-        value, _ = run_sync(
-            plan(key, self._context), self._backend, compute, ctx=self._context
-        )
+        if due is None:
+            value, _ = run_sync(
+                plan(key, self._context), self._backend, compute, ctx=self._context
+            )
+        else:
+            steps = serve_due(key, due, self._context, self._refreshing)
+            value = run_sync(steps, self._backend, compute, ctx=self._context)
         form = value_of(value)
-        return form if form is not None else compute()
-
-    def _refresh(self, key: str, due: RefreshDue, id_: K) -> list[Any]:
-        steps = serve_due(key, due, self._context, self._refreshing)
-        value = run_sync(
-            steps, self._backend, self._compute_one(id_), ctx=self._context
-        )
-        form = value_of(value)
-        return form if form is not None else []
+        return (compute() if due is None else []) if form is None else form
 
     def _compute_one(self, id_: K) -> Callable[[], list[Any]]:
         def compute() -> list[Any]:
             return stored_form(check_result(self._fn([id_]), [id_], self._name), id_)
 
         return compute
-
-    def _without_cache(self, keys: list[str], id_of: Mapping[str, K]) -> Forms:
-        ids = [id_of[key] for key in keys]
-        result = check_result(self._fn(ids), ids, self._name)
-        return {key: stored_form(result, id_of[key]) for key in keys}
 
 
 class AsyncBatchCached(_Base[K, V]):
@@ -383,156 +510,76 @@ class AsyncBatchCached(_Base[K, V]):
     def __init__(
         self, fn: Callable[..., Any], keys: BatchKeys, backend: Any, context: Context
     ) -> None:
-        super().__init__(fn, keys, backend, context)
-        self._flights = AsyncBatchFlights()
+        super().__init__(fn, keys, backend, context, AsyncBatchFlights())
         self._background: set[Any] = set()
-        watch = getattr(backend, "near_watch", None)
-        if watch is not None:
-            watch(self._flights)
 
     async def __call__(self, ids: Iterable[K]) -> dict[K, V]:
-        wanted, id_of = self._plan_keys(ids)
-        forms, due, left = self._look_here(id_of)
-        for key, entry in due.items():
-            forms[key] = await self._refresh(key, entry, id_of[key])
-        if left:
-            forms.update(await self._coalesced(left, id_of))
-        return self._answer(wanted, id_of, forms)
+        flow = self._call(ids)
+        result: Any = None
+        error: BaseException | None = None
+        while True:
+            try:
+                op = flow.send(result) if error is None else flow.throw(error)
+            except StopIteration as stop:
+                done: dict[K, V] = stop.value
+                return done
+            result = error = None
+            try:
+                result = await self._perform(op)
+            except BaseException as exc:  # noqa: BLE001 - the flow decides what to do
+                error = exc
+
+    async def _perform(self, op: BatchOp) -> Any:
+        backend = self._backend
+        match op:
+            case GetMany(keys):
+                return await aget_many(backend, keys)
+            case LockMany(keys, token, ttl, whatever_stored):
+                if whatever_stored:
+                    return [await backend.alock(k, token, ttl) for k in keys]
+                return await aget_or_lock_many(backend, keys, token, ttl)
+            case ComputeMany(ids):
+                return await self._fn(ids)
+            case StoreMany(items, token):
+                return await aset_and_unlock_many(backend, items, token)
+            case ReleaseMany(keys, token, quiet):
+                if not quiet:
+                    return await aunlock_many(backend, keys, token)
+                # Even when cancelled: the release must not be cancelled with the caller.
+                release = asyncio.ensure_future(
+                    aquietly(aunlock_many, backend, keys, token)
+                )
+                self._background.add(release)
+                release.add_done_callback(self._background.discard)
+                with contextlib.suppress(BaseException):
+                    await asyncio.shield(release)
+                return None
+            case ServeOne(key, id_, due):
+                return await self._one(key, id_, due)
+            case AwaitFlight(slot, seconds):
+                return await AsyncBatchFlights.wait(slot, seconds)
+            case _:
+                assert_never(op)
 
     async def invalidate(self, ids: Iterable[K]) -> None:
         """See `BatchCached.invalidate`."""
-        for id_ in unique(ids, self._name):
-            key = self._keys(id_)
+        for key in self._invalidated(ids):
             await self._backend.adelete(key)
             self._flights.forget(key)
 
-    async def _coalesced(self, keys: list[str], id_of: Mapping[str, K]) -> Forms:
-        mine, joined = self._flights.claim(keys)
-        forms: Forms = {}
-        try:
-            forms = await self._remote(mine, id_of) if mine else {}
-        except BaseException as exc:
-            for key in mine:
-                self._flights.settle(key, Outcome(error=exc))
-            raise
-        for key in mine:
-            self._flights.settle(key, Outcome(form=forms.get(key)))
-        for key, slot in joined.items():
-            started = self._context.clock()
-            outcome = await self._flights.wait(slot, self._context.policy.wait_timeout)
-            form = self._joined(key, outcome, self._context.clock() - started)
-            forms[key] = await self._one(key, id_of[key]) if form is None else form
-        return forms
-
-    async def _remote(self, keys: list[str], id_of: Mapping[str, K]) -> Forms:
-        ctx, backend = self._context, self._backend
-        keys, skipped = self._gate(keys)
-        forms: Forms = await self._without_cache(skipped, id_of) if skipped else {}
-        if not keys:
-            return forms
-        try:
-            found = sort_found(keys, await _aget_many(backend, keys), ctx)
-        except BackendError as exc:
-            self._failed(keys, exc)
-            forms.update(await self._without_cache(keys, id_of))
-            return forms
-        if found.served or found.due:  # a read that found nothing proves no write works
-            self._answered([*found.served, *found.due], stored=False)
-        self._hits(found.served, found.due)
-        forms.update(found.served)
-        for key, entry in found.due.items():
-            forms[key] = await self._refresh(key, entry, id_of[key])
-        if not found.missing:
-            return forms
-        token = ctx.new_token()
-        try:
-            claims = await _aget_or_lock_many(
-                backend, found.missing, token, ctx.policy.lock_timeout
-            )
-        except BackendError as exc:
-            self._failed(found.missing, exc)
-            forms.update(await self._without_cache(found.missing, id_of))
-            return forms
-        locked = sort_claims(found.missing, claims, token)
-        if locked.foreign:  # see BatchCached._remote
-            foreign = locked.foreign
-            locked.foreign = []
-            lock = backend.alock
-            taken = [await lock(k, token, ctx.policy.lock_timeout) for k in foreign]
-            locked.add(sort_claims(foreign, taken, token))
-        self._hits(locked.served)
-        self._misses(locked.mine)  # the single plan tells of the others itself
-        forms.update(locked.served)
-        if locked.mine:
-            forms.update(await self._lead(locked.mine, token, id_of))
-        # One after another, as the sync shell: their holders compute side by side
-        # anyway, so the first wait is the long one. Waited for all at once, each
-        # wait took a connection of its own: hundreds at a time under a stampede,
-        # until connecting timed out and the ids were computed again (found by
-        # benchmarks/batch.py).
-        for key in locked.elsewhere:
-            forms[key] = await self._one(key, id_of[key])
-        return forms
-
-    async def _lead(
-        self, mine: dict[str, int | None], token: str, id_of: Mapping[str, K]
-    ) -> Forms:
-        ctx, backend = self._context, self._backend
-        if ctx.observed:
-            for key in mine:
-                ctx.emit(LockAcquired(key))
-        ids = [id_of[key] for key in mine]
-        started = ctx.clock()
-        try:
-            result = check_result(await self._fn(ids), ids, self._name)
-        except BaseException as exc:
-            self._compute_errors(mine, ctx.clock() - started, exc)
-            # Even when cancelled: the release must not be cancelled with the caller.
-            release = asyncio.ensure_future(
-                _aquietly(_aunlock_many, backend, list(mine), token)
-            )
-            self._background.add(release)
-            release.add_done_callback(self._background.discard)
-            with contextlib.suppress(BaseException):
-                await asyncio.shield(release)
-            raise
-        forms, stores, release_keys = self._entries(
-            mine, id_of, result, ctx.clock() - started
-        )
-        try:
-            stored = await _aset_and_unlock_many(backend, stores, token)
-            if release_keys:
-                await _aunlock_many(backend, release_keys, token)
-        except BackendError as exc:
-            self._failed(list(mine), exc)
-            return forms
-        self._answered(mine, stored=True)
-        _as_read(forms, stores, stored)
-        return forms
-
-    async def _one(self, key: str, id_: K) -> list[Any]:
+    async def _one(self, key: str, id_: K, due: RefreshDue | None) -> list[Any]:
+        """See `BatchCached._one`."""
         compute = self._compute_one(id_)
-        value, _ = await run_async(
-            plan(key, self._context),
-            self._backend,
-            compute,
-            self._background,
-            ctx=self._context,
-        )
+        ctx, background = self._context, self._background
+        if due is None:
+            value, _ = await run_async(
+                plan(key, ctx), self._backend, compute, background, ctx=ctx
+            )
+        else:
+            steps = serve_due(key, due, ctx, self._refreshing)
+            value = await run_async(steps, self._backend, compute, background, ctx=ctx)
         form = value_of(value)
-        return form if form is not None else await compute()
-
-    async def _refresh(self, key: str, due: RefreshDue, id_: K) -> list[Any]:
-        steps = serve_due(key, due, self._context, self._refreshing)
-        value = await run_async(
-            steps,
-            self._backend,
-            self._compute_one(id_),
-            self._background,
-            ctx=self._context,
-        )
-        form = value_of(value)
-        return form if form is not None else []
+        return ((await compute()) if due is None else []) if form is None else form
 
     def _compute_one(self, id_: K) -> Callable[[], Awaitable[list[Any]]]:
         async def compute() -> list[Any]:
@@ -541,11 +588,6 @@ class AsyncBatchCached(_Base[K, V]):
             )
 
         return compute
-
-    async def _without_cache(self, keys: list[str], id_of: Mapping[str, K]) -> Forms:
-        ids = [id_of[key] for key in keys]
-        result = check_result(await self._fn(ids), ids, self._name)
-        return {key: stored_form(result, id_of[key]) for key in keys}
 
 
 def _as_read(
@@ -558,92 +600,3 @@ def _as_read(
         form = None if entry is None else value_of(entry.value)
         if form is not None:
             forms[key] = form
-
-
-# The backend's batch methods where it has them (one round trip), its single ones
-# otherwise (a backend written before batches still serves, a key at a time).
-
-
-def _get_many(backend: Any, keys: list[str]) -> Sequence[Entry | None]:
-    many = getattr(backend, "get_many", None)
-    return many(keys) if many is not None else [backend.get(k) for k in keys]
-
-
-def _get_or_lock_many(
-    backend: Any, keys: list[str], token: str, ttl: float
-) -> Sequence[Any]:
-    many = getattr(backend, "get_or_lock_many", None)
-    if many is not None:
-        return many(keys, token, ttl)  # type: ignore[no-any-return]
-    return [backend.get_or_lock(k, token, ttl) for k in keys]
-
-
-def _set_and_unlock_many(
-    backend: Any, items: list[tuple[str, Entry, float, int | None]], token: str
-) -> Sequence[Entry | None]:
-    if not items:
-        return []
-    many = getattr(backend, "set_and_unlock_many", None)
-    if many is not None:
-        return many(items, token)  # type: ignore[no-any-return]
-    return [
-        backend.set_and_unlock(k, e, ttl, token, ticket=t) for k, e, ttl, t in items
-    ]
-
-
-def _unlock_many(backend: Any, keys: list[str], token: str) -> object:
-    many = getattr(backend, "unlock_many", None)
-    if many is not None:
-        return many(keys, token)
-    return [backend.unlock(k, token) for k in keys]
-
-
-def _quietly(release: Callable[..., object], *args: Any) -> None:
-    try:
-        release(*args)
-    except Exception:  # never hide the error that brought us here; leases end locks
-        logger.warning("could not release a batch's locks; they expire", exc_info=True)
-
-
-async def _aget_many(backend: Any, keys: list[str]) -> Sequence[Entry | None]:
-    many = getattr(backend, "aget_many", None)
-    if many is not None:
-        return await many(keys)  # type: ignore[no-any-return]
-    return [await backend.aget(k) for k in keys]
-
-
-async def _aget_or_lock_many(
-    backend: Any, keys: list[str], token: str, ttl: float
-) -> Sequence[Any]:
-    many = getattr(backend, "aget_or_lock_many", None)
-    if many is not None:
-        return await many(keys, token, ttl)  # type: ignore[no-any-return]
-    return [await backend.aget_or_lock(k, token, ttl) for k in keys]
-
-
-async def _aset_and_unlock_many(
-    backend: Any, items: list[tuple[str, Entry, float, int | None]], token: str
-) -> Sequence[Entry | None]:
-    if not items:
-        return []
-    many = getattr(backend, "aset_and_unlock_many", None)
-    if many is not None:
-        return await many(items, token)  # type: ignore[no-any-return]
-    return [
-        await backend.aset_and_unlock(k, e, ttl, token, ticket=t)
-        for k, e, ttl, t in items
-    ]
-
-
-async def _aunlock_many(backend: Any, keys: list[str], token: str) -> object:
-    many = getattr(backend, "aunlock_many", None)
-    if many is not None:
-        return await many(keys, token)
-    return [await backend.aunlock(k, token) for k in keys]
-
-
-async def _aquietly(release: Callable[..., Awaitable[object]], *args: Any) -> None:
-    try:
-        await release(*args)
-    except Exception:  # see _quietly
-        logger.warning("could not release a batch's locks; they expire", exc_info=True)
