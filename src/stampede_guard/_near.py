@@ -259,13 +259,7 @@ class Near:
         reconnected by itself (redis-py's pub/sub retries a dropped connection and
         resubscribes without telling the listener), missing messages meanwhile.
         """
-        with self._mutex:
-            self._seq += 1
-            self._forgotten = self._seq
-            self.live = True
-            dropped = self._store.clear()
-        if self._observed and dropped:
-            self._emit(NearFlush("lost", dropped))
+        self._start_over("lost", live=True)
 
     def heard(self, now: float) -> None:
         """The listener heard from the server at *now* (a message, a pong, anything).
@@ -277,21 +271,27 @@ class Near:
         gap = now - self._heard[0]
         self._heard[0] = now
         if gap > self._silence and len(self._store):
-            with self._mutex:
-                self._seq += 1
-                self._forgotten = self._seq
-                dropped = self._store.clear()
-            if self._observed and dropped:
-                self._emit(NearFlush("lost", dropped))
+            self._start_over("lost")
 
     def flush(self, reason: FlushReason) -> None:
         """Drop everything and refuse entries until `subscribed` (see `NearFlush`)."""
+        self._start_over(reason, live=False)
+
+    def _start_over(self, reason: FlushReason, *, live: bool | None = None) -> None:
+        """Drop everything held, and refuse what reads begun before now bring back.
+
+        *live*, if given, is whether entries may come in from now on. Reported when
+        something was dropped, or when the near cache goes off (once per outage:
+        the listener's retries find it off already).
+        """
         with self._mutex:
-            was_live, self.live = self.live, False
+            was_live = self.live
+            if live is not None:
+                self.live = live
             self._seq += 1
             self._forgotten = self._seq
             dropped = self._store.clear()
-        if self._observed and (was_live or dropped):  # once per outage, not per retry
+        if self._observed and (dropped or (was_live and not self.live)):
             self._emit(NearFlush(reason, dropped))
 
     def stopped(self) -> None:
