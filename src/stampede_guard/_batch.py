@@ -21,7 +21,7 @@ from typing import Any
 from stampede_guard._context import Context
 from stampede_guard._entry import Claim, Entry
 from stampede_guard._freshness import RefreshDue, refresh_reason
-from stampede_guard._keys import MAX_KEY_LENGTH, _check_encodable, _shorten
+from stampede_guard._keys import finish_key
 
 __all__ = [
     "BatchKeys",
@@ -56,10 +56,7 @@ class BatchKeys:
 
     def __call__(self, id_: object) -> str:
         """Return the cache key of *id_*."""
-        key = self._fill(id_)
-        if not key.isascii():
-            _check_encodable(key, self._function_id)
-        return key if len(key) <= MAX_KEY_LENGTH else _shorten(key)
+        return finish_key(self._fill(id_), self._function_id)
 
 
 def _check_template(template: object, function_id: str) -> str:

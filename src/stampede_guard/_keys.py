@@ -133,9 +133,7 @@ class KeyMaker:
         return self._finish(self._make(args, kwargs))
 
     def _finish(self, key: str) -> str:
-        if not key.isascii():  # rare, so the check is almost free
-            _check_encodable(key, self._function_id)
-        return key if len(key) <= MAX_KEY_LENGTH else _shorten(key)
+        return finish_key(key, self._function_id)
 
     def _make(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> str:
         if self._key_fn is not None:
@@ -158,6 +156,16 @@ class KeyMaker:
         )
         # Stable across processes and runs, unlike the salted builtin hash().
         return hashlib.blake2b(encoded, digest_size=16).hexdigest()
+
+
+def finish_key(key: str, function_id: str) -> str:
+    """Return *key* as stored: checked for text no backend can carry, long ones shortened.
+
+    Every key maker ends with it (the decorator's, the batch decorator's).
+    """
+    if not key.isascii():  # rare, so the check is almost free
+        _check_encodable(key, function_id)
+    return key if len(key) <= MAX_KEY_LENGTH else _shorten(key)
 
 
 def _check_encodable(key: str, function_id: str) -> None:
