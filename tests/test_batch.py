@@ -28,7 +28,7 @@ import pytest
 import redis
 
 from _servers import Server
-from _waiting import until
+from _waiting import until, until_async
 from stampede_guard import (
     AsyncBackend,
     AsyncBatchFunction,
@@ -446,7 +446,10 @@ def test_an_asyncio_call_waits_for_ids_locked_elsewhere_on_one_connection_at_a_t
             return {i: f"mine{i}" for i in ids}
 
         async def store_later() -> None:
-            await asyncio.sleep(0.5)  # every task is waiting by now
+            # Every task waits on its first id (the single plan's Miss, then a wait).
+            await until_async(
+                "every task waiting", lambda: stats.snapshot().misses >= 5
+            )
             for i, key in keys_of_ids.items():
                 claim = tickets[i]
                 assert isinstance(claim, Claim)
