@@ -27,6 +27,7 @@ from typing import Any, assert_type, cast
 import pytest
 import redis
 
+from _proxy import Proxy
 from _servers import Server
 from _waiting import until, until_async
 from stampede_guard import (
@@ -1413,3 +1414,64 @@ def test_with_redis_down_a_batch_is_computed_without_the_cache_or_raises(
     assert body.calls == [[1, 2, 3]] * 6
     assert snap.backend_errors >= 3
     assert snap.backend_skipped >= 3
+
+
+# --- a cancelled caller, a server that stops answering --------------------------------
+
+
+def test_a_caller_cancelled_while_it_computes_releases_every_lock(
+    redis_url: str, redis_client: redis.Redis, redis_prefix: str
+) -> None:
+    """asyncio: the caller that holds the ids' locks is cancelled mid-computation:
+    the locks are released at once (not at the end of their lease), nothing is
+    stored, and the next call computes the ids."""
+    started = threading.Event()
+    calls: list[list[int]] = []
+
+    async def scenario() -> dict[int, object]:
+        backend = AsyncRedisBackend.from_url(redis_url, prefix=redis_prefix)
+
+        @cached_stampede_safe_batch(
+            key="item:{}", backend=backend, ttl=TTL, lock_timeout=60
+        )
+        async def fn(ids: Sequence[int]) -> dict[int, object]:
+            calls.append(list(ids))
+            if len(calls) == 1:
+                started.set()
+                await asyncio.Event().wait()  # hangs until cancelled
+            return values(ids)
+
+        try:
+            task = asyncio.ensure_future(fn([1, 2, 3]))
+            await until_async("the computation to start", started.is_set)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            assert lock_keys(redis_client, redis_prefix) == []  # released, not leased
+            async with asyncio.timeout(BOUND):
+                return await fn([1, 2, 3])
+        finally:
+            await backend.aclose()
+
+    assert asyncio.run(scenario()) == values([1, 2, 3])
+    assert calls == [[1, 2, 3], [1, 2, 3]]
+
+
+def test_a_server_that_stops_answering_is_computed_around(
+    proxy: Proxy,
+) -> None:
+    """A black-holed connection (accepts, never answers): the batch call's read
+    times out, and its ids are computed without the cache and reported."""
+    backend = RedisBackend.from_url(
+        proxy.url(), socket_timeout=0.5, connect_timeout=0.5, max_connections=4
+    )
+    stats, body = StampedeStats(), Recorder()
+    fn = batch(backend, body, metrics=stats)
+    try:
+        assert fn([1]) == values([1])  # connections open and scripts loaded
+        proxy.blackhole()
+        assert fn([2, 3]) == values([2, 3])  # not hung: the test's timeout bounds it
+    finally:
+        backend.close()
+    assert body.calls == [[1], [2, 3]]
+    assert stats.snapshot().backend_errors == 2
