@@ -314,3 +314,65 @@ def started(servers: Iterator[Server] | list[Server]) -> Iterator[list[Server]]:
     finally:
         for server in kept:
             server.stop()
+
+
+@dataclass(slots=True)
+class SentinelSet:
+    """A master, its replica and one sentinel watching them as *service*."""
+
+    master: Server
+    replica: Server
+    sentinel: Server
+    service: str
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.sentinel.port}"
+
+    def stop(self) -> None:
+        for server in (self.sentinel, self.replica, self.master):
+            server.stop()
+
+
+def start_sentinels(workdir: Path, service: str) -> SentinelSet:
+    """Start a master, a replica and a sentinel that fails over 0.5 s after a death.
+
+    Returns once the replica is in sync and the sentinel knows it (a failover asked
+    for earlier is refused: NOGOODSLAVE); skips (or fails) if a server cannot start.
+    """
+    server = binary("redis-server")
+    started: list[Server] = []
+    try:
+        master = start_data_server(server, workdir / "master")
+        started.append(master)
+        replica = start_data_server(
+            server, workdir / "replica", "--replicaof", "127.0.0.1", str(master.port)
+        )
+        started.append(replica)
+        wait_for("the replica's sync", lambda: replica_linked(replica))
+        config = (
+            f"sentinel monitor {service} 127.0.0.1 {master.port} 1\n"
+            f"sentinel down-after-milliseconds {service} 500\n"
+            f"sentinel failover-timeout {service} 5000\n"
+        )
+        sentinel = start(server, workdir / "sentinel", "--sentinel", config=config)
+        started.append(sentinel)
+        watching = SentinelSet(master, replica, sentinel, service)
+        wait_for("the sentinel to see the replica", lambda: _sees_replica(watching))
+    except (OSError, ServerError) as exc:
+        for process in started:
+            process.stop()
+        unavailable(f"could not start a Sentinel set: {exc}")
+    return watching
+
+
+def replica_linked(replica: Server) -> bool:
+    """Whether *replica*'s link to its master is up."""
+    with replica.client() as client:
+        return bool(client.info("replication").get("master_link_status") == "up")
+
+
+def _sees_replica(watching: SentinelSet) -> bool:
+    with watching.sentinel.client() as client:
+        replicas = client.execute_command("SENTINEL REPLICAS", watching.service)
+    return len(replicas) == 1

@@ -42,12 +42,12 @@ from redis.crc import key_slot
 
 from _servers import (
     Cluster,
+    SentinelSet,
     Server,
     ServerError,
-    binary,
-    start,
     start_cluster,
     start_data_server,
+    start_sentinels,
     unavailable,
     wait_for,
 )
@@ -370,28 +370,6 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     started.stop()
 
 
-@dataclass(slots=True)
-class SentinelSet:
-    """A master, its replica and one sentinel watching them."""
-
-    master: Server
-    replica: Server
-    sentinel: Server
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.sentinel.port}"
-
-    def stop(self) -> None:
-        for server in (self.sentinel, self.replica, self.master):
-            server.stop()
-
-
-def _link_up(replica: Server) -> bool:
-    with replica.client() as client:
-        return bool(client.info("replication").get("master_link_status") == "up")
-
-
 def _promote(replica: Server) -> None:
     """Make *replica* the master of its dead master's slots, now (``TAKEOVER``).
 
@@ -414,36 +392,7 @@ def _is_master(server: Server) -> bool:
 
 
 def _start_sentinels(workdir: Path) -> SentinelSet:
-    """Start a master, a replica and a sentinel that fails over 0.5 s after a death."""
-    server = binary("redis-server")
-    started: list[Server] = []
-    try:
-        master = start_data_server(server, workdir / "master")
-        started.append(master)
-        replica = start_data_server(
-            server, workdir / "replica", "--replicaof", "127.0.0.1", str(master.port)
-        )
-        started.append(replica)
-        wait_for("the replica's sync", lambda: _link_up(replica))
-        config = (
-            f"sentinel monitor {SERVICE} 127.0.0.1 {master.port} 1\n"
-            f"sentinel down-after-milliseconds {SERVICE} 500\n"
-            f"sentinel failover-timeout {SERVICE} 5000\n"
-        )
-        sentinel = start(server, workdir / "sentinel", "--sentinel", config=config)
-        started.append(sentinel)
-        watching = SentinelSet(master, replica, sentinel)
-
-        def sees_replica() -> bool:
-            with sentinel.client() as client:
-                return len(client.execute_command("SENTINEL REPLICAS", SERVICE)) == 1
-
-        wait_for("the sentinel to see the replica", sees_replica)
-    except (OSError, ServerError) as exc:
-        for process in started:
-            process.stop()
-        unavailable(f"could not start a Sentinel set: {exc}")
-    return watching
+    return start_sentinels(workdir, SERVICE)
 
 
 @pytest.fixture(scope="module")

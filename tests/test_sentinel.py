@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -16,12 +15,9 @@ import redis
 
 from _load import Load
 from _servers import (
+    SentinelSet,
     Server,
-    ServerError,
-    binary,
-    start,
-    start_data_server,
-    unavailable,
+    start_sentinels,
     wait_for,
 )
 from stampede_guard import AsyncRedisBackend, BackendError, RedisBackend
@@ -32,49 +28,8 @@ pytestmark = [pytest.mark.redis, pytest.mark.slow, pytest.mark.timeout(60)]
 SERVICE = "sgmaster"
 
 
-@dataclass(slots=True)
-class SentinelSet:
-    """A master, its replica and one sentinel watching them."""
-
-    master: Server
-    replica: Server
-    sentinel: Server
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.sentinel.port}"
-
-    def stop(self) -> None:
-        for server in (self.sentinel, self.replica, self.master):
-            server.stop()
-
-
 def _start_sentinels(workdir: Path) -> SentinelSet:
-    """Start a master, a replica and a sentinel that fails over 0.5 s after a death."""
-    server = binary("redis-server")
-    started: list[Server] = []
-    try:
-        master = start_data_server(server, workdir / "master")
-        started.append(master)
-        replica = start_data_server(
-            server, workdir / "replica", "--replicaof", "127.0.0.1", str(master.port)
-        )
-        started.append(replica)
-        wait_for("the replica's sync", lambda: _link_up(replica))
-        config = (
-            f"sentinel monitor {SERVICE} 127.0.0.1 {master.port} 1\n"
-            f"sentinel down-after-milliseconds {SERVICE} 500\n"
-            f"sentinel failover-timeout {SERVICE} 5000\n"
-        )
-        sentinel = start(server, workdir / "sentinel", "--sentinel", config=config)
-        started.append(sentinel)
-        watching = SentinelSet(master, replica, sentinel)
-        wait_for("the sentinel to see the replica", lambda: _sees_replica(watching))
-    except (OSError, ServerError) as exc:
-        for process in started:
-            process.stop()
-        unavailable(f"could not start a Sentinel set: {exc}")
-    return watching
+    return start_sentinels(workdir, SERVICE)
 
 
 @pytest.fixture
@@ -123,17 +78,6 @@ class TestAsyncSentinelBackendContract(AsyncBackendContract):
         return AsyncRedisBackend.from_sentinel(
             [("127.0.0.1", steady_sentinels.sentinel.port)], SERVICE, prefix=prefix
         )
-
-
-def _link_up(replica: Server) -> bool:
-    with replica.client() as client:
-        return bool(client.info("replication").get("master_link_status") == "up")
-
-
-def _sees_replica(watching: SentinelSet) -> bool:
-    with watching.sentinel.client() as client:
-        replicas = client.execute_command("SENTINEL REPLICAS", SERVICE)
-    return len(replicas) == 1
 
 
 def _is_master(server: Server) -> bool:
