@@ -13,6 +13,7 @@ from typing import Final, Self, TypeAlias
 __all__ = [
     "FENCE_SECONDS",
     "RELEASED",
+    "CachedFailure",
     "Claim",
     "Entry",
     "Notice",
@@ -28,11 +29,29 @@ class Entry:
         value: What the decorated function returned.
         created_at: Wall-clock time (Unix seconds) when the value was stored.
         compute_seconds: How long computing it took; later used to refresh early.
+        tags: What `invalidate_tag` invalidates it by: once any of these tags is
+            invalidated after the entry's computation began, backends read it as
+            absent (see `TagBackend`).
     """
 
     value: object
     created_at: float
     compute_seconds: float
+    tags: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class CachedFailure:
+    """A failure stored in place of a value (``cache_errors``), raised to every reader.
+
+    Only the exception's type, by its qualified name, and its message are kept: an
+    exception object may hold anything (a socket, a frame), and a name read back from
+    a shared cache is never imported, only looked up among the types the decorator was
+    told to cache (see ``_failures``).
+    """
+
+    type_name: str  # module.qualname of the exception's class
+    message: str
 
 
 # How long an invalidation fences out computations that began before it. A computation

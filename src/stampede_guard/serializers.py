@@ -11,6 +11,20 @@ The serializer's name is stored so that bytes written by another serializer (or 
 anything else) read as a miss instead of as garbage; it comes first so that one prefix
 check covers the magic, the version and the serializer. New metadata gets a new version.
 
+Version 2, for entries that carry tags or a cached failure (a plain value is still
+written as version 1, so a process running an older release reads it as before, and
+reads a version-2 entry as a miss):
+
+```text
+b"SG" | 2 | len(serializer name) | serializer name | created_at (f64)
+      | compute_seconds (f64) | flags (1 byte: 1 = failure, 2 = tagged)
+      | number of tags (u16) | per tag: len (u16) + UTF-8 | payload
+```
+
+The flags sit at a fixed offset after the name, so a server-side script can tell a
+tagged entry (whose tags it must check) without decoding the rest. A failure's payload
+is the serializer's encoding of ``{"type": ..., "message": ...}``.
+
 Every entry is bound to where it is stored. A serializer that authenticates its payload
 (a `BoundSerializer`, such as `SignedPickleSerializer`) is handed a context to
 authenticate with it: the stored key's name and every header byte above, so that an
@@ -30,9 +44,10 @@ import pickle
 import struct
 from typing import Protocol, runtime_checkable
 
-from stampede_guard._entry import Entry
+from stampede_guard._entry import CachedFailure, Entry
 
 __all__ = [
+    "FAMILY",
     "MAGIC",
     "BadSignatureError",
     "BoundSerializer",
@@ -187,19 +202,24 @@ class SignedPickleSerializer:
         return "SignedPickleSerializer(secret=<hidden>)"
 
 
-MAGIC = b"SG\x01"  # the Redis get_or_lock script checks it server-side too
+MAGIC = b"SG\x01"
+#: What every version's envelope starts with: the Redis scripts check it server-side.
+FAMILY = b"SG"
+_V2 = b"SG\x02"
 _HEADER = struct.Struct("!dd")
+_FAILURE, _TAGGED = 1, 2  # version 2's flags
+_COUNT = struct.Struct("!H")  # tags, and each tag's length
 _LENGTH = struct.Struct("!Q")
 
 
 class Envelope:
-    """Encode and decode version-1 envelopes for one serializer.
+    """Encode and decode envelopes (version 1, or 2 for tags and failures) for one serializer.
 
     Args:
         serializer: What encodes the payload; its name is part of every envelope.
     """
 
-    __slots__ = ("_bound", "_prefix", "_start", "serializer")
+    __slots__ = ("_bound", "_prefix", "_prefix2", "_start", "serializer")
 
     def __init__(self, serializer: Serializer) -> None:
         name = serializer.name.encode("ascii")
@@ -207,6 +227,7 @@ class Envelope:
         # Asked once: a runtime Protocol check costs microseconds, every hit reads.
         self._bound = serializer if isinstance(serializer, BoundSerializer) else None
         self._prefix = MAGIC + bytes((len(name),)) + name  # magic, version, name
+        self._prefix2 = _V2 + bytes((len(name),)) + name
         self._start = len(self._prefix) + _HEADER.size
 
     def encode(self, entry: Entry, *, key: str = "") -> bytes:
@@ -217,11 +238,19 @@ class Envelope:
             key: Where it will be stored (for Redis, the value key's full name); an
                 authenticating serializer's entry then reads back under this key only.
         """
-        header = self._prefix + _HEADER.pack(entry.created_at, entry.compute_seconds)
-        if self._bound is not None:
-            payload = self._bound.dumps_bound(entry.value, _context(key, header))
+        times = _HEADER.pack(entry.created_at, entry.compute_seconds)
+        value = entry.value
+        failure = type(value) is CachedFailure
+        if failure or entry.tags:
+            header = self._prefix2 + times + _extra(entry.tags, failure=failure)
+            if failure:
+                value = {"type": value.type_name, "message": value.message}
         else:
-            payload = self.serializer.dumps(entry.value)
+            header = self._prefix + times
+        if self._bound is not None:
+            payload = self._bound.dumps_bound(value, _context(key, header))
+        else:
+            payload = self.serializer.dumps(value)
         return header + payload
 
     def decode(self, data: bytes, *, key: str = "") -> Entry:
@@ -230,13 +259,17 @@ class Envelope:
         Raises:
             ValueError: The bytes are not such an envelope (corrupt, foreign, another
                 serializer's or a future version's), its times are not finite or its
-                computation time is negative, or its payload makes the serializer
-                raise anything at all (an authenticating serializer's included, for
-                an entry made under another key, or with other header bytes);
-                callers treat them all as a miss.
+                computation time is negative, its tags or failure do not read, or its
+                payload makes the serializer raise anything at all (an authenticating
+                serializer's included, for an entry made under another key, or with
+                other header bytes); callers treat them all as a miss.
         """
         # One prefix check covers the magic, the version and the serializer.
-        if not data.startswith(self._prefix) or len(data) < self._start:
+        if data.startswith(self._prefix) and len(data) >= self._start:
+            start, tags, failure = self._start, (), False
+        elif data.startswith(self._prefix2) and len(data) >= self._start:
+            start, tags, failure = _read_extra(data, self._start)
+        else:
             raise ValueError(self._why_not(data))
         created_at, compute_seconds = _HEADER.unpack_from(data, len(self._prefix))
         # For every serializer, signed or not: a NaN or infinite time would poison the
@@ -249,10 +282,10 @@ class Envelope:
         ):
             msg = "entry has a time that is not finite, or a negative computation time"
             raise ValueError(msg)
-        payload = data[self._start :]
+        payload = data[start:]
         try:
             if self._bound is not None:
-                context = _context(key, data[: self._start])
+                context = _context(key, data[:start])
                 value = self._bound.loads_bound(payload, context)
             else:
                 value = self.serializer.loads(payload)
@@ -267,14 +300,61 @@ class Envelope:
                 f"({type(exc).__name__})"
             )
             raise ValueError(msg) from exc
-        return Entry(value, created_at, compute_seconds)
+        if failure:
+            value = _failure(value)
+        return Entry(value, created_at, compute_seconds, tags)
 
     def _why_not(self, data: bytes) -> str:
-        if not data.startswith(MAGIC):
-            return "not a stampede_guard v1 entry"
-        if data.startswith(self._prefix) or len(data) <= len(MAGIC):
+        if not data.startswith(FAMILY) or len(data) <= len(MAGIC):
+            return "not a stampede_guard entry"
+        if not (data.startswith(MAGIC) or data.startswith(_V2)):
+            return "a stampede_guard entry of a later version"
+        if data.startswith(self._prefix) or data.startswith(self._prefix2):
             return "truncated stampede_guard entry"
         return f"entry was not written by the {self.serializer.name} serializer"
+
+
+def _extra(tags: tuple[str, ...], *, failure: bool) -> bytes:
+    """Return version 2's flags and tags (see the module)."""
+    flags = (_FAILURE if failure else 0) | (_TAGGED if tags else 0)
+    parts = [bytes((flags,)), _COUNT.pack(len(tags))]
+    for tag in tags:
+        text = tag.encode("utf-8")
+        parts += [_COUNT.pack(len(text)), text]
+    return b"".join(parts)
+
+
+def _read_extra(data: bytes, at: int) -> tuple[int, tuple[str, ...], bool]:
+    """Read version 2's flags and tags at *at*: where the payload starts, tags, failure."""
+    try:
+        flags = data[at]
+        (count,) = _COUNT.unpack_from(data, at + 1)
+        at += 1 + _COUNT.size
+        tags = []
+        for _ in range(count):
+            (size,) = _COUNT.unpack_from(data, at)
+            at += _COUNT.size
+            if at + size > len(data):
+                raise ValueError
+            tags.append(data[at : at + size].decode("utf-8"))
+            at += size
+    except (IndexError, struct.error, ValueError):
+        msg = "truncated stampede_guard entry (its tags do not read)"
+        raise ValueError(msg) from None
+    if flags & ~(_FAILURE | _TAGGED) or bool(flags & _TAGGED) != bool(tags):
+        msg = "stampede_guard entry with unknown flags"
+        raise ValueError(msg)
+    return at, tuple(tags), bool(flags & _FAILURE)
+
+
+def _failure(value: object) -> CachedFailure:
+    """Read a failure's payload; anything but its two strings is unreadable."""
+    if isinstance(value, dict):
+        kind, message = value.get("type"), value.get("message")
+        if isinstance(kind, str) and isinstance(message, str):
+            return CachedFailure(kind, message)
+    msg = "stampede_guard failure entry without its type and message"
+    raise ValueError(msg)
 
 
 def _context(key: str, header: bytes) -> bytes:

@@ -69,6 +69,10 @@ class MemoryBackend:
         # Per key, the ticket below which stores are refused (the stored value's, or
         # an invalidation's), and until when that holds.
         self._floors: dict[str, tuple[int, float]] = {}
+        # Per tag, the ticket of its last invalidation (stores of computations begun
+        # before it are refused) and until when; and the keys stored with it.
+        self._tag_floors: dict[str, tuple[int, float]] = {}
+        self._tagged: dict[str, set[str]] = {}
         self._last_ticket = 0
         self._sweep_at = self._MIN_SWEEP_SIZE
         self._listeners: dict[str, set[_Listener]] = {}
@@ -135,7 +139,7 @@ class MemoryBackend:
         """Store *entry* for *ttl* seconds; return it (the very object), or None if fenced."""
         with self._mutex:
             now = self._clock()
-            if self._fenced(key, ticket, now):
+            if self._fenced(key, ticket, now, entry.tags):
                 return None
             self._store(key, entry, ttl, ticket, now)
             listeners = self._listeners.get(key)
@@ -170,7 +174,7 @@ class MemoryBackend:
         now: float,
     ) -> tuple[_Listeners, Notice]:
         """Decide `set_and_unlock` (under the mutex); return whom to tell, and what."""
-        if self._fenced(key, ticket, now):
+        if self._fenced(key, ticket, now, entry.tags):
             # Refused: a newer value or an invalidation came after this computation
             # began. Neither stored nor announced; the lock, if still ours, is let go.
             released = self._release(key, token)
@@ -277,6 +281,24 @@ class MemoryBackend:
             listeners = self._listeners.get(key) if revoked is not None else None
         _announce(listeners, RELEASED)  # waiters look again rather than wait for it
 
+    def invalidate_tag(self, tag: str) -> None:
+        """Invalidate every entry stored with *tag*, and fence out older stores of it.
+
+        Final as `delete` is: no computation that began before this returns stores a
+        value carrying *tag*. In memory the tagged entries are dropped at once (the
+        keys stored with the tag are indexed); Redis does it in O(1) writes instead.
+        """
+        with self._mutex:
+            now = self._clock()
+            self._tag_floors[tag] = (self._ticket(now), now + FENCE_SECONDS)
+            for key in self._carrying(tag, self._tagged.pop(tag, set())):
+                self._entries.pop(key)
+
+    def _carrying(self, tag: str, keys: set[str]) -> set[str]:
+        """The keys of *keys* whose stored entry still carries *tag*."""
+        found = ((key, self._entries.peek(key)) for key in keys)
+        return {key for key, kept in found if kept is not None and tag in kept[0].tags}
+
     # The asyncio face: the same operations, which never wait on I/O.
 
     async def aget(self, key: str) -> Entry | None:
@@ -343,24 +365,35 @@ class MemoryBackend:
         """See `delete`."""
         self.delete(key)
 
+    async def ainvalidate_tag(self, tag: str) -> None:
+        """See `invalidate_tag`."""
+        self.invalidate_tag(tag)
+
     def clear(self) -> None:
         """Drop every entry and lock."""
         with self._mutex:
             self._entries.clear()
             self._locks.clear()
             self._floors.clear()
+            self._tag_floors.clear()
+            self._tagged.clear()
 
     def _live_entry(self, key: str, now: float) -> Entry | None:
         del now  # the store reads the same clock
         return self.local_read(key)
 
-    def _fenced(self, key: str, ticket: int | None, now: float) -> bool:
+    def _fenced(
+        self, key: str, ticket: int | None, now: float, tags: tuple[str, ...] = ()
+    ) -> bool:
         """Whether a store of a computation that began at *ticket* must be refused."""
         if ticket is None:
             return False
-        floor = self._floors.get(key)
-        # A later computation stored its value, or an invalidation came after ours.
-        return floor is not None and floor[1] > now and floor[0] > ticket
+        # A later computation stored its value, or an invalidation came after ours:
+        # of the key, or of one of the value's tags.
+        for floor in (self._floors.get(key), *map(self._tag_floors.get, tags)):
+            if floor is not None and floor[1] > now and floor[0] > ticket:
+                return True
+        return False
 
     def _store(
         self, key: str, entry: Entry, ttl: float, ticket: int | None, now: float
@@ -372,6 +405,8 @@ class MemoryBackend:
             until = now + ttl if floor is None else max(now + ttl, floor[1])
             self._floors[key] = (ticket, until)
         self._entries.put(key, entry, now + ttl)
+        for tag in entry.tags:
+            self._tagged.setdefault(tag, set()).add(key)
         if len(self._entries) + len(self._locks) + len(self._floors) >= self._sweep_at:
             self._sweep(now)
 
@@ -388,6 +423,12 @@ class MemoryBackend:
         self._entries.sweep()
         self._locks = {k: v for k, v in self._locks.items() if v[1] > now}
         self._floors = {k: v for k, v in self._floors.items() if v[1] > now}
+        self._tag_floors = {k: v for k, v in self._tag_floors.items() if v[1] > now}
+        self._tagged = {
+            tag: kept
+            for tag, keys in self._tagged.items()
+            if (kept := self._carrying(tag, keys))
+        }
         live = len(self._entries) + len(self._locks) + len(self._floors)
         self._sweep_at = max(self._MIN_SWEEP_SIZE, 2 * live)
 
