@@ -168,6 +168,11 @@ class SyncFlights:
         with self._mutex:
             _forget(self._flights, key, flight)
 
+    def forget_all(self) -> None:
+        """Stop new callers of any key from joining a flight begun before now (a tag)."""
+        with self._mutex:
+            self._flights.clear()
+
     def clear(self) -> None:
         """Forget every flight (in a forked child, their leaders do not exist)."""
         self._flights = {}
@@ -253,6 +258,10 @@ class AsyncFlights:
     def forget(self, key: str, flight: TaskFlight | None = None) -> None:
         """See `SyncFlights.forget`."""
         _forget(self._flights, key, flight)
+
+    def forget_all(self) -> None:
+        """See `SyncFlights.forget_all`."""
+        self._flights.clear()
 
     def clear(self) -> None:
         """Forget every flight (in a forked child, their leaders do not exist)."""

@@ -47,6 +47,7 @@ from typing import Literal, Protocol
 
 from stampede_guard._bounded import BoundedStore, check_maxbytes, check_maxsize
 from stampede_guard._entry import Entry
+from stampede_guard._tags import TAG_MESSAGE
 from stampede_guard.metrics import (
     NearEviction,
     NearFlush,
@@ -118,13 +119,14 @@ class NearCache:
             raise TypeError(msg)
 
 
-FlushReason = Literal["lost", "stopped", "fork"]
+FlushReason = Literal["lost", "stopped", "fork", "tag"]
 
 
 class Forgets(Protocol):
     """A decorated function's in-process flights (`_coalesce`): forgetting a key's."""
 
     def forget(self, key: str) -> None: ...
+    def forget_all(self) -> None: ...
 
 
 def check_near_cache(value: object, builder: str) -> NearCache | None:
@@ -237,6 +239,9 @@ class Near:
         the change may still be in flight, and a caller arriving now must not join
         it and be served what this process already knows is old.
         """
+        if key.startswith(TAG_MESSAGE):
+            self.tag_invalidated()
+            return
         self.drop(key)
         with self._mutex:
             watchers = list(self._watchers)
@@ -244,6 +249,19 @@ class Near:
             flights.forget(key)
         if self._observed:
             self._emit(NearInvalidation(key))
+
+    def tag_invalidated(self) -> None:
+        """A tag was invalidated: drop everything, and every in-process flight.
+
+        A tag may be carried by any key held here, and telling which would mean
+        indexing every entry's tags on every fill; a tag's invalidation is rarer than
+        a hit by far. Flights are forgotten for the reason `invalidated` gives.
+        """
+        self._start_over("tag")
+        with self._mutex:
+            watchers = list(self._watchers)
+        for flights in watchers:
+            flights.forget_all()
 
     def watch(self, flights: Forgets) -> None:
         """Forget *flights* of a key whenever a message says it changed."""

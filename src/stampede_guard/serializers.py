@@ -42,7 +42,7 @@ import json
 import math
 import pickle
 import struct
-from typing import Protocol, runtime_checkable
+from typing import Protocol, cast, runtime_checkable
 
 from stampede_guard._entry import CachedFailure, Entry
 
@@ -240,10 +240,10 @@ class Envelope:
         """
         times = _HEADER.pack(entry.created_at, entry.compute_seconds)
         value = entry.value
-        failure = type(value) is CachedFailure
-        if failure or entry.tags:
+        failure = isinstance(value, CachedFailure)
+        if isinstance(value, CachedFailure) or entry.tags:
             header = self._prefix2 + times + _extra(entry.tags, failure=failure)
-            if failure:
+            if isinstance(value, CachedFailure):
                 value = {"type": value.type_name, "message": value.message}
         else:
             header = self._prefix + times
@@ -265,8 +265,9 @@ class Envelope:
                 other header bytes); callers treat them all as a miss.
         """
         # One prefix check covers the magic, the version and the serializer.
+        tags: tuple[str, ...] = ()
         if data.startswith(self._prefix) and len(data) >= self._start:
-            start, tags, failure = self._start, (), False
+            start, failure = self._start, False
         elif data.startswith(self._prefix2) and len(data) >= self._start:
             start, tags, failure = _read_extra(data, self._start)
         else:
@@ -307,9 +308,9 @@ class Envelope:
     def _why_not(self, data: bytes) -> str:
         if not data.startswith(FAMILY) or len(data) <= len(MAGIC):
             return "not a stampede_guard entry"
-        if not (data.startswith(MAGIC) or data.startswith(_V2)):
+        if not data.startswith((MAGIC, _V2)):
             return "a stampede_guard entry of a later version"
-        if data.startswith(self._prefix) or data.startswith(self._prefix2):
+        if data.startswith((self._prefix, self._prefix2)):
             return "truncated stampede_guard entry"
         return f"entry was not written by the {self.serializer.name} serializer"
 
@@ -326,6 +327,7 @@ def _extra(tags: tuple[str, ...], *, failure: bool) -> bytes:
 
 def _read_extra(data: bytes, at: int) -> tuple[int, tuple[str, ...], bool]:
     """Read version 2's flags and tags at *at*: where the payload starts, tags, failure."""
+    flags = 0
     try:
         flags = data[at]
         (count,) = _COUNT.unpack_from(data, at + 1)
@@ -334,17 +336,18 @@ def _read_extra(data: bytes, at: int) -> tuple[int, tuple[str, ...], bool]:
         for _ in range(count):
             (size,) = _COUNT.unpack_from(data, at)
             at += _COUNT.size
-            if at + size > len(data):
-                raise ValueError
-            tags.append(data[at : at + size].decode("utf-8"))
+            text = data[at : at + size]
+            tags.append(text.decode("utf-8") if len(text) == size else None)
             at += size
-    except (IndexError, struct.error, ValueError):
+    except (IndexError, struct.error, UnicodeDecodeError):
+        tags = [None]
+    if None in tags:
         msg = "truncated stampede_guard entry (its tags do not read)"
-        raise ValueError(msg) from None
+        raise ValueError(msg)
     if flags & ~(_FAILURE | _TAGGED) or bool(flags & _TAGGED) != bool(tags):
         msg = "stampede_guard entry with unknown flags"
         raise ValueError(msg)
-    return at, tuple(tags), bool(flags & _FAILURE)
+    return at, tuple(cast("list[str]", tags)), bool(flags & _FAILURE)
 
 
 def _failure(value: object) -> CachedFailure:

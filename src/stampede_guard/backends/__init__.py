@@ -16,14 +16,17 @@ from stampede_guard.backends._protocol import (
     AsyncBatchBackend,
     AsyncNotifier,
     AsyncSubscription,
+    AsyncTagBackend,
     Backend,
     BatchBackend,
+    CachedFailure,
     Claim,
     Entry,
     Notice,
     Notifier,
     Released,
     Subscription,
+    TagBackend,
 )
 from stampede_guard.backends.memory import MemoryBackend
 
@@ -38,8 +41,10 @@ __all__ = [
     "AsyncNotifier",
     "AsyncRedisBackend",
     "AsyncSubscription",
+    "AsyncTagBackend",
     "Backend",
     "BatchBackend",
+    "CachedFailure",
     "Claim",
     "Entry",
     "MemoryBackend",
@@ -49,6 +54,7 @@ __all__ = [
     "RedisBackend",
     "Released",
     "Subscription",
+    "TagBackend",
 ]
 
 _REDIS = frozenset({"AsyncRedisBackend", "RedisBackend"})

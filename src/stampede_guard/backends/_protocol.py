@@ -10,6 +10,7 @@ from typing import Protocol, runtime_checkable
 from stampede_guard._entry import (
     FENCE_SECONDS,
     RELEASED,
+    CachedFailure,
     Claim,
     Entry,
     Notice,
@@ -23,14 +24,17 @@ __all__ = [
     "AsyncBatchBackend",
     "AsyncNotifier",
     "AsyncSubscription",
+    "AsyncTagBackend",
     "Backend",
     "BatchBackend",
+    "CachedFailure",
     "Claim",
     "Entry",
     "Notice",
     "Notifier",
     "Released",
     "Subscription",
+    "TagBackend",
 ]
 
 
@@ -220,6 +224,36 @@ class AsyncBatchBackend(Protocol):
 
     async def aunlock_many(self, keys: Sequence[str], token: str) -> list[bool]:
         """See `BatchBackend.unlock_many`."""
+
+
+# Tags: an optional capability. A backend that has it keeps `Entry.tags` with each
+# entry and invalidates every entry carrying a tag in one call.
+
+
+@runtime_checkable
+class TagBackend(Protocol):
+    """A `Backend` that can invalidate all entries carrying a tag at once.
+
+    Entries stored with `Entry.tags` are read as absent (by `get`, `get_or_lock` and
+    the batch reads) once one of their tags was invalidated, and a store whose ticket
+    precedes a tag's invalidation is refused, as after `delete`.
+    """
+
+    def invalidate_tag(self, tag: str) -> None:
+        """Invalidate every entry stored with *tag*, in every process sharing it.
+
+        Final as `delete` is: once it returns, no entry carrying *tag* that was
+        stored before is read again, and no computation that began before it stores
+        a value carrying *tag*.
+        """
+
+
+@runtime_checkable
+class AsyncTagBackend(Protocol):
+    """`TagBackend` for asyncio code."""
+
+    async def ainvalidate_tag(self, tag: str) -> None:
+        """See `TagBackend.invalidate_tag`."""
 
 
 # Notifications: an optional capability. A backend that has it wakes waiters the moment

@@ -12,6 +12,7 @@ from typing import TypeAlias
 
 from stampede_guard._bounded import BoundedStore, check_maxsize
 from stampede_guard._clock import StepFreeClock
+from stampede_guard._tags import check_tag
 from stampede_guard.backends._protocol import (
     FENCE_SECONDS,
     RELEASED,
@@ -21,6 +22,8 @@ from stampede_guard.backends._protocol import (
 )
 
 __all__ = ["MemoryBackend"]
+
+_Keys: TypeAlias = set[str]  # (in the class, ``set`` is a method's name)
 
 
 class MemoryBackend:
@@ -72,7 +75,7 @@ class MemoryBackend:
         # Per tag, the ticket of its last invalidation (stores of computations begun
         # before it are refused) and until when; and the keys stored with it.
         self._tag_floors: dict[str, tuple[int, float]] = {}
-        self._tagged: dict[str, set[str]] = {}
+        self._tagged: dict[str, _Keys] = {}
         self._last_ticket = 0
         self._sweep_at = self._MIN_SWEEP_SIZE
         self._listeners: dict[str, set[_Listener]] = {}
@@ -288,13 +291,14 @@ class MemoryBackend:
         value carrying *tag*. In memory the tagged entries are dropped at once (the
         keys stored with the tag are indexed); Redis does it in O(1) writes instead.
         """
+        check_tag(tag)  # as Redis does: the same tags work on both
         with self._mutex:
             now = self._clock()
             self._tag_floors[tag] = (self._ticket(now), now + FENCE_SECONDS)
             for key in self._carrying(tag, self._tagged.pop(tag, set())):
                 self._entries.pop(key)
 
-    def _carrying(self, tag: str, keys: set[str]) -> set[str]:
+    def _carrying(self, tag: str, keys: _Keys) -> _Keys:
         """The keys of *keys* whose stored entry still carries *tag*."""
         found = ((key, self._entries.peek(key)) for key in keys)
         return {key for key, kept in found if kept is not None and tag in kept[0].tags}

@@ -225,10 +225,16 @@ class AsyncRedisBackend(RedisBase["AsyncClient"]):
             self._bind()
             if not self._discovered:
                 await self._discover()
-            data = await self._read(self._codec.value_key(key))
+            codec = self._codec
+            if codec.reads_checked(key):  # a tagged value's: see RedisBackend.get
+                return (await self._send(codec.near_read(key)))[0]
+            data = await self._read(codec.value_key(key))
         except self._errors as exc:
             raise self._faults.error(key, "get", exc) from exc
-        return self._codec.decode(key, data)
+        entry = codec.decode(key, data)
+        if codec.tagged(key, entry):
+            return (await self._send(codec.near_read(key)))[0]
+        return entry
 
     async def aget_or_lock(
         self, key: str, token: str, lock_ttl: float
@@ -285,3 +291,12 @@ class AsyncRedisBackend(RedisBase["AsyncClient"]):
     async def adelete(self, key: str) -> None:
         """Invalidate *key* (see `Backend.delete`): one script call."""
         await self._send(self._codec.invalidate(key))
+
+    async def invalidate_tag(self, tag: str) -> None:
+        """Invalidate every value stored with *tag* (see `RedisBackend.invalidate_tag`)."""
+        await self._send(self._tagging(tag))
+        self._tag_done()
+
+    async def ainvalidate_tag(self, tag: str) -> None:
+        """The same as `invalidate_tag`, by the asyncio methods' a-prefixed name."""
+        await self.invalidate_tag(tag)

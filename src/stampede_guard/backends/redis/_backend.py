@@ -14,6 +14,7 @@ from typing import Any, ClassVar, Generic, Self, TypeVar
 
 from stampede_guard._breaker import CircuitBreaker
 from stampede_guard._near import Near, NearCache, Writing, check_near_cache
+from stampede_guard._tags import check_tag
 from stampede_guard.backends.redis._clients import check_client, pubsub_factory
 from stampede_guard.backends.redis._codec import Call, RedisCodec
 from stampede_guard.backends.redis._connect import (
@@ -113,6 +114,27 @@ class RedisBase(Generic[ClientT]):
             near.wanted = True
             keep(near)
         return near, start, near.clock()
+
+    def _tagging(self, tag: object) -> Call[object]:
+        """Return the call invalidating *tag*, after checking this backend can."""
+        if self._batches.cluster:
+            msg = f"{type(self).__name__} on a Redis Cluster cannot invalidate tags: a tag's entries live in every slot, and a script may only reach its own; use one server or Sentinel for tagged functions"
+            raise TypeError(msg)
+        return self._codec.invalidate_tag(check_tag(tag))
+
+    def _tag_done(self) -> None:
+        """After a tag's invalidation: this process's near cache drops all it holds.
+
+        At once, for read-your-writes; the message does it in every other process
+        (and here again). Reads begun before are refused, as after any drop.
+        """
+        if self._near is not None:
+            self._near.tag_invalidated()
+
+    @property
+    def tags(self) -> bool:
+        """Whether this backend can keep tagged values (one server or Sentinel)."""
+        return not self._batches.cluster
 
     def _writing(self, call: Call[Any]) -> Writing | None:
         """What a write must do around itself for the near cache, if anything."""

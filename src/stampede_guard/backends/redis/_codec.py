@@ -18,9 +18,10 @@ from stampede_guard._clock import StepFreeClock
 from stampede_guard._entry import FENCE_SECONDS, RELEASED, Claim, Entry, Notice
 from stampede_guard._errors import SerializationError
 from stampede_guard._reporting import report_unreadable
+from stampede_guard._tags import TAG_MESSAGE
 from stampede_guard.backends.redis._scripts import ScriptName
 from stampede_guard.serializers import (
-    MAGIC,
+    FAMILY,
     Envelope,
     JsonSerializer,
     Serializer,
@@ -127,13 +128,16 @@ class RedisCodec:
         self.prefix = validate_prefix(prefix)
         self.serializer = check_serializer(serializer)
         self._envelope = Envelope(self.serializer)
-        self._names: dict[str, tuple[str, str, str, str]] = {}
+        self._names: dict[str, tuple[str, str, str, str, str]] = {}
+        # Cache keys this process has seen hold tagged values: their hits go through
+        # the READ script, which checks the tags, instead of a plain GET.
+        self._tagged: dict[str, None] = {}
         # Stamps and judges entries by the server's clock, learned from the tickets.
         self.clock = StepFreeClock()
         # Where every store and invalidation announces its cache key to near caches.
         self.near_channel = f"{self.prefix}:near"
 
-    def _names_of(self, key: str) -> tuple[str, str, str, str]:
+    def _names_of(self, key: str) -> tuple[str, str, str, str, str]:
         names = self._names.get(key)
         if names is None:
             head = _head(self.prefix, key)
@@ -142,6 +146,7 @@ class RedisCodec:
                 f"{head}l:{key}",
                 f"{head}n:{key}",
                 f"{head}f:{key}",
+                f"{head}g:{key}",  # the record of a tagged value's tags
             )
             if len(self._names) >= self._NAMES_KEPT:
                 self._names.clear()
@@ -154,8 +159,41 @@ class RedisCodec:
 
     def both_keys(self, key: str) -> tuple[str, str]:
         """Return the value and lock keys of *key*."""
-        value, lock, _, _ = self._names_of(key)
+        value, lock, _, _, _ = self._names_of(key)
         return value, lock
+
+    def tag_key(self, tag: str) -> str:
+        """Return the Redis key holding *tag*'s stamp (see ``_scripts``)."""
+        return f"{self.prefix}:tag:{tag}"
+
+    def _tag_keys(self, key: str, entry: Entry) -> str:
+        """Return a store's tag keys argument: one per line, '' for an untagged value."""
+        if not entry.tags:
+            return ""
+        self.seen_tagged(key)
+        return "\n".join(map(self.tag_key, entry.tags))
+
+    def seen_tagged(self, key: str) -> None:
+        """Remember that *key* holds tagged values: read it through `near_read`."""
+        if len(self._tagged) >= self._NAMES_KEPT:
+            self._tagged.clear()
+        self._tagged[key] = None
+
+    def reads_checked(self, key: str) -> bool:
+        """Whether a hit on *key* must check tags: go through `near_read`, not GET.
+
+        True for keys this process has seen tagged: a plain GET cannot tell whether
+        a tagged value's tags still hold. A key not seen yet is read with a GET, and
+        read again through the script if what it found is tagged (see `tagged`).
+        """
+        return key in self._tagged
+
+    def tagged(self, key: str, entry: Entry | None) -> bool:
+        """Whether a GET found a tagged value, which must be read again, checked."""
+        if entry is None or not entry.tags:
+            return False
+        self.seen_tagged(key)
+        return True
 
     def channel(self, key: str) -> str:
         """Return the pub/sub channel announcing stores and releases of *key*."""
@@ -177,7 +215,7 @@ class RedisCodec:
         moved from another key): the caller repeats the call with
         ``ignore_value=True``, and its result will replace the entry.
         """
-        args = (token, milliseconds(lock_ttl), MAGIC, int(ignore_value))
+        args = (token, milliseconds(lock_ttl), FAMILY, int(ignore_value))
 
         def read(reply: Any) -> Entry | Claim | None:
             if reply[0]:
@@ -190,7 +228,9 @@ class RedisCodec:
             holder = found.decode() if isinstance(found, bytes) else ""
             return Claim(holder, int(ticket))
 
-        return Call(key, operation, "get_or_lock", self.both_keys(key), args, read)
+        value, lock, _, _, record = self._names_of(key)
+        keys = (value, lock, record)
+        return Call(key, operation, "get_or_lock", keys, args, read)
 
     def lock(
         self, key: str, token: str, lock_ttl: float, operation: str = "lock"
@@ -210,7 +250,7 @@ class RedisCodec:
         None if the script refused the value for its *ticket* (see ``_scripts``).
         """
         data, stored = self.encode(key, entry)
-        value, _, channel, floor = self._names_of(key)
+        value, _, channel, floor, record = self._names_of(key)
         args = (
             data,
             milliseconds(ttl),
@@ -218,8 +258,9 @@ class RedisCodec:
             _fence(ticket),
             self.near_channel,
             key,
+            self._tag_keys(key, entry),
         )
-        keys = (value, floor)
+        keys = (value, floor, record)
         read = _store_reader(stored)
         return Call(key, "set", "set_and_notify", keys, args, read, changes=True)
 
@@ -228,7 +269,7 @@ class RedisCodec:
     ) -> Call[Entry | None]:
         """Return the SET_AND_UNLOCK call; it reads as `store`'s."""
         data, stored = self.encode(key, entry)
-        value, lock, channel, floor = self._names_of(key)
+        value, lock, channel, floor, record = self._names_of(key)
         args = (
             data,
             milliseconds(ttl),
@@ -237,29 +278,40 @@ class RedisCodec:
             _fence(ticket),
             self.near_channel,
             key,
+            self._tag_keys(key, entry),
         )
-        keys = (value, lock, floor)
+        keys = (value, lock, floor, record)
         read = _store_reader(stored)
         script: ScriptName = "set_and_unlock"
         return Call(key, script, script, keys, args, read, changes=True)
 
     def unlock(self, key: str, token: str) -> Call[bool]:
         """Return the UNLOCK call: whether *token* held the lock (now released)."""
-        _, lock, channel, _ = self._names_of(key)
+        lock, channel = self._names_of(key)[1:3]
         return Call(key, "unlock", "unlock", (lock,), (token, channel), bool)
 
     def extend(self, key: str, token: str, lock_ttl: float) -> Call[bool]:
         """Return the EXTEND call: whether *token* still held the lock (now renewed)."""
-        _, lock, _, _ = self._names_of(key)
+        lock = self._names_of(key)[1]
         args = (token, milliseconds(lock_ttl))
         return Call(key, "extend", "extend", (lock,), args, bool)
 
     def invalidate(self, key: str) -> Call[object]:
         """Return the INVALIDATE call (see `Backend.delete`)."""
-        value, lock, channel, floor = self._names_of(key)
+        value, lock, channel, floor, _ = self._names_of(key)
         args = (channel, milliseconds(FENCE_SECONDS), self.near_channel, key)
         keys = (value, lock, floor)
         return Call(key, "delete", "invalidate", keys, args, _ignore, changes=True)
+
+    def invalidate_tag(self, tag: str) -> Call[object]:
+        """Return the INVALIDATE_TAG call (see `TagBackend.invalidate_tag`).
+
+        Near caches hear of it as a message that no cache key can be (it starts with
+        a NUL, which `check_tag` keeps out of tags and the decorator out of keys).
+        """
+        args = (milliseconds(FENCE_SECONDS), self.near_channel, TAG_MESSAGE + tag)
+        keys = (self.tag_key(tag),)
+        return Call(tag, "invalidate_tag", "invalidate_tag", keys, args, _ignore)
 
     def near_read(self, key: str) -> Call[tuple[Entry | None, float | None, int]]:
         """Return the READ call: the entry, its seconds left in Redis, its size.
@@ -275,8 +327,8 @@ class RedisCodec:
                 return None, 0.0, 0
             return entry, (None if left < 0 else left / 1000), len(data)
 
-        keys = (self.value_key(key),)
-        return Call(key, "get", "read", keys, (), read)
+        value, _, _, _, record = self._names_of(key)
+        return Call(key, "get", "read", (value, record), (), read)
 
     def notice(self, key: str, payload: bytes) -> Notice:
         """Read a message from `channel`: the announced entry, or RELEASED.

@@ -101,6 +101,7 @@ class Batches:
 
     def __init__(self, codec: RedisCodec, *, cluster: bool) -> None:
         self._codec = codec
+        self.cluster = cluster
         self._group: Callable[[Call[Any]], int] = _slot if cluster else _one_group
 
     def _many(self, operation: str, calls: Sequence[Call[T]]) -> Many[T]:

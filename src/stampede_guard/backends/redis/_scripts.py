@@ -71,8 +71,86 @@ local function now_us()
 end
 """
 
-# KEYS[1] value key, KEYS[2] lock key; ARGV[1] token, ARGV[2] lock ttl (ms),
-# ARGV[3] the envelope's magic prefix, ARGV[4] "1" to ignore the value.
+# Tags (see stampede_guard.backends.TagBackend). A tag key holds a stamp,
+# "<invalidated>:<born>" (server microseconds; 0 for never invalidated): the stamp
+# changes whenever the tag is invalidated, and a tag key that expired or was evicted
+# comes back with another. A tagged value is stored beside a record (a hash in the
+# value's slot) of the stamp each of its tags had then; it holds only while every one
+# of them is unchanged. So invalidating a tag is one write, whatever the number of
+# entries carrying it, and each read checks the tags of what it read in the same
+# script. Only a tagged value (a version-2 envelope with flag 2, at a fixed offset
+# after the serializer's name) costs the record's look: a plain value holds as is.
+# Tag keys are named by the record, not declared in KEYS: a script may reach them
+# on one server (or Sentinel), not on a cluster, which is why tags need the former.
+# Anything unexpected (a record or tag key of another type, a stamp that does not
+# parse) reads as changed, never as holding: hostile data costs a recomputation.
+_TAGS = (
+    _NOW
+    + """
+local function tags_hold(value, record_key)
+    if string.byte(value, 3) ~= 2 then
+        return true
+    end
+    local flags = string.byte(value, 21 + string.byte(value, 4))
+    if not flags or flags % 4 < 2 then
+        return true
+    end
+    local record = redis.pcall('HGETALL', record_key)
+    if type(record) ~= 'table' or record.err or #record == 0 then
+        return false
+    end
+    for i = 1, #record, 2 do
+        if redis.pcall('GET', record[i]) ~= record[i + 1] then
+            return false
+        end
+    end
+    return true
+end
+local function stamp_of(tag_key)
+    local stamp = redis.pcall('GET', tag_key)
+    if type(stamp) ~= 'string' then
+        return nil, nil
+    end
+    return stamp, tonumber(string.match(stamp, '^(%d+):%d+$'))
+end
+local function tags_refuse(tag_keys, ticket)
+    if tag_keys == '' or ticket == '' then
+        return false
+    end
+    for tag_key in string.gmatch(tag_keys, '[^\\n]+') do
+        local _, invalidated = stamp_of(tag_key)
+        if invalidated and invalidated > tonumber(ticket) then
+            return true
+        end
+    end
+    return false
+end
+local function record_tags(record_key, tag_keys, ttl_ms)
+    if tag_keys == '' then
+        return
+    end
+    local stamps = {}
+    for tag_key in string.gmatch(tag_keys, '[^\\n]+') do
+        local stamp, invalidated = stamp_of(tag_key)
+        if not invalidated then
+            stamp = '0:' .. string.format('%.0f', now_us())
+            redis.call('SET', tag_key, stamp, 'PX', ttl_ms)
+        else
+            redis.call('PEXPIRE', tag_key, ttl_ms, 'GT')
+        end
+        stamps[#stamps + 1] = tag_key
+        stamps[#stamps + 1] = stamp
+    end
+    redis.call('DEL', record_key)
+    redis.call('HSET', record_key, unpack(stamps))
+    redis.call('PEXPIRE', record_key, ttl_ms)
+end
+"""
+)
+
+# KEYS[1] value key, KEYS[2] lock key, KEYS[3] tag record key; ARGV[1] token,
+# ARGV[2] lock ttl (ms), ARGV[3] the envelopes' magic prefix, ARGV[4] "1" to ignore
+# the value. A tagged value whose tags were invalidated counts as none.
 # Returns {1, value} if there is a value, else {0, token of the lock's holder, ticket},
 # having taken the lock if it was free (then the holder is ARGV[1]).
 # Checking the value and taking the lock in one step is the double-check of the
@@ -80,12 +158,15 @@ end
 # at all (foreign or corrupt) count as no value, so they get recomputed and replaced.
 # SET ... NX GET (Redis 7) takes a free lock or reads its holder in one command.
 _GET_OR_LOCK = (
-    _NOW
+    _TAGS
     + """
-local function get_or_lock(value_key, lock_key, token, lock_ms, magic, ignore)
+local function get_or_lock(
+    value_key, lock_key, record_key, token, lock_ms, magic, ignore
+)
     if ignore ~= '1' then
         local value = redis.call('GET', value_key)
-        if value and string.sub(value, 1, string.len(magic)) == magic then
+        if value and string.sub(value, 1, string.len(magic)) == magic
+            and tags_hold(value, record_key) then
             return {1, value}
         end
     end
@@ -105,16 +186,20 @@ end
 # the stored one, and waiting callers can use it now.
 # ARGV[6] the near caches' channel, ARGV[7] the cache key: a stored value is announced
 # there too, so that every process drops its near copy (see stampede_guard._near).
+# KEYS[4] the tag record key, ARGV[8] the value's tag keys, one per line ('' for
+# none): a value is refused like an older one if one of its tags was invalidated
+# after its ticket, and stored with the record of its tags' stamps.
 # Returns 1 if stored, 0 if fenced off by another holder, -1 if refused for its ticket.
 _SET_AND_UNLOCK = (
     _FENCE
+    + _TAGS
     + """
 local function set_and_unlock(
-    value_key, lock_key, floor_key, payload, ttl_ms, token, channel, ticket,
-    near_channel, cache_key
+    value_key, lock_key, floor_key, record_key, payload, ttl_ms, token, channel,
+    ticket, near_channel, cache_key, tag_keys
 )
     local refused, had_floor = fence(floor_key, ticket)
-    if refused then
+    if refused or tags_refuse(tag_keys, ticket) then
         if redis.call('GET', lock_key) == token then
             redis.call('DEL', lock_key)
             redis.call('PUBLISH', channel, '')
@@ -128,6 +213,7 @@ local function set_and_unlock(
     end
     redis.call('SET', value_key, payload, 'PX', ttl_ms)
     raise_floor(floor_key, ticket, ttl_ms, had_floor)
+    record_tags(record_key, tag_keys, ttl_ms)
     if holder then
         redis.call('DEL', lock_key)
     end
@@ -140,18 +226,20 @@ end
 
 # KEYS[1] value key, KEYS[2] floor key; ARGV[1] payload, ARGV[2] ttl (ms), ARGV[3]
 # notice channel, ARGV[4] ticket ('' for none), ARGV[5] the near caches' channel,
-# ARGV[6] the cache key.
+# ARGV[6] the cache key; KEYS[3] the tag record key, ARGV[7] the tag keys (as above).
 # A store without the lock (a waiter that timed out, a refresh), announced like any
 # other, and refused like any other for its ticket. Returns 1 if stored, -1 if refused.
 SET_AND_NOTIFY = (
     _FENCE
+    + _TAGS
     + """
 local refused, had_floor = fence(KEYS[2], ARGV[4])
-if refused then
+if refused or tags_refuse(ARGV[7], ARGV[4]) then
     return -1
 end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 raise_floor(KEYS[2], ARGV[4], ARGV[2], had_floor)
+record_tags(KEYS[3], ARGV[7], ARGV[2])
 redis.call('PUBLISH', ARGV[3], ARGV[1])
 redis.call('PUBLISH', ARGV[5], ARGV[6])
 return 1
@@ -184,6 +272,34 @@ return revoked
 """
 )
 
+# KEYS[1] tag key; ARGV[1] fence (ms), ARGV[2] the near caches' channel, ARGV[3]
+# the message telling them a tag changed. Gives the tag a new stamp, later than any
+# before it: every value stored with the old one stops holding, and a store whose
+# ticket precedes it is refused (for the fence, or longer if the key already lives
+# longer: the values carrying it extended it to their own lifetime).
+INVALIDATE_TAG = (
+    _NOW
+    + """
+local now = now_us()
+local stamp = redis.pcall('GET', KEYS[1])
+if type(stamp) == 'string' then
+    local since = tonumber(string.match(stamp, '^(%d+):'))
+    if since and since >= now then
+        now = since + 1
+    end
+end
+local ms = tonumber(ARGV[1])
+local left = redis.call('PTTL', KEYS[1])
+if left > ms then
+    ms = left
+end
+local text = string.format('%.0f', now)
+redis.call('SET', KEYS[1], text .. ':' .. text, 'PX', ms)
+redis.call('PUBLISH', ARGV[2], ARGV[3])
+return 1
+"""
+)
+
 # KEYS[1] lock key; ARGV[1] token, ARGV[2] lease (ms). Compare-and-extend: renews the
 # lease of a lock we still hold, never one that passed to somebody else.
 EXTEND = """
@@ -207,13 +323,21 @@ end
 """
 
 
-# KEYS[1] value key. A near cache's read: the value and its remaining time (ms; -1
-# for none, -2 for no key), so that the near copy never outlives it.
-_READ = """
-local function read(value_key)
-    return {redis.call('GET', value_key), redis.call('PTTL', value_key)}
+# KEYS[1] value key, KEYS[2] tag record key. A near cache's read (and a tagged
+# value's): the value and its remaining time (ms; -1 for none, -2 for no key), so
+# that the near copy never outlives it. A value whose tags changed reads as none.
+_READ = (
+    _TAGS
+    + """
+local function read(value_key, record_key)
+    local value = redis.call('GET', value_key)
+    if value and not tags_hold(value, record_key) then
+        return {false, -2}
+    end
+    return {value, redis.call('PTTL', value_key)}
 end
 """
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -264,6 +388,7 @@ ScriptName = Literal[
     "get_or_lock",
     "get_or_lock_many",
     "invalidate",
+    "invalidate_tag",
     "read",
     "read_many",
     "set_and_notify",
@@ -275,11 +400,11 @@ ScriptName = Literal[
 
 # The scripts decided per cache key, each with its batch twin's name.
 _PER_KEY: Final[dict[ScriptName, tuple[ScriptName, _PerKey]]] = {
-    "get_or_lock": ("get_or_lock_many", _PerKey(_GET_OR_LOCK, "get_or_lock", 2, 4)),
-    "read": ("read_many", _PerKey(_READ, "read", 1, 0)),
+    "get_or_lock": ("get_or_lock_many", _PerKey(_GET_OR_LOCK, "get_or_lock", 3, 4)),
+    "read": ("read_many", _PerKey(_READ, "read", 2, 0)),
     "set_and_unlock": (
         "set_and_unlock_many",
-        _PerKey(_SET_AND_UNLOCK, "set_and_unlock", 3, 7),
+        _PerKey(_SET_AND_UNLOCK, "set_and_unlock", 4, 8),
     ),
     "unlock": ("unlock_many", _PerKey(_UNLOCK, "unlock", 1, 2)),
 }
@@ -293,6 +418,7 @@ MANY: Final[dict[ScriptName, tuple[ScriptName, int, int]]] = {
 SOURCES: Final[dict[ScriptName, str]] = {
     "extend": EXTEND,
     "invalidate": INVALIDATE,
+    "invalidate_tag": INVALIDATE_TAG,
     "set_and_notify": SET_AND_NOTIFY,
     **{name: _one(one) for name, (_, one) in _PER_KEY.items()},
     **{many: _many(one) for many, one in _PER_KEY.values()},

@@ -139,12 +139,18 @@ class RedisBackend(RedisBase["SyncClient"]):
             if entry is not None and start is not None:
                 near.admit(key, entry, start, began=began, remote_ttl=left, weight=size)
             return entry
+        codec = self._codec
+        if codec.reads_checked(key):  # a tagged value's: its tags checked, one script
+            return self._send(codec.near_read(key))[0]
         # A hit: the one call not made through `_send`, to spare it building a Call.
         try:
-            data = self._read(self._codec.value_key(key))
+            data = self._read(codec.value_key(key))
         except self._errors as exc:
             raise self._faults.error(key, "get", exc) from exc
-        return self._codec.decode(key, data)
+        entry = codec.decode(key, data)
+        if codec.tagged(key, entry):  # first seen tagged: read again, checked
+            return self._send(codec.near_read(key))[0]
+        return entry
 
     def get_many(self, keys: Sequence[str]) -> list[Entry | None]:
         """Return the entry of each key, in order, as `get` would: one script call.
@@ -230,3 +236,12 @@ class RedisBackend(RedisBase["SyncClient"]):
     def delete(self, key: str) -> None:
         """Invalidate *key* (see `Backend.delete`): one script call."""
         self._send(self._codec.invalidate(key))
+
+    def invalidate_tag(self, tag: str) -> None:
+        """Invalidate every value stored with *tag*, in every process: one write.
+
+        See `TagBackend.invalidate_tag`. Needs one server (or Sentinel): on a cluster
+        it raises TypeError.
+        """
+        self._send(self._tagging(tag))
+        self._tag_done()
