@@ -50,8 +50,9 @@ def upstream(demo: ModuleType, monkeypatch: pytest.MonkeyPatch) -> list[dict[str
 
 
 @pytest.fixture
-def weather() -> ModuleType:
+def weather(demo: ModuleType) -> ModuleType:
     """Return the demo's weather API module (the demo fixture puts it on sys.path)."""
+    del demo  # asked for first: a test naming `weather` before `demo` needs its path
     return importlib.import_module("demo_weather_api")
 
 

@@ -40,6 +40,7 @@ import redis
 
 from _servers import free_port
 from _upstream import Upstream, expected_body
+from _waiting import until
 
 ROOT = Path(__file__).resolve().parent.parent
 CITIES = ("oslo", "lima", "cairo")
@@ -254,6 +255,12 @@ def test_flask_under_gunicorn_with_two_workers_calls_upstream_once_per_city(
         (tmp_path / "run").mkdir()
         env["XDG_RUNTIME_DIR"] = str(tmp_path / "run")
         with serve(command, env, tmp_path / "gunicorn.log") as server:
+            # /healthz answers once one worker is up; the stampede is for both.
+            until(
+                "gunicorn booting both workers",
+                lambda: server.output().count("Booting worker") >= 2,
+                within=START_TIMEOUT,
+            )
             answers = _stampede(server.port, paths)
             _check(answers, upstream)
             _assert_used_redis(redis_client, redis_prefix)
