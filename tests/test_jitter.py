@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import redis
 
-from stampede_guard import RedisBackend, cached_stampede_safe
+from stampede_guard import Entry, RedisBackend, cached_stampede_safe
 from stampede_guard._context import Policy
 from stampede_guard._options import validated_policy
 from stampede_guard.testing import VirtualClock
@@ -44,7 +44,8 @@ def test_keys_stored_together_expire_spread_over_the_jittered_part_of_ttl() -> N
 def test_without_jitter_every_key_lives_exactly_ttl() -> None:
     """The default: ttl_jitter=0 leaves ttl as it is."""
     policy = validated_policy({"ttl": TTL})
-    assert {policy.fresh_for(f"k:{n}", 1.5) for n in range(KEYS)} == {TTL}
+    entry = Entry("v", 1.5, 0.1)
+    assert {policy.fresh_for(f"k:{n}", entry) for n in range(KEYS)} == {TTL}
 
 
 def test_every_process_judges_an_entry_alike() -> None:
@@ -52,8 +53,9 @@ def test_every_process_judges_an_entry_alike() -> None:
     with the same options give every entry the same fresh time, within the bound."""
     one: Policy = validated_policy({"ttl": TTL, "ttl_jitter": 0.2})
     other: Policy = validated_policy({"ttl": TTL, "ttl_jitter": 0.2})
-    times = [one.fresh_for(f"k:{n}", 1_700_000_000.25) for n in range(KEYS)]
-    assert times == [other.fresh_for(f"k:{n}", 1_700_000_000.25) for n in range(KEYS)]
+    entry = Entry("v", 1_700_000_000.25, 0.1)
+    times = [one.fresh_for(f"k:{n}", entry) for n in range(KEYS)]
+    assert times == [other.fresh_for(f"k:{n}", entry) for n in range(KEYS)]
     assert all(TTL * 0.8 <= t <= TTL for t in times)
     assert len(set(times)) == KEYS  # spread, not one cut for all
 

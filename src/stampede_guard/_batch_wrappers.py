@@ -41,7 +41,6 @@ from stampede_guard._batch import (
     unique,
     value_of,
 )
-from stampede_guard._batch import caches as batch_caches
 from stampede_guard._batch_flights import AsyncBatchFlights, BatchFlights, Outcome
 from stampede_guard._batch_io import (
     aget_many,
@@ -269,7 +268,13 @@ class _Base(Generic[K, V]):
             yield ReleaseMany(list(mine), token, quietly=True)
             raise
         seconds = ctx.clock() - started
-        forms, stores, release = self._entries(mine, id_of, result, seconds)
+        try:
+            forms, stores, release = self._entries(mine, id_of, result, seconds)
+        except Exception:
+            # A ttl function raised or answered no seconds: nothing is stored, and the
+            # locks go at once, as after a computation that raised.
+            yield ReleaseMany(list(mine), token, quietly=True)
+            raise
         try:
             stored = (yield StoreMany(stores, token)) if stores else []
             if release:
@@ -351,12 +356,12 @@ class _Base(Generic[K, V]):
             forms[key] = form
             if ctx.observed:
                 ctx.emit(Computed(key, seconds))
-            if batch_caches(form, cache_none=ctx.policy.cache_none):
-                entry = Entry(form, now, seconds)
-                ttl = ctx.policy.store_ttl_for(key, entry)
-                stores.append((key, entry, ttl, ticket))
-            else:
+            entry = Entry(form, now, seconds)
+            ttl = ctx.policy.store_ttl_for(key, entry)  # the batch policy: see _batch
+            if ttl is None:
                 release.append(key)
+            else:
+                stores.append((key, entry, ttl, ticket))
         return forms, stores, release
 
     def _gate(self, keys: list[str]) -> tuple[list[str], list[str]]:

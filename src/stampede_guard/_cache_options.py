@@ -12,11 +12,19 @@ This module imports no backend, so the plan's `Policy` can import it.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Final, Literal, TypedDict
+from typing import Any, Final, Literal, TypeAlias, TypedDict
 
 from stampede_guard.metrics import MetricsHook
 
-__all__ = ["DEFAULTS", "CacheOptions", "OnBackendError", "OnCancel", "OnTimeout"]
+__all__ = [
+    "DEFAULTS",
+    "MAX_SECONDS",
+    "CacheOptions",
+    "OnBackendError",
+    "OnCancel",
+    "OnTimeout",
+    "Seconds",
+]
 
 OnTimeout = Literal["compute", "raise"]
 """What a waiter does when its wait runs out."""
@@ -26,6 +34,14 @@ OnBackendError = Literal["compute", "raise"]
 
 OnCancel = Literal["finish", "cancel"]
 """What becomes of a cancelled asyncio caller's computation."""
+
+Seconds: TypeAlias = float | Callable[[Any], float]
+"""A duration set per value (*ttl*, *stale_ttl*): seconds, or a function of the value."""
+
+# The longest duration any option takes: a hundred years. Every backend holds it
+# (Redis's PX takes up to 2**63 ms, about 292 million years, minus the clock); a
+# larger one, such as 1e16, overflowed Redis's expiry and every store failed.
+MAX_SECONDS: Final = 100 * 365 * 24 * 3600
 
 
 class CacheOptions(TypedDict, total=False):
@@ -37,7 +53,7 @@ class CacheOptions(TypedDict, total=False):
     """
 
     key: str | Callable[..., str] | None
-    ttl: float
+    ttl: float | Callable[[Any], float]
     lock_timeout: float
     wait_timeout: float | None
     base_delay: float
@@ -47,7 +63,7 @@ class CacheOptions(TypedDict, total=False):
     on_backend_error: OnBackendError
     on_cancel: OnCancel
     lock_renewal: bool
-    stale_ttl: float
+    stale_ttl: float | Callable[[Any], float]
     stale_if_error: bool
     background_refresh: bool
     early_refresh: bool

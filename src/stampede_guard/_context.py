@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import hashlib
 import logging
+import math
 import random
 import secrets
 import time
@@ -13,7 +14,14 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 from stampede_guard._breaker import CircuitBreaker
-from stampede_guard._cache_options import DEFAULTS, OnBackendError, OnCancel, OnTimeout
+from stampede_guard._cache_options import (
+    DEFAULTS,
+    MAX_SECONDS,
+    OnBackendError,
+    OnCancel,
+    OnTimeout,
+    Seconds,
+)
 from stampede_guard._entry import Entry
 from stampede_guard._ops import Op
 from stampede_guard.metrics import _Emit
@@ -62,9 +70,11 @@ class Policy:
 
     Built by `validated_policy` from `CacheOptions`; the defaults are the decorator's
     own (`DEFAULTS`), so a test's ``Policy(...)`` behaves as the decorator would.
+    *ttl* and *stale_ttl* may be functions of the value (see `store_ttl_for`): every
+    question of how long a value lives goes through `fresh_for` and `store_ttl_for`.
     """
 
-    ttl: float
+    ttl: Seconds
     lock_timeout: float
     wait_timeout: float  # resolved: never None
     base_delay: float
@@ -74,7 +84,7 @@ class Policy:
     on_backend_error: OnBackendError = DEFAULTS["on_backend_error"]
     on_cancel: OnCancel = DEFAULTS["on_cancel"]
     lock_renewal: bool = DEFAULTS["lock_renewal"]
-    stale_ttl: float = DEFAULTS["stale_ttl"]
+    stale_ttl: Seconds = DEFAULTS["stale_ttl"]
     stale_if_error: bool = DEFAULTS["stale_if_error"]
     background_refresh: bool = DEFAULTS["background_refresh"]
     beta: float | None = None  # early_refresh and beta in one: XFetch's beta, or None
@@ -85,41 +95,104 @@ class Policy:
     @property
     def refreshes(self) -> bool:
         """Whether a stored value can be due for a refresh (stale or early)."""
-        return self.stale_ttl > 0 or self.beta is not None
+        # A stale_ttl of the value may give some values a stale period: judge them all.
+        return callable(self.stale_ttl) or self.stale_ttl > 0 or self.beta is not None
 
     @property
     def lease_limit(self) -> float:
         """The longest a computation may keep its lock: one lease, or the renewals'."""
         return self.lock_timeout * (RENEWAL_LIMIT if self.lock_renewal else 1)
 
-    @property
-    def store_ttl(self) -> float:
-        """How long the backend keeps an entry: fresh, then stale (before jitter)."""
-        return self.ttl + self.stale_ttl
+    def fresh_for(self, key: str, entry: Entry) -> float:
+        """Seconds *entry* (stored under *key*) stays fresh after its ``created_at``.
 
-    def fresh_for(self, key: str, created_at: float) -> float:
-        """Seconds the entry of *key* stored at *created_at* stays fresh.
+        Its ``ttl`` (asked of its value, if *ttl* is a function of the value: the
+        writer and every reader ask the same function of the same value, so they
+        agree, and no field is added to what is stored). With *ttl_jitter*, shortened
+        by a fraction of up to *ttl_jitter*, drawn from a digest of the key and the
+        store's time: keys stored together expire apart, and every process, reading
+        the same entry, judges it alike. 0 for a value whose ttl says not to cache it.
 
-        With *ttl_jitter*, ``ttl`` shortened by a fraction of up to *ttl_jitter*,
-        drawn from a digest of the key and the store's time: keys stored together
-        expire apart, and every process, reading the same entry, judges it alike
-        (no field is added to what is stored).
+        Raises:
+            TypeError, ValueError: A *ttl* function returned no number of seconds.
         """
-        if not self.ttl_jitter:
-            return self.ttl
-        digest = hashlib.blake2b(f"{key}\0{created_at!r}".encode(), digest_size=8)
-        fraction = int.from_bytes(digest.digest()) / 2**64
-        return self.ttl * (1.0 - self.ttl_jitter * fraction)
+        return self._jittered(key, entry.created_at, self._ttl_of(key, entry.value))
 
-    def store_ttl_for(self, key: str, entry: Entry) -> float:
-        """How long the backend keeps *entry*: its fresh time (`fresh_for`), then stale."""
-        return self.fresh_for(key, entry.created_at) + self.stale_ttl
+    def store_ttl_for(self, key: str, entry: Entry) -> float | None:
+        """How long the backend keeps *entry*: fresh (`fresh_for`), then stale; or None.
+
+        None: the value is not to be stored at all (``cache_none``, ``should_cache``,
+        or a *ttl* function that returned 0 for it). The one place a store is decided,
+        so the single plan and the batch decide alike.
+
+        Raises:
+            TypeError, ValueError: A *ttl* or *stale_ttl* function returned no number
+                of seconds; whatever such a function raised, with a note. Raised after
+                the computation, so the caller that computed releases its lock.
+        """
+        if not self.caches(entry.value):
+            return None
+        ttl = self._ttl_of(key, entry.value)
+        if not ttl:
+            return None
+        fresh = self._jittered(key, entry.created_at, ttl)
+        return fresh + _asked("stale_ttl", self.stale_ttl, key, entry.value)
 
     def caches(self, value: object) -> bool:
-        """Whether *value* is to be stored at all."""
+        """Whether *value* is to be stored at all, by ``cache_none`` and ``should_cache``."""
         if value is None and not self.cache_none:
             return False
         return self.should_cache is None or bool(self.should_cache(value))
+
+    def _ttl_of(self, key: str, value: object) -> float:
+        return _asked("ttl", self.ttl, key, value)
+
+    def _jittered(self, key: str, created_at: float, ttl: float) -> float:
+        if not self.ttl_jitter:
+            return ttl
+        digest = hashlib.blake2b(f"{key}\0{created_at!r}".encode(), digest_size=8)
+        fraction = int.from_bytes(digest.digest()) / 2**64
+        return ttl * (1.0 - self.ttl_jitter * fraction)
+
+
+# A duration under a millisecond, the backends' resolution (Redis's PX), is kept as 0.
+_SHORTEST = 0.001
+
+
+def _asked(name: str, setting: Seconds, key: str, value: object) -> float:
+    """Return *setting*'s seconds for *value*: the number, or the function's answer.
+
+    A function's answer is checked as the decorator checks a number, except that 0
+    is allowed (*ttl*: not stored; *stale_ttl*: no stale period), and so is anything
+    under a millisecond, which counts as 0: a value good for less than the backends
+    can keep it is not kept, rather than kept past the lifetime it states.
+    """
+    if not callable(setting):
+        return setting
+    try:
+        seconds = setting(value)
+    except Exception as exc:
+        exc.add_note(
+            f"raised by the {name} function, asked how long the value of cache key "
+            f"{key!r} lives; it must return seconds for any value the function returns"
+        )
+        raise
+    what = (
+        f"the {name} function returned {seconds!r} for the value of cache key {key!r}"
+    )
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)):
+        msg = f"{what}, not a number of seconds; return an int or a float (0: {_ZERO[name]})"
+        raise TypeError(msg)
+    if not math.isfinite(seconds) or not 0 <= seconds <= MAX_SECONDS:
+        msg = (
+            f"{what}, out of range; return a finite number of seconds from 0 "
+            f"({_ZERO[name]}) to {MAX_SECONDS:,} (100 years)"
+        )
+        raise ValueError(msg)
+    return float(seconds) if seconds >= _SHORTEST else 0.0
+
+
+_ZERO: Final = {"ttl": "do not cache this value", "stale_ttl": "no stale period"}
 
 
 def own_breaker(

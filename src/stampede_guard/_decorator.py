@@ -108,8 +108,14 @@ def cached_stampede_safe(
             ``"user:{user.id}"``), a callable taking the function's arguments and
             returning a str, or None for ``module:qualname:<digest of the arguments>``,
             the same in every process. Defaults to ``None``.
-        ttl (float): Seconds a value stays cached; then the next call computes it again.
-            Defaults to ``900``.
+        ttl (float | Callable[[Any], float]): Seconds a value stays cached; then the
+            next call computes it again. Or a function of the computed value returning
+            its seconds (``lambda r: r.max_age``, a token's ``expires_in``); 0 means
+            "do not cache this one". It must depend on the value alone (readers ask
+            it again to judge freshness) and be cheap. A bad answer (not a number,
+            negative, over 100 years) or an exception raises to the caller that
+            computed, with the lock released and nothing stored; under 0.001 counts
+            as 0. Defaults to ``900``.
         lock_timeout (float): Seconds the lock outlives a holder that died. Must exceed
             the computation time, or one more caller starts computing while the first
             still runs. Defaults to ``10``.
@@ -141,10 +147,11 @@ def cached_stampede_safe(
             the function runs (for at most 10 leases), so a computation longer than
             *lock_timeout* keeps its lock, while a crashed holder's still runs out after
             *lock_timeout*. Defaults to ``False``.
-        stale_ttl (float): Seconds a value may still be served after *ttl* (stale while
-            revalidate): the caller gets it at once and one caller refreshes it. After
-            ``ttl + stale_ttl`` it is gone and the next call is a miss. 0: never stale.
-            Defaults to ``0``.
+        stale_ttl (float | Callable[[Any], float]): Seconds a value may still be
+            served after *ttl* (stale while revalidate): the caller gets it at once and
+            one caller refreshes it. After ``ttl + stale_ttl`` it is gone and the next
+            call is a miss. 0: never stale. Or a function of the computed value, as
+            for *ttl* (0: no stale period for that value). Defaults to ``0``.
         stale_if_error (bool): If a refresh raises, keep serving the stale value (and
             report it) instead of raising to the caller that refreshed inline. Defaults
             to ``True``.
@@ -163,10 +170,10 @@ def cached_stampede_safe(
         should_cache (Callable[[Any], bool] | None): Called with each computed value;
             store it only if it returns True (e.g. ``lambda r: r.ok``). Values not
             stored are still returned. Defaults to ``None``.
-        ttl_jitter (float): Cut each stored value's *ttl* by a fraction of up to this
-            much (0.1: up to a tenth), drawn per key and store, so that keys stored
-            together do not expire together; every process judges an entry alike.
-            0 to 0.9. Defaults to ``0``.
+        ttl_jitter (float): Cut each stored value's *ttl* (a function's answer too) by
+            a fraction of up to this much (0.1: up to a tenth), drawn per key and
+            store, so that keys stored together do not expire together; every process
+            judges an entry alike. 0 to 0.9. Defaults to ``0``.
         metrics (MetricsHook | None): Called with every `stampede_guard.metrics` event,
             e.g. `StampedeStats`. Defaults to ``None``.
         namespace (str | None): Put before every key (``"<namespace>:<key>"``), e.g. a

@@ -26,7 +26,7 @@ def refresh_reason(
 ) -> Literal["stale", "early"] | None:
     policy = ctx.policy
     now = ctx.wall_clock()
-    expiry = entry.created_at + policy.fresh_for(key, entry.created_at)
+    expiry = entry.created_at + policy.fresh_for(key, entry)
     if now >= expiry:
         return "stale"
     # XFetch (Vattani et al., VLDB 2015): refresh early with a probability that grows
@@ -47,7 +47,7 @@ def stale_value(key: str, due: RefreshDue, ctx: Context) -> object:
                 key,
                 ctx.wall_clock()
                 - due.entry.created_at
-                - ctx.policy.fresh_for(key, due.entry.created_at),
+                - ctx.policy.fresh_for(key, due.entry),
             )
         )
     return due.entry.value

@@ -11,7 +11,14 @@ from functools import partial
 from typing import Any, cast
 
 from stampede_guard._breaker import CircuitBreaker
-from stampede_guard._cache_options import DEFAULTS, OnBackendError, OnCancel, OnTimeout
+from stampede_guard._cache_options import (
+    DEFAULTS,
+    MAX_SECONDS,
+    OnBackendError,
+    OnCancel,
+    OnTimeout,
+    Seconds,
+)
 from stampede_guard._clock import StepFreeClock
 from stampede_guard._context import RENEWAL_LIMIT, Policy, own_breaker
 from stampede_guard.backends._protocol import AsyncBackend, Backend
@@ -134,9 +141,8 @@ def validated_policy(options: Mapping[str, object]) -> Policy:
     if should_cache is not None and not callable(should_cache):
         msg = f"should_cache must be a callable taking the value and returning a bool, not {type(should_cache).__qualname__}"
         raise TypeError(msg)
-    stale_ttl = given["stale_ttl"]
     validated = Policy(
-        ttl=_seconds("ttl", given["ttl"]),
+        ttl=_per_value("ttl", given["ttl"]),
         lock_timeout=lock,
         wait_timeout=patience
         if wait_timeout is None
@@ -148,7 +154,7 @@ def validated_policy(options: Mapping[str, object]) -> Policy:
         on_backend_error=_on_backend_error(given["on_backend_error"]),
         on_cancel=_on_cancel(given["on_cancel"]),
         lock_renewal=renewal,
-        stale_ttl=0.0 if stale_ttl == 0 else _seconds("stale_ttl", stale_ttl),
+        stale_ttl=_per_value("stale_ttl", given["stale_ttl"], zero=True),
         stale_if_error=_flag("stale_if_error", given["stale_if_error"]),
         background_refresh=_flag("background_refresh", given["background_refresh"]),
         beta=beta if early else None,
@@ -162,7 +168,7 @@ def validated_policy(options: Mapping[str, object]) -> Policy:
             "max_delay caps the backoff, so make it at least base_delay"
         )
         raise ValueError(msg)
-    if validated.ttl < validated.lock_timeout:
+    if not callable(validated.ttl) and validated.ttl < validated.lock_timeout:
         warnings.warn(
             f"ttl={validated.ttl} is shorter than lock_timeout={validated.lock_timeout}: a value "
             "may expire before a crashed holder's lock does; usually ttl is much longer",
@@ -211,12 +217,6 @@ def _on_cancel(value: object) -> OnCancel:
     raise ValueError(msg)
 
 
-# The longest duration any option takes: a hundred years. Every backend holds it
-# (Redis's PX takes up to 2**63 ms, about 292 million years, minus the clock); a
-# larger one, such as 1e16, overflowed Redis's expiry and every store failed.
-MAX_SECONDS = 100 * 365 * 24 * 3600
-
-
 def _jitter(value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         msg = f"ttl_jitter must be a fraction of ttl (a number from 0 to 0.9), not {type(value).__qualname__}"
@@ -225,6 +225,27 @@ def _jitter(value: object) -> float:
         msg = f"ttl_jitter={value!r} is out of range: give the most of ttl to cut, from 0 (none) to 0.9; 0.1 spreads expiries over the last tenth of ttl"
         raise ValueError(msg)
     return float(value)
+
+
+def _per_value(name: str, value: object, *, zero: bool = False) -> Seconds:
+    """Check *ttl* or *stale_ttl*: seconds (0 allowed with *zero*), or a function of the value.
+
+    A function is called with each computed value, and its answer is checked then
+    (see `Policy.store_ttl_for`); here, only that it takes one argument.
+    """
+    if callable(value):
+        try:
+            inspect.signature(value).bind(None)
+        except TypeError:
+            msg = f"{name}={value!r} must take one argument, the computed value, and return its seconds: lambda value: value.max_age"
+            raise TypeError(msg) from None
+        except ValueError:  # no signature to read (some builtins): asked at run time
+            pass
+        return cast("Callable[[Any], float]", value)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        msg = f"{name} must be a number of seconds or a function of the computed value returning seconds (lambda value: value.max_age), not {type(value).__qualname__}"
+        raise TypeError(msg)
+    return 0.0 if zero and value == 0 else _seconds(name, value)
 
 
 def _seconds(name: str, value: object) -> float:

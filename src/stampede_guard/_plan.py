@@ -221,10 +221,11 @@ def _store(key: str, entry: Entry, ticket: int | None, ctx: Context) -> Plan:
     """Store a value computed without the lock, unless it is not to be cached."""
     if entry.compute_seconds >= FENCE_SECONDS:  # see _lead
         return entry.value, Via.PRIVATE
-    if not ctx.policy.caches(entry.value):
+    ttl = ctx.policy.store_ttl_for(key, entry)
+    if ttl is None:
         return entry.value, Via.COMPUTED
     try:
-        stored = yield Set(key, entry, ctx.policy.store_ttl_for(key, entry), ticket)
+        stored = yield Set(key, entry, ttl, ticket)
     except BackendError as exc:
         _store_failed(key, ctx, exc)
         return entry.value, Via.COMPUTED
@@ -315,14 +316,16 @@ def _lead(
             # Longer than an invalidation is remembered: it may have missed one.
             yield Unlock(key, token)
             return entry.value, Via.PRIVATE
-        if not policy.caches(entry.value):
+        # Asked inside the try: a ttl function that raises, or answers no number of
+        # seconds, fails this caller like a computation that raised (lock released).
+        ttl = policy.store_ttl_for(key, entry)
+        if ttl is None:
             # Not to be stored: let go (announced, so waiters look and one computes).
             yield Unlock(key, token)
             return entry.value, Via.COMPUTED
         stored: Entry | None = None
         failed: BackendError | None = None
         try:
-            ttl = policy.store_ttl_for(key, entry)
             stored = yield SetAndUnlock(key, entry, ttl, token, ticket)
         except BackendError as exc:
             failed = exc
