@@ -9,6 +9,8 @@ What a batch stores for an id is a list: ``[value]`` for an id the function retu
 ``[]`` for one it left out of its mapping ("no value": a missing user is remembered as
 missing, instead of being asked for on every call; ``cache_none=False`` keeps it out of
 the cache). So "no value" and a value of None stay apart, in every serializer.
+A *ttl* or *stale_ttl* function of the value is asked of the value in the form
+(`of_form`); an id with no value has none to ask, and is not stored.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from stampede_guard._cache_options import Seconds
 from stampede_guard._context import Context
 from stampede_guard._entry import Claim, Entry
 from stampede_guard._freshness import RefreshDue, refresh_reason
@@ -28,6 +31,7 @@ __all__ = [
     "Found",
     "Locked",
     "check_result",
+    "of_form",
     "stored_form",
     "unique",
     "value_of",
@@ -133,6 +137,25 @@ def caches(stored: object, *, cache_none: bool) -> bool:
     if not form:
         return cache_none  # no value: remembered as such, unless told not to
     return form[0] is not None or cache_none
+
+
+def of_form(setting: Seconds) -> Seconds:
+    """Return *setting* (*ttl* or *stale_ttl*) as the batch policy asks it: of a stored form.
+
+    A function of the value is asked of the value in ``[value]``; for an id with no
+    value (``[]``) there is nothing to ask, so it counts as 0: with a *ttl* function,
+    "no value" is not stored (asked for again on the next call); with a *stale_ttl*
+    function, it has no stale period. A number stays as it is.
+    """
+    if not callable(setting):
+        return setting
+    of_value = setting
+
+    def asked(stored: object) -> float:
+        form = value_of(stored)
+        return of_value(form[0]) if form else 0
+
+    return asked
 
 
 def check_result(

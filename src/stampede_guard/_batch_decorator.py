@@ -10,7 +10,7 @@ from typing import Any, Literal, Protocol, TypedDict, TypeVar, overload
 
 from typing_extensions import Unpack
 
-from stampede_guard._batch import BatchKeys
+from stampede_guard._batch import BatchKeys, of_form
 from stampede_guard._batch import caches as batch_caches
 from stampede_guard._batch_wrappers import AsyncBatchCached, BatchCached
 from stampede_guard._context import Context
@@ -45,7 +45,7 @@ class BatchOptions(TypedDict, total=False):
     See `cached_stampede_safe_batch` for what each does.
     """
 
-    ttl: float
+    ttl: float | Callable[[Any], float]
     lock_timeout: float
     wait_timeout: float | None
     base_delay: float
@@ -53,7 +53,7 @@ class BatchOptions(TypedDict, total=False):
     max_retries: int | None
     on_timeout: Literal["compute", "raise"]
     on_backend_error: Literal["compute", "raise"]
-    stale_ttl: float
+    stale_ttl: float | Callable[[Any], float]
     stale_if_error: bool
     background_refresh: bool
     early_refresh: bool
@@ -135,6 +135,8 @@ def cached_stampede_safe_batch(
             *on_timeout*, *on_backend_error*, *stale_ttl*, *stale_if_error*,
             *background_refresh*, *early_refresh*, *beta*, *cache_none*,
             *ttl_jitter*, *metrics*, *namespace*. Events are per id (a `Hit`, `Miss`, `Computed`... for each).
+            A *ttl* or *stale_ttl* function is asked of each id's value; an id with
+            no value has none to ask, so with a *ttl* function it is not stored.
 
     Raises:
         ValueError: *key* has no field or more than one, or an option is out of range.
@@ -150,6 +152,8 @@ def cached_stampede_safe_batch(
     policy = dataclasses.replace(
         policy,
         should_cache=functools.partial(batch_caches, cache_none=policy.cache_none),
+        ttl=of_form(policy.ttl),
+        stale_ttl=of_form(policy.stale_ttl),
     )
     context = Context(
         policy,
