@@ -17,6 +17,7 @@ from stampede_guard import (
     RedisBackend,
     StampedeStats,
     cached_stampede_safe,
+    cached_stampede_safe_batch,
 )
 from stampede_guard._decorator import Decorator
 from stampede_guard._types import AsyncFunctionOnSyncBackend
@@ -181,3 +182,34 @@ assert_type(wrapped(1), str)
 my_cache(ttl="60")  # type: ignore[arg-type]
 my_cache(tll=60)  # type: ignore[call-arg]
 cached_stampede_safe(stale_ttl="5")  # type: ignore[call-overload]
+
+
+# ttl and stale_ttl may be functions of the value, returning seconds (issue 19).
+@cached_stampede_safe(
+    key="page:{url}", ttl=lambda v: v["max_age"], stale_ttl=lambda v: v["max_age"] / 10
+)
+def page(url: str) -> dict[str, int]:
+    return {url: 1, "max_age": 60}
+
+
+assert_type(page("u"), dict[str, int])
+
+
+def expires_in(token: dict[str, float]) -> float:
+    return token["expires_in"]
+
+
+my_cache(key="token", ttl=expires_in, ttl_jitter=0.1)
+cached_stampede_safe_batch(key="user:{}", ttl=lambda _: 60, stale_ttl=0)
+
+
+def no_value() -> float:
+    return 60.0
+
+
+def as_text(value: object) -> str:
+    return str(value)
+
+
+cached_stampede_safe(ttl=no_value)  # type: ignore[arg-type]
+cached_stampede_safe(stale_ttl=as_text)  # type: ignore[arg-type]
