@@ -34,6 +34,7 @@ from _servers import (
 )
 from _waiting import Waiting
 from stampede_guard import AsyncRedisBackend, RedisBackend, cached_stampede_safe
+from stampede_guard.backends import Claim, Entry
 from stampede_guard.backends.redis._codec import RedisCodec
 from stampede_guard.testing import AsyncBackendContract, BackendContract
 
@@ -481,3 +482,26 @@ def test_a_master_failover_under_load_serves_no_wrong_value(
 def _is_master(server: Server) -> bool:
     with server.client() as client:
         return bool(client.info("replication").get("role") == "master")
+
+
+def test_tags_are_refused_on_a_cluster_with_the_fix_and_nothing_is_written(
+    backends: Callable[[], RedisBackend], cluster: Cluster, prefix: str
+) -> None:
+    """A tag spans slots, which no script may: a clear TypeError, the key left alone."""
+    backend = backends()
+    assert backend.tags is False
+    with pytest.raises(TypeError, match="tags need one Redis server"):
+        backend.invalidate_tag("user:1")
+    claim = backend.get_or_lock("k", "token", 5)
+    assert isinstance(claim, Claim)
+    tagged = Entry("v", 1.0, 0.0, ("user:1",))
+    with pytest.raises(TypeError, match="tags need one Redis server"):
+        backend.set_and_unlock("k", tagged, 60, "token", ticket=claim.ticket)
+    # Refused before anything was sent: the lock is still ours, nothing is stored.
+    assert backend.unlock("k", "token") is True
+    assert backend.get("k") is None
+    # An untagged value is stored and read as ever.
+    claim = backend.get_or_lock("k", "token", 5)
+    assert isinstance(claim, Claim)
+    assert backend.set_and_unlock("k", Entry("v", 1.0, 0.0), 60, "token") is not None
+    assert backend.get("k") == Entry("v", 1.0, 0.0)

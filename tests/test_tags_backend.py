@@ -344,12 +344,3 @@ def test_a_near_cache_drops_what_it_holds_when_a_tag_is_invalidated_anywhere(
     finally:
         near.close()
         writer.close()
-
-
-def test_a_cluster_backend_refuses_to_invalidate_tags() -> None:
-    """A tag's stamps cannot be read from every slot's script: a clear error instead."""
-    backend: Any = RedisBackend.__new__(RedisBackend)
-    backend._batches = type("B", (), {"cluster": True})()
-    with pytest.raises(TypeError, match="Cluster cannot invalidate tags"):
-        backend.invalidate_tag("t")
-    assert backend.tags is False

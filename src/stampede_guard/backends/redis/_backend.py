@@ -51,9 +51,10 @@ class RedisBase(Generic[ClientT]):
     ) -> None:
         builder = type(self).__name__
         self._errors = check_client(client, asyncio=self._asyncio, builder=builder)
-        self._codec = RedisCodec(prefix, serializer)
+        cluster = hasattr(client, "get_primaries")
+        self._codec = RedisCodec(prefix, serializer, cluster=cluster)
         # The batch methods' calls: grouped by slot on a cluster (see ``_many``).
-        self._batches = Batches(self._codec, cluster=hasattr(client, "get_primaries"))
+        self._batches = Batches(self._codec, cluster=cluster)
         self._near = _near_of(
             near_cache,
             self._codec.near_channel,
@@ -117,9 +118,6 @@ class RedisBase(Generic[ClientT]):
 
     def _tagging(self, tag: object) -> Call[object]:
         """Return the call invalidating *tag*, after checking this backend can."""
-        if self._batches.cluster:
-            msg = f"{type(self).__name__} on a Redis Cluster cannot invalidate tags: a tag's entries live in every slot, and a script may only reach its own; use one server or Sentinel for tagged functions"
-            raise TypeError(msg)
         return self._codec.invalidate_tag(check_tag(tag))
 
     def _tag_done(self) -> None:
@@ -134,7 +132,7 @@ class RedisBase(Generic[ClientT]):
     @property
     def tags(self) -> bool:
         """Whether this backend can keep tagged values (one server or Sentinel)."""
-        return not self._batches.cluster
+        return not self._codec.cluster
 
     def _writing(self, call: Call[Any]) -> Writing | None:
         """What a write must do around itself for the near cache, if anything."""

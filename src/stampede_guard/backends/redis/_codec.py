@@ -124,8 +124,11 @@ class RedisCodec:
     # than a lookup. Cleared when full, so it never outgrows the working set much.
     _NAMES_KEPT = 4096
 
-    def __init__(self, prefix: object, serializer: object) -> None:
+    def __init__(
+        self, prefix: object, serializer: object, *, cluster: bool = False
+    ) -> None:
         self.prefix = validate_prefix(prefix)
+        self.cluster = cluster
         self.serializer = check_serializer(serializer)
         self._envelope = Envelope(self.serializer)
         self._names: dict[str, tuple[str, str, str, str, str]] = {}
@@ -170,8 +173,14 @@ class RedisCodec:
         """Return a store's tag keys argument: one per line, '' for an untagged value."""
         if not entry.tags:
             return ""
+        self._refuse_tags_on_cluster()
         self.seen_tagged(key)
         return "\n".join(map(self.tag_key, entry.tags))
+
+    def _refuse_tags_on_cluster(self) -> None:
+        if self.cluster:
+            msg = "tags need one Redis server (or Sentinel), not a Redis Cluster: a tag's values live in every slot, and a script reaches only its own slot's keys; drop tags= or use a backend on one server"
+            raise TypeError(msg)
 
     def seen_tagged(self, key: str) -> None:
         """Remember that *key* holds tagged values: read it through `near_read`."""
@@ -309,6 +318,7 @@ class RedisCodec:
         Near caches hear of it as a message that no cache key can be (it starts with
         a NUL, which `check_tag` keeps out of tags and the decorator out of keys).
         """
+        self._refuse_tags_on_cluster()
         args = (milliseconds(FENCE_SECONDS), self.near_channel, TAG_MESSAGE + tag)
         keys = (self.tag_key(tag),)
         return Call(tag, "invalidate_tag", "invalidate_tag", keys, args, _ignore)
