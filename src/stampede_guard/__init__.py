@@ -20,6 +20,7 @@ from stampede_guard._cache_options import CacheOptions
 from stampede_guard._decorator import cached_stampede_safe
 from stampede_guard._errors import (
     BackendError,
+    CachedFailureError,
     InterruptedComputationError,
     LockTimeoutError,
     ReentrantCallError,
@@ -58,6 +59,7 @@ __all__ = [
     "BatchOptions",
     "BoundSerializer",
     "CacheOptions",
+    "CachedFailureError",
     "CachedFunction",
     "Entry",
     "InterruptedComputationError",

@@ -11,7 +11,7 @@ This module imports no backend, so the plan's `Policy` can import it.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Final, Literal, TypeAlias, TypedDict
 
 from stampede_guard.metrics import MetricsHook
@@ -71,6 +71,9 @@ class CacheOptions(TypedDict, total=False):
     cache_none: bool
     should_cache: Callable[[Any], bool] | None
     ttl_jitter: float
+    tags: Sequence[str] | Callable[..., Iterable[str]] | None
+    cache_errors: Mapping[type[Exception], float] | None
+    refresh_backoff: float
     metrics: MetricsHook | None
     namespace: str | None
 
@@ -97,6 +100,9 @@ DEFAULTS: Final[CacheOptions] = {
     "cache_none": True,
     "should_cache": None,
     "ttl_jitter": 0,
+    "tags": None,
+    "cache_errors": None,
+    "refresh_backoff": 5.0,
     "metrics": None,
     "namespace": None,
 }

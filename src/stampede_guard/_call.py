@@ -15,15 +15,16 @@ wrappers (`_wrappers`) only run plans and decide nothing:
 
 from __future__ import annotations
 
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from typing import Any, Protocol, TypeAlias
 
 from stampede_guard._breaker import CircuitBreaker
 from stampede_guard._context import Context, Plan, Served, Via
-from stampede_guard._entry import Entry
+from stampede_guard._entry import CachedFailure, Entry
 from stampede_guard._freshness import RefreshDue, refresh_reason, stale_value
 from stampede_guard._ops import Bypass, Delete, Get, Op, Spawn
-from stampede_guard._plan import Flight, plan, refresh, refresh_now
+from stampede_guard._plan import Flight, plan, refresh, refresh_now, served
+from stampede_guard._tags import untagged
 from stampede_guard.metrics import Hit
 
 __all__ = [
@@ -47,8 +48,9 @@ Look: TypeAlias = Entry | RefreshDue | None
 class Refreshes(Protocol):
     """The keys this process is refreshing (`_coalesce.Refreshing`)."""
 
-    def claim(self, key: str) -> bool: ...  # False if already claimed
+    def claim(self, key: str, now: float) -> bool: ...  # False: claimed, or resting
     def release(self, key: str) -> None: ...
+    def rest(self, key: str, now: float, seconds: float) -> None: ...
 
 
 class Forgets(Protocol):
@@ -61,7 +63,13 @@ def first_look(
     key: str, found: Entry | None, ctx: Context, *, near: bool = False
 ) -> Look:
     """Decide step 1 from what one read *found* (see `Look`); *near*: a near cache's."""
-    if found is None or ctx.plain_hits:  # the hot path: nothing to tell or judge
+    if found is None:
+        return None
+    if type(found.value) is CachedFailure:  # a failure kept by cache_errors: raised
+        if ctx.observed:
+            ctx.emit(Hit(key, near))
+        served(key, found, ctx)
+    if ctx.plain_hits:  # the hot path: nothing to tell or judge
         return found
     if ctx.observed:  # build no event nobody will see
         ctx.emit(Hit(key, near))
@@ -116,13 +124,13 @@ def serve_due(
     this caller gets the stored value at once; without, this caller refreshes and gets
     the new value, unless the refresh kept the stored one.
     """
-    if not refreshing.claim(key):
+    if not refreshing.claim(key, ctx.clock()):
         return stale_value(key, due, ctx)
     if ctx.policy.background_refresh:
         yield Spawn(_refresh_apart(key, due, ctx, refreshing))
         return stale_value(key, due, ctx)
     try:
-        value, via = yield from refresh(key, due, ctx)
+        value, via = yield from refresh(key, due, ctx, _resting(refreshing, ctx))
     finally:
         refreshing.release(key)
     return stale_value(key, due, ctx) if via is Via.CACHE else value
@@ -132,11 +140,26 @@ def _refresh_apart(
     key: str, due: RefreshDue, ctx: Context, refreshing: Refreshes
 ) -> Generator[Op, Any, None]:
     try:
-        yield from refresh(key, due, ctx)
+        yield from refresh(key, due, ctx, _resting(refreshing, ctx))
     except Exception:  # nobody is left to raise to; RefreshFailed was reported
         ctx.logger.warning("background refresh of %r failed", key, exc_info=True)
     finally:
         refreshing.release(key)
+
+
+def _resting(refreshing: Refreshes, ctx: Context) -> Callable[[str], None]:
+    """Return what a failed refresh calls: no refresh of its key for a while here.
+
+    For ``refresh_backoff`` seconds this process serves the stale value without
+    calling the function again: a failing origin is not called once per request.
+    """
+    backoff = ctx.policy.refresh_backoff
+
+    def rest(key: str) -> None:
+        if backoff:
+            refreshing.rest(key, ctx.clock(), backoff)
+
+    return rest
 
 
 def refresh_key(key: str, ctx: Context, flights: Forgets) -> Generator[Op, Any, object]:
@@ -160,4 +183,5 @@ def get_cached(key: str) -> Generator[Op, Any, Entry | None]:
 
 def bypass() -> Generator[Op, Any, object]:
     """Call the function, leaving the cache alone (``bypass()``)."""
-    return (yield Bypass())
+    value, _ = untagged((yield Bypass()))
+    return value

@@ -373,18 +373,35 @@ def _joined(  # noqa: PLR0917
 class Refreshing:
     """The keys a process is refreshing, so that it starts one refresh per key at a time."""
 
+    # Keys resting after a failed refresh are few; past this many, the ones whose
+    # rest is over are dropped.
+    _RESTING_KEPT = 1024
+
     def __init__(self) -> None:
         self._keys: set[str] = set()
+        self._resting: dict[str, float] = {}  # key: no refresh before this time
         self._mutex = threading.Lock()
         _registries.add(self)
 
-    def claim(self, key: str) -> bool:
-        """Mark *key* as being refreshed here; False if it already is."""
+    def claim(self, key: str, now: float) -> bool:
+        """Mark *key* as being refreshed here; False if it is, or rests until after *now*."""
         with self._mutex:
             if key in self._keys:
                 return False
+            until = self._resting.get(key)
+            if until is not None:
+                if now < until:
+                    return False
+                del self._resting[key]
             self._keys.add(key)
             return True
+
+    def rest(self, key: str, now: float, seconds: float) -> None:
+        """Refresh *key* no more for *seconds* after *now* (``refresh_backoff``)."""
+        with self._mutex:
+            if len(self._resting) >= self._RESTING_KEPT:
+                self._resting = {k: t for k, t in self._resting.items() if t > now}
+            self._resting[key] = now + seconds
 
     def release(self, key: str) -> None:
         """Unmark *key*."""
@@ -394,6 +411,7 @@ class Refreshing:
     def clear(self) -> None:
         """Forget every key (in a forked child, its refreshers do not exist)."""
         self._keys = set()
+        self._resting = {}
 
 
 _registries: weakref.WeakSet[SyncFlights | AsyncFlights | Refreshing] = (

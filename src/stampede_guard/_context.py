@@ -22,7 +22,8 @@ from stampede_guard._cache_options import (
     OnTimeout,
     Seconds,
 )
-from stampede_guard._entry import Entry
+from stampede_guard._entry import CachedFailure, Entry
+from stampede_guard._failures import NO_FAILURES, Failures
 from stampede_guard._ops import Op
 from stampede_guard.metrics import _Emit
 
@@ -91,6 +92,8 @@ class Policy:
     cache_none: bool = DEFAULTS["cache_none"]
     should_cache: Callable[[Any], bool] | None = DEFAULTS["should_cache"]
     ttl_jitter: float = DEFAULTS["ttl_jitter"]
+    failures: Failures = NO_FAILURES  # cache_errors: which failures are stored
+    refresh_backoff: float = DEFAULTS["refresh_backoff"]
 
     @property
     def refreshes(self) -> bool:
@@ -116,6 +119,8 @@ class Policy:
         Raises:
             TypeError, ValueError: A *ttl* function returned no number of seconds.
         """
+        if type(entry.value) is CachedFailure:  # not the function's: it lives as stored
+            return float(MAX_SECONDS)
         return self._jittered(key, entry.created_at, self._ttl_of(key, entry.value))
 
     def store_ttl_for(self, key: str, entry: Entry) -> float | None:

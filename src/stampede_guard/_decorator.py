@@ -18,9 +18,11 @@ from stampede_guard._options import (
     check_metrics,
     check_option_names,
     check_pairing,
+    check_tag_backend,
     clock_of,
     validated_policy,
 )
+from stampede_guard._tags import TagMaker
 from stampede_guard._types import (
     AsyncCachedFunction,
     AsyncFunctionOnSyncBackend,
@@ -174,6 +176,25 @@ def cached_stampede_safe(
             a fraction of up to this much (0.1: up to a tenth), drawn per key and
             store, so that keys stored together do not expire together; every process
             judges an entry alike. 0 to 0.9. Defaults to ``0``.
+        tags (Sequence[str] | Callable[..., Iterable[str]] | None): Tags of each
+            stored value: ``str.format`` templates over parameter names
+            (``("user:{user_id}", "org:{org}")``), or a callable taking the computed
+            value and then the function's arguments, returning tags.
+            ``backend.invalidate_tag("user:42")`` then invalidates every value
+            carrying the tag, in every process, as finally as ``invalidate()``, in
+            one write. Needs `MemoryBackend`, or a Redis backend on one server or
+            Sentinel (not a cluster). Defaults to ``None``.
+        cache_errors (Mapping[type[Exception], float] | None): Failures to cache,
+            by exception class (subclasses included): ``{TimeoutError: 5.0}`` stores
+            a ``TimeoutError`` for 5 s in place of the value, so every caller, in
+            every process, gets it raised again (rebuilt from its type and message;
+            `CachedFailureError` if it cannot be) and the function is called at most
+            once per key per period. Never over a stored value: a failed refresh
+            serves the stale one. Defaults to ``None``.
+        refresh_backoff (float): Seconds this process serves the stale value
+            without calling the function again after a refresh failed, so a failing
+            origin is not called on every request. 0 retries at once. Defaults to
+            ``5.0``.
         metrics (MetricsHook | None): Called with every `stampede_guard.metrics` event,
             e.g. `StampedeStats`. Defaults to ``None``.
         namespace (str | None): Put before every key (``"<namespace>:<key>"``), e.g. a
@@ -205,13 +226,17 @@ def cached_stampede_safe(
     )
     checked_key = check_key(options.get("key"))
     checked_namespace = validate_namespace(options.get("namespace"))
+    tags = options.get("tags")
+    if tags is not None:
+        check_tag_backend(checked_backend)
 
     def decorate(fn: Callable[..., Any]) -> Any:
         check_function(fn)
         is_async = check_pairing(fn, checked_backend)
         keys = KeyMaker(fn, checked_key, checked_namespace)
+        tagger = None if tags is None else TagMaker(fn, tags, keys.function_id)
         if is_async:
-            return make_async(fn, keys, checked_backend, context)  # type: ignore[arg-type]
-        return make_sync(fn, keys, checked_backend, context)  # type: ignore[arg-type]
+            return make_async(fn, keys, checked_backend, context, tagger)  # type: ignore[arg-type]
+        return make_sync(fn, keys, checked_backend, context, tagger)  # type: ignore[arg-type]
 
     return decorate

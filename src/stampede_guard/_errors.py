@@ -7,18 +7,22 @@ The tree::
     ├── BackendError            the cache backend failed; raised from the original error
     ├── SerializationError      a value could not be encoded for the backend
     ├── ReentrantCallError      a computation called its own key, which would deadlock
-    └── InterruptedComputationError
-                                the computation a caller waited on was interrupted
-                                (KeyboardInterrupt, SystemExit...), twice in a row
+    ├── InterruptedComputationError
+    │                           the computation a caller waited on was interrupted
+    │                           (KeyboardInterrupt, SystemExit...), twice in a row
+    └── CachedFailureError      a failure kept by cache_errors, whose exception could
+                                not be rebuilt
 
 Misconfiguration is a plain ``ValueError`` or ``TypeError`` raised at decoration time.
-The decorated function's own exceptions pass through unchanged and are never cached.
+The decorated function's own exceptions pass through unchanged; they are cached only
+if ``cache_errors`` names their class.
 """
 
 from __future__ import annotations
 
 __all__ = [
     "BackendError",
+    "CachedFailureError",
     "InterruptedComputationError",
     "LockTimeoutError",
     "ReentrantCallError",
@@ -144,4 +148,27 @@ class InterruptedComputationError(StampedeGuardError):
             f"the computation of cache key {key!r} was interrupted twice by "
             f"{type(cause).__qualname__} in the callers running it; nothing was cached. "
             "Call again to retry."
+        )
+
+
+class CachedFailureError(StampedeGuardError):
+    """A failure of *key* served from the cache whose exception could not be rebuilt.
+
+    Raised in place of the original exception when its class is not one this
+    process's decorator caches (nor a subclass of one), or will not be built from a
+    message alone.
+
+    Attributes:
+        key: The cache key whose computation failed.
+        type_name: The original exception's class, as ``module.QualifiedName``.
+        message: The original exception's message.
+    """
+
+    def __init__(self, key: str, type_name: str, message: str) -> None:
+        self.key = key
+        self.type_name = type_name
+        self.message = message
+        super().__init__(
+            f"{type_name}: {message} (a failure of cache key {key!r}, served from the "
+            "cache: cache_errors keeps it for its period)"
         )

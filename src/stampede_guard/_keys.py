@@ -12,13 +12,13 @@ from typing import Any
 from stampede_guard._encoding import encode
 from stampede_guard._identity import Mode, function_id
 
-__all__ = ["KeyMaker", "validate_namespace"]
+__all__ = ["Binder", "KeyMaker", "check_template", "validate_namespace"]
 
 _SIMPLE_KINDS = frozenset({inspect.Parameter.POSITIONAL_OR_KEYWORD})
 _RECEIVERS = frozenset({"self", "cls"})
 
 
-class _Binder:
+class Binder:
     """Map a call's arguments to parameter names, defaults applied.
 
     Plain signatures take a fast path (about a tenth of ``Signature.bind``); anything
@@ -76,7 +76,7 @@ class KeyMaker:
         namespace: str | None,
     ) -> None:
         signature = inspect.signature(fn)
-        self._binder = _Binder(signature)
+        self._binder = Binder(signature)
         self._prefix = f"{namespace}:" if namespace else ""
         self._template: str | None = None
         self._positional: str | None = None
@@ -89,7 +89,7 @@ class KeyMaker:
         # instances share entries unless the key names an attribute ({self.id}).
         self._skip = params[0] if params and params[0] in _RECEIVERS else None
         if isinstance(key, str):
-            _check_template(key, signature, self._function_id)
+            check_template(key, signature, self._function_id)
             self._template = self._prefix + key
             if self._binder.simple:
                 self._positional = _positional_template(self._template, signature)
@@ -100,6 +100,11 @@ class KeyMaker:
         #: `__call__` as a closure: the decorator's hot path (a call of a bound
         #: method of this class cost twice as much as the closure, 0.2 us a hit).
         self.make = self._closure()
+
+    @property
+    def function_id(self) -> str:
+        """How keys and errors name the decorated function."""
+        return self._function_id
 
     def __call__(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> str:
         """Return the cache key for a call with *args* and *kwargs*."""
@@ -205,28 +210,36 @@ def validate_namespace(namespace: object) -> str | None:
     return namespace
 
 
-def _check_template(
-    template: str, signature: inspect.Signature, function_id: str
+_EXAMPLES = {"key": "'user:{user_id}'", "tags": "('user:{user_id}',)"}
+
+
+def check_template(
+    template: str, signature: inspect.Signature, function_id: str, what: str = "key"
 ) -> None:
+    """Refuse a template that does not parse or names a parameter *fn* lacks.
+
+    *what* is the option (``key``, ``tags``): a key template that names no parameter
+    is warned about (every call would share one entry); a tag may be a constant.
+    """
     names = set(signature.parameters)
     try:
         fields = [
             f for _, f, _, _ in string.Formatter().parse(template) if f is not None
         ]
     except ValueError as exc:
-        msg = f"key template {template!r} is not a valid str.format template: {exc}"
+        msg = f"{what} template {template!r} is not a valid str.format template: {exc}"
         raise ValueError(msg) from exc
     for field in fields:
         root = field.split(".", 1)[0].split("[", 1)[0]
         if root not in names:
             available = ", ".join(sorted(names)) or "none"
             msg = (
-                f"key template {template!r} names {{{field}}}, but {function_id} has no "
+                f"{what} template {template!r} names {{{field}}}, but {function_id} has no "
                 f"parameter {root!r} (its parameters: {available}); use parameter names "
-                "in braces, e.g. key='user:{user_id}'"
+                f"in braces, e.g. {what}={_EXAMPLES[what]}"
             )
             raise ValueError(msg)
-    if not fields and names - _RECEIVERS:
+    if what == "key" and not fields and names - _RECEIVERS:
         warnings.warn(
             f"key template {template!r} uses none of the parameters of {function_id}: "
             "every call shares one cache entry",

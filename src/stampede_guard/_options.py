@@ -21,7 +21,13 @@ from stampede_guard._cache_options import (
 )
 from stampede_guard._clock import StepFreeClock
 from stampede_guard._context import RENEWAL_LIMIT, Policy, own_breaker
-from stampede_guard.backends._protocol import AsyncBackend, Backend
+from stampede_guard._failures import Failures, check_cache_errors
+from stampede_guard.backends._protocol import (
+    AsyncBackend,
+    AsyncTagBackend,
+    Backend,
+    TagBackend,
+)
 from stampede_guard.backends.memory import default_backend
 from stampede_guard.metrics import MetricsHook
 
@@ -33,6 +39,7 @@ __all__ = [
     "check_metrics",
     "check_option_names",
     "check_pairing",
+    "check_tag_backend",
     "clock_of",
     "validated_policy",
 ]
@@ -52,6 +59,15 @@ def check_backend(backend: object) -> Backend | AsyncBackend:
         )
         raise TypeError(msg)
     return backend
+
+
+def check_tag_backend(backend: Backend | AsyncBackend) -> None:
+    """Refuse ``tags=`` on a backend that cannot keep them, naming the fix."""
+    keeps = isinstance(backend, TagBackend | AsyncTagBackend)
+    if not keeps or getattr(backend, "tags", True) is False:
+        why = "a Redis Cluster" if keeps else "a backend without invalidate_tag"
+        msg = f"tags= needs a backend that keeps tags, and backend={backend!r} is {why}; use MemoryBackend, or a Redis backend on one server or Sentinel"
+        raise TypeError(msg)
 
 
 def breakers_of(backend: Backend | AsyncBackend) -> Callable[[str], CircuitBreaker]:
@@ -122,7 +138,7 @@ def check_option_names(options: Mapping[str, object]) -> None:
 def validated_policy(options: Mapping[str, object]) -> Policy:
     """Validate the decorator's options into a `Policy`; raise with the fix on bad ones.
 
-    An option left out takes its value from `DEFAULTS`; *key*, *metrics* and
+    An option left out takes its value from `DEFAULTS`; *key*, *tags*, *metrics* and
     *namespace* are not the policy's and are checked elsewhere.
     """
     given: dict[str, object] = {**DEFAULTS, **options}
@@ -161,6 +177,10 @@ def validated_policy(options: Mapping[str, object]) -> Policy:
         cache_none=_flag("cache_none", given["cache_none"]),
         should_cache=cast("Callable[[Any], bool] | None", should_cache),
         ttl_jitter=_jitter(given["ttl_jitter"]),
+        failures=Failures(check_cache_errors(given["cache_errors"])),
+        refresh_backoff=0.0
+        if given["refresh_backoff"] == 0
+        else _seconds("refresh_backoff", given["refresh_backoff"]),
     )
     if validated.max_delay < validated.base_delay:
         msg = (

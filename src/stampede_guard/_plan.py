@@ -37,12 +37,12 @@ takes the lock (without waiting) computes, everyone else keeps the stored value.
 from __future__ import annotations
 
 import logging
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from typing import Any, Protocol, cast
 
 from stampede_guard._backoff import Deadline, StillLockedError, backoff
 from stampede_guard._context import Context, Plan, Via
-from stampede_guard._entry import FENCE_SECONDS, Entry
+from stampede_guard._entry import FENCE_SECONDS, CachedFailure, Entry
 from stampede_guard._errors import BackendError, LockTimeoutError
 from stampede_guard._freshness import RefreshDue
 from stampede_guard._ops import (
@@ -59,6 +59,7 @@ from stampede_guard._ops import (
     Unsubscribe,
 )
 from stampede_guard._renewal import renew
+from stampede_guard._tags import untagged
 from stampede_guard.metrics import (
     BackendFailed,
     BackendSkipped,
@@ -79,6 +80,7 @@ __all__ = [
     "plan",
     "refresh",
     "refresh_now",
+    "served",
     "without_cache",
 ]
 
@@ -92,12 +94,18 @@ class Flight(Protocol):
     holder: str | None  # the leader's lock token while it computes under the lock
 
 
-def refresh(key: str, due: RefreshDue, ctx: Context) -> Plan:
+def refresh(
+    key: str,
+    due: RefreshDue,
+    ctx: Context,
+    failed: Callable[[str], None] | None = None,
+) -> Plan:
     """Recompute *due*'s key if its lock is free; otherwise leave it to the holder.
 
     Never waits: whoever is refused the lock keeps serving the stored value (then
     returned as `Via.CACHE`). A failed refresh keeps it too (``stale_if_error``) and is
-    reported.
+    reported, and calls *failed* with the key (see ``refresh_backoff``). Its failure is
+    never cached (``cache_errors``): a stale value is better than an error.
     """
     token = ctx.new_token()
     claim = yield TakeLock(key, token, ctx.policy.lock_timeout)
@@ -110,18 +118,20 @@ def refresh(key: str, due: RefreshDue, ctx: Context) -> Plan:
         current = yield Get(key)
         if current is not None and current.created_at > due.entry.created_at:
             yield from _release(key, token, ctx)
-            return current.value, Via.CACHE
+            return served(key, current, ctx), Via.CACHE
         ctx.emit(Refresh(key, due.reason))
         leading = True
-        served = yield from _lead(key, token, _ticket(claim), ctx)  # releases the lock
+        result = yield from _lead(key, token, _ticket(claim), ctx)  # releases the lock
     except Exception as exc:
         if not leading:
             yield from _release(key, token, ctx)
         ctx.emit(RefreshFailed(key, exc))
+        if failed is not None:
+            failed(key)
         if ctx.policy.stale_if_error:
             return due.entry.value, Via.CACHE
         raise
-    return served
+    return result
 
 
 def refresh_now(key: str, ctx: Context) -> Plan:
@@ -167,7 +177,7 @@ def plan(
     if isinstance(claim, Entry):  # stored between our two looks
         breaker.succeeded()
         ctx.emit(Hit(key))
-        return claim.value, Via.CACHE
+        return served(key, claim, ctx), Via.CACHE
     # A lock taken is a write the server accepted; a lock found held, a read.
     if claim == token:
         breaker.stored()
@@ -190,11 +200,13 @@ def plan(
         waited = ctx.clock() - started
         if isinstance(claim, Entry):
             ctx.emit(LockWait(key, waited, "value"))
-            return claim.value, Via.COMPUTED
+            return served(key, claim, ctx), Via.COMPUTED
         ctx.emit(LockWait(key, waited, "lock"))
 
     ctx.emit(LockAcquired(key))
-    return (yield from _lead(key, token, _ticket(claim), ctx, flight))
+    return (
+        yield from _lead(key, token, _ticket(claim), ctx, flight, keep_failure=True)
+    )
 
 
 def _timed_out(
@@ -304,14 +316,23 @@ def _lead(
     ticket: int | None,
     ctx: Context,
     flight: Flight | None = None,
+    *,
+    keep_failure: bool = False,
 ) -> Plan:
-    """Compute and store the value while holding the lock; release it whatever happens."""
+    """Compute and store the value while holding the lock; release it whatever happens.
+
+    With *keep_failure* (a miss: no value to fall back on), an exception that
+    ``cache_errors`` names is stored in place of the value, for its period, before it
+    is raised: the waiters and every other process get it instead of calling again.
+    """
     policy = ctx.policy
     watchdog = None
     if policy.lock_renewal:
         watchdog = renew(key, token, policy.lock_timeout, policy.lease_limit, ctx)
+    computed = False
     try:
         entry = yield from _compute(key, ctx, watchdog, flight, token)
+        computed = True
         if entry.compute_seconds >= FENCE_SECONDS:
             # Longer than an invalidation is remembered: it may have missed one.
             yield Unlock(key, token)
@@ -333,7 +354,10 @@ def _lead(
         # Closed by its owner being collected: no driver is left to release through,
         # so the lease runs out. Drivers themselves never close a plan early.
         raise
-    except BaseException:
+    except BaseException as exc:
+        kept = keep_failure and not computed  # the function's failure, on a miss
+        if kept and (yield from _keep(key, token, exc, ctx, ticket=ticket)):
+            raise
         # Nothing is cached. The release is announced: the waiters look at once, one of
         # them takes the lock and the others wait for it, so a failure does not let
         # every waiter compute at once.
@@ -352,6 +376,41 @@ def _lead(
         return entry.value, Via.PRIVATE
     # What the backend stored, as every reader will see it (see Backend.set).
     return stored.value, Via.COMPUTED
+
+
+def _keep(
+    key: str, token: str, exc: BaseException, ctx: Context, *, ticket: int | None
+) -> Generator[Op, Any, bool]:
+    """Store *exc* in place of a value, releasing the lock, if ``cache_errors`` says so.
+
+    True once sent: stored under the lock for the period *exc*'s class is given, and
+    fenced like a value (an invalidation since the look refuses it). False if *exc* is
+    not to be kept, or the store failed: the caller releases the lock as after any
+    failure, and raises *exc* either way.
+    """
+    failures = ctx.policy.failures
+    period = failures.period(exc) if isinstance(exc, Exception) else None
+    if period is None:
+        return False
+    failure = Entry(failures.kept(exc), ctx.wall_clock(), 0.0)
+    try:
+        yield SetAndUnlock(key, failure, period, token, ticket)
+    except Exception:  # a BackendError, a serializer that cannot take a dict of str
+        ctx.logger.warning("could not cache the failure of %r", key, exc_info=True)
+        return False
+    return True
+
+
+def served(key: str, entry: Entry, ctx: Context) -> object:
+    """Return *entry*'s value to a caller, or raise the failure it holds.
+
+    Every value a call is served from the cache goes through here (or through
+    `_call.first_look`): a `CachedFailure` is raised again as its exception.
+    """
+    value = entry.value
+    if type(value) is CachedFailure:
+        raise ctx.policy.failures.rebuilt(key, value)
+    return value
 
 
 def without_cache(
@@ -421,4 +480,5 @@ def _compute(
         raise
     seconds = ctx.clock() - started
     ctx.emit(Computed(key, seconds))
-    return Entry(value, ctx.wall_clock(), seconds)
+    value, tags = untagged(value)
+    return Entry(value, ctx.wall_clock(), seconds, tags)

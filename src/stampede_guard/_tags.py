@@ -7,10 +7,21 @@ as templates over the arguments, or as a callable of the value and the arguments
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from typing import Final
+import inspect
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from typing import Any, Final, NamedTuple
 
-__all__ = ["MAX_TAG_LENGTH", "TAG_MESSAGE", "check_tag", "check_tags"]
+from stampede_guard._keys import Binder, check_template
+
+__all__ = [
+    "MAX_TAG_LENGTH",
+    "TAG_MESSAGE",
+    "TagMaker",
+    "Tagged",
+    "check_tag",
+    "check_tags",
+    "untagged",
+]
 
 #: What starts a near-cache message about a tag instead of a cache key: no tag and no
 #: cache key holds a NUL (see `check_tag`, ``_keys``).
@@ -48,3 +59,101 @@ def check_tags(tags: Iterable[object], where: str) -> tuple[str, ...]:
     except TypeError as exc:
         msg = f"{where}: {exc}"
         raise TypeError(msg) from None
+
+
+class Tagged(NamedTuple):
+    """A computed value with its tags, as a tagged function's computation returns it.
+
+    The plan unwraps it into an `Entry` (see `untagged`); nothing else sees it.
+    """
+
+    value: object
+    tags: tuple[str, ...]
+
+
+def untagged(computed: object) -> tuple[object, tuple[str, ...]]:
+    """Return a computation's value and its tags (none for an untagged function)."""
+    if type(computed) is Tagged:
+        return computed.value, computed.tags
+    return computed, ()
+
+
+class TagMaker:
+    """Make a decorated function's tags for each call: ``tags=`` checked, then applied.
+
+    Args:
+        fn: The decorated function.
+        tags: ``str.format`` templates over its parameters (``("user:{user_id}",)``),
+            or a callable taking the computed value and then the function's
+            arguments, returning an iterable of tags.
+        function_id: How errors name the function.
+
+    Raises:
+        TypeError: *tags* is a str (one template needs a tuple around it), neither
+            templates nor a callable, or a template is not a str.
+        ValueError: A template does not parse or names a parameter *fn* lacks.
+    """
+
+    def __init__(self, fn: Callable[..., Any], tags: object, function_id: str) -> None:
+        self._where = f"the tags of {function_id}"
+        self._binder: Binder | None = None
+        self._templates: tuple[str, ...] = ()
+        self._of_value: Callable[..., Iterable[object]] | None = None
+        if isinstance(tags, str):
+            msg = f"tags={tags!r} is one str; give a tuple of templates, e.g. tags=({tags!r},)"
+            raise TypeError(msg)
+        if callable(tags):
+            self._of_value = tags
+            return
+        if not isinstance(tags, Iterable):
+            msg = f"tags must be templates such as ('user:{{user_id}}',) or a callable of the value and the arguments, not {type(tags).__qualname__}"
+            raise TypeError(msg)
+        signature = inspect.signature(fn)
+        templates = tuple(tags)
+        for template in templates:
+            if not isinstance(template, str):
+                msg = f"{self._where}: {template!r} is not a str template"
+                raise TypeError(msg)
+            check_template(template, signature, function_id, what="tags")
+        self._templates = templates
+        self._binder = Binder(signature)
+
+    def of(
+        self, value: object, args: tuple[Any, ...], kwargs: Mapping[str, Any]
+    ) -> tuple[str, ...]:
+        """Return the tags of a call with *args* and *kwargs* that computed *value*."""
+        if self._of_value is not None:
+            made: Iterable[object] = self._of_value(value, *args, **kwargs)
+        else:
+            assert self._binder is not None  # noqa: S101 - set with the templates
+            bound = self._binder.bind(args, kwargs)
+            made = [template.format_map(bound) for template in self._templates]
+        return check_tags(made, self._where)
+
+    def computing(
+        self,
+        compute: Callable[[], object],
+        args: tuple[Any, ...],
+        kwargs: Mapping[str, Any],
+    ) -> Callable[[], Tagged]:
+        """Return *compute* (a sync call), returning its value with its tags."""
+
+        def tagged() -> Tagged:
+            value = compute()
+            return Tagged(value, self.of(value, args, kwargs))
+
+        return tagged
+
+    def acomputing(
+        self,
+        compute: Callable[[], Awaitable[object]],
+        args: tuple[Any, ...],
+        kwargs: Mapping[str, Any],
+    ) -> Callable[[], Awaitable[Tagged]]:
+        """`computing` for an ``async def``: awaits it, then makes the tags."""
+
+        async def tagged() -> Tagged:
+            value = await compute()
+            return Tagged(value, self.of(value, args, kwargs))
+
+        return tagged

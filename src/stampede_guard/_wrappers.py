@@ -28,13 +28,14 @@ from stampede_guard._call import (
 from stampede_guard._coalesce import AsyncFlights, Refreshing, SyncFlights
 from stampede_guard._context import Context, Plan, Served
 from stampede_guard._drivers import run_async, run_sync
-from stampede_guard._entry import Entry
+from stampede_guard._entry import CachedFailure, Entry
 from stampede_guard._errors import BackendError
 from stampede_guard._freshness import RefreshDue
 from stampede_guard._keys import KeyMaker
 from stampede_guard._ops import Op
 from stampede_guard._plan import Flight, plan, without_cache
 from stampede_guard._reentry import check_reentry, computing_any
+from stampede_guard._tags import TagMaker
 from stampede_guard._types import AsyncCachedFunction, CachedFunction
 from stampede_guard.backends._protocol import AsyncBackend, Backend
 
@@ -52,10 +53,16 @@ class _Cached(Generic[P, R]):
     """The object put in place of a sync function."""
 
     def __init__(
-        self, fn: Callable[P, R], keys: KeyMaker, backend: Backend, context: Context
+        self,
+        fn: Callable[P, R],
+        keys: KeyMaker,
+        backend: Backend,
+        context: Context,
+        tags: TagMaker | None = None,
     ) -> None:
         functools.update_wrapper(self, fn)
         self._fn = fn
+        self._tags = tags
         self._keys = keys
         self._make_key = keys.make
         self._backend = backend
@@ -71,7 +78,9 @@ class _Cached(Generic[P, R]):
 
     def _run(self, call: Call, steps: Generator[Op, Any, T]) -> T:
         args, kwargs = call
-        compute = functools.partial(self._fn, *args, **kwargs)
+        compute: Callable[[], object] = functools.partial(self._fn, *args, **kwargs)
+        if self._tags is not None:
+            compute = self._tags.computing(compute, args, kwargs)
         return run_sync(steps, self._backend, compute, ctx=self._context)
 
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
@@ -81,7 +90,8 @@ class _Cached(Generic[P, R]):
         if self._quick is not None:  # the hot path: a hit in memory needs no plan
             found = self._quick(key)
             if found is not None:
-                if ctx.plain_hits:  # `first_look`'s first decision, inlined
+                # `first_look`'s first decisions, inlined (a failure: it raises it)
+                if ctx.plain_hits and type(found.value) is not CachedFailure:
                     return found.value  # type: ignore[return-value]
                 value = first_look(key, found, ctx, near=self._near)
                 if type(value) is Entry:
@@ -142,11 +152,13 @@ class _AsyncCached(Generic[P, R]):
         keys: KeyMaker,
         backend: AsyncBackend,
         context: Context,
+        tags: TagMaker | None = None,
     ) -> None:
         functools.update_wrapper(self, fn)
         self.__code__, self.__defaults__, self.__kwdefaults__ = _function_face(fn)
         self.__name__: str = getattr(fn, "__name__", type(fn).__name__)
         self._fn = fn
+        self._tags = tags
         self._keys = keys
         self._make_key = keys.make
         self._backend = backend
@@ -162,7 +174,11 @@ class _AsyncCached(Generic[P, R]):
 
     async def _run(self, call: Call, steps: Generator[Op, Any, T]) -> T:
         args, kwargs = call
-        compute = functools.partial(self._fn, *args, **kwargs)
+        compute: Callable[[], Awaitable[object]] = functools.partial(
+            self._fn, *args, **kwargs
+        )
+        if self._tags is not None:
+            compute = self._tags.acomputing(compute, args, kwargs)
         return await run_async(
             steps, self._backend, compute, self._background, ctx=self._context
         )
@@ -174,7 +190,8 @@ class _AsyncCached(Generic[P, R]):
         if self._quick is not None:  # the hot path: a hit in memory needs no plan
             found = self._quick(key)
             if found is not None:
-                if ctx.plain_hits:  # `first_look`'s first decision, inlined
+                # `first_look`'s first decisions, inlined (a failure: it raises it)
+                if ctx.plain_hits and type(found.value) is not CachedFailure:
                     return found.value  # type: ignore[return-value]
                 value = first_look(key, found, ctx, near=self._near)
                 if type(value) is Entry:
@@ -327,10 +344,15 @@ def _function_face(fn: Callable[..., Any]) -> FunctionFace:
 
 
 def make_sync(
-    fn: Callable[P, R], keys: KeyMaker, backend: Backend, context: Context
+    fn: Callable[P, R],
+    keys: KeyMaker,
+    backend: Backend,
+    context: Context,
+    tags: TagMaker | None = None,
 ) -> CachedFunction[P, R]:
     """Wrap a sync function."""
-    return cast("CachedFunction[P, R]", _Cached(fn, keys, backend, context))
+    cached = _Cached(fn, keys, backend, context, tags)
+    return cast("CachedFunction[P, R]", cached)
 
 
 def make_async(
@@ -338,6 +360,8 @@ def make_async(
     keys: KeyMaker,
     backend: AsyncBackend,
     context: Context,
+    tags: TagMaker | None = None,
 ) -> AsyncCachedFunction[P, R]:
     """Wrap an ``async def``."""
-    return cast("AsyncCachedFunction[P, R]", _AsyncCached(fn, keys, backend, context))
+    cached = _AsyncCached(fn, keys, backend, context, tags)
+    return cast("AsyncCachedFunction[P, R]", cached)
