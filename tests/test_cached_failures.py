@@ -7,6 +7,7 @@ store stand for two processes). Calls of the function are counted exactly.
 from __future__ import annotations
 
 import asyncio
+import re
 import secrets
 import threading
 from collections.abc import Callable
@@ -23,7 +24,7 @@ from stampede_guard import (
     cached_stampede_safe,
 )
 from stampede_guard._coalesce import Refreshing
-from stampede_guard.backends import Backend
+from stampede_guard.backends import Backend, CachedFailure, Entry
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -323,3 +324,21 @@ def test_an_async_function_caches_its_failure_for_every_task() -> None:
     results = asyncio.run(main())
     assert all(type(r) is TimeoutError for r in results)
     assert origin.calls == 1
+
+
+@pytest.mark.parametrize(
+    "name", ["builtins.SystemExit", "subprocess.Popen", "os.system", "no.such.Module"]
+)
+def test_a_failure_written_by_someone_else_never_imports_or_exits(
+    make_backend: Callable[[], Backend], name: str
+) -> None:
+    """A name read from the cache is only looked up among cached classes' subclasses."""
+    backend = make_backend()
+    origin = Upstream(None)
+    fn = cached_stampede_safe(
+        key="k:{x}", cache_errors={Exception: 60.0}, backend=backend
+    )(origin)
+    backend.set("k:0", Entry(CachedFailure(name, "0"), 1.0, 0.0), 60)
+    with pytest.raises(CachedFailureError, match=re.escape(name)):
+        fn()
+    assert origin.calls == 0
