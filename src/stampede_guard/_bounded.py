@@ -248,7 +248,12 @@ class BoundedStore(Generic[K, V]):
         """Remove the expired entries; return how many."""
         now = self._clock()
         with self._mutex:
-            dead = [k for k, item in self._data.items() if item[1] <= now]
+            # Readers move entries to the end without the mutex: iterating the dict
+            # itself in Python code could meet one ("OrderedDict mutated during
+            # iteration", which failed the store that swept). list() copies it in one
+            # C call, which no other thread interrupts under the GIL.
+            items = list(self._data.items())
+            dead = [k for k, item in items if item[1] <= now]
             for key in dead:
                 self._bytes -= self._data.pop(key)[2]
             return len(dead)
