@@ -421,6 +421,59 @@ async def subscribers_hear_of_stores_and_releases(b: Driver) -> None:
         await listening.close()
 
 
+# --- Tags (optional) -------------------------------------------------------------------
+
+
+def _tags_kept(b: Driver) -> None:
+    """Skip without tags; a backend that has them must keep them or say it cannot."""
+    if b.tags is None:
+        pytest.skip("the backend keeps no tags (TagBackend): tags= is refused on it")
+
+
+@_check
+async def an_invalidated_tag_makes_its_entries_absent_and_no_other(b: Driver) -> None:
+    """After invalidate_tag, the entries carrying the tag read as absent; others stay.
+
+    A backend that cannot keep tags (a Redis Cluster) must refuse them with TypeError,
+    for a tagged store and for invalidate_tag, before changing anything.
+    """
+    _tags_kept(b)
+    tag, other = f"contract-tag-{uuid.uuid4().hex}", f"contract-tag-{uuid.uuid4().hex}"
+    carrying, spared = _key("tagged"), _key("spared")
+    tagged = Entry(_VALUE, 1_700_000_000.25, 0.125, (tag, other))
+    if b.tags is False:
+        with pytest.raises(TypeError):
+            await b.invalidate_tag(tag)
+        assert await b.lock(carrying, "token", _LONG) == "token"
+        with pytest.raises(TypeError):
+            await b.set_and_unlock(carrying, tagged, _LONG, "token")
+        assert await b.unlock(carrying, "token") is True
+        return
+    for key, entry in ((carrying, tagged), (spared, Entry(1, 1.0, 0.0, (other,)))):
+        assert await b.get_or_lock(key, "token", _LONG) == "token"
+        assert await b.set_and_unlock(key, entry, _LONG, "token") == entry
+    assert await b.get(carrying) == tagged
+    await b.invalidate_tag(tag)
+    assert await b.get(carrying) is None
+    assert await b.get_or_lock(carrying, "next", _LONG) == "next"
+    assert await b.get(spared) == Entry(1, 1.0, 0.0, (other,))
+
+
+@_check
+async def a_store_begun_before_its_tags_invalidation_is_refused(b: Driver) -> None:
+    """A store whose ticket precedes an invalidation of one of its tags stores nothing."""
+    _tags_kept(b)
+    if b.tags is False:
+        pytest.skip("the backend refuses tags (see the check above)")
+    tag, key = f"contract-tag-{uuid.uuid4().hex}", _key()
+    ticket = _ticket_of(await b.get_or_lock(key, "token", _LONG))
+    await b.invalidate_tag(tag)
+    entry = Entry(_VALUE, 1_700_000_000.25, 0.125, (tag,))
+    assert await b.set_and_unlock(key, entry, _LONG, "token", ticket=ticket) is None
+    assert await b.get(key) is None
+    assert await b.get_or_lock(key, "next", _LONG) == "next"  # released
+
+
 # --- The two contracts ----------------------------------------------------------------
 
 
@@ -462,8 +515,8 @@ class BackendContract:
 
     The fixture returns a fresh backend for each test. Values used are JSON data, so
     byte-oriented backends with the default serializer pass. Each test works on keys
-    of its own and bounds every wait, so a shared store is fine. Fencing (tickets) and
-    notifications are optional: their tests skip on a backend without them.
+    of its own and bounds every wait, so a shared store is fine. Fencing (tickets),
+    notifications and tags are optional: their tests skip on a backend without them.
     """
 
 

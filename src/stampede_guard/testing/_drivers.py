@@ -12,15 +12,17 @@ import asyncio
 import threading
 import time
 from collections.abc import Callable, Coroutine
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar, cast
 
 from stampede_guard.backends import (
     AsyncBackend,
     AsyncNotifier,
+    AsyncTagBackend,
     Backend,
     Entry,
     Notice,
     Notifier,
+    TagBackend,
 )
 
 __all__ = ["AsyncDriver", "Driver", "SyncDriver", "run_sync"]
@@ -56,6 +58,9 @@ class Driver(Protocol):
     async def extend(self, key: str, token: str, lock_ttl: float) -> bool: ...
     async def unlock(self, key: str, token: str) -> bool: ...
     async def delete(self, key: str) -> None: ...
+    @property
+    def tags(self) -> bool | None: ...  # None: no tags; False: refuses them
+    async def invalidate_tag(self, tag: str) -> None: ...
     async def sleep(self, seconds: float) -> None: ...
     async def race(
         self, n: int, call: Callable[[int], Coroutine[Any, Any, object]]
@@ -125,6 +130,14 @@ class SyncDriver:
 
     async def delete(self, key: str) -> None:
         self.b.delete(key)
+
+    @property
+    def tags(self) -> bool | None:
+        """Whether the backend keeps tags: None without them, False if it refuses."""
+        return _keeps_tags(self.b, TagBackend)
+
+    async def invalidate_tag(self, tag: str) -> None:
+        cast("TagBackend", self.b).invalidate_tag(tag)
 
     async def sleep(self, seconds: float) -> None:
         time.sleep(seconds)  # noqa: ASYNC251 - a sync check runs on no event loop
@@ -197,6 +210,14 @@ class AsyncDriver:
     async def delete(self, key: str) -> None:
         await self.b.adelete(key)
 
+    @property
+    def tags(self) -> bool | None:
+        """See `SyncDriver.tags`."""
+        return _keeps_tags(self.b, AsyncTagBackend)
+
+    async def invalidate_tag(self, tag: str) -> None:
+        await cast("AsyncTagBackend", self.b).ainvalidate_tag(tag)
+
     async def sleep(self, seconds: float) -> None:
         await asyncio.sleep(seconds)
 
@@ -224,3 +245,9 @@ class AsyncDriver:
             return None
         listening: Listening = await self.b.asubscribe(key)
         return listening
+
+
+def _keeps_tags(backend: object, protocol: type) -> bool | None:
+    if not isinstance(backend, protocol):
+        return None
+    return getattr(backend, "tags", True) is not False
