@@ -42,6 +42,7 @@ __all__ = [
     "Setup",
     "calls_key",
     "hold_key",
+    "misses_key",
     "release_key",
     "serve",
 ]
@@ -80,9 +81,12 @@ def calls_key(prefix: str, fn: str) -> str:
     return f"{prefix}:calls:{fn}"
 
 
-def misses_key(prefix: str, round_: int) -> str:
-    """Return the Redis key counting the Misses of stampede round *round_*."""
-    return f"{prefix}:misses:{round_}"
+def misses_key(prefix: str, round_: int | None = None) -> str:
+    """Return the Redis key counting the Misses of stampede round *round_*.
+
+    Without a round: the Misses of calls made outside any stampede.
+    """
+    return f"{prefix}:misses:{'alone' if round_ is None else round_}"
 
 
 def hold_key(prefix: str) -> str:
@@ -161,9 +165,8 @@ class _Worker:
         }
 
     def _count_misses(self, event: MetricsEvent, /) -> None:
-        round_ = self.round
-        if round_ is not None and isinstance(event, Miss):
-            self.counter.incr(misses_key(self.setup.prefix, round_))
+        if isinstance(event, Miss):
+            self.counter.incr(misses_key(self.setup.prefix, self.round))
 
     def _hold(self, fn: object, *args: object) -> None:
         """Hold a computation as the module says: until every caller waits on it."""

@@ -19,7 +19,14 @@ import pytest
 import redis
 
 import _tags_worker  # on sys.path (pytest's pythonpath), so in a spawned child too
-from _tags_worker import USER_ID, Setup, calls_key, hold_key, release_key
+from _tags_worker import (
+    USER_ID,
+    Setup,
+    calls_key,
+    hold_key,
+    misses_key,
+    release_key,
+)
 from _waiting import until
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow, pytest.mark.timeout(120)]
@@ -159,6 +166,30 @@ def test_a_computation_in_flight_when_its_tag_is_invalidated_elsewhere_is_not_st
     assert workers.call(a, "user") == ("ok", {"computation": 2})
     assert workers.call(b, "user") == ("ok", {"computation": 2})
     assert calls(redis_client, redis_prefix, "user") == 2
+    assert no_locks(redis_client, redis_prefix)
+
+
+def test_a_waiter_of_another_process_is_not_served_a_value_its_tag_invalidated(
+    fleet: type[Fleet], redis_url: str, redis_prefix: str, redis_client: redis.Redis
+) -> None:
+    """C waits on A's lock; B invalidates a tag of A's value: C computes anew."""
+    workers = fleet(Setup(redis_url, redis_prefix, processes=3))
+    a, b, c = 0, 1, 2
+    redis_client.set(hold_key(redis_prefix), 1)
+    assert workers.ask(a, "start", "user") is None
+    until("A computing", lambda: calls(redis_client, redis_prefix, "user") == 1)
+    assert workers.ask(c, "start", "user") is None
+    # A's Miss (it took the lock) and C's (it found the lock held, and waits).
+    until(
+        "C waiting on A's lock",
+        lambda: int(redis_client.get(misses_key(redis_prefix)) or 0) == 2,
+    )
+    assert workers.ask(b, "invalidate_tag", f"user:{USER_ID}") is None
+    redis_client.set(release_key(redis_prefix), 1)
+    assert workers.ask(a, "finish") == ("ok", {"computation": 1})
+    assert workers.ask(c, "finish") == ("ok", {"computation": 2})
+    assert calls(redis_client, redis_prefix, "user") == 2
+    assert workers.call(a, "user") == ("ok", {"computation": 2})
     assert no_locks(redis_client, redis_prefix)
 
 
