@@ -33,7 +33,7 @@ from stampede_guard.metrics import (
 )
 from test_contrib import otel_points, otel_value, sample
 
-REASONS = ("lost", "stopped", "fork", "tag")
+REASONS = ("lost", "stopped", "fork")
 NEAR_SERIES = (
     "near_hits_total",
     "near_evictions_total",

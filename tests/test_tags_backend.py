@@ -16,6 +16,8 @@ import redis
 
 from _waiting import until
 from stampede_guard import AsyncRedisBackend, NearCache, RedisBackend
+from stampede_guard._near import Near
+from stampede_guard._tags import TAG_MESSAGE
 from stampede_guard.backends import Backend, Claim, Entry, TagBackend
 
 pytestmark = pytest.mark.timeout(60)
@@ -332,9 +334,17 @@ def test_a_near_cache_drops_what_it_holds_when_a_tag_is_invalidated_anywhere(
             return held("k") is not None
 
         until("the near cache holding k", holds_k)
+        store(writer, "other", tagged("o", "u"))
+
+        def holds_other() -> bool:
+            near.get("other")
+            return held("other") is not None
+
+        until("the near cache holding other", holds_other)
         writer.invalidate_tag("t")
         until("the near cache dropping k", lambda: held("k") is None)
         assert near.get("k") is None
+        assert held("other") is not None  # another tag's: still held
         # Read-your-writes: the invalidating process itself serves nothing old.
         store(writer, "k", tagged("w", "t"))
         until("the near cache holding k again", holds_k)
@@ -344,3 +354,76 @@ def test_a_near_cache_drops_what_it_holds_when_a_tag_is_invalidated_anywhere(
     finally:
         near.close()
         writer.close()
+
+
+# The near cache's own decisions about tags, on a `Near` driven by hand.
+
+
+def live_near() -> Near:
+    near = Near(NearCache(), "channel")
+    near.subscribed()
+    return near
+
+
+def offer(near: Near, key: str, start: int, *tags: str) -> bool:
+    """Offer a read of *key* begun at *start*; return whether the near cache kept it."""
+    near.admit(
+        key, tagged(key, *tags), start, began=near.clock(), remote_ttl=None, weight=1
+    )
+    return near.lookup(key) is not None
+
+
+def test_a_tag_drops_only_the_near_entries_carrying_it() -> None:
+    near = live_near()
+    start = near.begin()
+    assert start is not None
+    assert offer(near, "a", start, "user:1")
+    assert offer(near, "b", start, "user:1", "org:1")
+    assert offer(near, "c", start, "user:2")
+    assert offer(near, "d", start)
+    near.invalidated(TAG_MESSAGE + "user:1")
+    assert near.lookup("a") is None
+    assert near.lookup("b") is None
+    assert near.lookup("c") is not None
+    assert near.lookup("d") is not None
+
+
+def test_a_read_begun_before_a_tags_invalidation_cannot_bring_its_entry_back() -> None:
+    """The tag's number refuses what an older read brings back carrying it."""
+    near = live_near()
+    before = near.begin()
+    assert before is not None
+    near.invalidated(TAG_MESSAGE + "user:1")
+    assert not offer(near, "a", before, "user:1")  # read before, landed after
+    assert offer(near, "b", before, "user:2")  # another tag's: kept
+    after = near.begin()
+    assert after is not None
+    assert offer(near, "a", after, "user:1")  # read after: kept
+
+
+def test_a_key_stored_again_without_the_tag_is_not_dropped_by_it() -> None:
+    """The index may name keys that no longer carry the tag: only carriers go."""
+    near = live_near()
+    start = near.begin()
+    assert start is not None
+    assert offer(near, "a", start, "user:1")
+    near.drop("a")  # changed: stored again, now without the tag
+    later = near.begin()
+    assert later is not None
+    assert offer(near, "a", later, "org:1")
+    near.invalidated(TAG_MESSAGE + "user:1")
+    assert near.lookup("a") is not None
+
+
+def test_the_tag_index_stays_bounded_under_churn() -> None:
+    """Keys evicted or dropped leave the index when it outgrows what is held."""
+    near = Near(NearCache(maxsize=100, admission=False), "channel")
+    near.subscribed()
+    for i in range(50_000):
+        start = near.begin()
+        assert start is not None
+        offer(near, f"k{i}", start, f"t{i % 7}", "all")
+    assert len(near) <= 100
+    assert near._indexed <= 2 * (100 + 4096)
+    near.invalidated(TAG_MESSAGE + "all")
+    assert len(near) == 0

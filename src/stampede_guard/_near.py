@@ -32,6 +32,11 @@ Safety, decided here for both backends:
   it returns, so the writer never serves the old value after its write or
   invalidation returns (read your writes), whatever the message's delay.
 - A forked child starts with an empty near cache (``os.register_at_fork``).
+- A tag's invalidation (a message naming the tag) drops the entries held that carry
+  it, found by an index of the tags of what was admitted, and refuses the entries
+  carrying it that reads begun before bring back (tags are remembered by number as
+  keys are). It also forgets every in-process flight: a read in flight may be of a
+  value carrying the tag, which cannot be known before it lands.
 """
 
 from __future__ import annotations
@@ -119,7 +124,7 @@ class NearCache:
             raise TypeError(msg)
 
 
-FlushReason = Literal["lost", "stopped", "fork", "tag"]
+FlushReason = Literal["lost", "stopped", "fork"]
 
 
 class Forgets(Protocol):
@@ -172,6 +177,9 @@ class Near:
         self._seq = 0  # one number per invalidation, connection change or flush
         self._forgotten = 0  # reads begun before this cannot be judged: refused
         self._recent: OrderedDict[str, int] = OrderedDict()  # key -> its last number
+        self._tag_recent: OrderedDict[str, int] = OrderedDict()  # the same, by tag
+        self._tagged: dict[str, set[str]] = {}  # tag -> keys admitted carrying it
+        self._indexed = 0  # keys in `_tagged`, counted with repeats
         self.live = False  # subscribed on a connection that is trusted
         self.wanted = False  # the listener has been asked to subscribe
         # The listener's hub that keeps the subscription. Only it may flush: a
@@ -216,21 +224,58 @@ class Near:
                 not self.live
                 or start < self._forgotten
                 or self._recent.get(key, 0) > start
+                or (entry.tags and self._tag_changed(entry.tags, start))
             ):
                 return
-            self._store.put(key, entry, began + ttl, weight)
+            if self._store.put(key, entry, began + ttl, weight) and entry.tags:
+                self._index(key, entry.tags)
+
+    def _tag_changed(self, tags: tuple[str, ...], start: int) -> bool:
+        """Whether one of *tags* was invalidated after a read that began at *start*."""
+        recent = self._tag_recent
+        return any(recent.get(tag, 0) > start for tag in tags)
+
+    def _index(self, key: str, tags: tuple[str, ...]) -> None:
+        """Note that *key* is held carrying *tags* (under the mutex).
+
+        Keys dropped or evicted stay in the index until their tag is invalidated
+        (then only those still carrying it are dropped), or until the index outgrows
+        twice what is held: then it is rebuilt from what is held.
+        """
+        for tag in tags:
+            self._tagged.setdefault(tag, set()).add(key)
+        self._indexed += len(tags)
+        if self._indexed > 2 * (len(self._store) + _REMEMBERED):
+            rebuilt: dict[str, set[str]] = {}
+            for tag, keys in self._tagged.items():
+                held = {k for k in keys if self._carries(k, tag)}
+                if held:
+                    rebuilt[tag] = held
+            self._tagged = rebuilt
+            self._indexed = sum(map(len, rebuilt.values()))
+
+    def _carries(self, key: str, tag: str) -> bool:
+        held = self._store.peek(key)
+        return held is not None and tag in held[0].tags
 
     def drop(self, key: str) -> None:
         """Forget *key*: it changed (or is being changed) since anything read of it."""
         with self._mutex:
-            self._seq += 1
-            recent = self._recent
-            recent[key] = self._seq
-            recent.move_to_end(key)
-            while len(recent) > _REMEMBERED:
-                _, number = recent.popitem(last=False)
-                self._forgotten = max(self._forgotten, number)
+            self._remember(self._recent, key)
             self._store.pop(key)
+
+    def _remember(self, recent: OrderedDict[str, int], name: str) -> None:
+        """Give *name* (a key, or a tag) a new number in *recent* (under the mutex).
+
+        The oldest names are forgotten past `_REMEMBERED`; reads begun before their
+        number can no longer be judged, so they are refused (`_forgotten`).
+        """
+        self._seq += 1
+        recent[name] = self._seq
+        recent.move_to_end(name)
+        while len(recent) > _REMEMBERED:
+            _, number = recent.popitem(last=False)
+            self._forgotten = max(self._forgotten, number)
 
     def invalidated(self, key: str) -> None:
         """A message said *key* changed (in any process, this one included).
@@ -240,7 +285,7 @@ class Near:
         it and be served what this process already knows is old.
         """
         if key.startswith(TAG_MESSAGE):
-            self.tag_invalidated()
+            self.tag_invalidated(key[len(TAG_MESSAGE) :])
             return
         self.drop(key)
         with self._mutex:
@@ -250,18 +295,26 @@ class Near:
         if self._observed:
             self._emit(NearInvalidation(key))
 
-    def tag_invalidated(self) -> None:
-        """A tag was invalidated: drop everything, and every in-process flight.
+    def tag_invalidated(self, tag: str) -> None:
+        """A message said *tag* was invalidated (in any process, this one included).
 
-        A tag may be carried by any key held here, and telling which would mean
-        indexing every entry's tags on every fill; a tag's invalidation is rarer than
-        a hit by far. Flights are forgotten for the reason `invalidated` gives.
+        The entries held that carry it are dropped, and reads begun before that bring
+        one back are refused (see the module). Every in-process flight is forgotten.
         """
-        self._start_over("tag")
         with self._mutex:
+            self._remember(self._tag_recent, tag)
+            keys = self._tagged.pop(tag, set())
+            self._indexed -= len(keys)
+            dropped = [key for key in keys if self._carries(key, tag)]
+            for key in dropped:
+                self._remember(self._recent, key)
+                self._store.pop(key)
             watchers = list(self._watchers)
         for flights in watchers:
             flights.forget_all()
+        if self._observed:
+            for key in dropped:
+                self._emit(NearInvalidation(key))
 
     def watch(self, flights: Forgets) -> None:
         """Forget *flights* of a key whenever a message says it changed."""
@@ -309,6 +362,7 @@ class Near:
             self._seq += 1
             self._forgotten = self._seq
             dropped = self._store.clear()
+            self._tagged, self._indexed = {}, 0
         if self._observed and (dropped or (was_live and not self.live)):
             self._emit(NearFlush(reason, dropped))
 

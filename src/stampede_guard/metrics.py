@@ -198,11 +198,10 @@ class NearFlush:
 
     *reason*: the invalidation channel was lost or found silent (``"lost"``), the
     listener stopped (``"stopped"``: the backend closed, or its event loop ended), or
-    the process is a forked child (``"fork"``: nothing of the parent's is trusted),
-    or a tag was invalidated (``"tag"``: any entry held may carry it).
+    the process is a forked child (``"fork"``: nothing of the parent's is trusted).
     """
 
-    reason: Literal["lost", "stopped", "fork", "tag"]
+    reason: Literal["lost", "stopped", "fork"]
     entries: int
 
 

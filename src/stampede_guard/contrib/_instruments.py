@@ -193,10 +193,10 @@ NEAR_INVALIDATIONS: Final = Instrument(
 NEAR_FLUSHES: Final = Instrument(
     "near_flushes",
     "near_flushes",
-    "Times the near cache dropped every entry, by reason (lost, stopped, fork or tag).",
+    "Times the near cache dropped every entry, by reason (lost, stopped or fork).",
     "{flush}",
     "reason",
-    ("lost", "stopped", "fork", "tag"),
+    ("lost", "stopped", "fork"),
 )
 
 

@@ -295,7 +295,7 @@ class AsyncRedisBackend(RedisBase["AsyncClient"]):
     async def invalidate_tag(self, tag: str) -> None:
         """Invalidate every value stored with *tag* (see `RedisBackend.invalidate_tag`)."""
         await self._send(self._tagging(tag))
-        self._tag_done()
+        self._tag_done(tag)
 
     async def ainvalidate_tag(self, tag: str) -> None:
         """The same as `invalidate_tag`, by the asyncio methods' a-prefixed name."""

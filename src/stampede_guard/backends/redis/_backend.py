@@ -120,14 +120,14 @@ class RedisBase(Generic[ClientT]):
         """Return the call invalidating *tag*, after checking this backend can."""
         return self._codec.invalidate_tag(check_tag(tag))
 
-    def _tag_done(self) -> None:
-        """After a tag's invalidation: this process's near cache drops all it holds.
+    def _tag_done(self, tag: str) -> None:
+        """After *tag*'s invalidation: this process's near cache drops its entries.
 
         At once, for read-your-writes; the message does it in every other process
-        (and here again). Reads begun before are refused, as after any drop.
+        (and here again). Reads begun before that bring one back are refused.
         """
         if self._near is not None:
-            self._near.tag_invalidated()
+            self._near.tag_invalidated(tag)
 
     @property
     def tags(self) -> bool:

@@ -244,4 +244,4 @@ class RedisBackend(RedisBase["SyncClient"]):
         it raises TypeError.
         """
         self._send(self._tagging(tag))
-        self._tag_done()
+        self._tag_done(tag)
