@@ -213,3 +213,22 @@ def as_text(value: object) -> str:
 
 cached_stampede_safe(ttl=no_value)  # type: ignore[arg-type]
 cached_stampede_safe(stale_ttl=as_text)  # type: ignore[arg-type]
+
+
+# Tags, cached failures and the refresh backoff (issue 19).
+@cached_stampede_safe(
+    key="orders:{user_id}",
+    tags=("user:{user_id}",),
+    cache_errors={TimeoutError: 5.0, ConnectionError: 1},
+    refresh_backoff=2.0,
+    backend=MemoryBackend(),
+)
+def orders(user_id: int) -> list[int]:
+    return [user_id]
+
+
+assert_type(orders(1), list[int])
+my_cache(tags=lambda value, user_id: [f"user:{user_id}"])
+MemoryBackend().invalidate_tag("user:1")
+cached_stampede_safe(cache_errors={"TimeoutError": 5.0})  # type: ignore[dict-item]
+cached_stampede_safe(refresh_backoff="5")  # type: ignore[call-overload]
