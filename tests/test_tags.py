@@ -14,13 +14,13 @@ from typing import Any, Protocol, cast
 
 import pytest
 
-from _waiting import Waiting, until
 from stampede_guard import (
     AsyncRedisBackend,
     MemoryBackend,
     cached_stampede_safe,
 )
 from stampede_guard.backends import Backend, TagBackend
+from stampede_guard.testing import wait_for_joiners
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -95,69 +95,59 @@ def test_tags_from_a_callable_of_the_value_and_the_arguments(
     assert calls == [1, 2, 3, 1, 2]
 
 
+class Held:
+    """A tagged function on key "k" whose first computation waits for `release`."""
+
+    def __init__(self, backend: Tagging) -> None:
+        self.started, self.release = threading.Event(), threading.Event()
+        self.calls = 0
+
+        @cached_stampede_safe(key="k", tags=("t",), backend=backend)
+        def slow() -> int:
+            self.calls += 1
+            calls = self.calls
+            if calls == 1:
+                self.started.set()
+                assert self.release.wait(10)
+            return calls
+
+        self.fn = slow
+
+
 def test_a_computation_begun_before_the_invalidation_serves_its_caller_but_is_not_kept(
     make_backend: Callable[[], Backend],
 ) -> None:
     """Final: what began before invalidate_tag returned is not stored after it."""
-    backend = tag_backend(make_backend)
-    started, release = threading.Event(), threading.Event()
-    calls: list[int] = []
-
-    @cached_stampede_safe(key="k", tags=("t",), backend=backend)
-    def slow() -> int:
-        calls.append(1)
-        if len(calls) == 1:
-            started.set()
-            assert release.wait(10)
-        return len(calls)
-
-    got: list[int] = []
-    leader = threading.Thread(target=lambda: got.append(slow()))
-    leader.start()
-    assert started.wait(10)
+    held = Held(tag_backend(make_backend))
+    leader = slow_in_thread(held.fn)
+    assert held.started.wait(10)
     tag_backend(make_backend).invalidate_tag("t")
-    release.set()
-    leader.join(10)
-    assert got == [1]  # its caller asked before the invalidation: it may have it
-    assert slow() == 2  # nobody else may: not stored
-    assert slow() == 2
-    assert len(calls) == 2
+    held.release.set()
+    assert leader() == 1  # its caller asked before the invalidation: it may have it
+    assert held.fn() == 2  # nobody else may: not stored
+    assert held.fn() == 2
+    assert held.calls == 2
 
 
-def test_waiters_of_a_revoked_computation_do_not_take_its_value(
+def test_callers_joined_to_a_revoked_computation_do_not_take_its_value(
     make_backend: Callable[[], Backend],
 ) -> None:
-    """Callers waiting on the leader when the tag is invalidated get a later value."""
-    backend = tag_backend(make_backend)
-    started, release = threading.Event(), threading.Event()
-    waiting = Waiting()
-    calls: list[int] = []
-
-    @cached_stampede_safe(key="k", tags=("t",), backend=backend, metrics=waiting)
-    def slow() -> int:
-        calls.append(1)
-        if len(calls) == 1:
-            started.set()
-            assert release.wait(10)
-        return len(calls)
-
-    results: list[int] = []
-    threads = [
-        threading.Thread(target=lambda: results.append(slow())) for _ in range(5)
-    ]
-    threads[0].start()
-    assert started.wait(10)
-    for thread in threads[1:]:
-        thread.start()
-    until("the joiners and waiters reaching their wait", lambda: waiting.misses >= 1)
+    """Callers that joined the leader before the tag's invalidation get a later value."""
+    held = Held(tag_backend(make_backend))
+    leader = slow_in_thread(held.fn)
+    assert held.started.wait(10)
+    joined = [slow_in_thread(held.fn) for _ in range(4)]
+    wait_for_joiners(held.fn, 4)
     tag_backend(make_backend).invalidate_tag("t")
-    late = slow_in_thread(slow)  # a caller arriving after the invalidation
-    release.set()
-    for thread in threads:
-        thread.join(10)
-    assert late() != 1  # arrived after invalidate_tag returned: never the old value
-    assert slow() != 1
-    assert 1 in results  # the leader's own caller
+    late = slow_in_thread(held.fn)  # a caller arriving after the invalidation
+    held.release.set()
+    assert leader() == 1
+    # The joiners asked before the invalidation, but the value they shared was refused
+    # by the backend: they do not take a value nobody else may have, and start again.
+    assert [call() for call in joined] == [2, 2, 2, 2]
+    assert late() == 2
+    assert held.fn() == 2
+    assert held.calls == 2
 
 
 def slow_in_thread(fn: Callable[[], int]) -> Callable[[], int]:
