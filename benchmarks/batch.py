@@ -94,7 +94,6 @@ import json
 import math
 import multiprocessing as mp
 import os
-import platform
 import queue
 import random
 import sys
@@ -123,14 +122,16 @@ from common import (
     Clock,
     GcPauses,
     Pct,
+    describe,
     make_value,
     median,
     pct,
+    report_header,
+    source_summary,
 )
-from peers import library_versions, prewarm_async_pool, prewarm_sync_pool, sync_pool
+from peers import prewarm_async_pool, prewarm_sync_pool, sync_pool
 from redis_server import RedisServer, command_stats, cpu_seconds
 from run import RESULTS, progress, source_state
-from stampede import describe
 
 Value = dict[str, object]
 Upstream = Callable[[Sequence[str]], dict[str, Value]]
@@ -1136,43 +1137,6 @@ def _group(
     return groups
 
 
-def header(
-    redis_version: str,
-    started: datetime,
-    elapsed: float,
-    src: tuple[str, str],
-    load: tuple[tuple[float, float, float], tuple[float, float, float]],
-) -> dict[str, str]:
-    """Return the report's header: when, where, what, and how busy the machine was."""
-    uname = platform.uname()
-    fmt = "{:.2f} / {:.2f} / {:.2f}"
-    return {
-        "date": started.strftime("%Y-%m-%d %H:%M:%S UTC"),
-        "duration": f"{elapsed:.0f} s",
-        "command": " ".join(
-            ["uv run --group bench benchmarks/batch.py", *sys.argv[1:]]
-        ),
-        "machine": f"{uname.machine}, {os.cpu_count()} cores, {uname.system} {uname.release}",
-        "load average (1 / 5 / 15 min)": f"{fmt.format(*load[0])} at the start, "
-        f"{fmt.format(*load[1])} at the end (other processes share these cores)",
-        "Python": platform.python_version(),
-        "redis-server": f"{redis_version} (private, 127.0.0.1, --save '' --appendonly no)",
-        "libraries": ", ".join(f"{k} {v}" for k, v in library_versions().items()),
-        "stampede_guard source": _source(*src),
-    }
-
-
-def _source(start: str, end: str) -> str:
-    """Say what was measured: one source, or a source that changed during the run."""
-    if start == end:
-        return start
-    digest = "src digest "
-    if digest in start and start.rsplit(digest, 1)[1] == end.rsplit(digest, 1)[1]:
-        # Only HEAD moved (commits elsewhere): src/stampede_guard is byte-identical.
-        return f"{start} (src/stampede_guard unchanged to the end; HEAD then: {end})"
-    return f"CHANGED DURING THE RUN: {start} at the start, {end} at the end"
-
-
 def targets(plan: Plan, runs: Sequence[RunResult]) -> list[tuple[str, str, str, bool]]:
     """Return (target, stampede_guard, stampede_guard_async, pass) rows."""
     groups = _group(runs)
@@ -1466,14 +1430,16 @@ def main(argv: Sequence[str] | None = None) -> int:  # noqa: C901, PLR0915 - one
                 progress(_progress_line(r, done, total))
     elapsed = time.perf_counter() - t0
     src_end = source_state()
-    if _source(src_start, src_end).startswith("CHANGED"):
+    if source_summary(src_start, src_end).startswith("CHANGED"):
         progress("warning: src/stampede_guard changed during the run")
-    meta = header(
-        redis_version,
-        started,
-        elapsed,
-        (src_start, src_end),
-        (load_start, os.getloadavg()),
+    meta = report_header(
+        "batch.py",
+        started=started,
+        elapsed=elapsed,
+        redis_version=redis_version,
+        src=(src_start, src_end),
+        load=(load_start, os.getloadavg()),
+        load_note="other processes share these cores",
     )
     RESULTS.mkdir(exist_ok=True)
     paths = [RESULTS / f"batch-{started.strftime('%Y%m%d-%H%M%S')}.json"]

@@ -3,6 +3,8 @@
 Nothing here talks to Redis except `RoundTrips`, which counts the requests redis-py
 writes in this process. `GcPauses` times the garbage collector, whose pauses land in
 whichever peer happens to be running when a burst of allocations triggers one.
+`run_in_child` runs one measurement in a spawned process; `report_header` is the
+table of when, where and what that opens every script's report.
 """
 
 from __future__ import annotations
@@ -10,11 +12,19 @@ from __future__ import annotations
 import gc
 import itertools
 import math
+import multiprocessing as mp
 import os
+import platform
+import queue
 import statistics
+import sys
 import time
+import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
+from importlib.metadata import PackageNotFoundError, version
+from multiprocessing.queues import Queue as MpQueue
 from typing import Any
 
 import redis.asyncio.connection
@@ -27,9 +37,14 @@ __all__ = [
     "GcPauses",
     "Pct",
     "RoundTrips",
+    "describe",
+    "library_versions",
     "make_value",
     "median",
     "pct",
+    "report_header",
+    "run_in_child",
+    "source_summary",
     "value_key",
 ]
 
@@ -224,3 +239,147 @@ class WorkerReport:
     round_trips: int = 0
     release_spread_s: float = 0.0
     gc_longest_ms: float = 0.0
+
+
+def describe(exc: BaseException) -> str:
+    """Return 'Type: message', with the cause's, if any (BackendError wraps redis')."""
+    text = f"{type(exc).__name__}: {exc}"
+    cause = exc.__cause__ or exc.__context__
+    if cause is not None:
+        text += f" (from {type(cause).__name__}: {cause})"
+    return text[:300]
+
+
+def _child(
+    measure: Callable[..., object], args: tuple[object, ...], out: MpQueue[object]
+) -> None:
+    RoundTrips.install()
+    try:
+        out.put(measure(*args))
+    except BaseException as exc:  # noqa: BLE001 - reported to the coordinator
+        out.put(f"{describe(exc)}\n{traceback.format_exc()}")
+    finally:
+        out.close()
+        out.join_thread()
+        os._exit(0)
+
+
+def run_in_child(
+    measure: Callable[..., object], *args: object, timeout_s: float
+) -> object:
+    """Run ``measure(*args)`` in a spawned process that counts its round trips.
+
+    Args:
+        measure: a module-level function (the child imports it by name).
+        *args: its arguments (pickled).
+        timeout_s: how long to wait for its result; then the process is killed.
+
+    Returns:
+        What *measure* returned, or a text: the exception it raised (its first
+        line 'Type: message', then the traceback), or that none came in time.
+    """
+    ctx = mp.get_context("spawn")
+    out: MpQueue[object] = ctx.Queue()
+    proc = ctx.Process(target=_child, args=(measure, args, out), daemon=True)
+    proc.start()
+    try:
+        return out.get(timeout=timeout_s)
+    except queue.Empty:
+        return f"no result within {timeout_s:.0f} s"
+    finally:
+        proc.join(timeout=5)
+        if proc.is_alive():
+            proc.kill()
+            proc.join(timeout=5)
+        out.close()
+
+
+def library_versions() -> dict[str, str]:
+    """Return the installed versions of redis-py, hiredis and every peer library."""
+    found: dict[str, str] = {}
+    for dist in (
+        "stampede-guard",
+        "redis",
+        "hiredis",
+        "dogpile.cache",
+        "python-redis-lock",
+        "cashews",
+        "aiocache",
+        "cachetools",
+        "tenacity",
+    ):
+        try:
+            found[dist] = version(dist)
+        except PackageNotFoundError:
+            found[dist] = "not installed"
+    return found
+
+
+def source_summary(start: str, end: str) -> str:
+    """Say what was measured: one source, or a source that changed during the run.
+
+    *start* and *end* are ``run.source_state()`` at the start and at the end; the
+    text starts with "CHANGED" only if src/stampede_guard itself changed.
+    """
+    if start == end:
+        return start
+    digest = "src digest "
+    if digest in start and start.rsplit(digest, 1)[1] == end.rsplit(digest, 1)[1]:
+        # Only HEAD moved (commits elsewhere): src/stampede_guard is byte-identical.
+        return f"{start} (src/stampede_guard unchanged to the end; HEAD then: {end})"
+    return f"CHANGED DURING THE RUN: {start} at the start, {end} at the end"
+
+
+_LOAD_SPANS = {1: "1 min", 3: "1 / 5 / 15 min"}
+
+
+def report_header(
+    script: str,
+    *,
+    started: datetime,
+    elapsed: float,
+    redis_version: str,
+    src: tuple[str, str],
+    load: tuple[Sequence[float], Sequence[float]] | None = None,
+    load_note: str = "",
+    **extra: str,
+) -> dict[str, str]:
+    """Return a report's header: when, where, what, and how busy the machine was.
+
+    Args:
+        script: the script's file name in benchmarks/, for the command line.
+        started: when the run started (UTC).
+        elapsed: how long it took, in seconds.
+        redis_version: the private redis-server's version.
+        src: ``run.source_state()`` at the start and at the end.
+        load: ``os.getloadavg()`` at the start and at the end, whole or its first
+            (1 min) figure only; None leaves the load average out.
+        load_note: said after the load average, in parentheses.
+        **extra: further lines the script adds, in this order, after the rest.
+
+    Returns:
+        The header's lines, label to text, in the order they are shown.
+    """
+    uname = platform.uname()
+    meta = {
+        "date": started.strftime("%Y-%m-%d %H:%M:%S UTC"),
+        "duration": f"{elapsed:.0f} s",
+        "command": " ".join(
+            [f"uv run --group bench benchmarks/{script}", *sys.argv[1:]]
+        ),
+        "machine": f"{uname.machine}, {os.cpu_count()} cores, {uname.system} {uname.release}",
+    }
+    if load is not None:
+        at_start, at_end = (" / ".join(f"{v:.2f}" for v in figures) for figures in load)
+        note = f" ({load_note})" if load_note else ""
+        meta[f"load average ({_LOAD_SPANS[len(load[0])]})"] = (
+            f"{at_start} at the start, {at_end} at the end{note}"
+        )
+    switch_ms = sys.getswitchinterval() * 1000
+    meta |= {
+        "Python": f"{platform.python_version()} (GIL switch interval {switch_ms:g} ms)",
+        "redis-server": f"{redis_version} (private, 127.0.0.1, --save '' --appendonly no)",
+        "libraries": ", ".join(f"{k} {v}" for k, v in library_versions().items()),
+        "stampede_guard source": source_summary(*src),
+    }
+    return meta | extra

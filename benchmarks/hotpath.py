@@ -15,23 +15,17 @@ from __future__ import annotations
 
 import asyncio
 import json
-import multiprocessing as mp
-import os
-import queue
 import time
-import traceback
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from multiprocessing.queues import Queue as MpQueue
 from typing import Any, cast
 
 import redis
 import redis.asyncio
 
-from common import RoundTrips, make_value
+from common import RoundTrips, make_value, run_in_child
 from peers import PEERS, make_async_peer, make_sync_peer
 from redis_server import command_stats
-from stampede import describe as _describe
 
 __all__ = ["HotJob", "HotResult", "MemJob", "MemResult", "run_hot", "run_memory"]
 
@@ -278,43 +272,17 @@ def _memory(job: MemJob) -> MemResult:
     return result
 
 
-def _child(job: HotJob | MemJob, out: MpQueue[object]) -> None:
-    RoundTrips.install()
-    try:
-        if isinstance(job, MemJob):
-            out.put(_memory(job))
-        elif PEERS[job.peer].kind == "sync":
-            out.put(_hot_sync(job))
-        else:
-            out.put(asyncio.run(_hot_async(job)))
-    except BaseException as exc:  # noqa: BLE001 - reported to the coordinator
-        out.put(f"{_describe(exc)}\n{traceback.format_exc()}")
-    finally:
-        out.close()
-        out.join_thread()
-        os._exit(0)
-
-
-def _in_child(job: HotJob | MemJob) -> object:
-    ctx = mp.get_context("spawn")
-    out: MpQueue[object] = ctx.Queue()
-    proc = ctx.Process(target=_child, args=(job, out), daemon=True)
-    proc.start()
-    try:
-        return out.get(timeout=TIMEOUT_S)
-    except queue.Empty:
-        return f"no result within {TIMEOUT_S:.0f} s"
-    finally:
-        proc.join(timeout=5)
-        if proc.is_alive():
-            proc.kill()
-            proc.join(timeout=5)
-        out.close()
+def _measure(job: HotJob | MemJob) -> HotResult | MemResult:
+    if isinstance(job, MemJob):
+        return _memory(job)
+    if PEERS[job.peer].kind == "sync":
+        return _hot_sync(job)
+    return asyncio.run(_hot_async(job))
 
 
 def run_hot(job: HotJob) -> HotResult:
     """Run one D measurement in a spawned process."""
-    got = _in_child(job)
+    got = run_in_child(_measure, job, timeout_s=TIMEOUT_S)
     if isinstance(got, HotResult):
         return got
     return HotResult(job.peer, job.rep, failure=str(got).splitlines()[0])
@@ -322,7 +290,7 @@ def run_hot(job: HotJob) -> HotResult:
 
 def run_memory(job: MemJob) -> MemResult:
     """Run one M measurement in a spawned process."""
-    got = _in_child(job)
+    got = run_in_child(_measure, job, timeout_s=TIMEOUT_S)
     if isinstance(got, MemResult):
         return got
     return MemResult(job.rep, failure=str(got).splitlines()[0])

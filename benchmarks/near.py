@@ -50,28 +50,22 @@ import gc
 import itertools
 import json
 import math
-import multiprocessing as mp
 import os
-import platform
-import queue
 import random
 import statistics
 import sys
 import time
-import traceback
 from collections import Counter
 from collections.abc import Awaitable, Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from multiprocessing.queues import Queue as MpQueue
 from pathlib import Path
 from typing import Any, cast
 
 import redis
 import redis.asyncio
 
-from common import RoundTrips, make_value
-from peers import library_versions
+from common import RoundTrips, make_value, report_header, run_in_child, source_summary
 from redis_server import RedisServer, command_stats
 from run import RESULTS, progress, source_state
 from stampede_guard._near import Near
@@ -573,34 +567,9 @@ def _run_in_child(job: Job) -> Result:
     return _zipf_real(job)
 
 
-def _child(job: Job, out: MpQueue[object]) -> None:
-    RoundTrips.install()
-    try:
-        out.put(_run_in_child(job))
-    except BaseException as exc:  # noqa: BLE001 - reported to the coordinator
-        out.put(f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}")
-    finally:
-        out.close()
-        out.join_thread()
-        os._exit(0)
-
-
 def run_job(job: Job) -> Result:
     """Run one measurement in a spawned process, killed after CHILD_TIMEOUT_S."""
-    ctx = mp.get_context("spawn")
-    out: MpQueue[object] = ctx.Queue()
-    proc = ctx.Process(target=_child, args=(job, out), daemon=True)
-    proc.start()
-    try:
-        got = out.get(timeout=CHILD_TIMEOUT_S)
-    except queue.Empty:
-        got = f"no result within {CHILD_TIMEOUT_S:.0f} s"
-    finally:
-        proc.join(timeout=5)
-        if proc.is_alive():
-            proc.kill()
-            proc.join(timeout=5)
-        out.close()
+    got = run_in_child(_run_in_child, job, timeout_s=CHILD_TIMEOUT_S)
     if isinstance(got, Result):
         return got
     text = str(got)
@@ -684,31 +653,6 @@ def _shown(value: float, unit: str) -> str:
     return f"{value * 1e6:.3f} us ({1 / value:,.0f}/s)"
 
 
-def header(
-    redis_version: str,
-    started: datetime,
-    elapsed: float,
-    src: tuple[str, str],
-    load: tuple[float, float],
-) -> dict[str, str]:
-    """Return the report's header: when, where, what, and how busy the machine was."""
-    uname = platform.uname()
-    return {
-        "date": started.strftime("%Y-%m-%d %H:%M:%S UTC"),
-        "duration": f"{elapsed:.0f} s",
-        "command": " ".join(["uv run --group bench benchmarks/near.py", *sys.argv[1:]]),
-        "machine": f"{uname.machine}, {os.cpu_count()} cores, {uname.system} {uname.release}",
-        "load average (1 min)": f"{load[0]:.2f} at the start, {load[1]:.2f} at the end"
-        " (other processes share these cores: compare ratios, not absolute times)",
-        "Python": platform.python_version(),
-        "redis-server": f"{redis_version} (private, 127.0.0.1, --save '' --appendonly no)",
-        "libraries": ", ".join(f"{k} {v}" for k, v in library_versions().items()),
-        "stampede_guard source": src[0]
-        if src[0] == src[1]
-        else f"CHANGED DURING THE RUN: {src[0]} at the start, {src[1]} at the end",
-    }
-
-
 def markdown(meta: dict[str, str], plan: Plan, results: Sequence[Result]) -> str:
     """Return the header, the table and the notes, in Markdown."""
     lines = ["# Near cache benchmark", "", "| | |", "|---|---|"]
@@ -763,7 +707,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = datetime.now(UTC)
     t0 = time.perf_counter()
     src_start = source_state()
-    load_start = os.getloadavg()[0]
+    load_start = os.getloadavg()[:1]
     results: list[Result] = []
     with RedisServer() as server:
         redis_version = server.version()
@@ -785,10 +729,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             progress(f"[{kind}] {shown}")
     elapsed = time.perf_counter() - t0
     src_end = source_state()
-    if src_end != src_start:
+    if source_summary(src_start, src_end).startswith("CHANGED"):
         progress("warning: src/stampede_guard changed during the run")
-    load = (load_start, os.getloadavg()[0])
-    meta = header(redis_version, started, elapsed, (src_start, src_end), load)
+    meta = report_header(
+        "near.py",
+        started=started,
+        elapsed=elapsed,
+        redis_version=redis_version,
+        src=(src_start, src_end),
+        load=(load_start, os.getloadavg()[:1]),
+        load_note="other processes share these cores: compare ratios, not absolute times",
+    )
     text = markdown(meta, plan, results)
     sys.stdout.write(text)
     sys.stdout.flush()

@@ -126,7 +126,6 @@ import math
 import multiprocessing as mp
 import os
 import pickle
-import platform
 import random
 import sys
 import threading
@@ -144,8 +143,7 @@ from typing import Any
 
 import redis
 
-from common import Pct, pct
-from peers import library_versions
+from common import Pct, pct, report_header, source_summary
 from redis_server import RedisServer
 from run import RESULTS, progress, source_state
 
@@ -1463,39 +1461,6 @@ def _verdict(ok: bool) -> str:  # noqa: FBT001
     return "pass" if ok else "FAIL"
 
 
-def _load() -> str:
-    try:
-        return ", ".join(f"{v:.1f}" for v in os.getloadavg())
-    except OSError:
-        return "-"
-
-
-def header(
-    redis_version: str,
-    started: datetime,
-    elapsed: float,
-    src: tuple[str, str],
-    load: tuple[str, str],
-) -> dict[str, str]:
-    """Return the report's header: when, where, what."""
-    uname = platform.uname()
-    return {
-        "date": started.strftime("%Y-%m-%d %H:%M:%S UTC"),
-        "duration": f"{elapsed:.0f} s",
-        "command": " ".join(
-            ["uv run --group bench benchmarks/near_coherence.py", *sys.argv[1:]]
-        ),
-        "machine": f"{uname.machine}, {os.cpu_count()} cores, {uname.system} {uname.release}",
-        "load average (1, 5, 15 min)": f"{load[0]} at the start, {load[1]} at the end",
-        "Python": f"{platform.python_version()} (GIL switch interval {sys.getswitchinterval() * 1000:g} ms)",
-        "redis-server": f"{redis_version} (private, 127.0.0.1, --save '' --appendonly no)",
-        "libraries": ", ".join(f"{k} {v}" for k, v in library_versions().items()),
-        "stampede_guard source": src[0]
-        if src[0] == src[1]
-        else f"CHANGED DURING THE RUN: {src[0]} at the start, {src[1]} at the end",
-    }
-
-
 def markdown(
     meta: dict[str, str], plan: Plan, parts: list[Coherence], stale: Staleness
 ) -> str:
@@ -1783,7 +1748,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = datetime.now(UTC)
     t0 = time.perf_counter()
     src_start = source_state()
-    load_start = _load()
+    load_start = os.getloadavg()
     with RedisServer() as server:
         redis_version = server.version()
         progress(f"redis-server {redis_version} on {server.url} (private)")
@@ -1799,10 +1764,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     elapsed = time.perf_counter() - t0
     src_end = source_state()
-    if src_end != src_start:
+    if source_summary(src_start, src_end).startswith("CHANGED"):
         progress("warning: src/stampede_guard changed during the run")
-    meta = header(
-        redis_version, started, elapsed, (src_start, src_end), (load_start, _load())
+    meta = report_header(
+        "near_coherence.py",
+        started=started,
+        elapsed=elapsed,
+        redis_version=redis_version,
+        src=(src_start, src_end),
+        load=(load_start, os.getloadavg()),
     )
     text = markdown(meta, plan, parts, stale)
     sys.stdout.write(text)

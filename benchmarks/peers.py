@@ -159,29 +159,6 @@ def skip_reason(name: str) -> str | None:
     return None
 
 
-def library_versions() -> dict[str, str]:
-    """Return the installed versions of redis-py, hiredis and every peer library."""
-    from importlib.metadata import PackageNotFoundError, version  # noqa: PLC0415
-
-    found: dict[str, str] = {}
-    for dist in (
-        "stampede-guard",
-        "redis",
-        "hiredis",
-        "dogpile.cache",
-        "python-redis-lock",
-        "cashews",
-        "aiocache",
-        "cachetools",
-        "tenacity",
-    ):
-        try:
-            found[dist] = version(dist)
-        except PackageNotFoundError:
-            found[dist] = "not installed"
-    return found
-
-
 class SyncPeer(Protocol):
     """A sync peer, built by `make_sync_peer`."""
 

@@ -15,8 +15,6 @@ import argparse
 import dataclasses
 import hashlib
 import json
-import os
-import platform
 import subprocess
 import sys
 import time
@@ -26,9 +24,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from common import report_header, source_summary
 from floor import FloorRow, measure_floor
 from hotpath import HotJob, HotResult, MemJob, MemResult, run_hot, run_memory
-from peers import DEFAULT_PEERS, PEERS, library_versions, skip_reason
+from peers import DEFAULT_PEERS, PEERS, skip_reason
 from redis_server import RedisServer
 from report import aggregate, markdown, targets
 from stampede import RunResult, Shape, run_stampede
@@ -264,7 +263,7 @@ def measure(plan: Plan, scenarios: Sequence[str], wanted: Sequence[str]) -> Meas
             else:
                 got.runs += _run_stampedes(scenario, plan, peers, server)
     got.source_at_end = source_state()
-    if got.source_at_end != got.source_at_start:
+    if source_summary(got.source_at_start, got.source_at_end).startswith("CHANGED"):
         progress("warning: src/stampede_guard changed during the run")
     return got
 
@@ -272,27 +271,18 @@ def measure(plan: Plan, scenarios: Sequence[str], wanted: Sequence[str]) -> Meas
 def header(
     plan: Plan, got: Measured, started: datetime, elapsed: float
 ) -> dict[str, str]:
-    """Return the report's header: when, where, what."""
-    uname = platform.uname()
-    return {
-        "date": started.strftime("%Y-%m-%d %H:%M:%S UTC"),
-        "duration": f"{elapsed:.0f} s",
-        "command": " ".join(["uv run --group bench benchmarks/run.py", *sys.argv[1:]]),
-        "machine": f"{uname.machine}, {os.cpu_count()} cores, {uname.system} {uname.release}",
-        "Python": platform.python_version(),
-        "redis-server": f"{got.redis_version} (private, 127.0.0.1, --save '' --appendonly no)",
-        "libraries": ", ".join(f"{k} {v}" for k, v in library_versions().items()),
-        "stampede_guard source": (
-            got.source_at_start
-            if got.source_at_end == got.source_at_start
-            else f"CHANGED DURING THE RUN: {got.source_at_start} at the start, "
-            f"{got.source_at_end} at the end"
-        ),
-        "repetitions": (
+    """Return the report's header: when, where, what, and how often."""
+    return report_header(
+        "run.py",
+        started=started,
+        elapsed=elapsed,
+        redis_version=got.redis_version,
+        src=(got.source_at_start, got.source_at_end),
+        repetitions=(
             f"{plan.reps} per configuration (M: {plan.mem_reps}), repetition-major; "
             "tables show medians"
         ),
-    }
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -48,6 +48,7 @@ from common import (
     Pct,
     RoundTrips,
     WorkerReport,
+    describe,
     make_value,
     pct,
 )
@@ -135,15 +136,6 @@ class RunResult:
 
 def _outcome(k: str, result: object) -> str:
     return "ok" if result == make_value(k) else "wrong value"
-
-
-def describe(exc: BaseException) -> str:
-    """Return 'Type: message', with the cause's, if any (BackendError wraps redis')."""
-    text = f"{type(exc).__name__}: {exc}"
-    cause = exc.__cause__ or exc.__context__
-    if cause is not None:
-        text += f" (from {type(cause).__name__}: {cause})"
-    return text[:300]
 
 
 def _where(frames: list[traceback.FrameSummary]) -> str:

@@ -37,25 +37,19 @@ import argparse
 import dataclasses
 import gc
 import json
-import multiprocessing as mp
 import os
-import platform
-import queue
 import statistics
 import sys
 import time
-import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from multiprocessing.queues import Queue as MpQueue
 from pathlib import Path
 from typing import Any, cast
 
 import redis
 
-from common import RoundTrips, make_value
-from peers import library_versions
+from common import RoundTrips, make_value, report_header, run_in_child, source_summary
 from redis_server import RedisServer, command_stats
 from run import RESULTS, progress, source_state
 
@@ -274,36 +268,10 @@ def _read_all(backend: Any, keys: list[str]) -> list[object]:
 # ---------------------------------------------------------------- processes
 
 
-def _child(kind: str, url: str, plan: Plan, out: MpQueue[object]) -> None:
-    RoundTrips.install()
-    try:
-        measure = measure_hits if kind == "hits" else measure_invalidations
-        out.put(measure(url, plan))
-    except BaseException as exc:  # noqa: BLE001 - reported to the coordinator
-        out.put(f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}")
-    finally:
-        out.close()
-        out.join_thread()
-        os._exit(0)
-
-
 def run_child(kind: str, url: str, plan: Plan) -> object:
     """Run one part in a spawned process, killed after CHILD_TIMEOUT_S."""
-    ctx = mp.get_context("spawn")
-    out: MpQueue[object] = ctx.Queue()
-    proc = ctx.Process(target=_child, args=(kind, url, plan, out), daemon=True)
-    proc.start()
-    try:
-        got = out.get(timeout=CHILD_TIMEOUT_S)
-    except queue.Empty:
-        got = f"no result within {CHILD_TIMEOUT_S:.0f} s"
-    finally:
-        proc.join(timeout=5)
-        if proc.is_alive():
-            proc.kill()
-            proc.join(timeout=5)
-        out.close()
-    return got
+    measure = measure_hits if kind == "hits" else measure_invalidations
+    return run_in_child(measure, url, plan, timeout_s=CHILD_TIMEOUT_S)
 
 
 # ---------------------------------------------------------------- report
@@ -418,30 +386,6 @@ def markdown(
     return "\n".join(lines) + "\n"
 
 
-def header(
-    started: datetime,
-    elapsed: float,
-    redis_version: str,
-    src: tuple[str, str],
-    load: tuple[float, float],
-) -> dict[str, str]:
-    """Return the report's header: when, where, what, and how busy the machine was."""
-    uname = platform.uname()
-    return {
-        "date": started.strftime("%Y-%m-%d %H:%M:%S UTC"),
-        "duration": f"{elapsed:.0f} s",
-        "command": " ".join(["uv run --group bench benchmarks/tags.py", *sys.argv[1:]]),
-        "machine": f"{uname.machine}, {os.cpu_count()} cores, {uname.system} {uname.release}",
-        "load average (1 min)": f"{load[0]:.2f} at the start, {load[1]:.2f} at the end",
-        "Python": platform.python_version(),
-        "redis-server": f"{redis_version} (private, 127.0.0.1, --save '' --appendonly no)",
-        "libraries": ", ".join(f"{k} {v}" for k, v in library_versions().items()),
-        "stampede_guard source": src[0]
-        if src[0] == src[1]
-        else f"CHANGED DURING THE RUN: {src[0]} at the start, {src[1]} at the end",
-    }
-
-
 def _failure(got: object) -> str | None:
     if isinstance(got, (Hits, Invalidations)):
         return None
@@ -461,7 +405,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = datetime.now(UTC)
     t0 = time.perf_counter()
     src_start = source_state()
-    load_start = os.getloadavg()[0]
+    load_start = os.getloadavg()[:1]
     with RedisServer() as server:
         redis_version = server.version()
         progress(f"redis-server {redis_version} on {server.url} (private)")
@@ -485,10 +429,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     failures = [f for f in (_failure(hits), _failure(inv)) if f is not None]
     elapsed = time.perf_counter() - t0
     src_end = source_state()
-    if src_end != src_start:
+    if source_summary(src_start, src_end).startswith("CHANGED"):
         progress("warning: src/stampede_guard changed during the run")
-    load = (load_start, os.getloadavg()[0])
-    meta = header(started, elapsed, redis_version, (src_start, src_end), load)
+    meta = report_header(
+        "tags.py",
+        started=started,
+        elapsed=elapsed,
+        redis_version=redis_version,
+        src=(src_start, src_end),
+        load=(load_start, os.getloadavg()[:1]),
+    )
     text = markdown(
         meta,
         plan,
