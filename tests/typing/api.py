@@ -228,7 +228,7 @@ def orders(user_id: int) -> list[int]:
 
 
 assert_type(orders(1), list[int])
-my_cache(tags=lambda value, user_id: [f"user:{user_id}"])
+my_cache(tags=lambda _value, user_id: [f"user:{user_id}"])
 MemoryBackend().invalidate_tag("user:1")
 cached_stampede_safe(cache_errors={"TimeoutError": 5.0})  # type: ignore[dict-item]
 cached_stampede_safe(refresh_backoff="5")  # type: ignore[call-overload]
