@@ -325,6 +325,8 @@ def test_an_acl_user_with_a_password_works(own_server: Server) -> None:
             "+pexpire",
             "+pttl",
             "+time",
+            "+hset",  # the tag record of a tagged value
+            "+hgetall",
         ],
     )
     backend = RedisBackend.from_url(
@@ -337,6 +339,19 @@ def test_an_acl_user_with_a_password_works(own_server: Server) -> None:
 
     assert [f(1), f(1), f(2)] == [10, 10, 20]
     assert admin.exists(backend._codec.value_key("k:1")) == 1
+    calls: list[int] = []
+
+    @cached_stampede_safe(
+        key="t:{x}", tags=("x:{x}",), backend=backend, on_backend_error="raise"
+    )
+    def tagged(x: int) -> int:
+        calls.append(x)
+        return x
+
+    assert [tagged(1), tagged(1)] == [1, 1]
+    backend.invalidate_tag("x:1")
+    assert tagged(1) == 1
+    assert calls == [1, 1]
     backend.close()
     admin.close()
 
