@@ -356,6 +356,38 @@ def test_an_acl_user_with_a_password_works(own_server: Server) -> None:
     admin.close()
 
 
+def test_an_acl_user_without_hgetall_gets_an_error_not_a_silent_miss(
+    own_server: Server,
+) -> None:
+    """A tagged read the server refuses is a BackendError, never a value never kept."""
+    admin = own_server.client()
+    admin.acl_setuser(
+        "app",
+        enabled=True,
+        passwords=["+app-password"],
+        keys=["sg:*"],
+        channels=["sg:*"],
+        commands=["+@all", "-hgetall"],
+    )
+    backend = RedisBackend.from_url(
+        f"redis://app:app-password@127.0.0.1:{own_server.port}/0"
+    )
+
+    @cached_stampede_safe(
+        key="t:{x}", tags=("x:{x}",), backend=backend, on_backend_error="raise"
+    )
+    def tagged(x: int) -> int:
+        return x
+
+    try:
+        assert tagged(1) == 1  # stored: a store writes the record, it reads none
+        with pytest.raises(BackendError, match=r"can't run this command"):
+            tagged(1)
+    finally:
+        backend.close()
+        admin.close()
+
+
 def test_a_backend_failure_says_why_and_where(
     own_server: Server, caplog: pytest.LogCaptureFixture
 ) -> None:

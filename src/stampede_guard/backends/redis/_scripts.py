@@ -83,10 +83,20 @@ end
 # Tag keys are named by the record, not declared in KEYS: a script may reach them
 # on one server (or Sentinel), not on a cluster, which is why tags need the former.
 # Anything unexpected (a record or tag key of another type, a stamp that does not
-# parse) reads as changed, never as holding: hostile data costs a recomputation.
+# parse) reads as changed, never as holding: hostile data costs a recomputation. Any
+# other error (a user without HGETALL) fails the script: never a silent miss.
 _TAGS = (
     _NOW
     + """
+local function only_wrongtype(reply)
+    if type(reply) == 'table' and reply.err then
+        if not string.find(reply.err, 'WRONGTYPE', 1, true) then
+            error(reply)
+        end
+        return true
+    end
+    return false
+end
 local function tags_hold(value, record_key)
     if string.byte(value, 3) ~= 2 then
         return true
@@ -96,11 +106,12 @@ local function tags_hold(value, record_key)
         return true
     end
     local record = redis.pcall('HGETALL', record_key)
-    if type(record) ~= 'table' or record.err or #record == 0 then
+    if only_wrongtype(record) or #record == 0 then
         return false
     end
     for i = 1, #record, 2 do
-        if redis.pcall('GET', record[i]) ~= record[i + 1] then
+        local stamp = redis.pcall('GET', record[i])
+        if only_wrongtype(stamp) or stamp ~= record[i + 1] then
             return false
         end
     end
@@ -108,7 +119,7 @@ local function tags_hold(value, record_key)
 end
 local function stamp_of(tag_key)
     local stamp = redis.pcall('GET', tag_key)
-    if type(stamp) ~= 'string' then
+    if only_wrongtype(stamp) or type(stamp) ~= 'string' then
         return nil, nil
     end
     return stamp, tonumber(string.match(stamp, '^(%d+):%d+$'))
