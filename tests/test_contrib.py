@@ -31,6 +31,8 @@ from stampede_guard.metrics import (
     Computed,
     ComputeError,
     Event,
+    FailureCached,
+    FailureServed,
     Hit,
     LockAcquired,
     LockWait,
@@ -60,6 +62,8 @@ EVERY_EVENT: list[Event] = [
     RefreshFailed("k", OSError("x")),
     BackendFailed("k", ConnectionError("x")),
     BackendSkipped("k"),
+    FailureCached("k", "builtins.TimeoutError", 5.0),
+    FailureServed("k", "builtins.TimeoutError"),
 ]
 
 
@@ -233,6 +237,8 @@ def test_prometheus_maps_every_event_to_its_metric() -> None:
     assert get("refresh_failures_total") == 1
     assert get("backend_errors_total") == 1
     assert get("backend_skipped_total") == 1
+    assert get("failures_cached_total") == 1
+    assert get("failures_served_total") == 1
 
 
 def test_prometheus_hooks_of_one_registry_share_metrics_told_apart_by_name() -> None:
@@ -464,6 +470,8 @@ def test_opentelemetry_maps_every_event_to_its_instrument(
     assert get("refresh_failures") == 1
     assert get("backend_errors") == 1
     assert get("backend_skipped") == 1
+    assert get("failures_cached") == 1
+    assert get("failures_served") == 1
     compute = points["stampede_guard.compute.duration", frozenset()]
     assert isinstance(compute, HistogramDataPoint)
     assert compute.sum == 2.5
@@ -564,6 +572,8 @@ def test_logging_hook_formats_every_event(caplog: pytest.LogCaptureFixture) -> N
         "refresh_failed key=k error=OSError",
         "backend_failed key=k error=ConnectionError",
         "backend_skipped key=k",
+        "failure_cached key=k error=TimeoutError seconds=5.000",
+        "failure_served key=k error=TimeoutError",
     ]
 
 

@@ -163,6 +163,20 @@ def calls_fail(hook: PrometheusMetrics) -> None:
             f(n)
 
 
+def failures_served(hook: PrometheusMetrics) -> None:
+    """One failure, stored by cache_errors and raised to every later caller: hits."""
+
+    @cached_stampede_safe(
+        key="k", backend=MemoryBackend(), metrics=hook, cache_errors={OSError: 60.0}
+    )
+    def f() -> int:
+        raise OSError("down")
+
+    for _ in range(CALLERS):
+        with pytest.raises(OSError, match="down"):
+            f()
+
+
 def threaded(f: Callable[[], object], callers: int) -> None:
     threads = [threading.Thread(target=f) for _ in range(callers)]
     for thread in threads:
@@ -184,6 +198,8 @@ SCENARIOS: dict[str, tuple[Callable[[PrometheusMetrics], None], set[str]]] = {
         calls_fail,
         {"StampedeGuardLowSuccessRate", "StampedeGuardLowCallReduction"},
     ),
+    # One upstream call for CALLERS requests, yet not one of them got a value.
+    "failures_served": (failures_served, {"StampedeGuardLowSuccessRate"}),
 }
 
 

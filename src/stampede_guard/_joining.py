@@ -17,7 +17,7 @@ from stampede_guard._backoff import Deadline, StillLockedError, backoff
 from stampede_guard._context import Context, Plan, Served, Via
 from stampede_guard._errors import BackendError, LockTimeoutError
 from stampede_guard._ops import AwaitFlight, Get, Op
-from stampede_guard._plan import Flight, plan
+from stampede_guard._plan import Flight, plan, served
 from stampede_guard.metrics import LockWait, Miss, Timeout
 
 __all__ = ["GaveUp", "first_wait", "join", "take_over"]
@@ -118,7 +118,11 @@ def _watch(
 def _look(
     key: str, ctx: Context, flight: Flight, arrived: float
 ) -> Generator[Op, Any, Served | None]:
-    """Look at the backend for a joiner: the value if stored from anywhere, else None."""
+    """Look at the backend for a joiner: the value if stored from anywhere, else None.
+
+    A failure stored there (``cache_errors``) is raised to this joiner; the others
+    wait on for their leader, or give up and find it themselves.
+    """
     flight.looked = ctx.clock()
     try:
         found = yield Get(key)
@@ -128,7 +132,8 @@ def _look(
         return None
     ctx.emit(Miss(key))  # it waited, and a computation served it
     ctx.emit(LockWait(key, ctx.clock() - arrived, "value"))
-    return found.value, Via.COMPUTED
+    # Not found.value: a stored failure would be returned as a value, to every joiner.
+    return served(key, found, ctx), Via.COMPUTED
 
 
 def _holder(flight: Flight) -> str | None:

@@ -65,6 +65,8 @@ from stampede_guard.metrics import (
     BackendSkipped,
     Computed,
     ComputeError,
+    FailureCached,
+    FailureServed,
     Hit,
     LockAcquired,
     LockWait,
@@ -392,23 +394,28 @@ def _keep(
     period = failures.period(exc) if isinstance(exc, Exception) else None
     if period is None:
         return False
-    failure = Entry(failures.kept(exc), ctx.wall_clock(), 0.0)
+    kept = failures.kept(exc)
     try:
-        yield SetAndUnlock(key, failure, period, token, ticket)
+        yield SetAndUnlock(
+            key, Entry(kept, ctx.wall_clock(), 0.0), period, token, ticket
+        )
     except Exception:  # a BackendError, a serializer that cannot take a dict of str
         ctx.logger.warning("could not cache the failure of %r", key, exc_info=True)
         return False
+    ctx.emit(FailureCached(key, kept.type_name, period))
     return True
 
 
 def served(key: str, entry: Entry, ctx: Context) -> object:
     """Return *entry*'s value to a caller, or raise the failure it holds.
 
-    Every value a call is served from the cache goes through here (or through
-    `_call.first_look`): a `CachedFailure` is raised again as its exception.
+    Every value a call is served from the cache goes through here (`_call.first_look`
+    too): a `CachedFailure` is raised again as its exception, and reported.
     """
     value = entry.value
     if type(value) is CachedFailure:
+        if ctx.observed:  # build no event nobody will see
+            ctx.emit(FailureServed(key, value.type_name))
         raise ctx.policy.failures.rebuilt(key, value)
     return value
 

@@ -3,7 +3,9 @@
 Every call emits exactly one of `Hit` or `Miss` first, so ``requests = hits + misses``
 at the first lookup; only an `UnreadableEntry` met at that lookup comes before its
 `Miss`. A miss then either takes the lock (`LockAcquired`, `Computed` or
-`ComputeError`) or waits for another caller (`LockWait`, then possibly `Timeout`).
+`ComputeError`, then `FailureCached` if ``cache_errors`` keeps the failure) or waits
+for another caller (`LockWait`, then possibly `Timeout`). A call raised a stored
+failure emits `FailureServed` after its `Hit` (or its `LockWait`).
 Hooks receive one frozen event object; new fields can be added without breaking them.
 """
 
@@ -21,6 +23,8 @@ __all__ = [
     "ComputeError",
     "Computed",
     "Event",
+    "FailureCached",
+    "FailureServed",
     "Hit",
     "LockAcquired",
     "LockWait",
@@ -107,6 +111,36 @@ class ComputeError:
     key: str
     seconds: float
     error: BaseException
+
+
+@dataclass(frozen=True, slots=True)
+class FailureCached:
+    """The function's failure was stored in place of its value, for *seconds*.
+
+    Emitted by the call that computed on a miss, after its `ComputeError`, when
+    ``cache_errors`` names the exception's class and the store succeeded. *error* is
+    the exception's type as stored (``"builtins.TimeoutError"``, never its message);
+    *seconds* the period it is served for.
+    """
+
+    key: str
+    error: str
+    seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class FailureServed:
+    """A failure stored by ``cache_errors`` was raised to this call, which did not compute.
+
+    *error* is the exception's type as stored (``"builtins.TimeoutError"``). The call
+    also emitted what any call served from the cache emits: a `Hit`, or a `LockWait`
+    with the outcome ``"value"`` (the backend answered, and the function was not
+    called), so it counts among the hits and in the call reduction. Subtract these
+    from the hits for the calls that got a value: ``hits - failures_served``.
+    """
+
+    key: str
+    error: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -213,6 +247,8 @@ Event: TypeAlias = (
     | Timeout
     | Computed
     | ComputeError
+    | FailureCached
+    | FailureServed
     | StaleServed
     | Refresh
     | RefreshFailed
@@ -255,7 +291,9 @@ class StatsSnapshot:
     *hits* counts calls served from the cache, whether at once or after waiting for
     another caller's computation ("cache hits" in the hit rate); *computations* counts
     calls of the decorated function, failed ones included ("API calls" in the API call
-    reduction).
+    reduction). A call raised a failure stored by ``cache_errors`` is a hit too (the
+    function was not called): *failures_served* counts those, so
+    ``hits - failures_served`` calls got a value from the cache.
     """
 
     requests: int
@@ -273,6 +311,8 @@ class StatsSnapshot:
     backend_errors: int = 0
     backend_skipped: int = 0
     unreadable_entries: int = 0
+    failures_cached: int = 0
+    failures_served: int = 0
     near_hits: int = 0
     near_evictions: int = 0
     near_invalidations: int = 0
@@ -290,7 +330,7 @@ class StatsSnapshot:
 
     @property
     def hit_rate_pct(self) -> float:
-        """``hits / requests * 100``."""
+        """``hits / requests * 100``: served failures included (see `FailureServed`)."""
         return _pct(self.hits, self.requests)
 
     @property
@@ -326,6 +366,8 @@ class StampedeStats:
         self._backend_errors = 0
         self._backend_skipped = 0
         self._unreadable_entries = 0
+        self._failures_cached = 0
+        self._failures_served = 0
         self._near_hits = 0
         self._near_evictions = 0
         self._near_invalidations = 0
@@ -364,6 +406,10 @@ class StampedeStats:
                     self._backend_skipped += 1
                 case UnreadableEntry():
                     self._unreadable_entries += 1
+                case FailureCached():
+                    self._failures_cached += 1
+                case FailureServed():
+                    self._failures_served += 1
                 case NearEviction():
                     self._near_evictions += 1
                 case NearInvalidation():
@@ -392,6 +438,8 @@ class StampedeStats:
                 backend_errors=self._backend_errors,
                 backend_skipped=self._backend_skipped,
                 unreadable_entries=self._unreadable_entries,
+                failures_cached=self._failures_cached,
+                failures_served=self._failures_served,
                 near_hits=self._near_hits,
                 near_evictions=self._near_evictions,
                 near_invalidations=self._near_invalidations,

@@ -20,6 +20,8 @@ __all__ = [
     "COMPUTATIONS",
     "COMPUTE_SECONDS",
     "DEFAULT_BUCKETS",
+    "FAILURES_CACHED",
+    "FAILURES_SERVED",
     "HITS",
     "LOCKS_ACQUIRED",
     "LOCK_WAITS",
@@ -167,6 +169,20 @@ UNREADABLE_ENTRIES: Final = Instrument(
     "unreadable_entries",
     "Stored entries that could not be read (corrupt, forged, poison): each a miss.",
     "{entry}",
+)
+# Not labelled by exception type either, for the same reason. FAILURES_SERVED is a
+# subset of the hits (and of the lock waits ending in a value): those calls got no value.
+FAILURES_CACHED: Final = Instrument(
+    "failures_cached",
+    "failures_cached",
+    "Failures stored in place of a value (cache_errors), each for its period.",
+    "{failure}",
+)
+FAILURES_SERVED: Final = Instrument(
+    "failures_served",
+    "failures_served",
+    "Calls raised a failure stored by cache_errors, without calling the function.",
+    "{call}",
 )
 # A subset of HITS (so hits - near_hits are the hits read from the backend), kept
 # apart rather than as a label of HITS so that the existing series stay as they are.

@@ -40,6 +40,8 @@ from stampede_guard.metrics import (
     Computed,
     ComputeError,
     Event,
+    FailureCached,
+    FailureServed,
     Hit,
     LockAcquired,
     LockWait,
@@ -71,6 +73,8 @@ _EVENT_NAMES: dict[type[object], str] = {
     BackendFailed: "backend_failed",
     BackendSkipped: "backend_skipped",
     UnreadableEntry: "unreadable_entry",
+    FailureCached: "failure_cached",
+    FailureServed: "failure_served",
     NearEviction: "near_eviction",
     NearInvalidation: "near_invalidation",
     NearFlush: "near_flush",
@@ -94,7 +98,12 @@ def _error_type(error: BaseException) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
-def _fields(event: Event | NearEvent) -> str:
+def _stored_type(name: str) -> str:
+    """A stored failure's type name (``module.QualName``), as `_error_type` writes it."""
+    return name.removeprefix("builtins.")
+
+
+def _fields(event: Event | NearEvent) -> str:  # noqa: C901 - a case per event
     """Return the event's fields other than the key, as `` name=value`` pairs."""
     match event:
         case (
@@ -120,6 +129,10 @@ def _fields(event: Event | NearEvent) -> str:
             return f" error={_error_type(error)}"
         case UnreadableEntry(reason=reason):
             return f" reason={reason}"
+        case FailureCached(error=error, seconds=seconds):
+            return f" error={_stored_type(error)} seconds={seconds:.3f}"
+        case FailureServed(error=error):
+            return f" error={_stored_type(error)}"
         case NearFlush(reason=reason, entries=entries):
             return f" reason={reason} entries={entries}"
 

@@ -29,6 +29,8 @@ instruments as `stampede_guard.contrib.prometheus`, named with dots:
 | `stampede_guard.backend_errors` | counter | `{error}` | `name` | `BackendFailed` events |
 | `stampede_guard.backend_skipped` | counter | `{call}` | `name` | `BackendSkipped` events |
 | `stampede_guard.unreadable_entries` | counter | `{entry}` | `name` | `UnreadableEntry` events |
+| `stampede_guard.failures_cached` | counter | `{failure}` | `name` | `FailureCached` events |
+| `stampede_guard.failures_served` | counter | `{call}` | `name` | `FailureServed` events (also in `hits` or `lock_waits`) |
 | `stampede_guard.near_hits` | counter | `{call}` | `name` | `Hit` events with `near=True` (also in `hits`) |
 | `stampede_guard.near_evictions` | counter | `{entry}` | `name` | `NearEviction` events |
 | `stampede_guard.near_invalidations` | counter | `{message}` | `name` | `NearInvalidation` events |
@@ -59,6 +61,8 @@ from stampede_guard.metrics import (
     Computed,
     ComputeError,
     Event,
+    FailureCached,
+    FailureServed,
     Hit,
     LockAcquired,
     LockWait,
@@ -171,6 +175,8 @@ class OpenTelemetryMetrics:
         self._backend_errors = counter(spec.BACKEND_ERRORS)
         self._backend_skipped = counter(spec.BACKEND_SKIPPED)
         self._unreadable_entries = counter(spec.UNREADABLE_ENTRIES)
+        self._failures_cached = counter(spec.FAILURES_CACHED)
+        self._failures_served = counter(spec.FAILURES_SERVED)
         self._near_hits = counter(spec.NEAR_HITS)
         self._near_evictions = counter(spec.NEAR_EVICTIONS)
         self._near_invalidations = counter(spec.NEAR_INVALIDATIONS)
@@ -217,6 +223,10 @@ class OpenTelemetryMetrics:
                 self._backend_skipped.add(1, base)
             case UnreadableEntry():
                 self._unreadable_entries.add(1, base)
+            case FailureCached():
+                self._failures_cached.add(1, base)
+            case FailureServed():
+                self._failures_served.add(1, base)
             case NearEviction():
                 self._near_evictions.add(1, base)
             case NearInvalidation():

@@ -27,6 +27,8 @@ With the default ``namespace``, the registry gets these metrics:
 | `stampede_guard_backend_errors_total` | counter | `name` | `BackendFailed` events |
 | `stampede_guard_backend_skipped_total` | counter | `name` | `BackendSkipped` events |
 | `stampede_guard_unreadable_entries_total` | counter | `name` | `UnreadableEntry` events |
+| `stampede_guard_failures_cached_total` | counter | `name` | `FailureCached` events |
+| `stampede_guard_failures_served_total` | counter | `name` | `FailureServed` events (also in `hits_total` or `lock_waits_total`) |
 | `stampede_guard_near_hits_total` | counter | `name` | `Hit` events with `near=True` (also in `hits_total`) |
 | `stampede_guard_near_evictions_total` | counter | `name` | `NearEviction` events |
 | `stampede_guard_near_invalidations_total` | counter | `name` | `NearInvalidation` events |
@@ -64,6 +66,8 @@ from stampede_guard.metrics import (
     Computed,
     ComputeError,
     Event,
+    FailureCached,
+    FailureServed,
     Hit,
     LockAcquired,
     LockWait,
@@ -116,6 +120,8 @@ class _Metrics:
     backend_errors: Counter
     backend_skipped: Counter
     unreadable_entries: Counter
+    failures_cached: Counter
+    failures_served: Counter
     near_hits: Counter
     near_evictions: Counter
     near_invalidations: Counter
@@ -211,6 +217,8 @@ def _make(
         backend_errors=counter(spec.BACKEND_ERRORS),
         backend_skipped=counter(spec.BACKEND_SKIPPED),
         unreadable_entries=counter(spec.UNREADABLE_ENTRIES),
+        failures_cached=counter(spec.FAILURES_CACHED),
+        failures_served=counter(spec.FAILURES_SERVED),
         near_hits=counter(spec.NEAR_HITS),
         near_evictions=counter(spec.NEAR_EVICTIONS),
         near_invalidations=counter(spec.NEAR_INVALIDATIONS),
@@ -280,6 +288,8 @@ class PrometheusMetrics:
         self._backend_errors = m.backend_errors.labels(label)
         self._backend_skipped = m.backend_skipped.labels(label)
         self._unreadable_entries = m.unreadable_entries.labels(label)
+        self._failures_cached = m.failures_cached.labels(label)
+        self._failures_served = m.failures_served.labels(label)
         self._near_hits = m.near_hits.labels(label)
         self._near_evictions = m.near_evictions.labels(label)
         self._near_invalidations = m.near_invalidations.labels(label)
@@ -325,6 +335,10 @@ class PrometheusMetrics:
                 self._backend_skipped.inc()
             case UnreadableEntry():
                 self._unreadable_entries.inc()
+            case FailureCached():
+                self._failures_cached.inc()
+            case FailureServed():
+                self._failures_served.inc()
             case NearEviction():
                 self._near_evictions.inc()
             case NearInvalidation():
