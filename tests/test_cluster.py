@@ -35,6 +35,7 @@ from _servers import (
 from _waiting import Waiting
 from stampede_guard import AsyncRedisBackend, RedisBackend, cached_stampede_safe
 from stampede_guard.backends import Claim, Entry
+from stampede_guard.backends.redis import _many
 from stampede_guard.backends.redis._codec import RedisCodec
 from stampede_guard.testing import AsyncBackendContract, BackendContract
 
@@ -484,24 +485,109 @@ def _is_master(server: Server) -> bool:
         return bool(client.info("replication").get("role") == "master")
 
 
-def test_tags_are_refused_on_a_cluster_with_the_fix_and_nothing_is_written(
-    backends: Callable[[], RedisBackend], cluster: Cluster, prefix: str
+def tagged(value: object, *tags: str) -> Entry:
+    return Entry(value, 1.0, 0.0, tags)
+
+
+def store(backend: RedisBackend, key: str, entry: Entry) -> Entry | None:
+    claim = backend.get_or_lock(key, "leader", 10)
+    assert isinstance(claim, Claim)
+    return backend.set_and_unlock(key, entry, 60, "leader", ticket=claim.ticket)
+
+
+def test_tags_hold_across_slots_and_an_invalidation_is_final(
+    backends: Callable[[], RedisBackend],
 ) -> None:
-    """A tag spans slots, which no script may: a clear TypeError, the key left alone."""
-    backend = backends()
-    assert backend.tags is False
-    with pytest.raises(TypeError, match="tags need one Redis server"):
-        backend.invalidate_tag("user:1")
-    claim = backend.get_or_lock("k", "token", 5)
+    """Values on every master, tags in other slots: checked by a second round trip."""
+    writer, reader = backends(), backends()
+    keys = [f"k{i}" for i in range(12)]  # spread over the three masters' slots
+    for i, key in enumerate(keys):
+        assert store(writer, key, tagged(i, "team", f"user:{i % 3}")) is not None
+    assert [reader.get(key) for key in keys] == [
+        tagged(i, "team", f"user:{i % 3}") for i in range(12)
+    ]
+    reader.invalidate_tag("user:1")
+    for i, key in enumerate(keys):
+        expected = None if i % 3 == 1 else tagged(i, "team", f"user:{i % 3}")
+        assert writer.get(key) == expected
+        assert reader.get(key) == expected
+    # The look-or-lock of an invalidated value takes the lock at once.
+    assert writer.get_or_lock("k1", "next", 10) == "next"
+    assert writer.get_or_lock("k0", "next", 10) == tagged(0, "team", "user:0")
+    # Batches check them too, in one more round trip.
+    assert writer.get_many(keys[:3]) == [
+        tagged(0, "team", "user:0"),
+        None,
+        tagged(2, "team", "user:2"),
+    ]
+    writer.invalidate_tag("team")
+    assert reader.get_many(keys) == [None] * 12
+    found = reader.get_or_lock_many(keys[3:6], "batch", 10)
+    assert found == ["batch", "batch", "batch"]
+
+
+def test_a_store_begun_before_a_tags_invalidation_is_refused_on_a_cluster(
+    backends: Callable[[], RedisBackend],
+) -> None:
+    """The tag's stamp refuses the ticket; the lock is released; nothing stored."""
+    backend, other = backends(), backends()
+    claim = backend.get_or_lock("k", "leader", 10)
     assert isinstance(claim, Claim)
-    tagged = Entry("v", 1.0, 0.0, ("user:1",))
-    with pytest.raises(TypeError, match="tags need one Redis server"):
-        backend.set_and_unlock("k", tagged, 60, "token", ticket=claim.ticket)
-    # Refused before anything was sent: the lock is still ours, nothing is stored.
-    assert backend.unlock("k", "token") is True
+    other.invalidate_tag("t")
+    assert (
+        backend.set_and_unlock("k", tagged(1, "t"), 60, "leader", ticket=claim.ticket)
+        is None
+    )
+    assert other.get("k") is None
+    assert other.get_or_lock("k", "next", 10) == "next"  # released
+    claim = other.lock("j", "t2", 10)
+    other.invalidate_tag("u")
+    assert other.set("j", tagged(1, "u"), 60, ticket=claim.ticket) is None
+    items = [
+        ("a", tagged(1, "u"), 60.0, claim.ticket),
+        ("b", tagged(2, "v"), 60.0, claim.ticket),
+    ]
+    for key in ("a", "b"):
+        assert other.lock(key, "many", 10) == "many"
+    assert other.set_and_unlock_many(items, "many") == [None, tagged(2, "v")]
+    assert other.get_or_lock("a", "after", 10) == "after"  # refused, and released
+
+
+def test_a_tag_invalidated_between_its_stamp_and_the_store_is_still_final(
+    backends: Callable[[], RedisBackend],
+) -> None:
+    """The race the two steps leave: the store lands with the old stamp, read as none."""
+    backend, other = backends(), backends()
+    claim = backend.get_or_lock("k", "leader", 10)
+    assert isinstance(claim, Claim)
+    anyone: Any = backend
+    flow = _many.stored(
+        anyone._batches, [("k", tagged(1, "t"), 60.0, claim.ticket)], "leader"
+    )
+    stamping = next(flow)  # the tags' stamps, first
+    stamps = anyone._send_many(stamping)
+    other.invalidate_tag("t")  # between the two steps
+    storing = flow.send(stamps)
+    with pytest.raises(StopIteration) as done:
+        flow.send(anyone._send_many(storing))
+    assert done.value.value == [tagged(1, "t")]  # stored, but with the older stamp
+    assert other.get("k") is None
     assert backend.get("k") is None
-    # An untagged value is stored and read as ever.
-    claim = backend.get_or_lock("k", "token", 5)
-    assert isinstance(claim, Claim)
-    assert backend.set_and_unlock("k", Entry("v", 1.0, 0.0), 60, "token") is not None
-    assert backend.get("k") == Entry("v", 1.0, 0.0)
+    assert other.get_or_lock("k", "next", 10) == "next"
+
+
+def test_a_tagged_function_on_a_cluster_computes_once_per_invalidation(
+    backends: Callable[[], RedisBackend],
+) -> None:
+    backend = backends()
+    calls: list[int] = []
+
+    @cached_stampede_safe(key="u:{user_id}", tags=("user:{user_id}",), backend=backend)
+    def user(user_id: int) -> int:
+        calls.append(user_id)
+        return len(calls)
+
+    assert [user(1), user(1), user(2)] == [1, 1, 2]
+    backend.invalidate_tag("user:1")
+    assert [user(1), user(1), user(2)] == [3, 3, 2]
+    assert calls == [1, 2, 1]

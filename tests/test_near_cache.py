@@ -1173,7 +1173,12 @@ def test_maxbytes_bounds_the_payload_bytes_held(
     for x in "abc":
         warm(backend, functools.partial(call, x), f"blob:{x}")
     assert len(near) == 2
-    assert [e.key for e in events if isinstance(e, NearEviction)] == ["blob:a"]
+    evicted = [e.key for e in events if isinstance(e, NearEviction)]
+    # A listener starved for 3 s on a loaded machine flushes the near cache (as it
+    # must), and "a" may then be gone before "c" needs its room: no eviction at all.
+    if not any(isinstance(e, NearFlush) for e in events):
+        assert evicted == ["blob:a"]
+    assert evicted in ([], ["blob:a"])
     assert max(weights) <= 1200
     assert 1000 < near._store.weight <= 1200
 

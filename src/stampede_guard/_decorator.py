@@ -182,8 +182,9 @@ def cached_stampede_safe(
             value and then the function's arguments, returning tags.
             ``backend.invalidate_tag("user:42")`` then invalidates every value
             carrying the tag, in every process, as finally as ``invalidate()``, in
-            one write. Needs `MemoryBackend`, or a Redis backend on one server or
-            Sentinel (not a cluster). Defaults to ``None``.
+            one write. On a Redis Cluster a tagged hit or store takes one more
+            round trip (a tag's stamp lives in a slot of its own). Defaults to
+            ``None``.
         cache_errors (Mapping[type[Exception], float] | None): Failures to cache,
             by exception class (subclasses included): ``{TimeoutError: 5.0}`` stores
             a ``TimeoutError`` for 5 s in place of the value, so every caller, in

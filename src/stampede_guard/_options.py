@@ -65,8 +65,8 @@ def check_tag_backend(backend: Backend | AsyncBackend) -> None:
     """Refuse ``tags=`` on a backend that cannot keep them, naming the fix."""
     keeps = isinstance(backend, TagBackend | AsyncTagBackend)
     if not keeps or getattr(backend, "tags", True) is False:
-        why = "a Redis Cluster" if keeps else "a backend without invalidate_tag"
-        msg = f"tags= needs a backend that keeps tags, and backend={backend!r} is {why}; use MemoryBackend, or a Redis backend on one server or Sentinel"
+        why = "says it cannot" if keeps else "has no invalidate_tag"
+        msg = f"tags= needs a backend that keeps tags, and backend={backend!r} {why}; use MemoryBackend, RedisBackend or AsyncRedisBackend"
         raise TypeError(msg)
 
 

@@ -205,10 +205,13 @@ async def lock_takes_a_free_lock_even_with_a_value_stored(b: Driver) -> None:
 async def extend_renews_only_the_holders_lease(b: Driver) -> None:
     """Extending by the holder keeps a short lock alive; by anyone else, nothing."""
     key = _key()
-    assert await b.get_or_lock(key, "token-a", _SHORT) == "token-a"
-    assert await b.extend(key, "token-b", _LONG) is False
+    # Long enough to outlast the next round trip on a loaded machine (0.05 s did not
+    # always), short enough to wait out.
+    lease = 0.5
+    assert await b.get_or_lock(key, "token-a", lease) == "token-a"
     assert await b.extend(key, "token-a", _LONG) is True
-    await b.sleep(_SHORT * 2)  # the short lease would have run out by now
+    assert await b.extend(key, "token-b", _LONG) is False
+    await b.sleep(lease * 1.2)  # the short lease would have run out by now
     assert await b.lock(key, "token-b", _LONG) == "token-a", "the lease was renewed"
     assert await b.unlock(key, "token-a") is True
     assert await b.extend(key, "token-a", _LONG) is False, "a free lock is not renewed"

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import threading
 from collections.abc import Sequence
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from stampede_guard._entry import Claim, Entry
 from stampede_guard._near import Near
@@ -14,7 +14,7 @@ from stampede_guard.backends._protocol import AsyncSubscription
 from stampede_guard.backends.redis import _many
 from stampede_guard.backends.redis._backend import RedisBase
 from stampede_guard.backends.redis._clients import AsyncClient, pubsub_factory
-from stampede_guard.backends.redis._codec import Call
+from stampede_guard.backends.redis._codec import Call, Unchecked
 from stampede_guard.backends.redis._listener import AsyncListener
 from stampede_guard.backends.redis._many import CallFailed, Flow, Many, Pipelined
 
@@ -202,8 +202,7 @@ class AsyncRedisBackend(RedisBase["AsyncClient"]):
         self, items: Sequence[tuple[str, Entry, float, int | None]], token: str
     ) -> list[Entry | None]:
         """See `RedisBackend.set_and_unlock_many`."""
-        many = self._batches.store_and_unlock(items, token)
-        return await self._drive(_many.send_only(many))
+        return await self._drive(_many.stored(self._batches, items, token))
 
     async def aunlock_many(self, keys: Sequence[str], token: str) -> list[bool]:
         """See `RedisBackend.unlock_many`."""
@@ -217,7 +216,7 @@ class AsyncRedisBackend(RedisBase["AsyncClient"]):
                 return found
             self._bind()  # the listener it may start belongs to this loop
             near, start, began = self._near_read(self._listener.keep)
-            entry, left, size = await self._send(self._codec.near_read(key))
+            entry, left, size = await self._read_checked(key)
             if entry is not None and start is not None:
                 near.admit(key, entry, start, began=began, remote_ttl=left, weight=size)
             return entry
@@ -227,14 +226,21 @@ class AsyncRedisBackend(RedisBase["AsyncClient"]):
                 await self._discover()
             codec = self._codec
             if codec.reads_checked(key):  # a tagged value's: see RedisBackend.get
-                return (await self._send(codec.near_read(key)))[0]
+                return (await self._read_checked(key))[0]
             data = await self._read(codec.value_key(key))
         except self._errors as exc:
             raise self._faults.error(key, "get", exc) from exc
         entry = codec.decode(key, data)
         if codec.tagged(key, entry):
-            return (await self._send(codec.near_read(key)))[0]
+            return (await self._read_checked(key))[0]
         return entry
+
+    async def _read_checked(self, key: str) -> tuple[Entry | None, float | None, int]:
+        """See `RedisBackend._read_checked`."""
+        read = await self._send(self._codec.near_read(key))
+        if type(read[0]) is Unchecked:
+            read = await self._drive(_many.settle_read(self._batches, read))
+        return cast("tuple[Entry | None, float | None, int]", read)
 
     async def aget_or_lock(
         self, key: str, token: str, lock_ttl: float
@@ -244,6 +250,9 @@ class AsyncRedisBackend(RedisBase["AsyncClient"]):
         if found is None:  # an unreadable entry: lock as if there were none
             call = self._codec.lock(key, token, lock_ttl, "get_or_lock")
             return await self._send(call)
+        if isinstance(found, Unchecked):  # a cluster's tagged value: its tags checked
+            flow = _many.settle_lock(self._batches, key, found, token, lock_ttl)
+            return await self._drive(flow)
         return found
 
     async def alock(self, key: str, token: str, lock_ttl: float) -> Claim:
@@ -254,6 +263,9 @@ class AsyncRedisBackend(RedisBase["AsyncClient"]):
         self, key: str, entry: Entry, ttl: float, *, ticket: int | None = None
     ) -> Entry | None:
         """See `RedisBackend.set`."""
+        if entry.tags and self._codec.cluster:  # its tags stamped first
+            item = (key, entry, ttl, ticket)
+            return (await self._drive(_many.stored(self._batches, [item], None)))[0]
         return await self._send(self._codec.store(key, entry, ttl, ticket))
 
     async def aset_and_unlock(
@@ -266,6 +278,9 @@ class AsyncRedisBackend(RedisBase["AsyncClient"]):
         ticket: int | None = None,
     ) -> Entry | None:
         """See `RedisBackend.set_and_unlock`."""
+        if entry.tags and self._codec.cluster:  # its tags stamped first
+            item = (key, entry, ttl, ticket)
+            return (await self._drive(_many.stored(self._batches, [item], token)))[0]
         call = self._codec.store_and_unlock(key, entry, ttl, token, ticket)
         return await self._send(call)
 

@@ -117,7 +117,7 @@ class RedisBase(Generic[ClientT]):
         return near, start, near.clock()
 
     def _tagging(self, tag: object) -> Call[object]:
-        """Return the call invalidating *tag*, after checking this backend can."""
+        """Return the call invalidating *tag*, after checking the tag."""
         return self._codec.invalidate_tag(check_tag(tag))
 
     def _tag_done(self, tag: str) -> None:
@@ -131,8 +131,11 @@ class RedisBase(Generic[ClientT]):
 
     @property
     def tags(self) -> bool:
-        """Whether this backend can keep tagged values (one server or Sentinel)."""
-        return not self._codec.cluster
+        """Whether this backend keeps tagged values: always (see `TagBackend`).
+
+        On a cluster a tagged hit or store costs one more round trip (see ``_scripts``).
+        """
+        return True
 
     def _writing(self, call: Call[Any]) -> Writing | None:
         """What a write must do around itself for the near cache, if anything."""

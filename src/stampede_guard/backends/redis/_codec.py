@@ -30,6 +30,8 @@ from stampede_guard.serializers import (
 __all__ = [
     "Call",
     "RedisCodec",
+    "Stamps",
+    "Unchecked",
     "check_serializer",
     "lock_key",
     "milliseconds",
@@ -93,6 +95,28 @@ def check_serializer(serializer: object) -> Serializer:
     return serializer
 
 
+Stamps = tuple[tuple[str, str], ...]
+"""A tagged value's record: each tag's key and the stamp it had when stored."""
+
+
+@dataclass(frozen=True, slots=True)
+class Unchecked:
+    """A tagged entry read on a cluster, whose tags the script could not check.
+
+    It holds only if each tag key still has its stamp in *stamps* (see ``_scripts``):
+    the backend fetches them before serving it (see `_many.settled`).
+    """
+
+    entry: Entry
+    stamps: Stamps
+
+
+def _stamps(record: Any) -> Stamps:
+    """Read a record (a flat list of tag key, stamp) as pairs of text."""
+    texts = [part.decode() if isinstance(part, bytes) else str(part) for part in record]
+    return tuple(zip(texts[::2], texts[1::2], strict=True))
+
+
 @dataclass(frozen=True, slots=True)
 class Call(Generic[T]):
     """One script call of a backend method, and how to read its reply.
@@ -129,6 +153,9 @@ class RedisCodec:
     ) -> None:
         self.prefix = validate_prefix(prefix)
         self.cluster = cluster
+        # Whether the scripts check tags themselves (see ``_scripts``): not on a
+        # cluster, where a tag's stamp is in a slot of its own.
+        self._here = "0" if cluster else "1"
         self.serializer = check_serializer(serializer)
         self._envelope = Envelope(self.serializer)
         self._names: dict[str, tuple[str, str, str, str, str]] = {}
@@ -169,18 +196,33 @@ class RedisCodec:
         """Return the Redis key holding *tag*'s stamp (see ``_scripts``)."""
         return f"{self.prefix}:tag:{tag}"
 
-    def _tag_keys(self, key: str, entry: Entry) -> str:
-        """Return a store's tag keys argument: one per line, '' for an untagged value."""
-        if not entry.tags:
-            return ""
-        self._refuse_tags_on_cluster()
-        self.seen_tagged(key)
-        return "\n".join(map(self.tag_key, entry.tags))
+    def _tag_args(
+        self, key: str, entry: Entry, stamps: Stamps | None
+    ) -> tuple[str, str]:
+        """Return a store's tag arguments: its tag keys, and the record if given.
 
-    def _refuse_tags_on_cluster(self) -> None:
-        if self.cluster:
-            msg = "tags need one Redis server (or Sentinel), not a Redis Cluster: a tag's values live in every slot, and a script reaches only its own slot's keys; drop tags= or use a backend on one server"
-            raise TypeError(msg)
+        One server: the tag keys, one per line (the script reads their stamps). A
+        cluster: the record the client made (`stamp_tag`), as key and stamp lines.
+        Both '' for an untagged value.
+        """
+        if not entry.tags:
+            return "", ""
+        self.seen_tagged(key)
+        if not self.cluster:
+            return "\n".join(map(self.tag_key, entry.tags)), ""
+        if stamps is None:  # a flow's duty (see _many): never sent unstamped
+            msg = "a tagged store on a cluster needs its tags' stamps first"
+            raise AssertionError(msg)
+        return "", "\n".join(part for pair in stamps for part in pair)
+
+    def stamp_tag(self, tag: str, ticket: int | None, ttl: float) -> Call[str | None]:
+        """Return the STAMP_TAG call: *tag*'s stamp for a store, None if refused."""
+        args = (_fence(ticket), milliseconds(ttl))
+        return Call(tag, "set", "stamp_tag", (self.tag_key(tag),), args, _text)
+
+    def stamp(self, tag_key: str) -> Call[str | None]:
+        """Return the STAMP call: the stamp now at *tag_key*, or None."""
+        return Call(tag_key, "get", "stamp", (tag_key,), (), _text)
 
     def seen_tagged(self, key: str) -> None:
         """Remember that *key* holds tagged values: read it through `near_read`."""
@@ -216,17 +258,22 @@ class RedisCodec:
         *,
         ignore_value: bool = False,
         operation: str = "get_or_lock",
-    ) -> Call[Entry | Claim | None]:
+    ) -> Call[Entry | Claim | Unchecked | None]:
         """Return the GET_OR_LOCK call: the entry, the holder's token, or None.
+
+        On a cluster, a tagged entry comes back `Unchecked`.
 
         None means the script returned an envelope that does not decode (another
         serializer's, a later version's, a damaged payload, a signed one forged or
         moved from another key): the caller repeats the call with
         ``ignore_value=True``, and its result will replace the entry.
         """
-        args = (token, milliseconds(lock_ttl), FAMILY, int(ignore_value))
+        args = (token, milliseconds(lock_ttl), FAMILY, int(ignore_value), self._here)
 
-        def read(reply: Any) -> Entry | Claim | None:
+        def read(reply: Any) -> Entry | Claim | Unchecked | None:
+            if reply[0] == 2:  # noqa: PLR2004 - a tagged value on a cluster
+                entry = self.decode(key, reply[1])
+                return None if entry is None else Unchecked(entry, _stamps(reply[2]))
             if reply[0]:
                 return self.decode(key, reply[1])
             _, found, ticket = reply
@@ -252,7 +299,13 @@ class RedisCodec:
         return Call(key, operation, call.script, call.keys, call.args, _claim(call))
 
     def store(
-        self, key: str, entry: Entry, ttl: float, ticket: int | None
+        self,
+        key: str,
+        entry: Entry,
+        ttl: float,
+        ticket: int | None,
+        *,
+        stamps: Stamps | None = None,
     ) -> Call[Entry | None]:
         """Return the SET_AND_NOTIFY call: the entry as readers decode it, or None.
 
@@ -267,14 +320,21 @@ class RedisCodec:
             _fence(ticket),
             self.near_channel,
             key,
-            self._tag_keys(key, entry),
+            *self._tag_args(key, entry, stamps),
         )
         keys = (value, floor, record)
         read = _store_reader(stored)
         return Call(key, "set", "set_and_notify", keys, args, read, changes=True)
 
     def store_and_unlock(
-        self, key: str, entry: Entry, ttl: float, token: str, ticket: int | None
+        self,
+        key: str,
+        entry: Entry,
+        ttl: float,
+        token: str,
+        ticket: int | None,
+        *,
+        stamps: Stamps | None = None,
     ) -> Call[Entry | None]:
         """Return the SET_AND_UNLOCK call; it reads as `store`'s."""
         data, stored = self.encode(key, entry)
@@ -287,7 +347,7 @@ class RedisCodec:
             _fence(ticket),
             self.near_channel,
             key,
-            self._tag_keys(key, entry),
+            *self._tag_args(key, entry, stamps),
         )
         keys = (value, lock, floor, record)
         read = _store_reader(stored)
@@ -318,27 +378,28 @@ class RedisCodec:
         Near caches hear of it as a message that no cache key can be (it starts with
         a NUL, which `check_tag` keeps out of tags and the decorator out of keys).
         """
-        self._refuse_tags_on_cluster()
         args = (milliseconds(FENCE_SECONDS), self.near_channel, TAG_MESSAGE + tag)
         keys = (self.tag_key(tag),)
         return Call(tag, "invalidate_tag", "invalidate_tag", keys, args, _ignore)
 
-    def near_read(self, key: str) -> Call[tuple[Entry | None, float | None, int]]:
+    def near_read(self, key: str) -> Call[Read]:
         """Return the READ call: the entry, its seconds left in Redis, its size.
 
         Seconds left is None for an entry without expiry (written around this
-        library); the size (the payload's bytes) weighs it in a near cache.
+        library); the size (the payload's bytes) weighs it in a near cache. On a
+        cluster, a tagged entry comes back `Unchecked`.
         """
 
-        def read(reply: Any) -> tuple[Entry | None, float | None, int]:
-            data, left = reply
+        def read(reply: Any) -> Read:
+            data, left, record = reply
             entry = self.decode(key, data)
             if entry is None:
                 return None, 0.0, 0
-            return entry, (None if left < 0 else left / 1000), len(data)
+            found = Unchecked(entry, _stamps(record)) if record else entry
+            return found, (None if left < 0 else left / 1000), len(data)
 
         value, _, _, _, record = self._names_of(key)
-        return Call(key, "get", "read", (value, record), (), read)
+        return Call(key, "get", "read", (value, record), (self._here,), read)
 
     def notice(self, key: str, payload: bytes) -> Notice:
         """Read a message from `channel`: the announced entry, or RELEASED.
@@ -403,10 +464,21 @@ def _store_reader(stored: Entry) -> Callable[[Any], Entry | None]:
     return lambda result: None if result == -1 else stored
 
 
-def _claim(call: Call[Entry | Claim | None]) -> Callable[[Any], Claim]:
+def _claim(call: Call[Entry | Claim | Unchecked | None]) -> Callable[[Any], Claim]:
     """Return the reader of a GET_OR_LOCK reply that can only name the lock's holder."""
     return lambda reply: cast("Claim", call.read(reply))
 
 
 def _ignore(_reply: Any) -> object:
     return None
+
+
+def _text(reply: Any) -> str | None:
+    """Read a stamp: text, or None (no stamp, or a store refused)."""
+    if not reply:
+        return None
+    return reply.decode() if isinstance(reply, bytes) else str(reply)
+
+
+Read = tuple[Entry | Unchecked | None, float | None, int]
+"""A READ's result: the entry (`Unchecked` on a cluster), seconds left, size."""

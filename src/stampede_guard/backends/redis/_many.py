@@ -21,7 +21,13 @@ from redis.crc import key_slot
 
 from stampede_guard._entry import Claim, Entry
 from stampede_guard._near import Near
-from stampede_guard.backends.redis._codec import Call, RedisCodec
+from stampede_guard.backends.redis._codec import (
+    Call,
+    Read,
+    RedisCodec,
+    Stamps,
+    Unchecked,
+)
 from stampede_guard.backends.redis._scripts import MANY, ScriptName
 
 __all__ = [
@@ -34,6 +40,10 @@ __all__ = [
     "get_many",
     "get_or_lock_many",
     "send_only",
+    "settle_lock",
+    "settle_read",
+    "settled",
+    "stored",
 ]
 
 T = TypeVar("T")
@@ -42,9 +52,7 @@ R = TypeVar("R")
 #: A batch method, sans I/O: yields what to send, receives its results, returns.
 Flow = Generator["Many[Any]", list[Any], R]
 
-Read = tuple[
-    Entry | None, float | None, int
-]  # a near read's: entry, seconds left, size
+Item = tuple[str, Entry, float, "int | None"]  # a store's key, entry, ttl, ticket
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,7 +130,7 @@ class Batches:
 
     def get_or_lock(
         self, keys: Sequence[str], token: str, lock_ttl: float
-    ) -> Many[Entry | Claim | None]:
+    ) -> Many[Entry | Claim | Unchecked | None]:
         """Return the GET_OR_LOCK calls of *keys* (see `RedisCodec.get_or_lock`)."""
         operation = "get_or_lock_many"
         calls = [
@@ -137,19 +145,45 @@ class Batches:
         calls = [self._codec.lock(key, token, lock_ttl, operation) for key in keys]
         return self._many(operation, calls)
 
-    def store_and_unlock(
-        self, items: Sequence[tuple[str, Entry, float, int | None]], token: str
+    def store(
+        self,
+        items: Sequence[Item],
+        token: str | None,
+        stamps: Sequence[Stamps | None],
     ) -> Many[Entry | None]:
-        """Return the SET_AND_UNLOCK calls of *items* (key, entry, ttl, ticket).
+        """Return the SET_AND_UNLOCK (with *token*) or SET calls of *items*.
 
+        Each item is (key, entry, ttl, ticket), with its tags' *stamps* on a cluster.
         Every entry is encoded first: one that cannot be raises `SerializationError`
         before anything is sent.
         """
+        codec = self._codec
+        if token is None:
+            calls = [
+                codec.store(key, entry, ttl, ticket, stamps=given)
+                for (key, entry, ttl, ticket), given in zip(items, stamps, strict=True)
+            ]
+            return self._many("set", calls)
         calls = [
-            self._codec.store_and_unlock(key, entry, ttl, token, ticket)
-            for key, entry, ttl, ticket in items
+            codec.store_and_unlock(key, entry, ttl, token, ticket, stamps=given)
+            for (key, entry, ttl, ticket), given in zip(items, stamps, strict=True)
         ]
         return self._many("set_and_unlock_many", calls)
+
+    def stamp_tags(
+        self, wanted: Sequence[tuple[str, int | None, float]]
+    ) -> Many[str | None]:
+        """Return the STAMP_TAG calls of (tag, ticket, ttl) items: grouped by slot."""
+        calls = [self._codec.stamp_tag(*item) for item in wanted]
+        return self._many("set", calls)
+
+    def stamps(self, tag_keys: Sequence[str]) -> Many[str | None]:
+        """Return the STAMP calls of *tag_keys*: grouped by slot."""
+        return self._many("get", [self._codec.stamp(key) for key in tag_keys])
+
+    def tag_key(self, tag: str) -> str:
+        """Return the Redis key of *tag*'s stamp."""
+        return self._codec.tag_key(tag)
 
     def unlock(self, keys: Sequence[str], token: str) -> Many[bool]:
         """Return the UNLOCK calls of *keys* (see `RedisCodec.unlock`)."""
@@ -178,7 +212,11 @@ def get_or_lock_many(
     As the single method does, in a second call, for those keys only (and only if
     there are any: a damaged or foreign payload, a rare event).
     """
-    found: list[Entry | Claim | None] = yield batches.get_or_lock(keys, token, lock_ttl)
+    found: list[Any] = yield batches.get_or_lock(keys, token, lock_ttl)
+    holds = yield from settled(batches, found)
+    for position, result in enumerate(found):
+        if type(result) is Unchecked:  # a cluster's tagged value: held, or as none
+            found[position] = result.entry if holds[position] else None
     unreadable = [i for i, result in enumerate(found) if result is None]
     if unreadable:
         claims: list[Claim] = yield batches.lock(
@@ -208,7 +246,11 @@ def get_many(
         return found
     started = None if near is None else begin()
     read: list[Read] = yield batches.read([keys[i] for i in missing])
-    for position, (entry, left, size) in zip(missing, read, strict=True):
+    holds = yield from settled(batches, [entry for entry, _, _ in read])
+    for position, (unsettled, left, size), held in zip(
+        missing, read, holds, strict=True
+    ):
+        entry = _settle(unsettled, held=held)
         found[position] = entry
         if entry is None or started is None:
             continue
@@ -223,6 +265,94 @@ def get_many(
                 weight=size,
             )
     return found
+
+
+def _settle(found: Entry | Unchecked | None, *, held: bool) -> Entry | None:
+    if type(found) is Unchecked:
+        return found.entry if held else None
+    return cast("Entry | None", found)
+
+
+def settled(batches: Batches, found: Sequence[object]) -> Flow[list[bool]]:
+    """Whether each `Unchecked` of *found* still holds (True for anything else).
+
+    A cluster's tagged value, which its read's script could not check: the stamps of
+    all their tags are fetched in one round (one call per slot, one pipeline) and
+    compared with each value's record. Nothing is sent when there is none.
+    """
+    held = [True] * len(found)
+    checks = [(i, f) for i, f in enumerate(found) if type(f) is Unchecked]
+    if not checks:
+        return held
+    tag_keys = sorted({key for _, f in checks for key, _ in f.stamps})
+    now: list[str | None] = yield batches.stamps(tag_keys)
+    current = dict(zip(tag_keys, now, strict=True))
+    for position, f in checks:
+        held[position] = all(current[key] == stamp for key, stamp in f.stamps)
+    return held
+
+
+def settle_lock(
+    batches: Batches, key: str, found: Unchecked, token: str, lock_ttl: float
+) -> Flow[Entry | Claim]:
+    """`get_or_lock` of *key* after its script returned *found* unchecked (a cluster).
+
+    Its tags still hold: the entry. Else the key is locked as if it had none, as
+    for an unreadable entry (a value stored meanwhile is then recomputed once more).
+    """
+    (held,) = yield from settled(batches, [found])
+    if held:
+        return found.entry
+    claims: list[Claim] = yield batches.lock([key], token, lock_ttl)
+    return claims[0]
+
+
+def settle_read(batches: Batches, read: Read) -> Flow[Read]:
+    """A READ's result with an `Unchecked` entry (a cluster) settled: held, or none."""
+    entry, left, size = read
+    (held,) = yield from settled(batches, [entry])
+    settled_entry = _settle(entry, held=held)
+    return (settled_entry, left, size) if settled_entry is not None else (None, 0.0, 0)
+
+
+def stored(
+    batches: Batches, items: Sequence[Item], token: str | None
+) -> Flow[list[Entry | None]]:
+    """`set_and_unlock` (with *token*) or `set` of each item: (key, entry, ttl, ticket).
+
+    On a cluster a script cannot reach a tag's stamp from the value's slot, so each
+    tagged item's tags are stamped first (`STAMP_TAG`, one round for all of them): an
+    item whose ticket precedes an invalidation of one of its tags is refused (None;
+    its lock, if *token* holds it, released as a refused store's is), and the others
+    are stored with the stamps as their record (see ``_scripts``).
+    """
+    stamps: list[Stamps | None] = [None] * len(items)
+    refused: set[int] = set()
+    wanted = [
+        (i, tag) for i, (_, entry, _, _) in enumerate(items) for tag in entry.tags
+    ]
+    if batches.cluster and wanted:
+        got: list[str | None] = yield batches.stamp_tags(
+            [(tag, items[i][3], items[i][2]) for i, tag in wanted]
+        )
+        made: dict[int, list[tuple[str, str]]] = {}
+        for (i, tag), stamp in zip(wanted, got, strict=True):
+            if stamp is None:
+                refused.add(i)
+            made.setdefault(i, []).append((batches.tag_key(tag), stamp or ""))
+        for i, pairs in made.items():
+            stamps[i] = tuple(pairs)
+    results: list[Entry | None] = [None] * len(items)
+    going = [i for i in range(len(items)) if i not in refused]
+    if going:
+        sent: list[Entry | None] = yield batches.store(
+            [items[i] for i in going], token, [stamps[i] for i in going]
+        )
+        for i, result in zip(going, sent, strict=True):
+            results[i] = result
+    if refused and token is not None:
+        yield batches.unlock([items[i][0] for i in sorted(refused)], token)
+    return results
 
 
 # --- Sending ----------------------------------------------------------------------------

@@ -80,8 +80,13 @@ end
 # entries carrying it, and each read checks the tags of what it read in the same
 # script. Only a tagged value (a version-2 envelope with flag 2, at a fixed offset
 # after the serializer's name) costs the record's look: a plain value holds as is.
-# Tag keys are named by the record, not declared in KEYS: a script may reach them
-# on one server (or Sentinel), not on a cluster, which is why tags need the former.
+# Tag keys are named by the record, not declared in KEYS: a script may reach them on
+# one server (or Sentinel), not on a cluster, where a tag's stamp lives in a slot of
+# its own. There (*here* is not '1') a read returns the record with the value, and the
+# client fetches the stamps and compares them (`_many`: one more round trip); a store
+# is given the stamps, which the client fetched first (STAMP_TAG), refusing a ticket
+# older than a tag's invalidation. A tag invalidated between the two is still caught:
+# the record then holds the older stamp, which no read will find again.
 # Anything unexpected (a record or tag key of another type, a stamp that does not
 # parse) reads as changed, never as holding: hostile data costs a recomputation. Any
 # other error (a user without HGETALL) fails the script: never a silent miss.
@@ -97,7 +102,7 @@ local function only_wrongtype(reply)
     end
     return false
 end
-local function tags_hold(value, record_key)
+local function tags_hold(value, record_key, here)
     if string.byte(value, 3) ~= 2 then
         return true
     end
@@ -108,6 +113,9 @@ local function tags_hold(value, record_key)
     local record = redis.pcall('HGETALL', record_key)
     if only_wrongtype(record) or #record == 0 then
         return false
+    end
+    if here ~= '1' then
+        return record
     end
     for i = 1, #record, 2 do
         local stamp = redis.pcall('GET', record[i])
@@ -136,11 +144,14 @@ local function tags_refuse(tag_keys, ticket)
     end
     return false
 end
-local function record_tags(record_key, tag_keys, ttl_ms)
-    if tag_keys == '' then
+local function record_tags(record_key, tag_keys, ttl_ms, given)
+    if tag_keys == '' and given == '' then
         return
     end
     local stamps = {}
+    for part in string.gmatch(given, '[^\\n]+') do
+        stamps[#stamps + 1] = part
+    end
     for tag_key in string.gmatch(tag_keys, '[^\\n]+') do
         local stamp, invalidated = stamp_of(tag_key)
         if not invalidated then
@@ -161,7 +172,9 @@ end
 
 # KEYS[1] value key, KEYS[2] lock key, KEYS[3] tag record key; ARGV[1] token,
 # ARGV[2] lock ttl (ms), ARGV[3] the envelopes' magic prefix, ARGV[4] "1" to ignore
-# the value. A tagged value whose tags were invalidated counts as none.
+# the value, ARGV[5] "1" to check tags here. A tagged value whose tags were
+# invalidated counts as none; on a cluster a tagged value comes back as
+# {2, value, record} for the client to check (see _TAGS).
 # Returns {1, value} if there is a value, else {0, token of the lock's holder, ticket},
 # having taken the lock if it was free (then the holder is ARGV[1]).
 # Checking the value and taking the lock in one step is the double-check of the
@@ -172,13 +185,17 @@ _GET_OR_LOCK = (
     _TAGS
     + """
 local function get_or_lock(
-    value_key, lock_key, record_key, token, lock_ms, magic, ignore
+    value_key, lock_key, record_key, token, lock_ms, magic, ignore, here
 )
     if ignore ~= '1' then
         local value = redis.call('GET', value_key)
-        if value and string.sub(value, 1, string.len(magic)) == magic
-            and tags_hold(value, record_key) then
-            return {1, value}
+        if value and string.sub(value, 1, string.len(magic)) == magic then
+            local holds = tags_hold(value, record_key, here)
+            if holds == true then
+                return {1, value}
+            elseif holds then
+                return {2, value, holds}
+            end
         end
     end
     local holder = redis.call('SET', lock_key, token, 'NX', 'PX', lock_ms, 'GET')
@@ -199,7 +216,8 @@ end
 # there too, so that every process drops its near copy (see stampede_guard._near).
 # KEYS[4] the tag record key, ARGV[8] the value's tag keys, one per line ('' for
 # none): a value is refused like an older one if one of its tags was invalidated
-# after its ticket, and stored with the record of its tags' stamps.
+# after its ticket, and stored with the record of its tags' stamps. On a cluster,
+# ARGV[9] the record itself (tag key and stamp, one per line; ARGV[8] then '').
 # Returns 1 if stored, 0 if fenced off by another holder, -1 if refused for its ticket.
 _SET_AND_UNLOCK = (
     _FENCE
@@ -207,7 +225,7 @@ _SET_AND_UNLOCK = (
     + """
 local function set_and_unlock(
     value_key, lock_key, floor_key, record_key, payload, ttl_ms, token, channel,
-    ticket, near_channel, cache_key, tag_keys
+    ticket, near_channel, cache_key, tag_keys, stamps
 )
     local refused, had_floor = fence(floor_key, ticket)
     if refused or tags_refuse(tag_keys, ticket) then
@@ -224,7 +242,7 @@ local function set_and_unlock(
     end
     redis.call('SET', value_key, payload, 'PX', ttl_ms)
     raise_floor(floor_key, ticket, ttl_ms, had_floor)
-    record_tags(record_key, tag_keys, ttl_ms)
+    record_tags(record_key, tag_keys, ttl_ms, stamps)
     if holder then
         redis.call('DEL', lock_key)
     end
@@ -237,23 +255,63 @@ end
 
 # KEYS[1] value key, KEYS[2] floor key; ARGV[1] payload, ARGV[2] ttl (ms), ARGV[3]
 # notice channel, ARGV[4] ticket ('' for none), ARGV[5] the near caches' channel,
-# ARGV[6] the cache key; KEYS[3] the tag record key, ARGV[7] the tag keys (as above).
+# ARGV[6] the cache key; KEYS[3] the tag record key, ARGV[7] the tag keys, ARGV[8]
+# the record on a cluster (as above).
 # A store without the lock (a waiter that timed out, a refresh), announced like any
 # other, and refused like any other for its ticket. Returns 1 if stored, -1 if refused.
-SET_AND_NOTIFY = (
+_SET_AND_NOTIFY = (
     _FENCE
     + _TAGS
     + """
-local refused, had_floor = fence(KEYS[2], ARGV[4])
-if refused or tags_refuse(ARGV[7], ARGV[4]) then
-    return -1
+local function set_and_notify(
+    value_key, floor_key, record_key, payload, ttl_ms, channel, ticket,
+    near_channel, cache_key, tag_keys, stamps
+)
+    local refused, had_floor = fence(floor_key, ticket)
+    if refused or tags_refuse(tag_keys, ticket) then
+        return -1
+    end
+    redis.call('SET', value_key, payload, 'PX', ttl_ms)
+    raise_floor(floor_key, ticket, ttl_ms, had_floor)
+    record_tags(record_key, tag_keys, ttl_ms, stamps)
+    redis.call('PUBLISH', channel, payload)
+    redis.call('PUBLISH', near_channel, cache_key)
+    return 1
 end
-redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-raise_floor(KEYS[2], ARGV[4], ARGV[2], had_floor)
-record_tags(KEYS[3], ARGV[7], ARGV[2])
-redis.call('PUBLISH', ARGV[3], ARGV[1])
-redis.call('PUBLISH', ARGV[5], ARGV[6])
-return 1
+"""
+)
+
+# KEYS[1] a tag key; ARGV[1] a store's ticket ('' for none), ARGV[2] its ttl (ms).
+# A cluster store's first step (see _TAGS): the tag's stamp, made if there is none and
+# kept at least as long as the value; false if the tag was invalidated after the
+# ticket (the store is refused).
+_STAMP_TAG = (
+    _TAGS
+    + """
+local function stamp_tag(tag_key, ticket, ttl_ms)
+    if tags_refuse(tag_key, ticket) then
+        return false
+    end
+    local stamp, invalidated = stamp_of(tag_key)
+    if not invalidated then
+        stamp = '0:' .. string.format('%.0f', now_us())
+        redis.call('SET', tag_key, stamp, 'PX', ttl_ms)
+    else
+        redis.call('PEXPIRE', tag_key, ttl_ms, 'GT')
+    end
+    return stamp
+end
+"""
+)
+
+# KEYS[1] a tag key. A cluster read's second step: the tag's stamp, or false.
+_STAMP = (
+    _TAGS
+    + """
+local function stamp(tag_key)
+    local found = stamp_of(tag_key)
+    return found or false
+end
 """
 )
 
@@ -334,18 +392,24 @@ end
 """
 
 
-# KEYS[1] value key, KEYS[2] tag record key. A near cache's read (and a tagged
-# value's): the value and its remaining time (ms; -1 for none, -2 for no key), so
-# that the near copy never outlives it. A value whose tags changed reads as none.
+# KEYS[1] value key, KEYS[2] tag record key, ARGV[1] "1" to check tags here. A near
+# cache's read (and a tagged value's): the value and its remaining time (ms; -1 for
+# none, -2 for no key), so that the near copy never outlives it, and (on a cluster,
+# for a tagged value) its record, for the client to check; else an empty list. A
+# value whose tags changed reads as none.
 _READ = (
     _TAGS
     + """
-local function read(value_key, record_key)
+local function read(value_key, record_key, here)
     local value = redis.call('GET', value_key)
-    if value and not tags_hold(value, record_key) then
-        return {false, -2}
+    if not value then
+        return {false, -2, {}}
     end
-    return {value, redis.call('PTTL', value_key)}
+    local holds = tags_hold(value, record_key, here)
+    if not holds then
+        return {false, -2, {}}
+    end
+    return {value, redis.call('PTTL', value_key), holds == true and {} or holds}
 end
 """
 )
@@ -403,20 +467,31 @@ ScriptName = Literal[
     "read",
     "read_many",
     "set_and_notify",
+    "set_and_notify_many",
     "set_and_unlock",
     "set_and_unlock_many",
+    "stamp",
+    "stamp_many",
+    "stamp_tag",
+    "stamp_tag_many",
     "unlock",
     "unlock_many",
 ]
 
 # The scripts decided per cache key, each with its batch twin's name.
 _PER_KEY: Final[dict[ScriptName, tuple[ScriptName, _PerKey]]] = {
-    "get_or_lock": ("get_or_lock_many", _PerKey(_GET_OR_LOCK, "get_or_lock", 3, 4)),
-    "read": ("read_many", _PerKey(_READ, "read", 2, 0)),
+    "get_or_lock": ("get_or_lock_many", _PerKey(_GET_OR_LOCK, "get_or_lock", 3, 5)),
+    "read": ("read_many", _PerKey(_READ, "read", 2, 1)),
     "set_and_unlock": (
         "set_and_unlock_many",
-        _PerKey(_SET_AND_UNLOCK, "set_and_unlock", 4, 8),
+        _PerKey(_SET_AND_UNLOCK, "set_and_unlock", 4, 9),
     ),
+    "set_and_notify": (
+        "set_and_notify_many",
+        _PerKey(_SET_AND_NOTIFY, "set_and_notify", 3, 8),
+    ),
+    "stamp_tag": ("stamp_tag_many", _PerKey(_STAMP_TAG, "stamp_tag", 1, 2)),
+    "stamp": ("stamp_many", _PerKey(_STAMP, "stamp", 1, 0)),
     "unlock": ("unlock_many", _PerKey(_UNLOCK, "unlock", 1, 2)),
 }
 
@@ -430,7 +505,6 @@ SOURCES: Final[dict[ScriptName, str]] = {
     "extend": EXTEND,
     "invalidate": INVALIDATE,
     "invalidate_tag": INVALIDATE_TAG,
-    "set_and_notify": SET_AND_NOTIFY,
     **{name: _one(one) for name, (_, one) in _PER_KEY.items()},
     **{many: _many(one) for many, one in _PER_KEY.values()},
 }

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from stampede_guard._entry import Claim, Entry
 from stampede_guard._near import Near
@@ -11,7 +11,7 @@ from stampede_guard.backends._protocol import Subscription
 from stampede_guard.backends.redis import _many
 from stampede_guard.backends.redis._backend import RedisBase
 from stampede_guard.backends.redis._clients import SyncClient, pubsub_factory
-from stampede_guard.backends.redis._codec import Call
+from stampede_guard.backends.redis._codec import Call, Unchecked
 from stampede_guard.backends.redis._listener import Listener
 from stampede_guard.backends.redis._many import CallFailed, Flow, Many, Pipelined
 
@@ -135,13 +135,13 @@ class RedisBackend(RedisBase["SyncClient"]):
             if found is not None:
                 return found
             near, start, began = self._near_read(self._listener.keep)
-            entry, left, size = self._send(self._codec.near_read(key))
+            entry, left, size = self._read_checked(key)
             if entry is not None and start is not None:
                 near.admit(key, entry, start, began=began, remote_ttl=left, weight=size)
             return entry
         codec = self._codec
         if codec.reads_checked(key):  # a tagged value's: its tags checked, one script
-            return self._send(codec.near_read(key))[0]
+            return self._read_checked(key)[0]
         # A hit: the one call not made through `_send`, to spare it building a Call.
         try:
             data = self._read(codec.value_key(key))
@@ -149,8 +149,15 @@ class RedisBackend(RedisBase["SyncClient"]):
             raise self._faults.error(key, "get", exc) from exc
         entry = codec.decode(key, data)
         if codec.tagged(key, entry):  # first seen tagged: read again, checked
-            return self._send(codec.near_read(key))[0]
+            return self._read_checked(key)[0]
         return entry
+
+    def _read_checked(self, key: str) -> tuple[Entry | None, float | None, int]:
+        """READ *key*, tags checked: by the script, or after it on a cluster."""
+        read = self._send(self._codec.near_read(key))
+        if type(read[0]) is Unchecked:
+            read = self._drive(_many.settle_read(self._batches, read))
+        return cast("tuple[Entry | None, float | None, int]", read)
 
     def get_many(self, keys: Sequence[str]) -> list[Entry | None]:
         """Return the entry of each key, in order, as `get` would: one script call.
@@ -179,8 +186,7 @@ class RedisBackend(RedisBase["SyncClient"]):
         self, items: Sequence[tuple[str, Entry, float, int | None]], token: str
     ) -> list[Entry | None]:
         """`set_and_unlock` of each (key, entry, ttl, ticket) item: one script call."""
-        many = self._batches.store_and_unlock(items, token)
-        return self._drive(_many.send_only(many))
+        return self._drive(_many.stored(self._batches, items, token))
 
     def unlock_many(self, keys: Sequence[str], token: str) -> list[bool]:
         """`unlock` of each key: one script call; whether *token* held each lock."""
@@ -191,6 +197,9 @@ class RedisBackend(RedisBase["SyncClient"]):
         found = self._send(self._codec.get_or_lock(key, token, lock_ttl))
         if found is None:  # an unreadable entry: lock as if there were none
             return self._send(self._codec.lock(key, token, lock_ttl, "get_or_lock"))
+        if isinstance(found, Unchecked):  # a cluster's tagged value: its tags checked
+            flow = _many.settle_lock(self._batches, key, found, token, lock_ttl)
+            return self._drive(flow)
         return found
 
     def lock(self, key: str, token: str, lock_ttl: float) -> Claim:
@@ -204,6 +213,9 @@ class RedisBackend(RedisBase["SyncClient"]):
 
         Returns None, storing nothing, if *ticket* is fenced off (see `Backend.set`).
         """
+        if entry.tags and self._codec.cluster:  # its tags stamped first
+            item = (key, entry, ttl, ticket)
+            return self._drive(_many.stored(self._batches, [item], None))[0]
         return self._send(self._codec.store(key, entry, ttl, ticket))
 
     def set_and_unlock(
@@ -219,6 +231,9 @@ class RedisBackend(RedisBase["SyncClient"]):
 
         Returns None if *ticket* is fenced off (see `Backend.set_and_unlock`).
         """
+        if entry.tags and self._codec.cluster:  # its tags stamped first
+            item = (key, entry, ttl, ticket)
+            return self._drive(_many.stored(self._batches, [item], token))[0]
         return self._send(self._codec.store_and_unlock(key, entry, ttl, token, ticket))
 
     def unlock(self, key: str, token: str) -> bool:
@@ -240,8 +255,8 @@ class RedisBackend(RedisBase["SyncClient"]):
     def invalidate_tag(self, tag: str) -> None:
         """Invalidate every value stored with *tag*, in every process: one write.
 
-        See `TagBackend.invalidate_tag`. Needs one server (or Sentinel): on a cluster
-        it raises TypeError.
+        See `TagBackend.invalidate_tag`. On a cluster too: the tag's stamp is one
+        key, in a slot of its own.
         """
         self._send(self._tagging(tag))
         self._tag_done(tag)
