@@ -19,8 +19,15 @@ from stampede_guard import AsyncRedisBackend, NearCache, RedisBackend
 from stampede_guard._near import Near
 from stampede_guard._tags import TAG_MESSAGE
 from stampede_guard.backends import Backend, Claim, Entry, TagBackend
+from stampede_guard.metrics import NearEvent, NearInvalidation
 
 pytestmark = pytest.mark.timeout(60)
+
+
+def near_of(backend: RedisBackend) -> Near:
+    near: Any = backend
+    found: Near = near._near
+    return found
 
 
 def tagged(value: object, *tags: str) -> Entry:
@@ -320,34 +327,48 @@ def test_a_near_cache_drops_what_it_holds_when_a_tag_is_invalidated_anywhere(
     redis_url: str, redis_prefix: str
 ) -> None:
     """The invalidating process drops at once; another one on hearing the message."""
+    events: list[NearEvent] = []
     near = RedisBackend.from_url(
-        redis_url, prefix=redis_prefix, near_cache=NearCache(ttl=60)
+        redis_url,
+        prefix=redis_prefix,
+        near_cache=NearCache(ttl=60, metrics=events.append),
     )
     writer = RedisBackend.from_url(redis_url, prefix=redis_prefix)
     try:
-        store(writer, "k", tagged("v", "t"))
         held = near.local_read
         assert held is not None
+        near.get("k")  # subscribes the near cache's channel
 
-        def holds_k() -> bool:
-            near.get("k")
-            return held("k") is not None
+        def heard(key: str) -> Callable[[], bool]:
+            return lambda: NearInvalidation(key) in events
 
-        until("the near cache holding k", holds_k)
+        def holds(key: str) -> Callable[[], bool]:
+            def check() -> bool:
+                near.get(key)
+                return held(key) is not None
+
+            return check
+
+        until("the near cache listening", lambda: near_of(near).live)
+        # Fill only once each store's own message is heard: it drops the key, and a
+        # copy filled before it lands would be dropped by it, not by the tag.
+        store(writer, "k", tagged("v", "t"))
         store(writer, "other", tagged("o", "u"))
-
-        def holds_other() -> bool:
-            near.get("other")
-            return held("other") is not None
-
-        until("the near cache holding other", holds_other)
+        until("the stores' messages heard", lambda: heard("k")() and heard("other")())
+        until("the near cache holding k", holds("k"))
+        until("the near cache holding other", holds("other"))
         writer.invalidate_tag("t")
         until("the near cache dropping k", lambda: held("k") is None)
         assert near.get("k") is None
         assert held("other") is not None  # another tag's: still held
         # Read-your-writes: the invalidating process itself serves nothing old.
+        before = events.count(NearInvalidation("k"))
         store(writer, "k", tagged("w", "t"))
-        until("the near cache holding k again", holds_k)
+        until(
+            "the store's message heard",
+            lambda: events.count(NearInvalidation("k")) > before,
+        )
+        until("the near cache holding k again", holds("k"))
         near.invalidate_tag("t")
         assert held("k") is None
         assert near.get("k") is None
