@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Protocol, cast
 
 import pytest
@@ -18,6 +18,7 @@ from stampede_guard import (
     AsyncRedisBackend,
     MemoryBackend,
     cached_stampede_safe,
+    cached_stampede_safe_batch,
 )
 from stampede_guard.backends import Backend, TagBackend
 from stampede_guard.testing import wait_for_joiners
@@ -297,3 +298,75 @@ async def calls_once_per_invalidation(
     await invalidate_tag("x:1")
     assert await fn(1) == 2
     assert calls == [1, 1]
+
+
+# Batch functions: each id's value carries the id's tags.
+
+
+def test_a_batch_functions_ids_carry_their_tags(
+    make_backend: Callable[[], Backend],
+) -> None:
+    """tags=("user:{}",): invalidating one id's tag recomputes that id only, once."""
+    backend = tag_backend(make_backend)
+    asked: list[list[int]] = []
+
+    @cached_stampede_safe_batch(key="bu:{}", tags=("user:{}", "users"), backend=backend)
+    def users(ids: Sequence[int]) -> dict[int, str]:
+        asked.append(sorted(ids))
+        return {i: f"user {i}" for i in ids if i != 3}
+
+    assert users([1, 2, 3]) == {1: "user 1", 2: "user 2"}
+    assert users([1, 2, 3]) == {1: "user 1", 2: "user 2"}
+    tag_backend(make_backend).invalidate_tag("user:2")
+    assert users([1, 2, 3]) == {1: "user 1", 2: "user 2"}
+    tag_backend(make_backend).invalidate_tag("user:3")  # an id with no value too
+    assert users([1, 2, 3]) == {1: "user 1", 2: "user 2"}
+    backend.invalidate_tag("users")
+    assert users([1, 2]) == {1: "user 1", 2: "user 2"}
+    assert asked == [[1, 2, 3], [2], [3], [1, 2]]
+
+
+def test_a_batch_functions_tags_from_each_value(
+    make_backend: Callable[[], Backend],
+) -> None:
+    """tags=callable(value, id): a tag the id cannot name; None for an id with none."""
+    backend = tag_backend(make_backend)
+    asked: list[list[int]] = []
+    seen: list[tuple[object, int]] = []
+
+    def tags_of(value: dict[str, str] | None, id_: int) -> list[str]:
+        seen.append((value, id_))
+        return [] if value is None else [f"org:{value['org']}"]
+
+    @cached_stampede_safe_batch(key="bo:{}", tags=tags_of, backend=backend)
+    def people(ids: Sequence[int]) -> dict[int, dict[str, str]]:
+        asked.append(sorted(ids))
+        return {i: {"org": "acme" if i < 3 else "initech"} for i in ids if i != 9}
+
+    people([1, 2, 3, 9])
+    assert (None, 9) in seen
+    backend.invalidate_tag("org:acme")
+    people([1, 2, 3, 9])
+    assert asked == [[1, 2, 3, 9], [1, 2]]
+
+
+def test_a_batch_functions_bad_tags_are_refused_and_leave_no_lock(
+    make_backend: Callable[[], Backend],
+) -> None:
+    backend = tag_backend(make_backend)
+    with pytest.raises(ValueError, match="name only the id"):
+        cached_stampede_safe_batch(key="b:{}", tags=("user:{uid}",), backend=backend)(
+            lambda _ids: {}
+        )
+    returned: Any = ["a\nb"]
+
+    @cached_stampede_safe_batch(
+        key="bb:{}", tags=lambda _v, _i: returned, backend=backend, lock_timeout=30
+    )
+    def fn(ids: Sequence[int]) -> dict[int, int]:
+        return {i: i for i in ids}
+
+    with pytest.raises(ValueError, match="control character"):
+        fn([1, 2])
+    assert backend.get_or_lock("bb:1", "next", 5) == "next"  # released at once
+    assert backend.get("bb:2") is None

@@ -22,9 +22,11 @@ from stampede_guard._options import (
     check_function,
     check_metrics,
     check_pairing,
+    check_tag_backend,
     clock_of,
     validated_policy,
 )
+from stampede_guard._tags import BatchTags
 from stampede_guard.backends._protocol import AsyncBackend, Backend
 from stampede_guard.metrics import MetricsHook, safe_emitter
 
@@ -60,6 +62,7 @@ class BatchOptions(TypedDict, total=False):
     beta: float
     cache_none: bool
     ttl_jitter: float
+    tags: Sequence[str] | Callable[[Any, Any], Iterable[str]] | None
     metrics: MetricsHook | None
     namespace: str | None
 
@@ -134,7 +137,11 @@ def cached_stampede_safe_batch(
             *lock_timeout*, *wait_timeout*, *base_delay*, *max_delay*, *max_retries*,
             *on_timeout*, *on_backend_error*, *stale_ttl*, *stale_if_error*,
             *background_refresh*, *early_refresh*, *beta*, *cache_none*,
-            *ttl_jitter*, *metrics*, *namespace*. Events are per id (a `Hit`, `Miss`, `Computed`... for each).
+            *ttl_jitter*, *tags*, *metrics*, *namespace*. Events are per id (a
+            `Hit`, `Miss`, `Computed`... for each). *tags* are templates over the
+            id (``("user:{}",)``) or a callable of an id's value (None if it has
+            none) and the id: ``backend.invalidate_tag("user:42")`` then
+            invalidates that id's value, whatever function stored it.
             A *ttl* or *stale_ttl* function is asked of each id's value; an id with
             no value has none to ask, so with a *ttl* function it is not stored.
 
@@ -163,14 +170,19 @@ def cached_stampede_safe_batch(
         wall_clock=clock_of(checked_backend),
     )
     namespace = validate_namespace(options.get("namespace"))
+    tags = options.get("tags")
+    if tags is not None:
+        check_tag_backend(checked_backend)
 
     def decorate(fn: Callable[..., Any]) -> Any:
         check_function(fn)
         is_async = check_pairing(fn, checked_backend)
-        keys = BatchKeys(key, namespace, function_id(fn, mode="name"))
+        name = function_id(fn, mode="name")
+        keys = BatchKeys(key, namespace, name)
+        tagger = None if tags is None else BatchTags(tags, name)
         if is_async:
-            return AsyncBatchCached(fn, keys, checked_backend, context)
-        return BatchCached(fn, keys, checked_backend, context)
+            return AsyncBatchCached(fn, keys, checked_backend, context, tagger)
+        return BatchCached(fn, keys, checked_backend, context, tagger)
 
     return decorate
 

@@ -62,6 +62,7 @@ from stampede_guard._entry import Entry
 from stampede_guard._errors import BackendError
 from stampede_guard._freshness import RefreshDue
 from stampede_guard._plan import backend_failed, plan
+from stampede_guard._tags import BatchTags
 from stampede_guard.metrics import (
     BackendFailed,
     BackendSkipped,
@@ -158,9 +159,12 @@ class _Base(Generic[K, V]):
         backend: Any,
         context: Context,
         flights: BatchFlights | AsyncBatchFlights,
+        *,
+        tags: BatchTags | None = None,
     ) -> None:
         functools.update_wrapper(self, fn)  # type: ignore[arg-type]
         self._fn = fn
+        self._tags = tags
         self._keys = keys
         self._backend = backend
         self._context = context
@@ -356,7 +360,8 @@ class _Base(Generic[K, V]):
             forms[key] = form
             if ctx.observed:
                 ctx.emit(Computed(key, seconds))
-            entry = Entry(form, now, seconds)
+            tags = () if self._tags is None else self._tags.of(id_of[key], form)
+            entry = Entry(form, now, seconds, tags)
             ttl = ctx.policy.store_ttl_for(key, entry)  # the batch policy: see _batch
             if ttl is None:
                 release.append(key)
@@ -439,9 +444,14 @@ class BatchCached(_Base[K, V]):
     """The object put in place of a sync batch function."""
 
     def __init__(
-        self, fn: Callable[..., Any], keys: BatchKeys, backend: Any, context: Context
+        self,
+        fn: Callable[..., Any],
+        keys: BatchKeys,
+        backend: Any,
+        context: Context,
+        tags: BatchTags | None = None,
     ) -> None:
-        super().__init__(fn, keys, backend, context, BatchFlights())
+        super().__init__(fn, keys, backend, context, BatchFlights(), tags=tags)
 
     def __call__(self, ids: Iterable[K]) -> dict[K, V]:
         flow = self._call(ids)
@@ -513,9 +523,14 @@ class AsyncBatchCached(_Base[K, V]):
     """The object put in place of an ``async def`` batch function."""
 
     def __init__(
-        self, fn: Callable[..., Any], keys: BatchKeys, backend: Any, context: Context
+        self,
+        fn: Callable[..., Any],
+        keys: BatchKeys,
+        backend: Any,
+        context: Context,
+        tags: BatchTags | None = None,
     ) -> None:
-        super().__init__(fn, keys, backend, context, AsyncBatchFlights())
+        super().__init__(fn, keys, backend, context, AsyncBatchFlights(), tags=tags)
         self._background: set[Any] = set()
 
     async def __call__(self, ids: Iterable[K]) -> dict[K, V]:

@@ -8,6 +8,7 @@ as templates over the arguments, or as a callable of the value and the arguments
 from __future__ import annotations
 
 import inspect
+import string
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any, Final, NamedTuple
 
@@ -16,6 +17,7 @@ from stampede_guard._keys import Binder, check_template
 __all__ = [
     "MAX_TAG_LENGTH",
     "TAG_MESSAGE",
+    "BatchTags",
     "TagMaker",
     "Tagged",
     "check_tag",
@@ -157,3 +159,63 @@ class TagMaker:
             return Tagged(value, self.of(value, args, kwargs))
 
         return tagged
+
+
+class BatchTags:
+    """Make the tags of each id of a batch function (``cached_stampede_safe_batch``).
+
+    Args:
+        tags: ``str.format`` templates whose fields are the id (``"user:{}"``,
+            ``"org:{0.org_id}"``; a template without a field is a constant tag), or a
+            callable taking an id's value (None for an id the function gave none)
+            and the id, returning an iterable of tags.
+        function_id: How errors name the function.
+
+    Raises:
+        TypeError: *tags* is a str, or neither templates nor a callable.
+        ValueError: A template does not parse, or names a field other than the id.
+    """
+
+    def __init__(self, tags: object, function_id: str) -> None:
+        self._where = f"the tags of {function_id}"
+        self._of_value: Callable[[Any, Any], Iterable[object]] | None = None
+        self._templates: tuple[str, ...] = ()
+        if isinstance(tags, str):
+            msg = f"tags={tags!r} is one str; give a tuple of templates, e.g. tags=({tags!r},)"
+            raise TypeError(msg)
+        if callable(tags):
+            self._of_value = tags
+            return
+        if not isinstance(tags, Iterable):
+            msg = f"tags must be templates over the id such as ('user:{{}}',), or a callable of the value and the id, not {type(tags).__qualname__}"
+            raise TypeError(msg)
+        templates = tuple(tags)
+        for template in templates:
+            _check_id_template(template, self._where)
+        self._templates = templates
+
+    def of(self, id_: object, form: list[object]) -> tuple[str, ...]:
+        """Return the tags of *id_*, stored as *form* (``[value]``, or ``[]``: none)."""
+        if self._of_value is not None:
+            made = self._of_value(form[0] if form else None, id_)
+        else:
+            made = [template.format(id_) for template in self._templates]
+        return check_tags(made, self._where)
+
+
+def _check_id_template(template: object, where: str) -> None:
+    if not isinstance(template, str):
+        msg = f"{where}: {template!r} is not a str template"
+        raise TypeError(msg)
+    try:
+        fields = [
+            f for _, f, _, _ in string.Formatter().parse(template) if f is not None
+        ]
+    except ValueError as exc:
+        msg = f"{where}: {template!r} is not a valid str.format template ({exc})"
+        raise ValueError(msg) from exc
+    for field in fields:
+        root = field.split(".", 1)[0].split("[", 1)[0]
+        if root not in {"", "0"}:
+            msg = f"{where}: {template!r} names {{{field}}}; a batch's tag templates name only the id, as '{{}}' (or '{{0.attribute}}'), e.g. tags=('user:{{}}',)"
+            raise ValueError(msg)

@@ -232,3 +232,5 @@ my_cache(tags=lambda _value, user_id: [f"user:{user_id}"])
 MemoryBackend().invalidate_tag("user:1")
 cached_stampede_safe(cache_errors={"TimeoutError": 5.0})  # type: ignore[dict-item]
 cached_stampede_safe(refresh_backoff="5")  # type: ignore[call-overload]
+cached_stampede_safe_batch(key="user:{}", tags=("user:{}",))
+cached_stampede_safe_batch(key="user:{}", tags=lambda _value, id_: [f"org:{id_}"])
