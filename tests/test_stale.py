@@ -217,8 +217,9 @@ def test_values_past_the_stale_window_are_misses() -> None:
 def test_early_refresh_recomputes_a_hot_value_before_it_expires() -> None:
     """XFetch: a value near expiry that took long to compute is refreshed early, once."""
     backend, stats = MemoryBackend(), StampedeStats()
-    # 1 ms before expiry, computed in 1000 s: XFetch refreshes with probability ~1.
-    backend.set("k", Entry("old", time.time() - TTL + 0.001, 1000.0), 600)
+    # 2 s before expiry (1 ms was too close: on a loaded machine the call came after
+    # expiry, a stale refresh), computed in 1e6 s: XFetch refreshes with probability ~1.
+    backend.set("k", Entry("old", time.time() - TTL + 2.0, 1e6), 600)
 
     @cached_stampede_safe(
         key="k", backend=backend, ttl=TTL, early_refresh=True, metrics=stats

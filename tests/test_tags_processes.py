@@ -36,12 +36,29 @@ ROUNDS = 2  # stampede rounds a test may run (one go event each)
 TIMEOUT = "builtins.TimeoutError"
 
 
+# The go events live as long as the module: a multiprocessing Event collected during a
+# test may run its semaphore's finalizer inside the resource tracker's own call, and
+# Python 3.12 then raises ReentrantCallError as an unraisable exception, which fails
+# whichever test is running (seen in CI).
+_GOS: list[Event] = []
+
+
+def go_events() -> list[Event]:
+    """The `ROUNDS` go events, cleared: made once, reused by every fleet."""
+    if not _GOS:
+        ctx = multiprocessing.get_context("spawn")
+        _GOS.extend(ctx.Event() for _ in range(ROUNDS))
+    for event in _GOS:
+        event.clear()
+    return _GOS
+
+
 class Fleet:
     """Spawned workers, each answering commands (see `_tags_worker.serve`)."""
 
     def __init__(self, setup: Setup) -> None:
         ctx = multiprocessing.get_context("spawn")
-        self.gos: list[Event] = [ctx.Event() for _ in range(ROUNDS)]
+        self.gos: list[Event] = go_events()
         self.conns: list[Connection] = []
         self.processes: list[SpawnProcess] = []
         for _ in range(setup.processes):
