@@ -12,7 +12,13 @@ from typing import Any
 from stampede_guard._encoding import encode
 from stampede_guard._identity import Mode, function_id
 
-__all__ = ["Binder", "KeyMaker", "check_template", "validate_namespace"]
+__all__ = [
+    "Binder",
+    "KeyMaker",
+    "check_template",
+    "template_fields",
+    "validate_namespace",
+]
 
 _SIMPLE_KINDS = frozenset({inspect.Parameter.POSITIONAL_OR_KEYWORD})
 _RECEIVERS = frozenset({"self", "cls"})
@@ -213,6 +219,22 @@ def validate_namespace(namespace: object) -> str | None:
 _EXAMPLES = {"key": "'user:{user_id}'", "tags": "('user:{user_id}',)"}
 
 
+def template_fields(template: str, what: str) -> list[tuple[str, str]]:
+    """Return *template*'s fields, each with its root name (``user`` of ``user.id``).
+
+    Raises:
+        ValueError: *template* is not a valid ``str.format`` template.
+    """
+    try:
+        fields = [
+            f for _, f, _, _ in string.Formatter().parse(template) if f is not None
+        ]
+    except ValueError as exc:
+        msg = f"{what} template {template!r} is not a valid str.format template: {exc}"
+        raise ValueError(msg) from exc
+    return [(f, f.split(".", 1)[0].split("[", 1)[0]) for f in fields]
+
+
 def check_template(
     template: str, signature: inspect.Signature, function_id: str, what: str = "key"
 ) -> None:
@@ -222,15 +244,8 @@ def check_template(
     is warned about (every call would share one entry); a tag may be a constant.
     """
     names = set(signature.parameters)
-    try:
-        fields = [
-            f for _, f, _, _ in string.Formatter().parse(template) if f is not None
-        ]
-    except ValueError as exc:
-        msg = f"{what} template {template!r} is not a valid str.format template: {exc}"
-        raise ValueError(msg) from exc
-    for field in fields:
-        root = field.split(".", 1)[0].split("[", 1)[0]
+    fields = template_fields(template, what)
+    for field, root in fields:
         if root not in names:
             available = ", ".join(sorted(names)) or "none"
             msg = (

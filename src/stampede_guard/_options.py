@@ -63,10 +63,8 @@ def check_backend(backend: object) -> Backend | AsyncBackend:
 
 def check_tag_backend(backend: Backend | AsyncBackend) -> None:
     """Refuse ``tags=`` on a backend that cannot keep them, naming the fix."""
-    keeps = isinstance(backend, TagBackend | AsyncTagBackend)
-    if not keeps or getattr(backend, "tags", True) is False:
-        why = "says it cannot" if keeps else "has no invalidate_tag"
-        msg = f"tags= needs a backend that keeps tags, and backend={backend!r} {why}; use MemoryBackend, RedisBackend or AsyncRedisBackend"
+    if not isinstance(backend, TagBackend | AsyncTagBackend):
+        msg = f"tags= needs a backend that keeps tags, and backend={backend!r} has no invalidate_tag; use MemoryBackend, RedisBackend or AsyncRedisBackend"
         raise TypeError(msg)
 
 

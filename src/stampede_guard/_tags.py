@@ -8,11 +8,10 @@ as templates over the arguments, or as a callable of the value and the arguments
 from __future__ import annotations
 
 import inspect
-import string
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any, Final, NamedTuple
 
-from stampede_guard._keys import Binder, check_template
+from stampede_guard._keys import Binder, check_template, template_fields
 
 __all__ = [
     "MAX_TAG_LENGTH",
@@ -80,6 +79,27 @@ def untagged(computed: object) -> tuple[object, tuple[str, ...]]:
     return computed, ()
 
 
+def _templates_or_callable(
+    tags: object, check: Callable[[str], None], example: str
+) -> tuple[tuple[str, ...], Callable[..., Iterable[object]] | None]:
+    """Read ``tags=``: its templates (each passed to *check*), or its callable."""
+    if isinstance(tags, str):
+        msg = f"tags={tags!r} is one str; give a tuple of templates, e.g. tags=({tags!r},)"
+        raise TypeError(msg)
+    if callable(tags):
+        return (), tags
+    if not isinstance(tags, Iterable):
+        msg = f"tags must be templates such as {example} or a callable of the value, not {type(tags).__qualname__}"
+        raise TypeError(msg)
+    templates = tuple(tags)
+    for template in templates:
+        if not isinstance(template, str):
+            msg = f"tags: {template!r} is not a str template"
+            raise TypeError(msg)
+        check(template)
+    return templates, None
+
+
 class TagMaker:
     """Make a decorated function's tags for each call: ``tags=`` checked, then applied.
 
@@ -98,26 +118,12 @@ class TagMaker:
 
     def __init__(self, fn: Callable[..., Any], tags: object, function_id: str) -> None:
         self._where = f"the tags of {function_id}"
-        self._binder: Binder | None = None
-        self._templates: tuple[str, ...] = ()
-        self._of_value: Callable[..., Iterable[object]] | None = None
-        if isinstance(tags, str):
-            msg = f"tags={tags!r} is one str; give a tuple of templates, e.g. tags=({tags!r},)"
-            raise TypeError(msg)
-        if callable(tags):
-            self._of_value = tags
-            return
-        if not isinstance(tags, Iterable):
-            msg = f"tags must be templates such as ('user:{{user_id}}',) or a callable of the value and the arguments, not {type(tags).__qualname__}"
-            raise TypeError(msg)
         signature = inspect.signature(fn)
-        templates = tuple(tags)
-        for template in templates:
-            if not isinstance(template, str):
-                msg = f"{self._where}: {template!r} is not a str template"
-                raise TypeError(msg)
-            check_template(template, signature, function_id, what="tags")
-        self._templates = templates
+        self._templates, self._of_value = _templates_or_callable(
+            tags,
+            lambda t: check_template(t, signature, function_id, what="tags"),
+            "('user:{user_id}',)",
+        )
         self._binder = Binder(signature)
 
     def of(
@@ -127,7 +133,6 @@ class TagMaker:
         if self._of_value is not None:
             made: Iterable[object] = self._of_value(value, *args, **kwargs)
         else:
-            assert self._binder is not None  # noqa: S101 - set with the templates
             bound = self._binder.bind(args, kwargs)
             made = [template.format_map(bound) for template in self._templates]
         return check_tags(made, self._where)
@@ -178,21 +183,9 @@ class BatchTags:
 
     def __init__(self, tags: object, function_id: str) -> None:
         self._where = f"the tags of {function_id}"
-        self._of_value: Callable[[Any, Any], Iterable[object]] | None = None
-        self._templates: tuple[str, ...] = ()
-        if isinstance(tags, str):
-            msg = f"tags={tags!r} is one str; give a tuple of templates, e.g. tags=({tags!r},)"
-            raise TypeError(msg)
-        if callable(tags):
-            self._of_value = tags
-            return
-        if not isinstance(tags, Iterable):
-            msg = f"tags must be templates over the id such as ('user:{{}}',), or a callable of the value and the id, not {type(tags).__qualname__}"
-            raise TypeError(msg)
-        templates = tuple(tags)
-        for template in templates:
-            _check_id_template(template, self._where)
-        self._templates = templates
+        self._templates, self._of_value = _templates_or_callable(
+            tags, lambda t: _check_id_template(t, self._where), "('user:{}',)"
+        )
 
     def of(self, id_: object, form: list[object]) -> tuple[str, ...]:
         """Return the tags of *id_*, stored as *form* (``[value]``, or ``[]``: none)."""
@@ -203,19 +196,8 @@ class BatchTags:
         return check_tags(made, self._where)
 
 
-def _check_id_template(template: object, where: str) -> None:
-    if not isinstance(template, str):
-        msg = f"{where}: {template!r} is not a str template"
-        raise TypeError(msg)
-    try:
-        fields = [
-            f for _, f, _, _ in string.Formatter().parse(template) if f is not None
-        ]
-    except ValueError as exc:
-        msg = f"{where}: {template!r} is not a valid str.format template ({exc})"
-        raise ValueError(msg) from exc
-    for field in fields:
-        root = field.split(".", 1)[0].split("[", 1)[0]
+def _check_id_template(template: str, where: str) -> None:
+    for field, root in template_fields(template, "tags"):
         if root not in {"", "0"}:
             msg = f"{where}: {template!r} names {{{field}}}; a batch's tag templates name only the id, as '{{}}' (or '{{0.attribute}}'), e.g. tags=('user:{{}}',)"
             raise ValueError(msg)

@@ -59,7 +59,7 @@ class Driver(Protocol):
     async def unlock(self, key: str, token: str) -> bool: ...
     async def delete(self, key: str) -> None: ...
     @property
-    def tags(self) -> bool | None: ...  # None: no tags; False: refuses them
+    def tags(self) -> bool: ...  # whether the backend has TagBackend's methods
     async def invalidate_tag(self, tag: str) -> None: ...
     async def sleep(self, seconds: float) -> None: ...
     async def race(
@@ -132,9 +132,9 @@ class SyncDriver:
         self.b.delete(key)
 
     @property
-    def tags(self) -> bool | None:
-        """Whether the backend keeps tags: None without them, False if it refuses."""
-        return _keeps_tags(self.b, TagBackend)
+    def tags(self) -> bool:
+        """Whether the backend keeps tags (`TagBackend`)."""
+        return isinstance(self.b, TagBackend)
 
     async def invalidate_tag(self, tag: str) -> None:
         cast("TagBackend", self.b).invalidate_tag(tag)
@@ -211,9 +211,9 @@ class AsyncDriver:
         await self.b.adelete(key)
 
     @property
-    def tags(self) -> bool | None:
+    def tags(self) -> bool:
         """See `SyncDriver.tags`."""
-        return _keeps_tags(self.b, AsyncTagBackend)
+        return isinstance(self.b, AsyncTagBackend)
 
     async def invalidate_tag(self, tag: str) -> None:
         await cast("AsyncTagBackend", self.b).ainvalidate_tag(tag)
@@ -245,9 +245,3 @@ class AsyncDriver:
             return None
         listening: Listening = await self.b.asubscribe(key)
         return listening
-
-
-def _keeps_tags(backend: object, protocol: type) -> bool | None:
-    if not isinstance(backend, protocol):
-        return None
-    return getattr(backend, "tags", True) is not False

@@ -129,14 +129,6 @@ class RedisBase(Generic[ClientT]):
         if self._near is not None:
             self._near.tag_invalidated(tag)
 
-    @property
-    def tags(self) -> bool:
-        """Whether this backend keeps tagged values: always (see `TagBackend`).
-
-        On a cluster a tagged hit or store costs one more round trip (see ``_scripts``).
-        """
-        return True
-
     def _writing(self, call: Call[Any]) -> Writing | None:
         """What a write must do around itself for the near cache, if anything."""
         if self._near is None or not call.changes:

@@ -144,6 +144,16 @@ local function tags_refuse(tag_keys, ticket)
     end
     return false
 end
+local function kept_stamp(tag_key, ttl_ms)
+    local stamp, invalidated = stamp_of(tag_key)
+    if not invalidated then
+        stamp = '0:' .. string.format('%.0f', now_us())
+        redis.call('SET', tag_key, stamp, 'PX', ttl_ms)
+    else
+        redis.call('PEXPIRE', tag_key, ttl_ms, 'GT')
+    end
+    return stamp
+end
 local function record_tags(record_key, tag_keys, ttl_ms, given)
     if tag_keys == '' and given == '' then
         return
@@ -153,15 +163,8 @@ local function record_tags(record_key, tag_keys, ttl_ms, given)
         stamps[#stamps + 1] = part
     end
     for tag_key in string.gmatch(tag_keys, '[^\\n]+') do
-        local stamp, invalidated = stamp_of(tag_key)
-        if not invalidated then
-            stamp = '0:' .. string.format('%.0f', now_us())
-            redis.call('SET', tag_key, stamp, 'PX', ttl_ms)
-        else
-            redis.call('PEXPIRE', tag_key, ttl_ms, 'GT')
-        end
         stamps[#stamps + 1] = tag_key
-        stamps[#stamps + 1] = stamp
+        stamps[#stamps + 1] = kept_stamp(tag_key, ttl_ms)
     end
     redis.call('DEL', record_key)
     redis.call('HSET', record_key, unpack(stamps))
@@ -292,14 +295,7 @@ local function stamp_tag(tag_key, ticket, ttl_ms)
     if tags_refuse(tag_key, ticket) then
         return false
     end
-    local stamp, invalidated = stamp_of(tag_key)
-    if not invalidated then
-        stamp = '0:' .. string.format('%.0f', now_us())
-        redis.call('SET', tag_key, stamp, 'PX', ttl_ms)
-    else
-        redis.call('PEXPIRE', tag_key, ttl_ms, 'GT')
-    end
-    return stamp
+    return kept_stamp(tag_key, ttl_ms)
 end
 """
 )
