@@ -18,6 +18,7 @@ from _waiting import Waiting
 from stampede_guard import (
     AsyncRedisBackend,
     BackendError,
+    NearCache,
     RedisBackend,
     StampedeStats,
     cached_stampede_safe,
@@ -413,6 +414,43 @@ def test_a_backend_failure_says_why_and_where(
             strict("oslo")
         assert f"127.0.0.1:{port}" in str(raised.value)
         assert "ConnectionError" in str(raised.value)
+    finally:
+        backend.close()
+
+
+def test_an_invalidate_tag_the_server_never_answers_raises_and_can_be_repeated(
+    own_server: Server,
+) -> None:
+    """SIGSTOP during invalidate_tag(): BackendError, bounded; repeating it is final.
+
+    A near cache keeps serving nothing it should not: it drops the tag's entries only
+    once the invalidation is known to have happened (the call returned, or the
+    message came), and the repeat drops them.
+    """
+    backend = RedisBackend.from_url(
+        own_server.url, socket_timeout=0.3, near_cache=NearCache(ttl=60)
+    )
+    source = ["old"]
+
+    @cached_stampede_safe(
+        key="doc", tags=("docs",), backend=backend, on_backend_error="raise"
+    )
+    def doc() -> str:
+        return source[0]
+
+    try:
+        assert doc() == "old"
+        source[0] = "new"
+        os.kill(own_server.proc.pid, signal.SIGSTOP)
+        try:
+            with pytest.raises(
+                BackendError, match="during invalidate_tag of key 'docs'"
+            ):
+                backend.invalidate_tag("docs")
+        finally:
+            os.kill(own_server.proc.pid, signal.SIGCONT)
+        backend.invalidate_tag("docs")
+        assert doc() == "new"
     finally:
         backend.close()
 
