@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import random
 import re
 import threading
 from dataclasses import MISSING, fields
@@ -539,3 +540,33 @@ def test_a_wrapper_passes_typed_options_on() -> None:
     assert (square(3), square(3), calls) == (9, 9, [3])
     assert square.cache_key(3) == "wrapper-test:sq:3"
     square.invalidate(3)
+
+
+def test_the_library_draws_without_moving_the_global_random_state() -> None:
+    """XFetch's draws (and the backoff's jitter, from the same source) leave `random` be.
+
+    A user who seeds `random` for a reproducible run must not be thrown off by cache
+    hits (and Hypothesis fails a strategy whose global random state moved meanwhile,
+    as a background thread of an earlier test once made it do in CI).
+    """
+    draws: list[float] = []
+
+    @cached_stampede_safe(key="e", backend=MemoryBackend(), early_refresh=True)
+    def early() -> int:
+        return 2
+
+    early()
+    random.seed(7)
+    state = random.getstate()
+    context: Any = early._context  # type: ignore[attr-defined]
+    real = context.random
+
+    def counted() -> float:
+        draws.append(real())
+        return draws[-1]
+
+    object.__setattr__(context, "random", counted)
+    for _ in range(50):
+        assert early() == 2
+    assert len(draws) == 50  # every judged hit drew once
+    assert random.getstate() == state

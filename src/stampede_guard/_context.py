@@ -6,6 +6,7 @@ import enum
 import hashlib
 import logging
 import math
+import os
 import random
 import secrets
 import time
@@ -213,6 +214,15 @@ def own_breaker(
     return lambda _key: breaker
 
 
+# The library's own draws (backoff jitter, XFetch), apart from the `random` module's
+# shared generator: a user who seeds it for a reproducible run is not thrown off by
+# cache waits, and nothing the library does moves it (Hypothesis reports a strategy
+# whose global random state moved meanwhile). Reseeded in a forked child, as the
+# module's is, so forked workers do not draw the same jitter.
+_DRAWS = random.Random()  # noqa: S311 - jitter, not security
+os.register_at_fork(after_in_child=_DRAWS.seed)
+
+
 def _new_token() -> str:
     # 128 random bits per acquisition; unlike uuid1 it leaks no MAC address or time.
     return secrets.token_hex(16)
@@ -236,7 +246,7 @@ class Context:
     clock: Callable[[], float] = time.monotonic
     wall_clock: Callable[[], float] = time.time
     new_token: Callable[[], str] = field(default=_new_token)
-    random: Callable[[], float] = random.random  # jitter and XFetch draws, in [0, 1)
+    random: Callable[[], float] = _DRAWS.random  # jitter and XFetch draws, in [0, 1)
     logger: logging.Logger = field(
         default_factory=lambda: logging.getLogger("stampede_guard")
     )

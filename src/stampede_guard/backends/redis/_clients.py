@@ -11,6 +11,7 @@ Sentinel made (a plain client over a Sentinel-managed pool).
 from __future__ import annotations
 
 import importlib
+import os
 import random
 import sys
 from collections.abc import Callable
@@ -80,6 +81,12 @@ VALKEY = Family(
     "ValkeyClusterException",
     ("valkey://", "valkeys://"),
 )
+
+
+# Which master a cluster's listener starts on: the library's own draw, apart from the
+# `random` module's shared state (see ``stampede_guard._context``).
+_PICK = random.Random()  # noqa: S311 - spreading load, not security
+os.register_at_fork(after_in_child=_PICK.seed)  # forked workers spread too
 
 
 def client_modules(family: Family, *, asyncio: bool) -> tuple[ModuleType, ModuleType]:
@@ -175,7 +182,7 @@ def pubsub_factory(client: Any, *, asyncio: bool) -> Callable[[], Any] | None:
     plain = getattr(client_modules(family, asyncio=asyncio)[0], family.client)
 
     def open_on_a_master() -> Any:
-        node = random.choice(client.get_primaries())  # noqa: S311 - not security
+        node = _PICK.choice(client.get_primaries())
         options = client.get_connection_kwargs()
         kept = {k: v for k, v in options.items() if k in _PUBSUB_OPTIONS}
         if "SSL" in getattr(options.get("connection_class"), "__name__", ""):
